@@ -1,0 +1,82 @@
+"""EngineCore: one replica's loop. step() = schedule, execute, update.
+
+    step = scheduler.schedule()          # which tokens of which requests run now
+    out  = executor.execute(step)        # forward + sample on the TP workers
+    return scheduler.update_from_output(step, out)   # append tokens, stop, free
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from ziggurat.actors.core.executor import make_executor
+from ziggurat.actors.core.kv_manager import KVCacheManager
+from ziggurat.actors.core.request import Request, RequestStatus
+from ziggurat.actors.core.scheduler import RequestUpdate, Scheduler, SchedulerConfig
+from ziggurat.config import ConfigError, EngineConfig
+from ziggurat.models.config import ModelConfig
+from ziggurat.sampling_params import SamplingParams
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, executor=None):
+        self.config = config
+        self.model_config = ModelConfig.from_dir(config.model, config.dtype)
+        max_len = config.max_model_len or self.model_config.max_position_embeddings
+        if max_len > self.model_config.max_position_embeddings:
+            raise ConfigError(
+                f"max_model_len: {max_len} exceeds the model's max_position_embeddings "
+                f"({self.model_config.max_position_embeddings})"
+            )
+        self.executor = executor or make_executor(config, max_len)
+        num_blocks = self.executor.determine_num_blocks()
+        if num_blocks < 1:
+            raise ConfigError("no memory is left for the KV cache; lower the load or raise gpu_memory_utilization")
+        self.executor.initialize_cache(num_blocks)
+        self.num_blocks = num_blocks
+        # A lone request must always fit, or preemption could never make room.
+        self.max_model_len = min(max_len, num_blocks * config.block_size)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv
+        )
+        self._ids = itertools.count()
+
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        cache_extra_keys: tuple = (),
+    ) -> str:
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt: token id {bad!r} is outside the vocabulary [0, {vocab})")
+        self.scheduler.add_request(
+            Request(
+                request_id=rid,
+                prompt_token_ids=list(prompt_token_ids),
+                sampling_params=params,
+                eos_token_ids=params._eos_token_ids or self.model_config.eos_token_ids,
+                cache_extra_keys=cache_extra_keys,
+            )
+        )
+        return rid
+
+    def abort(self, request_ids, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> list[Request]:
+        return self.scheduler.finish_requests(request_ids, status)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def step(self) -> list[RequestUpdate]:
+        step = self.scheduler.schedule()
+        if step.is_empty and not step.finished_req_ids:
+            return []
+        out = self.executor.execute(step)
+        return self.scheduler.update_from_output(step, out)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

@@ -1,0 +1,125 @@
+"""Executors drive a replica's workers from the scheduler's process.
+
+InProcessExecutor runs the single TP rank in this process. MultiprocExecutor
+starts one process per TP rank (gloo on CPU, NCCL on GPU) and fans each step
+out over pipes; rank 0 answers with the sampled tokens. (The Ray actor stack
+drives Workers through compiled graphs instead; same Worker class.)
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+import traceback
+
+from ziggurat.config import EngineConfig
+from ziggurat.models.step import StepInput, StepOutput
+
+
+class InProcessExecutor:
+    def __init__(self, config: EngineConfig, max_model_len: int):
+        from ziggurat.models.worker import Worker
+
+        self.worker = Worker(config, 0, None, max_model_len)
+
+    def determine_num_blocks(self) -> int:
+        return self.worker.determine_num_blocks()
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self.worker.initialize_cache(num_blocks)
+
+    def execute(self, step: StepInput) -> StepOutput:
+        return self.worker.execute(step)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_main(config: EngineConfig, rank: int, init_method: str, max_model_len: int, conn) -> None:
+    try:
+        from ziggurat.models.worker import Worker
+
+        worker = Worker(config, rank, init_method, max_model_len)
+        conn.send(("ok", None))
+        while True:
+            method, arg = conn.recv()
+            if method == "shutdown":
+                break
+            result = getattr(worker, method)(arg) if arg is not None else getattr(worker, method)()
+            if rank == 0 or method != "execute":
+                conn.send(("ok", result))
+    except (EOFError, KeyboardInterrupt):
+        pass
+    except BaseException:
+        try:
+            conn.send(("error", traceback.format_exc()))
+        except Exception:
+            pass
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+class MultiprocExecutor:
+    def __init__(self, config: EngineConfig, max_model_len: int):
+        ctx = mp.get_context("spawn")
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        self.conns, self.procs = [], []
+        for rank in range(config.tensor_parallel_size):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_worker_main, args=(config, rank, init_method, max_model_len, child), daemon=True)
+            p.start()
+            self.conns.append(parent)
+            self.procs.append(p)
+        for c in self.conns:
+            self._recv(c)
+
+    def _recv(self, conn):
+        try:
+            status, payload = conn.recv()
+        except EOFError:
+            raise WorkerError("a worker process died") from None
+        if status == "error":
+            raise WorkerError(f"worker failed:\n{payload}")
+        return payload
+
+    def _call_all(self, method: str, arg=None) -> list:
+        for c in self.conns:
+            c.send((method, arg))
+        return [self._recv(c) for c in self.conns]
+
+    def determine_num_blocks(self) -> int:
+        return min(self._call_all("determine_num_blocks"))
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self._call_all("initialize_cache", num_blocks)
+
+    def execute(self, step: StepInput) -> StepOutput:
+        for c in self.conns:
+            c.send(("execute", step))
+        return self._recv(self.conns[0])
+
+    def shutdown(self) -> None:
+        for c in self.conns:
+            try:
+                c.send(("shutdown", None))
+            except (BrokenPipeError, OSError):
+                pass
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        self.conns, self.procs = [], []
+
+
+def make_executor(config: EngineConfig, max_model_len: int):
+    if config.tensor_parallel_size == 1:
+        return InProcessExecutor(config, max_model_len)
+    return MultiprocExecutor(config, max_model_len)

@@ -1,0 +1,104 @@
+"""Causal attention over a paged KV cache, for prefill, chunked prefill and decode.
+
+One batch mixes sequences at any stage. Sequence b owns query rows
+[query_start_loc[b], query_start_loc[b+1]) of the flattened token batch; its
+context is seq_lens[b] tokens, of which the last q_len_b are the queries
+(whose KV has already been stored). Its KV lives in the blocks listed in
+block_tables[b] (block ids, in order). Query i of sequence b sits at
+position seq_lens[b] - q_len_b + i and sees keys at positions <= its own
+(and > its own - window with a sliding window).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64, where each new token's KV goes
+    query_start_loc: torch.Tensor  # [B+1] int32
+    seq_lens: torch.Tensor  # [B] int32, context length after this step
+    block_tables: torch.Tensor  # [B, max_blocks] int32 (padded with 0)
+    # Host copies for reference paths and launch grids (no device sync needed).
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """q: [T, Hq, D]; caches: [num_blocks, block_size, Hkv, D]. Returns [T, Hq, D]."""
+    if meta.decode_only:
+        return _decode(q, k_cache, v_cache, meta, scale, sliding_window)
+    out = torch.empty_like(q)
+    for b in range(meta.num_seqs):
+        qs, qe = meta.query_start_loc_cpu[b], meta.query_start_loc_cpu[b + 1]
+        out[qs:qe] = _one_sequence(
+            q[qs:qe], k_cache, v_cache, meta.block_tables[b], meta.seq_lens_cpu[b], scale, sliding_window
+        )
+    return out
+
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, ctx_len: int) -> torch.Tensor:
+    bs = cache.shape[1]
+    nblocks = (ctx_len + bs - 1) // bs
+    blocks = cache.index_select(0, block_table[:nblocks].long())  # [n, bs, H, D]
+    return blocks.reshape(-1, *cache.shape[2:])[:ctx_len]
+
+
+def _one_sequence(q, k_cache, v_cache, block_table, ctx_len, scale, window):
+    q_len, hq, d = q.shape
+    k = _gather_context(k_cache, block_table, ctx_len)  # [ctx, Hkv, D]
+    v = _gather_context(v_cache, block_table, ctx_len)
+    group = hq // k.shape[1]
+    k = k.repeat_interleave(group, dim=1).transpose(0, 1).float()  # [Hq, ctx, D]
+    v = v.repeat_interleave(group, dim=1).transpose(0, 1).float()
+    qf = q.transpose(0, 1).float()  # [Hq, L, D]
+    scores = torch.matmul(qf, k.transpose(1, 2)) * scale  # [Hq, L, ctx]
+    q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device).unsqueeze(1)
+    k_pos = torch.arange(ctx_len, device=q.device).unsqueeze(0)
+    visible = k_pos <= q_pos
+    if window is not None:
+        visible &= k_pos > q_pos - window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, v).transpose(0, 1).to(q.dtype)
+
+
+def _decode(q, k_cache, v_cache, meta, scale, window):
+    """All sequences have one query: batched gather of their blocks."""
+    b, hq, d = q.shape
+    nb, bs, hkv, _ = k_cache.shape
+    max_blocks = (meta.max_seq_len + bs - 1) // bs
+    tables = meta.block_tables[:, :max_blocks].long()
+    k = k_cache[tables].reshape(b, max_blocks * bs, hkv, d).float()
+    v = v_cache[tables].reshape(b, max_blocks * bs, hkv, d).float()
+    qg = q.float().view(b, hkv, hq // hkv, d)
+    scores = torch.einsum("bkgd,bskd->bkgs", qg, k) * scale
+    k_pos = torch.arange(max_blocks * bs, device=q.device).view(1, 1, 1, -1)
+    seq = meta.seq_lens.view(b, 1, 1, 1).to(k_pos.dtype)
+    visible = k_pos < seq
+    if window is not None:
+        visible &= k_pos >= seq - window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bkgs,bskd->bkgd", probs, v)
+    return out.reshape(b, hq, d).to(q.dtype)

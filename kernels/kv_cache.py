@@ -1,0 +1,29 @@
+"""Writing new keys and values into the paged KV cache.
+
+Layout of one layer's cache (k and v alike):
+
+    cache[num_blocks, block_size, num_kv_heads, head_dim]
+    slot s  ->  block s // block_size, offset s % block_size
+
+slot_mapping[t] is the slot of token t; -1 marks a padding token to skip.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """k, v: [T, num_kv_heads, head_dim]."""
+    nb, bs, h, d = k_cache.shape
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
+    k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))

@@ -1,0 +1,205 @@
+"""ModelRunner: one TP rank's model shard, KV cache and per-request state.
+
+Each step it turns a StepInput (the scheduler's diff) into flat tensors,
+runs the forward pass, and on rank 0 samples one token for every request
+whose known tokens are now all computed. Sampled ids are broadcast so every
+rank's copy of each request's tokens stays identical.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ziggurat.kernels.attention import AttentionMetadata
+from ziggurat.models.config import ModelConfig
+from ziggurat.models.loader import load_weights
+from ziggurat.models.registry import model_class
+from ziggurat.models.sampler import Sampler, SamplingBatch
+from ziggurat.models.step import Logprobs, StepInput, StepOutput
+from ziggurat.sampling_params import SamplingParams
+from ziggurat.topology.distributed import tp
+
+
+@dataclass
+class _RunnerRequest:
+    prompt_len: int
+    token_ids: list[int]  # prompt + generated
+    block_ids: list[int]
+    params: SamplingParams
+    num_computed: int
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, device: torch.device, block_size: int, max_model_len: int, seed: int = 0):
+        self.cfg, self.device, self.block_size = cfg, device, block_size
+        self.tp = tp()
+        t0 = time.perf_counter()
+        with torch.device(device):
+            self.model = model_class(cfg)(cfg, max_positions=max_model_len)
+        load_weights(self.model, cfg.path)
+        self.model.eval()
+        self.load_seconds = time.perf_counter() - t0
+        self.sampler = Sampler()
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.requests: dict[str, _RunnerRequest] = {}
+        self.num_blocks = 0
+
+    # -- KV cache ----------------------------------------------------------------
+
+    def kv_block_bytes(self) -> int:
+        attn = self.model.attention_layers()[0]
+        per_token = 2 * attn.num_kv_heads * attn.head_dim * self.cfg.dtype.itemsize
+        return per_token * self.block_size * len(self.model.attention_layers())
+
+    def available_kv_bytes(self, gpu_memory_utilization: float) -> int:
+        """GPU: what is left of the budget once weights and a forward's peak are paid."""
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        return int(total * gpu_memory_utilization) - used_by_others - peak
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        for attn in self.model.attention_layers():
+            shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+            attn.bind_kv_cache(
+                torch.empty(shape, dtype=self.cfg.dtype, device=self.device),
+                torch.empty(shape, dtype=self.cfg.dtype, device=self.device),
+            )
+
+    def profile_run(self, num_tokens: int) -> None:
+        """Run one forward of `num_tokens` prompt tokens on a throwaway cache so
+        the allocator's peak includes activations before sizing the KV cache."""
+        blocks = (num_tokens + self.block_size - 1) // self.block_size
+        self.allocate_kv_cache(blocks)
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        pos = torch.arange(num_tokens, device=self.device)
+        meta = AttentionMetadata(
+            slot_mapping=pos.clone(),
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
+            block_tables=torch.arange(blocks, dtype=torch.int32, device=self.device).unsqueeze(0),
+            query_start_loc_cpu=[0, num_tokens],
+            seq_lens_cpu=[num_tokens],
+            max_query_len=num_tokens,
+            max_seq_len=num_tokens,
+        )
+        with torch.inference_mode():
+            h = self.model(ids, pos, meta)
+            self.model.compute_logits(h[-256:])
+        for attn in self.model.attention_layers():
+            attn.bind_kv_cache(None, None)
+        self.num_blocks = 0
+
+    # -- one step -----------------------------------------------------------------
+
+    def _update_states(self, step: StepInput) -> None:
+        for rid in step.finished_req_ids:
+            self.requests.pop(rid, None)
+        for new in step.new_requests:
+            self.requests[new.req_id] = _RunnerRequest(
+                prompt_len=len(new.prompt_token_ids),
+                token_ids=list(new.prompt_token_ids) + list(new.output_token_ids),
+                block_ids=list(new.block_ids),
+                params=new.sampling_params,
+                num_computed=new.num_computed_tokens,
+            )
+        for c in step.cached_requests:
+            r = self.requests[c.req_id]
+            r.block_ids.extend(c.new_block_ids)
+            r.num_computed = c.num_computed_tokens
+
+    def _prepare(self, step: StepInput):
+        ids, positions, slots, qsl, seq_lens, tables, sample_rows, sample_reqs = [], [], [], [0], [], [], [], []
+        bs = self.block_size
+        for rid, n in step.num_scheduled_tokens.items():
+            r = self.requests[rid]
+            start, end = r.num_computed, r.num_computed + n
+            ids.extend(r.token_ids[start:end])
+            positions.extend(range(start, end))
+            blocks = r.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            qsl.append(qsl[-1] + n)
+            seq_lens.append(end)
+            tables.append(blocks)
+            if end == len(r.token_ids):  # all known tokens computed: sample the next one
+                sample_rows.append(qsl[-1] - 1)
+                sample_reqs.append(rid)
+        width = max(len(t) for t in tables)
+        table = torch.zeros(len(tables), width, dtype=torch.int32)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=table.to(dev, non_blocking=True),
+            query_start_loc_cpu=qsl,
+            seq_lens_cpu=seq_lens,
+            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
+            max_seq_len=max(seq_lens),
+        )
+        input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
+        pos = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
+        return input_ids, pos, meta, sample_rows, sample_reqs
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> StepOutput | None:
+        """Run one step. Returns the sampled tokens on rank 0, None on other ranks."""
+        self._update_states(step)
+        if step.is_empty:
+            return StepOutput() if self.tp.rank == 0 else None
+        input_ids, positions, meta, rows, reqs = self._prepare(step)
+        for rid, n in step.num_scheduled_tokens.items():
+            self.requests[rid].num_computed += n
+        hidden = self.model(input_ids, positions, meta)
+        if not reqs:
+            return StepOutput() if self.tp.rank == 0 else None
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        out = self._sample(logits, reqs) if self.tp.rank == 0 else None
+        tokens = self._broadcast_tokens(out.token_ids if out is not None else None, len(reqs))
+        for rid, t in zip(reqs, tokens):
+            self.requests[rid].token_ids.append(t)
+        return out
+
+    def _sample(self, logits: torch.Tensor, reqs: list[str]) -> StepOutput:
+        rs = [self.requests[rid] for rid in reqs]
+        batch = SamplingBatch.build(
+            [r.params for r in rs],
+            [r.token_ids[: r.prompt_len] for r in rs],
+            [r.token_ids[r.prompt_len :] for r in rs],
+            self.cfg.vocab_size,
+            self.device,
+        )
+        s = self.sampler(logits, batch, self.generator)
+        token_ids = s.token_ids.tolist()
+        lps: list[Logprobs | None] = [None] * len(reqs)
+        if s.logprobs is not None:
+            lp, ranks = s.logprobs.tolist(), s.ranks.tolist()
+            top_ids = s.topk_ids.tolist() if s.topk_ids is not None else None
+            top_lps = s.topk_logprobs.tolist() if s.topk_logprobs is not None else None
+            for i, r in enumerate(rs):
+                k = r.params.logprobs
+                if k is None:
+                    continue
+                lps[i] = Logprobs(
+                    token_id=token_ids[i],
+                    logprob=lp[i],
+                    rank=ranks[i],
+                    top_ids=top_ids[i][:k] if top_ids else [],
+                    top_logprobs=top_lps[i][:k] if top_lps else [],
+                )
+        return StepOutput(req_ids=list(reqs), token_ids=token_ids, logprobs=lps)
+
+    def _broadcast_tokens(self, tokens: list[int] | None, n: int) -> list[int]:
+        if self.tp.size == 1:
+            return tokens
+        buf = torch.tensor(tokens if tokens is not None else [0] * n, dtype=torch.long, device=self.device)
+        dist.broadcast(buf, src=0, group=self.tp.group)
+        return buf.tolist()

@@ -1,0 +1,51 @@
+"""Worker: one TP rank end to end — join the group, load the shard, size and
+own the KV cache, execute steps. The Ray worker actor and the offline
+executors both wrap this class."""
+
+from __future__ import annotations
+
+import torch
+
+from ziggurat.config import EngineConfig
+from ziggurat.models.config import ModelConfig
+from ziggurat.models.runner import ModelRunner
+from ziggurat.models.step import StepInput, StepOutput
+from ziggurat.topology.distributed import init_tensor_parallel
+
+
+def default_device(config: EngineConfig) -> str:
+    if config.device:
+        return config.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, rank: int = 0, init_method: str | None = None, max_model_len: int = 0):
+        self.config, self.rank = config, rank
+        dev = default_device(config)
+        if dev.startswith("cuda"):
+            self.device = torch.device("cuda", rank % max(1, torch.cuda.device_count()))
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        init_tensor_parallel(rank, config.tensor_parallel_size, init_method or "", backend)
+        torch.manual_seed(config.seed)
+        self.model_config = ModelConfig.from_dir(config.model, config.dtype)
+        self.runner = ModelRunner(self.model_config, self.device, config.block_size, max_model_len, config.seed)
+
+    def determine_num_blocks(self) -> int:
+        c = self.config
+        if c.num_kv_blocks is not None:
+            return c.num_kv_blocks
+        block_bytes = self.runner.kv_block_bytes()
+        if self.device.type != "cuda":
+            return max(1, c.kv_cache_bytes // block_bytes)
+        self.runner.profile_run(min(c.max_num_batched_tokens, self.runner.model.rotary.cos_sin_cache.shape[0]))
+        return max(0, self.runner.available_kv_bytes(c.gpu_memory_utilization) // block_bytes)
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self.runner.allocate_kv_cache(num_blocks)
+
+    def execute(self, step: StepInput) -> StepOutput | None:
+        return self.runner.execute(step)
