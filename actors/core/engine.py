@@ -54,12 +54,14 @@ class EngineCore:
         bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"prompt: token id {bad!r} is outside the vocabulary [0, {vocab})")
+        if not params._eos_token_ids:
+            params = params.clone(_eos_token_ids=tuple(self.model_config.eos_token_ids))
         self.scheduler.add_request(
             Request(
                 request_id=rid,
                 prompt_token_ids=list(prompt_token_ids),
                 sampling_params=params,
-                eos_token_ids=params._eos_token_ids or self.model_config.eos_token_ids,
+                eos_token_ids=params._eos_token_ids,
                 cache_extra_keys=cache_extra_keys,
             )
         )

@@ -1,0 +1,264 @@
+"""The sampler: logits of the rows being sampled -> next tokens (+ logprobs).
+
+The model runner builds one `SamplingBatch` per step (`SamplingBatch.build`)
+and calls `Sampler()(logits, batch, generator)`. The tensor work lives in
+`ziggurat.kernels.sampling`; this module decides what runs and draws the
+randomness.
+
+Order (vLLM v1): raw logprobs -> penalties -> min_tokens mask -> greedy argmax
+-> temperature -> top-k / top-p / min-p -> softmax -> exponential race.
+
+Reproducibility: a seeded row's Exp(1) noise comes from a fresh generator
+seeded with `mix_seed(seed, step)`, so its token depends only on its seed,
+its step and its own logits, never on the rest of the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ziggurat.kernels.sampling import (
+    apply_penalties,
+    apply_temperature,
+    apply_top_k_top_p_min_p,
+    mask_tokens,
+    sample,
+)
+from ziggurat.sampling_params import SamplingParams
+
+__all__ = ["SamplingBatch", "SamplerOutput", "Sampler", "mix_seed"]
+
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def mix_seed(seed: int, step: int) -> int:
+    """Deterministic 63-bit generator seed for (request seed, step)."""
+    return _splitmix64(_splitmix64(seed & _M64) ^ (step & _M64)) >> 1
+
+
+@dataclass
+class SamplingBatch:
+    """Per-step sampling tensors for the B rows being sampled."""
+
+    temperature: torch.Tensor  # float32 [B]; 0 = greedy
+    top_k: torch.Tensor  # int64 [B]; <= 0 or >= V = off
+    top_p: torch.Tensor  # float32 [B]; 1 = off
+    min_p: torch.Tensor  # float32 [B]; 0 = off
+    presence: torch.Tensor  # float32 [B]
+    frequency: torch.Tensor  # float32 [B]
+    repetition: torch.Tensor  # float32 [B]
+    is_greedy: torch.Tensor  # bool [B]
+    prompt_mask: torch.Tensor | None  # bool [B, V]; None when no row uses penalties
+    output_counts: torch.Tensor | None  # int32 [B, V]; None when no row uses penalties
+    min_tokens_mask: torch.Tensor | None  # bool [B, V]; tokens forbidden this step
+    seeds: list[int | None]
+    steps: list[int]  # tokens generated so far, per row
+    max_logprobs: int  # max k over rows wanting logprobs; -1 if none
+    vocab_size: int
+    # Host-side fast-path flags.
+    all_greedy: bool
+    all_random: bool
+    needs_penalties: bool
+    needs_temperature: bool  # some random row has temperature != 1
+    needs_top_k: bool
+    needs_top_p: bool
+    needs_min_p: bool
+    max_top_k: int  # largest effective k over random rows (V if some row has it off)
+    seeded_rows: list[int]  # random (non-greedy) rows with a seed
+    num_unseeded_random: int  # random rows without a seed
+
+    @property
+    def needs_filters(self) -> bool:
+        return self.needs_top_k or self.needs_top_p or self.needs_min_p
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seeds)
+
+    @staticmethod
+    def build(
+        params: list[SamplingParams],
+        prompt_ids: list[list[int]],
+        output_ids: list[list[int]],
+        vocab_size: int,
+        device: torch.device | str,
+    ) -> "SamplingBatch":
+        device = torch.device(device)
+        V = vocab_size
+        B = len(params)
+        if not (len(prompt_ids) == len(output_ids) == B):
+            raise ValueError("params, prompt_ids and output_ids must have the same length")
+
+        def vec(vals, dtype):
+            return torch.tensor(vals, dtype=dtype).to(device, non_blocking=True)
+
+        greedy = [p.temperature == 0.0 for p in params]
+        random_rows = [p for p, g in zip(params, greedy) if not g]
+        k_eff = [p.top_k if 0 < p.top_k < V else V for p in random_rows]
+        needs_penalties = any(p.needs_penalties for p in params)
+
+        prompt_mask = output_counts = None
+        if needs_penalties:
+            prompt_mask = torch.zeros(B, V, dtype=torch.bool, device=device)
+            output_counts = torch.zeros(B, V, dtype=torch.int32, device=device)
+            p_rows: list[int] = []
+            p_cols: list[int] = []
+            o_rows: list[int] = []
+            o_cols: list[int] = []
+            for i, p in enumerate(params):
+                if not p.needs_penalties:
+                    continue  # neutral penalties: this row's content is irrelevant
+                p_rows.extend([i] * len(prompt_ids[i]))
+                p_cols.extend(prompt_ids[i])
+                o_rows.extend([i] * len(output_ids[i]))
+                o_cols.extend(output_ids[i])
+            if p_cols:
+                r, c = _valid(p_rows, p_cols, V, device)
+                prompt_mask[r, c] = True
+            if o_cols:
+                r, c = _valid(o_rows, o_cols, V, device)
+                output_counts.index_put_((r, c), torch.ones_like(c, dtype=torch.int32), accumulate=True)
+
+        min_tokens_mask = None
+        m_rows: list[int] = []
+        m_cols: list[int] = []
+        for i, p in enumerate(params):
+            if len(output_ids[i]) < p.min_tokens:
+                banned = set(p.stop_token_ids or ())
+                if not p.ignore_eos:
+                    banned.update(p._eos_token_ids)
+                m_rows.extend([i] * len(banned))
+                m_cols.extend(banned)
+        if m_cols:
+            min_tokens_mask = torch.zeros(B, V, dtype=torch.bool, device=device)
+            r, c = _valid(m_rows, m_cols, V, device)
+            min_tokens_mask[r, c] = True
+
+        lps = [p.logprobs for p in params if p.logprobs is not None]
+        return SamplingBatch(
+            temperature=vec([p.temperature for p in params], torch.float32),
+            top_k=vec([p.top_k for p in params], torch.int64),
+            top_p=vec([p.top_p for p in params], torch.float32),
+            min_p=vec([p.min_p for p in params], torch.float32),
+            presence=vec([p.presence_penalty for p in params], torch.float32),
+            frequency=vec([p.frequency_penalty for p in params], torch.float32),
+            repetition=vec([p.repetition_penalty for p in params], torch.float32),
+            is_greedy=vec(greedy, torch.bool),
+            prompt_mask=prompt_mask,
+            output_counts=output_counts,
+            min_tokens_mask=min_tokens_mask,
+            seeds=[p.seed for p in params],
+            steps=[len(o) for o in output_ids],
+            max_logprobs=max(lps) if lps else -1,
+            vocab_size=V,
+            all_greedy=all(greedy),
+            all_random=not any(greedy),
+            needs_penalties=needs_penalties,
+            needs_temperature=any(p.temperature != 1.0 for p in random_rows),
+            needs_top_k=any(k < V for k in k_eff),
+            needs_top_p=any(p.top_p < 1.0 for p in random_rows),
+            needs_min_p=any(p.min_p > 0.0 for p in random_rows),
+            max_top_k=max(k_eff) if k_eff else V,
+            seeded_rows=[i for i, p in enumerate(params) if not greedy[i] and p.seed is not None],
+            num_unseeded_random=sum(1 for p in random_rows if p.seed is None),
+        )
+
+
+def _valid(rows: list[int], cols: list[int], V: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index tensors on device, dropping token ids outside [0, V)."""
+    r = torch.tensor(rows, dtype=torch.long)
+    c = torch.tensor(cols, dtype=torch.long)
+    ok = (c >= 0) & (c < V)
+    if not bool(ok.all()):
+        r, c = r[ok], c[ok]
+    return r.to(device, non_blocking=True), c.to(device, non_blocking=True)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # int64 [B]
+    # Present iff batch.max_logprobs >= 0; all from log_softmax of the raw logits.
+    logprobs: torch.Tensor | None  # float32 [B], logprob of the sampled token
+    topk_ids: torch.Tensor | None  # int64 [B, K], K = max_logprobs (may be 0)
+    topk_logprobs: torch.Tensor | None  # float32 [B, K]
+    ranks: torch.Tensor | None  # int64 [B], 1 = most likely
+
+
+class Sampler(torch.nn.Module):
+    def forward(
+        self,
+        logits: torch.Tensor,
+        batch: SamplingBatch,
+        generator: torch.Generator | None = None,
+    ) -> SamplerOutput:
+        logits = logits.float()
+        raw_logprobs = logits.log_softmax(dim=-1) if batch.max_logprobs >= 0 else None
+
+        if batch.needs_penalties:
+            logits = apply_penalties(
+                logits,
+                batch.prompt_mask,
+                batch.output_counts,
+                batch.presence,
+                batch.frequency,
+                batch.repetition,
+            )
+        if batch.min_tokens_mask is not None:
+            logits = mask_tokens(logits, batch.min_tokens_mask)
+
+        if batch.all_greedy:
+            token_ids = logits.argmax(dim=-1)
+        else:
+            greedy_ids = None if batch.all_random else logits.argmax(dim=-1)
+            if batch.needs_temperature:
+                logits = apply_temperature(logits, batch.temperature)
+            if batch.needs_filters:
+                logits = apply_top_k_top_p_min_p(
+                    logits,
+                    batch.top_k if batch.needs_top_k else None,
+                    batch.top_p if batch.needs_top_p else None,
+                    batch.min_p if batch.needs_min_p else None,
+                    max_top_k=batch.max_top_k,
+                )
+            probs = logits.softmax(dim=-1)
+            q = self._draw_q(probs, batch, generator)
+            token_ids = sample(probs, q)
+            if greedy_ids is not None:
+                token_ids = torch.where(batch.is_greedy, greedy_ids, token_ids)
+
+        out = SamplerOutput(token_ids, None, None, None, None)
+        if raw_logprobs is not None:
+            tok_lp = raw_logprobs.gather(1, token_ids.unsqueeze(1))
+            out.logprobs = tok_lp.squeeze(1)
+            # Rank as vLLM: number of tokens at least as likely (itself included).
+            out.ranks = (raw_logprobs >= tok_lp).sum(dim=-1)
+            k = batch.max_logprobs
+            top = raw_logprobs.topk(k, dim=-1)
+            out.topk_logprobs, out.topk_ids = top.values, top.indices
+        return out
+
+    @staticmethod
+    def _draw_q(
+        probs: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """Exp(1) noise [B, V]: batched from `generator` for unseeded rows,
+        from a fresh (seed, step) generator for each seeded random row."""
+        V = probs.shape[1]
+        if batch.num_unseeded_random > 0:
+            q = torch.empty_like(probs).exponential_(generator=generator)
+        else:
+            q = torch.ones_like(probs)
+        for i in batch.seeded_rows:
+            g = torch.Generator(device=probs.device)
+            g.manual_seed(mix_seed(batch.seeds[i], batch.steps[i]))
+            q[i] = torch.empty(V, dtype=probs.dtype, device=probs.device).exponential_(generator=g)
+        return q

@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny random-weight HF-format models made on the fly."""
+
+from __future__ import annotations
+
+import pytest
+
+from ziggurat.scripts.make_model import make_model
+
+
+@pytest.fixture(scope="session")
+def model_factory(tmp_path_factory):
+    """make(arch, **kw) -> path of a tiny model dir, made once per session per arguments."""
+    cache: dict = {}
+
+    def make(arch: str = "llama", **kw):
+        key = (arch, tuple(sorted((k, repr(v)) for k, v in kw.items())))
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"{arch}-model")
+            cache[key] = make_model(path, arch=arch, preset="tiny", **kw)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def llama_dir(model_factory):
+    return model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(model_factory):
+    return model_factory("qwen3")
