@@ -100,5 +100,8 @@ def _decode(q, k_cache, v_cache, meta, scale, window):
         visible &= k_pos >= seq - window
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
+    # Slots past a sequence's end hold whatever the cache held (NaN in fresh
+    # memory); 0 * NaN would poison the sum, so zero them.
+    v = v.masked_fill(~visible.view(b, -1, 1, 1), 0.0)
     out = torch.einsum("bkgs,bskd->bkgd", probs, v)
     return out.reshape(b, hq, d).to(q.dtype)

@@ -1,0 +1,157 @@
+"""The offline engine end to end on CPU: preemption, TP=2, seeding, stop
+conditions, n, logprobs, prefix-cache accounting."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ziggurat import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def random_prompts(n: int, vocab: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [torch.randint(0, vocab, (k,), generator=g).tolist() for k in lens]
+
+
+@pytest.fixture(scope="module")
+def llm(llama_dir):
+    return LLM(llama_dir, num_kv_blocks=256, max_num_batched_tokens=128)
+
+
+def tokens(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_preemption_when_cache_is_too_small(llama_dir, llm):
+    prompts = random_prompts(8, 1000, 20, 60, seed=3)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    ample = tokens(llm.generate(prompts, params))
+    # 8 requests need up to 7 blocks each at the end; 20 blocks cannot hold them all.
+    small = LLM(llama_dir, num_kv_blocks=20, max_num_batched_tokens=64)
+    got = small.generate(prompts, params)
+    assert small.engine.scheduler.num_preemptions > 0
+    assert all(o.outputs[0].finish_reason == "length" for o in got)
+    assert tokens(got) == ample
+    assert small.engine.kv.num_free_blocks == 20  # everything released
+
+
+@pytest.mark.slow
+def test_tensor_parallel_2_matches_tp1(llama_dir, llm):
+    prompts = random_prompts(5, 1000, 3, 50, seed=4)
+    ref = tokens(llm.generate(prompts, GREEDY))
+    tp2 = LLM(llama_dir, tensor_parallel_size=2, num_kv_blocks=256, max_num_batched_tokens=128)
+    try:
+        assert tokens(tp2.generate(prompts, GREEDY)) == ref
+        # Sampling on rank 0 with a seed gives the same draws as TP=1.
+        p = SamplingParams(temperature=1.0, seed=7, max_tokens=16, ignore_eos=True)
+        assert tokens(tp2.generate(prompts[:2], p)) == tokens(llm.generate(prompts[:2], p))
+    finally:
+        tp2.shutdown()
+
+
+def test_seeded_sampling_is_independent_of_batch(llm):
+    prompts = random_prompts(6, 1000, 5, 30, seed=5)
+    seeded = SamplingParams(temperature=1.0, top_p=0.95, seed=1234, max_tokens=20, ignore_eos=True)
+    alone = tokens(llm.generate([prompts[0]], seeded))[0]
+    others = SamplingParams(temperature=0.8, top_k=50, max_tokens=30, ignore_eos=True)
+    mixed = llm.generate(prompts[1:3] + [prompts[0]] + prompts[3:], [others, others, seeded, others, others, others])
+    assert mixed[2].outputs[0].token_ids == alone
+    again = tokens(llm.generate([prompts[0]], seeded))[0]
+    assert again == alone
+    other_seed = tokens(llm.generate([prompts[0]], seeded.clone(seed=99)))[0]
+    assert other_seed != alone
+
+
+def test_n_samples_differ_and_share_the_prompt_cache(llm):
+    p = random_prompts(1, 1000, 40, 40, seed=6)[0]
+    out = llm.generate([p], SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=12, ignore_eos=True))[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    seqs = [tuple(c.token_ids) for c in out.outputs]
+    assert len(set(seqs)) == 3 and all(len(s) == 12 for s in seqs)
+
+
+def test_prefix_cache_hit_is_reported(llm):
+    p = random_prompts(1, 1000, 100, 100, seed=8)[0]
+    first = llm.generate([p], GREEDY)[0]
+    second = llm.generate([p], GREEDY)[0]
+    assert first.num_cached_tokens == 0
+    # 100 tokens = 6 full blocks of 16; all 96 come from the cache.
+    assert second.num_cached_tokens == 96
+    assert tokens([second]) == tokens([first])
+
+
+def test_max_tokens_stop_ids_and_min_tokens(llm):
+    p = random_prompts(1, 1000, 10, 10, seed=9)[0]
+    free_run = llm.generate([p], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0].outputs[0]
+    stop_id = free_run.token_ids[5]
+    first = free_run.token_ids.index(stop_id)
+    out = llm.generate([p], SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_id], ignore_eos=True))[0]
+    c = out.outputs[0]
+    assert c.token_ids == free_run.token_ids[: first + 1]
+    assert c.finish_reason == "stop" and c.stop_reason == stop_id
+    # min_tokens forbids the stop id before it is reached, so the path changes.
+    late = llm.generate(
+        [p], SamplingParams(temperature=0, max_tokens=30, min_tokens=first + 3, stop_token_ids=[stop_id], ignore_eos=True)
+    )[0].outputs[0]
+    assert len(late.token_ids) >= first + 3
+    assert stop_id not in late.token_ids[: first + 3]
+
+
+def test_eos_finishes_unless_ignored(llm):
+    eos = llm.engine.model_config.eos_token_ids
+    p = random_prompts(1, 1000, 10, 10, seed=10)[0]
+    free_run = llm.generate([p], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))[0].outputs[0]
+    hits = [i for i, t in enumerate(free_run.token_ids) if t in eos]
+    out = llm.generate([p], SamplingParams(temperature=0, max_tokens=40))[0].outputs[0]
+    if hits:
+        assert out.token_ids == free_run.token_ids[: hits[0] + 1] and out.finish_reason == "stop"
+    else:
+        assert out.token_ids == free_run.token_ids and out.finish_reason == "length"
+
+
+def test_stop_strings_cut_the_text(llm):
+    tok = llm.get_tokenizer()
+    p = random_prompts(1, 1000, 12, 12, seed=12)[0]
+    free_run = llm.generate([p], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))[0].outputs[0]
+    text = free_run.text
+    assert text == tok.decode(free_run.token_ids)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), "need a visible stop string"
+    out = llm.generate([p], SamplingParams(temperature=0, max_tokens=40, stop=[stop], ignore_eos=True))[0].outputs[0]
+    assert out.text == text[: text.index(stop)]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert len(out.token_ids) < len(free_run.token_ids)
+    kept = llm.generate(
+        [p], SamplingParams(temperature=0, max_tokens=40, stop=[stop], include_stop_str_in_output=True, ignore_eos=True)
+    )[0].outputs[0]
+    assert kept.text == text[: text.index(stop) + len(stop)]
+
+
+def test_logprobs(llm):
+    p = random_prompts(1, 1000, 8, 8, seed=13)[0]
+    out = llm.generate([p], SamplingParams(temperature=0, max_tokens=5, logprobs=3, ignore_eos=True))[0].outputs[0]
+    assert len(out.logprobs) == 5
+    total = 0.0
+    for tok, step in zip(out.token_ids, out.logprobs):
+        assert tok in step and len(step) in (3, 4)
+        # Greedy: the sampled token is the most likely one.
+        assert step[tok] == pytest.approx(max(step.values()))
+        assert all(v <= 0 for v in step.values())
+        total += step[tok]
+    assert out.cumulative_logprob == pytest.approx(total)
+    assert math.isfinite(out.cumulative_logprob)
+
+
+def test_text_prompts_and_chat_template(llm):
+    tok = llm.get_tokenizer()
+    out = llm.generate(["Hello, world!", {"prompt": "café 日本語"}], SamplingParams(temperature=0, max_tokens=8))
+    assert out[0].prompt_token_ids == tok.encode("Hello, world!")
+    assert out[1].prompt == "café 日本語"
+    ids = tok.encode_chat([{"role": "user", "content": "hi"}])
+    assert tok.decode(ids, skip_special_tokens=False).startswith(tok.bos_token)
