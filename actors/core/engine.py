@@ -19,7 +19,9 @@ from ziggurat.sampling_params import SamplingParams
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, executor=None):
+    def __init__(self, config: EngineConfig, executor_factory=make_executor):
+        """executor_factory(config, max_model_len) starts the workers: in-process,
+        one process per TP rank, or Ray worker actors (actors/scheduler.py)."""
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model, config.dtype)
         max_len = config.max_model_len or self.model_config.max_position_embeddings
@@ -28,7 +30,7 @@ class EngineCore:
                 f"max_model_len: {max_len} exceeds the model's max_position_embeddings "
                 f"({self.model_config.max_position_embeddings})"
             )
-        self.executor = executor or make_executor(config, max_len)
+        self.executor = executor_factory(config, max_len)
         num_blocks = self.executor.determine_num_blocks()
         if num_blocks < 1:
             raise ConfigError("no memory is left for the KV cache; lower the load or raise gpu_memory_utilization")

@@ -1,0 +1,87 @@
+"""Replica choice: prefix affinity first, least load otherwise.
+
+The router sees each request once, before it starts (never on the token
+path). Requests carry the chained hashes of their first full prompt blocks
+(the same hashes the prefix cache uses); the router remembers which replica
+last served each hash. A replica whose cache likely holds the longest prefix
+wins unless it is much busier than the least-loaded replica. Load = queued +
+running requests (from the replicas' periodic reports plus picks made since)
+weighted by KV usage.
+
+The index is fed by what the router itself routed; schedulers' KV-cache
+events (exact residency, evictions) can feed `observe`/`forget` the same way.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass
+class _Replica:
+    healthy: bool = True
+    reported_load: int = 0
+    kv_usage: float = 0.0
+    picked_since_report: int = 0
+
+    @property
+    def load(self) -> float:
+        return (self.reported_load + self.picked_since_report) * (1.0 + self.kv_usage)
+
+
+class Router:
+    def __init__(self, num_replicas: int, max_index_entries: int = 100_000, affinity_slack: float = 8.0):
+        self.replicas = [_Replica() for _ in range(num_replicas)]
+        self.index: OrderedDict[bytes, int] = OrderedDict()  # block hash -> replica, LRU
+        self.max_entries = max_index_entries
+        self.slack = affinity_slack  # extra load tolerated to keep a prefix hit
+
+    def healthy(self) -> list[int]:
+        return [i for i, r in enumerate(self.replicas) if r.healthy]
+
+    def pick(self, prefix_hashes: list[bytes]) -> int | None:
+        live = self.healthy()
+        if not live:
+            return None
+        least = min(live, key=lambda i: (self.replicas[i].load, i))
+        best, best_len = least, 0
+        for i in live:
+            n = self._match_len(prefix_hashes, i)
+            if n > best_len:
+                best, best_len = i, n
+        if best_len and self.replicas[best].load > self.replicas[least].load + self.slack:
+            best = least
+        self.replicas[best].picked_since_report += 1
+        self.observe(prefix_hashes, best)
+        return best
+
+    def _match_len(self, hashes: list[bytes], replica: int) -> int:
+        n = 0
+        for h in hashes:
+            if self.index.get(h) != replica:
+                break
+            n += 1
+        return n
+
+    def observe(self, hashes: list[bytes], replica: int) -> None:
+        for h in hashes:
+            self.index[h] = replica
+            self.index.move_to_end(h)
+        while len(self.index) > self.max_entries:
+            self.index.popitem(last=False)
+
+    def forget(self, hashes: list[bytes], replica: int) -> None:
+        for h in hashes:
+            if self.index.get(h) == replica:
+                del self.index[h]
+
+    def report(self, replica: int, num_waiting: int, num_running: int, kv_usage: float) -> None:
+        r = self.replicas[replica]
+        r.reported_load, r.kv_usage, r.picked_since_report = num_waiting + num_running, kv_usage, 0
+        r.healthy = True
+
+    def mark_unhealthy(self, replica: int) -> None:
+        self.replicas[replica].healthy = False
+        for h in [h for h, rep in self.index.items() if rep == replica]:
+            del self.index[h]

@@ -1,0 +1,486 @@
+"""Ingress: the OpenAI-compatible HTTP server (starlette on uvicorn + uvloop).
+
+Request path (see README):
+  1. auth (constant-time key compare), body validation, chat template,
+     tokenization, request id;
+  2. Router.pick once (prefix affinity / least load) -> replica;
+  3. Scheduler.submit on that replica; tokens come back as one TokenBatch
+     per scheduler step (push_tokens), are detokenized incrementally, checked
+     for stop strings and streamed as SSE;
+  4. a client that goes away aborts its request, freeing its KV blocks.
+
+uvicorn runs on its own uvloop thread inside the actor; Ray calls into the
+actor (push_tokens) hand batches to that loop with call_soon_threadsafe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import ray
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.routing import Route
+
+from ziggurat.actors.core.block_pool import ROOT_HASH, hash_block_tokens
+from ziggurat.actors.messages import SubmitRequest, TokenBatch
+from ziggurat.actors.openai_protocol import (
+    APIError,
+    ParsedRequest,
+    bad,
+    chat_logprobs,
+    completion_logprobs,
+    now,
+    parse_chat,
+    parse_completion,
+    usage,
+)
+from ziggurat.models.tokenizer import TextStream, Tokenizer
+
+log = logging.getLogger("ziggurat.ingress")
+
+ROUTING_BLOCKS = 8  # prefix blocks whose hashes the router sees
+
+
+@dataclass
+class IngressConfig:
+    model_dir: str
+    served_model_name: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()
+    block_size: int = 16
+    max_model_len: int = 2048
+    request_timeout_s: float = 600.0
+
+
+@dataclass
+class _Child:
+    index: int
+    prompt_index: int
+    request_id: str
+    stream: TextStream
+    params: object
+    token_ids: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: object = None
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+class EngineClient:
+    """Routes, submits, aborts and receives tokens for this ingress's requests."""
+
+    def __init__(self, ingress_id: str, router, schedulers: list):
+        self.ingress_id, self.router, self.schedulers = ingress_id, router, schedulers
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.queues: dict[str, tuple[asyncio.Queue, int]] = {}
+        self.replica_of: dict[str, int] = {}
+
+    # Called from Ray's thread.
+    def push_tokens(self, batch: TokenBatch) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self._dispatch, batch)
+
+    def _dispatch(self, batch: TokenBatch) -> None:
+        for u in batch.updates:
+            entry = self.queues.get(u.request_id)
+            if entry is not None:
+                entry[0].put_nowait((entry[1], u))
+
+    async def submit(self, children: list[tuple[str, list[int], object, int]], prefix_hashes, cache_extra_keys, queue):
+        """children: (request id, prompt ids, params, child index). Raises APIError."""
+        self.loop = asyncio.get_running_loop()
+        for attempt in range(3):
+            replica = await _await(self.router.pick.remote(prefix_hashes))
+            if replica is None:
+                raise APIError(503, "no healthy replica is available", "service_unavailable", code="no_replica")
+            try:
+                submitted = []
+                for rid, ids, params, index in children:
+                    self.queues[rid] = (queue, index)
+                    self.replica_of[rid] = replica
+                    res = await _await(self.schedulers[replica].submit.remote(
+                        SubmitRequest(rid, ids, params, self.ingress_id, cache_extra_keys)))
+                    if not res.ok:
+                        self.forget([rid])
+                        self.abort(submitted)
+                        raise _submit_error(res)
+                    submitted.append(rid)
+                return replica
+            except ray.exceptions.RayActorError:
+                self.forget([c[0] for c in children])
+                await _await(self.router.mark_unhealthy.remote(replica))
+        raise APIError(503, "no healthy replica is available", "service_unavailable", code="no_replica")
+
+    def abort(self, request_ids: list[str]) -> None:
+        by_replica: dict[int, list[str]] = {}
+        for rid in request_ids:
+            rep = self.replica_of.get(rid)
+            if rep is not None:
+                by_replica.setdefault(rep, []).append(rid)
+        for rep, ids in by_replica.items():
+            self.schedulers[rep].abort.remote(ids)
+        self.forget(request_ids)
+
+    def forget(self, request_ids) -> None:
+        for rid in request_ids:
+            self.queues.pop(rid, None)
+            self.replica_of.pop(rid, None)
+
+
+def _submit_error(res) -> APIError:
+    if res.code == "queue_full":
+        return APIError(429, res.error, "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+    if res.code == "context_length_exceeded":
+        return bad(res.error, "messages", "context_length_exceeded")
+    return bad(res.error)
+
+
+async def _await(ref):
+    return await asyncio.wrap_future(ref.future())
+
+
+class OpenAIServer:
+    def __init__(self, config: IngressConfig, client: EngineClient):
+        self.config, self.client = config, client
+        self.tokenizer = Tokenizer(config.model_dir)
+        self.metrics = {"requests_total": {}, "prompt_tokens_total": 0, "generation_tokens_total": 0}
+        self.app = Starlette(
+            routes=[
+                Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                Route("/v1/models", self.models, methods=["GET"]),
+                Route("/health", self.health, methods=["GET"]),
+                Route("/metrics", self.prometheus, methods=["GET"]),
+            ],
+            exception_handlers={APIError: self._api_error, 404: self._not_found, 405: self._not_allowed},
+        )
+        self.asgi = RequestIdMiddleware(AuthMiddleware(self.app, config.api_keys))
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    async def _api_error(self, request, exc: APIError):
+        self._count(exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    async def _not_found(self, request, exc):
+        return JSONResponse(APIError(404, f"no route {request.url.path}", code="not_found").body(), status_code=404)
+
+    async def _not_allowed(self, request, exc):
+        return JSONResponse(APIError(405, f"{request.method} not allowed on {request.url.path}").body(), status_code=405)
+
+    def _count(self, status: int) -> None:
+        m = self.metrics["requests_total"]
+        m[status] = m.get(status, 0) + 1
+
+    async def _body(self, request: Request) -> dict:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise bad("request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise bad("request body must be a JSON object")
+        return body
+
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name != self.config.served_model_name:
+            raise APIError(404, f"The model '{name}' does not exist", "invalid_request_error", "model", "model_not_found")
+
+    # -- endpoints --------------------------------------------------------------------
+
+    async def models(self, request):
+        return JSONResponse({"object": "list", "data": [{
+            "id": self.config.served_model_name, "object": "model", "created": now(), "owned_by": "ziggurat",
+            "max_model_len": self.config.max_model_len}]})
+
+    async def health(self, request):
+        healthy = await _await(self.client.router.healthy.remote())
+        if not healthy:
+            return JSONResponse({"status": "unhealthy"}, status_code=503)
+        return JSONResponse({"status": "ok", "replicas": len(healthy)})
+
+    async def prometheus(self, request):
+        stats = await asyncio.gather(*[_await(s.stats.remote()) for s in self.client.schedulers], return_exceptions=True)
+        lines = []
+
+        def metric(name, kind, help_, samples):
+            lines.append(f"# HELP ziggurat_{name} {help_}")
+            lines.append(f"# TYPE ziggurat_{name} {kind}")
+            for labels, v in samples:
+                lab = ",".join(f'{k}="{val}"' for k, val in labels.items())
+                lines.append(f"ziggurat_{name}{{{lab}}} {v}" if lab else f"ziggurat_{name} {v}")
+
+        ok = [s for s in stats if not isinstance(s, BaseException)]
+        per = lambda attr: [({"replica": str(s.replica)}, getattr(s, attr)) for s in ok]  # noqa: E731
+        metric("num_requests_running", "gauge", "Requests in the running batch.", per("num_running"))
+        metric("num_requests_waiting", "gauge", "Requests queued for scheduling.", per("num_waiting"))
+        metric("kv_cache_usage", "gauge", "Fraction of KV blocks in use.", per("kv_usage"))
+        metric("kv_free_blocks", "gauge", "KV blocks not referenced by any request.", per("num_free_blocks"))
+        metric("kv_total_blocks", "gauge", "KV blocks in the cache.", per("num_blocks"))
+        metric("num_preemptions_total", "counter", "Requests preempted.", per("num_preemptions"))
+        metric("engine_steps_total", "counter", "Scheduler steps run.", per("steps"))
+        metric("prompt_tokens_total", "counter", "Prompt tokens of finished requests.", per("prompt_tokens"))
+        metric("cached_prompt_tokens_total", "counter", "Prompt tokens served from the prefix cache.", per("cached_tokens"))
+        metric("generation_tokens_total", "counter", "Generated tokens.", per("generation_tokens"))
+        metric("replicas_unreachable", "gauge", "Replicas that did not answer this scrape.", [({}, len(stats) - len(ok))])
+        metric("http_requests_total", "counter", "HTTP requests by status.",
+               [({"status": str(k)}, v) for k, v in sorted(self.metrics["requests_total"].items())])
+        metric("inflight_requests", "gauge", "Engine requests this ingress is waiting on.", [({}, len(self.client.queues))])
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    async def completions(self, request: Request):
+        req = parse_completion(await self._body(request))
+        self._check_model(req.model)
+        prompts = []
+        for i, p in enumerate(req.prompts):
+            ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+            prompts.append(ids)
+        return await self._serve(request, req, prompts, "cmpl")
+
+    async def chat(self, request: Request):
+        req = parse_chat(await self._body(request))
+        self._check_model(req.model)
+        try:
+            ids = self.tokenizer.encode_chat(req.messages, add_generation_prompt=True)
+        except Exception as e:  # template errors name the problem
+            raise bad(f"chat template failed: {e}", "messages") from None
+        return await self._serve(request, req, [ids], "chatcmpl")
+
+    # -- the request path -------------------------------------------------------------------
+
+    async def _serve(self, request: Request, req: ParsedRequest, prompts: list[list[int]], prefix: str):
+        request_id = request.scope["ziggurat.request_id"]
+        limit = self.config.max_model_len
+        param = "messages" if req.kind == "chat" else "prompt"
+        for ids in prompts:
+            if not ids:
+                raise bad("the prompt is empty", param)
+            need = len(ids) + (req.params.max_tokens if req.max_tokens_given else 1)
+            if need > limit:
+                raise bad(
+                    f"This model's maximum context length is {limit} tokens. However, you requested {need} tokens "
+                    f"({len(ids)} in the {param}, {need - len(ids)} for the completion). Please reduce the length.",
+                    param, "context_length_exceeded")
+        queue: asyncio.Queue = asyncio.Queue()
+        children: list[_Child] = []
+        submit = []
+        for pi, ids in enumerate(prompts):
+            for i in range(req.params.n):
+                p = req.params
+                if p.n > 1:
+                    p = p.clone(n=1, seed=None if p.seed is None else p.seed + i)
+                index = pi * req.params.n + i
+                rid = f"{request_id}-{index}"
+                children.append(_Child(index, pi, rid, TextStream(self.tokenizer, ids, p.stop, p.skip_special_tokens,
+                                                                  p.include_stop_str_in_output), p))
+                submit.append((rid, ids, p, index))
+        # One routing decision per HTTP request, by the first prompt's prefix.
+        hashes, h = [], ROOT_HASH
+        bs = self.config.block_size
+        for b in range(min(ROUTING_BLOCKS, len(prompts[0]) // bs)):
+            h = hash_block_tokens(h, prompts[0][b * bs : (b + 1) * bs], ())
+            hashes.append(h)
+        await self.client.submit(submit, hashes, (), queue)
+        self._count(200)
+        created = now()
+        meta = dict(id=f"{prefix}-{request_id}", created=created, model=self.config.served_model_name)
+        if req.stream:
+            return StreamingResponse(self._stream(req, prompts, children, queue, meta), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            await asyncio.wait_for(self._collect(children, queue), self.config.request_timeout_s)
+        finally:
+            self._finish(children)
+        return JSONResponse(self._full_response(req, prompts, children, meta))
+
+    async def _next(self, children, queue) -> _Child:
+        index, u = await queue.get()
+        c = children[index]
+        c.token_ids.extend(u.new_token_ids)
+        for lp in u.new_logprobs:
+            c.logprobs.append(lp)
+        c.num_output_tokens, c.num_cached_tokens = u.num_output_tokens, u.num_cached_tokens
+        delta = c.stream.add(u.new_token_ids, final=u.finish_reason is not None)
+        c.text += delta
+        if c.stream.stopped and c.finish_reason is None:
+            c.finish_reason, c.stop_reason = "stop", c.stream.stop_reason
+            if u.finish_reason is None:
+                self.client.abort([c.request_id])
+        elif u.finish_reason is not None and c.finish_reason is None:
+            c.finish_reason, c.stop_reason = u.finish_reason, u.stop_reason
+        c._delta = delta
+        c._new_lps = u.new_logprobs
+        return c
+
+    async def _collect(self, children, queue) -> None:
+        while any(c.finish_reason is None for c in children):
+            await self._next(children, queue)
+
+    def _finish(self, children) -> None:
+        """Abort whatever is unfinished (client gone, timeout) and drop routes."""
+        open_ids = [c.request_id for c in children if c.finish_reason is None]
+        if open_ids:
+            self.client.abort(open_ids)
+        self.client.forget([c.request_id for c in children])
+
+    def _lp_entries(self, lps) -> list:
+        tok = self.tokenizer
+        text = lambda i: tok.decode([i], skip_special_tokens=False)  # noqa: E731
+        return [(text(lp.token_id), lp.logprob, [(text(a), b) for a, b in zip(lp.top_ids, lp.top_logprobs)]) for lp in lps]
+
+    def _usage(self, prompts, children) -> dict:
+        cached = sum(next(c.num_cached_tokens for c in children if c.prompt_index == i) for i in range(len(prompts)))
+        return usage(sum(map(len, prompts)), sum(c.num_output_tokens for c in children), cached)
+
+    def _full_response(self, req, prompts, children, meta) -> dict:
+        choices = []
+        for c in children:
+            lps = self._lp_entries(c.logprobs) if req.logprobs is not None else None
+            if req.kind == "chat":
+                choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+                                "logprobs": chat_logprobs(lps) if lps is not None else None,
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+            else:
+                choices.append({"index": c.index, "text": c.text,
+                                "logprobs": completion_logprobs(lps, 0) if lps is not None else None,
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        obj = "chat.completion" if req.kind == "chat" else "text_completion"
+        return dict(meta, object=obj, choices=choices, usage=self._usage(prompts, children))
+
+    async def _stream(self, req, prompts, children, queue, meta):
+        chat = req.kind == "chat"
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        usage_field = {"usage": None} if req.include_usage else {}
+
+        def chunk(choices):
+            return "data: " + json.dumps(dict(meta, object=obj, choices=choices, **usage_field)) + "\n\n"
+
+        try:
+            if chat:
+                yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None} for c in children])
+            offsets = {c.index: 0 for c in children}
+            done = set()
+            while len(done) < len(children):
+                c = await asyncio.wait_for(self._next(children, queue), self.config.request_timeout_s)
+                if c.index in done:
+                    continue
+                finished = c.finish_reason is not None
+                if not c._delta and not finished:
+                    continue
+                lps = self._lp_entries(c._new_lps) if req.logprobs is not None else None
+                if chat:
+                    choice = {"index": c.index, "delta": {"content": c._delta} if c._delta else {},
+                              "logprobs": chat_logprobs(lps) if lps is not None else None}
+                else:
+                    choice = {"index": c.index, "text": c._delta,
+                              "logprobs": completion_logprobs(lps, offsets[c.index]) if lps is not None else None}
+                    offsets[c.index] += len(c._delta)
+                choice["finish_reason"] = c.finish_reason
+                if finished:
+                    choice["stop_reason"] = c.stop_reason
+                    done.add(c.index)
+                yield chunk([choice])
+            if req.include_usage:
+                yield "data: " + json.dumps(dict(meta, object=obj, choices=[], usage=self._usage(prompts, children))) + "\n\n"
+            yield "data: [DONE]\n\n"
+        except (asyncio.CancelledError, GeneratorExit):
+            raise  # client went away: _finish aborts in finally
+        except Exception as e:  # after headers are sent, errors travel in the stream
+            err = e if isinstance(e, APIError) else APIError(500, f"internal error: {e}", "internal_error")
+            yield "data: " + json.dumps(err.body()) + "\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            self._finish(children)
+
+
+class RequestIdMiddleware:
+    """Assigns the server's request id and returns it as X-Request-Id on every response."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = uuid.uuid4().hex
+        scope["ziggurat.request_id"] = rid
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class AuthMiddleware:
+    """Bearer API keys, compared in constant time. No keys configured: open."""
+
+    OPEN_PATHS = ("/health", "/metrics")
+
+    def __init__(self, app, keys: tuple[str, ...]):
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.keys or scope["path"] in self.OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+        ok = False
+        for k in self.keys:  # check every key: time does not depend on which matched
+            ok |= hmac.compare_digest(token, k)
+        if not ok:
+            err = APIError(401, "Incorrect or missing API key" if token else "Missing API key (Authorization: Bearer ...)",
+                           "invalid_request_error", code="invalid_api_key")
+            return await JSONResponse(err.body(), status_code=401)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+@ray.remote(num_cpus=0, max_concurrency=16)
+class IngressActor:
+    def __init__(self, config: IngressConfig, ingress_id: str, router, schedulers: list):
+        import uvicorn
+
+        self.config = config
+        self.client = EngineClient(ingress_id, router, schedulers)
+        self.server = OpenAIServer(config, self.client)
+        ucfg = uvicorn.Config(self.server.asgi, host=config.host, port=config.port, loop="uvloop",
+                              log_level="warning", lifespan="off", timeout_keep_alive=30)
+        self.uvicorn = uvicorn.Server(ucfg)
+        self.thread = threading.Thread(target=self._serve, name="uvicorn", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.uvicorn.started and self.thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not self.uvicorn.started:
+            raise RuntimeError(f"ingress could not listen on {config.host}:{config.port}")
+
+    def _serve(self) -> None:
+        self.uvicorn.run()
+
+    def _capture_loop(self) -> None:
+        pass
+
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.config.port}"
+
+    def push_tokens(self, batch: TokenBatch) -> None:
+        self.client.push_tokens(batch)
+
+    def shutdown(self) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(timeout=5)

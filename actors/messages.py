@@ -1,0 +1,56 @@
+"""Typed messages at the actor boundaries above the workers.
+
+    Ingress --SubmitRequest--> Scheduler --TokenBatch (one per ingress per step)--> Ingress
+    Ingress --RouteQuery--> Router --> replica index
+    Scheduler --ReplicaStats--> Router (periodically, off the token path)
+
+(Scheduler <-> Worker messages are models/step.py's StepInput/StepOutput.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ziggurat.actors.core.scheduler import RequestUpdate
+from ziggurat.sampling_params import SamplingParams
+
+
+@dataclass
+class SubmitRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    ingress_id: str  # where this request's tokens go
+    cache_extra_keys: tuple = ()  # (lora id, cache salt) mixed into prefix-cache hashes
+
+
+@dataclass
+class SubmitResult:
+    ok: bool
+    error: str | None = None
+    # "invalid" (400), "queue_full" (429), "unavailable" (503)
+    code: str | None = None
+
+
+@dataclass
+class TokenBatch:
+    """Everything one scheduler step produced for one ingress."""
+
+    replica: int
+    updates: list[RequestUpdate] = field(default_factory=list)
+
+
+@dataclass
+class ReplicaStats:
+    replica: int
+    num_waiting: int
+    num_running: int
+    kv_usage: float
+    num_free_blocks: int
+    num_blocks: int
+    num_preemptions: int
+    steps: int
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generation_tokens: int = 0
+    step_seconds_total: float = 0.0

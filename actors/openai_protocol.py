@@ -1,0 +1,250 @@
+"""The OpenAI API's shapes: request parsing/validation and response building.
+
+Plain Python (no Ray, no HTTP server), so tests drive it directly. Every
+validation failure raises APIError, which the ingress turns into
+`{"error": {"message", "type", "param", "code"}}` with the right status.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from ziggurat.sampling_params import SamplingParams, SamplingParamsError
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+# vLLM's extras accepted as extra body fields, besides OpenAI's own.
+_EXTRA_SAMPLING = ("top_k", "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids",
+                   "skip_special_tokens", "include_stop_str_in_output")
+
+
+@dataclass
+class ParsedRequest:
+    kind: str  # "chat" | "completion"
+    model: str | None
+    prompts: list  # list of str | list[int] (completions) or one rendered chat prompt
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    logprobs: int | None  # top alternatives per token (None: no logprobs)
+    chat_logprobs: bool = False
+    max_tokens_given: bool = True
+    user: str | None = None
+    messages: list = field(default_factory=list)
+    cache_salt: str | None = None
+
+
+def _type(body: dict, name: str, types, default=None):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise bad(f"'{name}' must be {_names(types)}, got {v!r}", name)
+    if not isinstance(v, types):
+        raise bad(f"'{name}' must be {_names(types)}, got {type(v).__name__}", name)
+    return v
+
+
+def _names(types) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join({int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array",
+                        dict: "an object"}.get(t, t.__name__) for t in types)
+
+
+def _sampling(body: dict, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    kw = dict(
+        n=_type(body, "n", int, 1),
+        temperature=float(_type(body, "temperature", (int, float), 1.0)),
+        top_p=float(_type(body, "top_p", (int, float), 1.0)),
+        seed=_type(body, "seed", int),
+        max_tokens=max_tokens,
+        presence_penalty=float(_type(body, "presence_penalty", (int, float), 0.0)),
+        frequency_penalty=float(_type(body, "frequency_penalty", (int, float), 0.0)),
+        logprobs=logprobs,
+    )
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise bad("'stop' must be a string or an array of strings", "stop")
+        if len(stop) > 16:
+            raise bad("'stop' takes at most 16 strings", "stop")
+        kw["stop"] = stop
+    for name in _EXTRA_SAMPLING:
+        if body.get(name) is not None:
+            kw[name] = body[name]
+    if "top_k" in kw and kw["top_k"] == 0:
+        kw["top_k"] = -1
+    try:
+        return SamplingParams(**kw)
+    except SamplingParamsError as e:
+        raise bad(str(e), e.field) from None
+    except TypeError as e:
+        raise bad(str(e)) from None
+
+
+def _max_tokens(body: dict, *names, default) -> tuple[int | None, bool]:
+    for name in names:
+        if body.get(name) is not None:
+            v = _type(body, name, int)
+            if v < 1:
+                raise bad(f"'{name}' must be at least 1, got {v}", name)
+            return v, True
+    return default, False
+
+
+def _stream_options(body: dict, stream: bool) -> bool:
+    opts = body.get("stream_options")
+    if opts is None:
+        return False
+    if not isinstance(opts, dict):
+        raise bad("'stream_options' must be an object", "stream_options")
+    if not stream:
+        raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    return bool(opts.get("include_usage", False))
+
+
+def parse_completion(body: dict) -> ParsedRequest:
+    if not isinstance(body, dict):
+        raise bad("request body must be a JSON object")
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise bad("'prompt' is required", "prompt")
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(
+        isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(t, int) for t in p)) for p in prompt
+    ):
+        prompts = list(prompt)
+    else:
+        raise bad("'prompt' must be a string, an array of strings, an array of token ids or an array of those", "prompt")
+    if body.get("echo"):
+        raise bad("'echo' is not supported", "echo")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != body.get("n", 1):
+        raise bad("'best_of' other than n is not supported", "best_of")
+    lp = _type(body, "logprobs", int)
+    if lp is not None and not 0 <= lp <= SamplingParams.MAX_LOGPROBS:
+        raise bad(f"'logprobs' must be in [0, {SamplingParams.MAX_LOGPROBS}]", "logprobs")
+    stream = bool(_type(body, "stream", bool, False))
+    max_tokens, given = _max_tokens(body, "max_tokens", default=16)
+    return ParsedRequest(
+        kind="completion",
+        model=_type(body, "model", str),
+        prompts=prompts,
+        params=_sampling(body, max_tokens, lp),
+        stream=stream,
+        include_usage=_stream_options(body, stream),
+        logprobs=lp,
+        max_tokens_given=given,
+        user=_type(body, "user", str),
+        cache_salt=_type(body, "cache_salt", str),
+    )
+
+
+def _message_text(msg: dict, i: int) -> dict:
+    if not isinstance(msg, dict) or "role" not in msg:
+        raise bad(f"messages[{i}] must be an object with a 'role'", f"messages[{i}]")
+    role = msg["role"]
+    if role not in ("system", "developer", "user", "assistant", "tool"):
+        raise bad(f"messages[{i}].role {role!r} is not one of system, developer, user, assistant, tool", f"messages[{i}].role")
+    content = msg.get("content")
+    if isinstance(content, list):  # content parts: only text is supported
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad(f"messages[{i}].content[{j}]: only text parts are supported", f"messages[{i}].content")
+            texts.append(part["text"])
+        content = "".join(texts)
+    elif content is None:
+        content = ""
+    elif not isinstance(content, str):
+        raise bad(f"messages[{i}].content must be a string or an array of text parts", f"messages[{i}].content")
+    return {"role": "system" if role == "developer" else role, "content": content}
+
+
+def parse_chat(body: dict) -> ParsedRequest:
+    if not isinstance(body, dict):
+        raise bad("request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("'messages' must be a non-empty array", "messages")
+    msgs = [_message_text(m, i) for i, m in enumerate(messages)]
+    if body.get("tools"):
+        raise bad("'tools' is not supported by this server", "tools")
+    want_lp = bool(_type(body, "logprobs", bool, False))
+    top = _type(body, "top_logprobs", int)
+    if top is not None and not want_lp:
+        raise bad("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
+    if top is not None and not 0 <= top <= SamplingParams.MAX_LOGPROBS:
+        raise bad(f"'top_logprobs' must be in [0, {SamplingParams.MAX_LOGPROBS}]", "top_logprobs")
+    lp = (top or 0) if want_lp else None
+    stream = bool(_type(body, "stream", bool, False))
+    max_tokens, given = _max_tokens(body, "max_completion_tokens", "max_tokens", default=None)
+    return ParsedRequest(
+        kind="chat",
+        model=_type(body, "model", str),
+        prompts=[],
+        params=_sampling(body, max_tokens, lp),
+        stream=stream,
+        include_usage=_stream_options(body, stream),
+        logprobs=lp,
+        chat_logprobs=want_lp,
+        max_tokens_given=given,
+        user=_type(body, "user", str),
+        messages=msgs,
+        cache_salt=_type(body, "cache_salt", str),
+    )
+
+
+# -- responses ------------------------------------------------------------------
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def completion_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]], offset: int) -> dict:
+    """entries: (token text, logprob, [(alt text, alt logprob), ...]) per token."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for text, lp, top in entries:
+        out["tokens"].append(text)
+        out["token_logprobs"].append(lp)
+        out["top_logprobs"].append({t: v for t, v in top})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def chat_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]]) -> dict:
+    def item(text, lp):
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [dict(item(t, lp), top_logprobs=[item(a, b) for a, b in top]) for t, lp, top in entries]}
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,217 @@
+"""SchedulerActor: one per replica. Owns the engine core (scheduler, KV block
+manager, prefix cache) and drives its TP worker group every step through a
+Ray compiled graph (~150 us a step instead of ~1 ms for plain actor calls).
+
+A dedicated thread runs the loop; actor methods only validate and enqueue,
+so submitting never waits for a step:
+
+    loop:  take new/aborted requests from the inbox
+           updates = engine.step()             # schedule -> workers -> update
+           one TokenBatch per ingress with all of this step's tokens
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+
+import ray
+
+from ziggurat.actors.core.engine import EngineCore
+from ziggurat.actors.core.request import RequestStatus
+from ziggurat.actors.messages import ReplicaStats, SubmitRequest, SubmitResult, TokenBatch
+from ziggurat.config import EngineConfig
+
+log = logging.getLogger("ziggurat.scheduler")
+
+
+class CompiledGraphExecutor:
+    """The engine's executor over Ray worker actors: setup with plain calls,
+    then every step through one compiled graph fanning out to all ranks."""
+
+    def __init__(self, workers: list, config: EngineConfig, max_model_len: int):
+        from ray.dag import InputNode, MultiOutputNode
+
+        self.workers = workers
+        init_method = ray.get(workers[0].address.remote())
+        self.placement = ray.get([w.setup.remote(init_method, max_model_len) for w in workers])
+        self._num_blocks = min(ray.get([w.determine_num_blocks.remote() for w in workers]))
+        with InputNode() as step:
+            dag = MultiOutputNode([w.execute.bind(step) for w in workers])
+        self._dag_def = dag
+        self.dag = None
+
+    def determine_num_blocks(self) -> int:
+        return self._num_blocks
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        ray.get([w.initialize_cache.remote(num_blocks) for w in self.workers])
+        self.dag = self._dag_def.experimental_compile()
+
+    def execute(self, step):
+        return ray.get(self.dag.execute(step))[0]  # rank 0 returns the tokens
+
+    def shutdown(self) -> None:
+        if self.dag is not None:
+            self.dag.teardown()
+            self.dag = None
+
+
+class SchedulerLoop:
+    """The actor's logic, drivable without Ray: `submit`, `abort`, `run_once`."""
+
+    def __init__(self, engine: EngineCore, replica: int, send_batch, max_waiting: int):
+        self.engine, self.replica, self.send_batch = engine, replica, send_batch
+        self.max_waiting = max_waiting
+        self.inbox: collections.deque = collections.deque()
+        self.wakeup = threading.Condition()
+        self.routes: dict[str, str] = {}  # request id -> ingress id
+        self.steps = 0
+        self.step_seconds = 0.0
+        self.prompt_tokens = self.cached_tokens = self.generation_tokens = 0
+        self.num_pending = 0  # submitted, not yet taken into the engine
+
+    def submit(self, req: SubmitRequest) -> SubmitResult:
+        eng = self.engine
+        n = len(req.prompt_token_ids)
+        if n == 0:
+            return SubmitResult(False, "prompt must contain at least one token", "invalid")
+        if n >= eng.max_model_len:
+            return SubmitResult(
+                False,
+                f"This model's maximum context length is {eng.max_model_len} tokens; the prompt has {n} tokens "
+                "and leaves no room to generate.",
+                "context_length_exceeded",
+            )
+        vocab = eng.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in req.prompt_token_ids):
+            return SubmitResult(False, f"prompt token ids must be in [0, {vocab})", "invalid")
+        if eng.scheduler.num_waiting + self.num_pending >= self.max_waiting:
+            return SubmitResult(False, "the server's queue is full; retry later", "queue_full")
+        with self.wakeup:
+            self.num_pending += 1
+            self.inbox.append(("add", req))
+            self.wakeup.notify()
+        return SubmitResult(True)
+
+    def abort(self, request_ids: list[str]) -> None:
+        with self.wakeup:
+            self.inbox.append(("abort", list(request_ids)))
+            self.wakeup.notify()
+
+    def _drain_inbox(self) -> None:
+        while self.inbox:
+            kind, arg = self.inbox.popleft()
+            if kind == "add":
+                self.num_pending -= 1
+                try:
+                    self.engine.add_request(arg.prompt_token_ids, arg.sampling_params, arg.request_id, arg.cache_extra_keys)
+                    self.routes[arg.request_id] = arg.ingress_id
+                except ValueError as e:  # raced past validation (e.g. duplicate id)
+                    log.warning("request %s rejected: %s", arg.request_id, e)
+            else:
+                for req in self.engine.abort(arg, RequestStatus.FINISHED_ABORTED):
+                    self.routes.pop(req.request_id, None)
+
+    def run_once(self, idle_timeout: float = 0.05) -> int:
+        """One loop iteration; returns the number of updates sent."""
+        with self.wakeup:
+            if not self.inbox and not self.engine.has_unfinished():
+                self.wakeup.wait(idle_timeout)
+            self._drain_inbox()
+        if not self.engine.has_unfinished():
+            return 0
+        t0 = time.perf_counter()
+        updates = self.engine.step()
+        self.step_seconds += time.perf_counter() - t0
+        self.steps += 1
+        by_ingress: dict[str, TokenBatch] = {}
+        for u in updates:
+            ingress = self.routes.get(u.request_id)
+            if ingress is None:
+                continue
+            by_ingress.setdefault(ingress, TokenBatch(self.replica)).updates.append(u)
+            self.generation_tokens += len(u.new_token_ids)
+            if u.finish_reason is not None:
+                self.routes.pop(u.request_id, None)
+                self.prompt_tokens += u.num_prompt_tokens
+                self.cached_tokens += u.num_cached_tokens
+        for ingress, batch in by_ingress.items():
+            self.send_batch(ingress, batch)
+        return len(updates)
+
+    def stats(self) -> ReplicaStats:
+        s, kv = self.engine.scheduler, self.engine.kv
+        return ReplicaStats(
+            replica=self.replica,
+            num_waiting=s.num_waiting + self.num_pending,
+            num_running=s.num_running,
+            kv_usage=kv.usage,
+            num_free_blocks=kv.num_free_blocks,
+            num_blocks=kv.num_blocks,
+            num_preemptions=s.num_preemptions,
+            steps=self.steps,
+            prompt_tokens=self.prompt_tokens,
+            cached_tokens=self.cached_tokens,
+            generation_tokens=self.generation_tokens,
+            step_seconds_total=self.step_seconds,
+        )
+
+
+@ray.remote(max_concurrency=8)
+class SchedulerActor:
+    def __init__(self, config: EngineConfig, workers: list, replica: int, router=None, max_waiting: int | None = None):
+        self.engine = EngineCore(config, executor_factory=lambda cfg, n: CompiledGraphExecutor(workers, cfg, n))
+        self.ingresses: dict[str, object] = {}
+        self.router = router
+        self.loop = SchedulerLoop(self.engine, replica, self._send, max_waiting or 4 * config.max_num_seqs)
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name=f"scheduler-{replica}", daemon=True)
+        self._thread.start()
+
+    def _send(self, ingress_id: str, batch: TokenBatch) -> None:
+        handle = self.ingresses.get(ingress_id)
+        if handle is None:
+            handle = self.ingresses[ingress_id] = ray.get_actor(ingress_id)
+        handle.push_tokens.remote(batch)  # fire and forget: one call per ingress per step
+
+    def _run(self) -> None:
+        last_report = 0.0
+        while not self._stop:
+            try:
+                self.loop.run_once()
+            except Exception:
+                log.exception("scheduler step failed")
+                raise
+            now = time.monotonic()
+            if self.router is not None and now - last_report > 0.2:
+                self.router.report.remote(self.loop.stats())
+                last_report = now
+
+    def info(self) -> dict:
+        e = self.engine
+        return {
+            "max_model_len": e.max_model_len,
+            "num_blocks": e.num_blocks,
+            "block_size": e.config.block_size,
+            "placement": getattr(e.executor, "placement", None),
+        }
+
+    def register_ingress(self, ingress_id: str, handle) -> None:
+        self.ingresses[ingress_id] = handle
+
+    def submit(self, req: SubmitRequest) -> SubmitResult:
+        return self.loop.submit(req)
+
+    def abort(self, request_ids: list[str]) -> None:
+        self.loop.abort(request_ids)
+
+    def stats(self) -> ReplicaStats:
+        return self.loop.stats()
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._thread.join(timeout=5)
+        self.engine.shutdown()

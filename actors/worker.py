@@ -1,0 +1,55 @@
+"""WorkerActor: one GPU (or CPU process) = one TP rank, a thin shell around Worker.
+
+Created by the launcher inside the replica's placement group; the scheduler
+calls setup/determine_num_blocks/initialize_cache once, then drives
+`execute` every step through a compiled graph.
+"""
+
+from __future__ import annotations
+
+import importlib
+import socket
+
+import ray
+
+from ziggurat.config import EngineConfig
+
+
+def load_object(spec: str):
+    """'package.module:Name' -> the object."""
+    mod, _, name = spec.partition(":")
+    return getattr(importlib.import_module(mod), name)
+
+
+@ray.remote
+class WorkerActor:
+    def __init__(self, config: EngineConfig, rank: int, worker_cls: str = "ziggurat.models.worker:Worker"):
+        self.config, self.rank, self.worker_cls = config, rank, worker_cls
+        self.worker = None
+
+    def address(self) -> str:
+        """A TCP rendezvous address on this node, for rank 0."""
+        ip = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"tcp://{ip}:{port}"
+
+    def setup(self, init_method: str, max_model_len: int) -> dict:
+        cls = load_object(self.worker_cls)
+        self.worker = cls(self.config, self.rank, init_method, max_model_len)
+        return {"rank": self.rank, "node": ray.util.get_node_ip_address(), "gpu_ids": ray.get_gpu_ids()}
+
+    def determine_num_blocks(self) -> int:
+        return self.worker.determine_num_blocks()
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self.worker.initialize_cache(num_blocks)
+
+    def execute(self, step):
+        return self.worker.execute(step)
+
+    def gpu_info(self) -> dict:
+        from ziggurat.topology.gpus import local_gpu_info
+
+        return local_gpu_info()

@@ -1,0 +1,141 @@
+"""The `ziggurat` command.
+
+    ziggurat serve [--model DIR] [--tensor-parallel-size N] [--replicas N] [--host H] [--port P] [--api-key K]
+    ziggurat chat "prompt"        # streams the answer from a running endpoint
+    ziggurat complete "prompt"
+    ziggurat generate --model DIR "prompt"   # offline, in this process
+    ziggurat make-model OUT --arch qwen3 --preset tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _serve(args) -> int:
+    from ziggurat.cluster.deploy import Deployment, DeploymentSpec, ensure_ray
+
+    keys = tuple(args.api_key or ()) or tuple(k for k in os.environ.get("ZIGGURAT_API_KEYS", "").split(",") if k)
+    info = ensure_ray()
+    spec = DeploymentSpec(
+        model=args.model, served_model_name=args.served_model_name, tensor_parallel_size=args.tensor_parallel_size,
+        replicas=args.replicas, host=args.host, port=args.port, api_keys=keys, device=args.device, dtype=args.dtype,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
+        num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=not args.no_prefix_caching,
+    )
+    if args.model is None:
+        print("ziggurat: no --model given; serving the embedded default model (random weights, made on first use)")
+    dep = Deployment(spec)
+    print(f"ziggurat: serving '{dep.served_model_name}' ({args.replicas} replica(s), tensor parallel {args.tensor_parallel_size})")
+    print(f"  OpenAI API:     {dep.base_url}")
+    if info.get("dashboard_url"):
+        print(f"  Ray dashboard:  http://{info['dashboard_url']}")
+    print("  auth:           " + ("API key required" if keys else "open (no API keys configured)"))
+    print("Press Ctrl-C to stop.", flush=True)
+    dep.run_forever()
+    print("ziggurat: stopped")
+    return 0
+
+
+def _client(args):
+    from openai import OpenAI
+
+    return OpenAI(base_url=args.base_url, api_key=args.api_key or os.environ.get("OPENAI_API_KEY") or "none")
+
+
+def _model_name(client, given):
+    return given or client.models.list().data[0].id
+
+
+def _chat(args) -> int:
+    client = _client(args)
+    stream = client.chat.completions.create(
+        model=_model_name(client, args.model_name), messages=[{"role": "user", "content": args.prompt}],
+        max_tokens=args.max_tokens, temperature=args.temperature, stream=True)
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            print(chunk.choices[0].delta.content, end="", flush=True)
+    print()
+    return 0
+
+
+def _complete(args) -> int:
+    client = _client(args)
+    stream = client.completions.create(model=_model_name(client, args.model_name), prompt=args.prompt,
+                                       max_tokens=args.max_tokens, temperature=args.temperature, stream=True)
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            print(chunk.choices[0].text, end="", flush=True)
+    print()
+    return 0
+
+
+def _generate(args) -> int:
+    from ziggurat import LLM, SamplingParams
+
+    llm = LLM(args.model, tensor_parallel_size=args.tensor_parallel_size)
+    outs = llm.generate(args.prompts, SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature))
+    for o in outs:
+        print(json.dumps({"prompt": o.prompt, "text": o.outputs[0].text, "finish_reason": o.outputs[0].finish_reason}))
+    llm.shutdown()
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="ziggurat", description="LLM serving on Ray")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="deploy an OpenAI-compatible endpoint on Ray")
+    s.add_argument("--model", default=None, help="HF-format model directory (default: the embedded small model)")
+    s.add_argument("--served-model-name", default=None)
+    s.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    s.add_argument("--replicas", type=int, default=1)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", action="append", help="require this API key (repeatable; or ZIGGURAT_API_KEYS=a,b)")
+    s.add_argument("--device", default=None, choices=[None, "cpu", "cuda"])
+    s.add_argument("--dtype", default=None)
+    s.add_argument("--max-model-len", type=int, default=None)
+    s.add_argument("--max-num-seqs", type=int, default=256)
+    s.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    s.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    s.add_argument("--num-kv-blocks", type=int, default=None)
+    s.add_argument("--no-prefix-caching", action="store_true")
+    s.set_defaults(fn=_serve)
+
+    for name, fn in (("chat", _chat), ("complete", _complete)):
+        c = sub.add_parser(name, help=f"stream a {name} answer from a running endpoint")
+        c.add_argument("prompt")
+        c.add_argument("--base-url", default=os.environ.get("ZIGGURAT_URL", "http://127.0.0.1:8000/v1"))
+        c.add_argument("--api-key", default=None)
+        c.add_argument("--model-name", default=None)
+        c.add_argument("--max-tokens", type=int, default=128)
+        c.add_argument("--temperature", type=float, default=0.7)
+        c.set_defaults(fn=fn)
+
+    g = sub.add_parser("generate", help="offline generation in this process")
+    g.add_argument("prompts", nargs="+")
+    g.add_argument("--model", required=True)
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.set_defaults(fn=_generate)
+
+    m = sub.add_parser("make-model", help="write a random-weight HF-format model directory", add_help=False)
+    m.set_defaults(fn=None)
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "make-model":
+        from ziggurat.scripts.make_model import main as make_main
+
+        return make_main(argv[1:])
+    args = ap.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

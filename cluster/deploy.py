@@ -1,0 +1,174 @@
+"""Deploying a ziggurat endpoint on a Ray cluster.
+
+    dep = ziggurat.cluster.deploy.serve(model="/models/llama", tensor_parallel_size=2, replicas=2, port=8000)
+    print(dep.url)            # OpenAI-compatible endpoint
+    dep.run_forever()         # or dep.shutdown()
+
+For each replica: a STRICT_PACK placement group with one bundle per TP rank,
+WorkerActors in it, and a SchedulerActor that drives them. One RouterActor
+and one IngressActor (HTTP) serve all replicas.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import ray
+
+from ziggurat.config import EngineConfig
+
+log = logging.getLogger("ziggurat.deploy")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ZIGGURAT_CACHE", Path.home() / ".cache" / "ziggurat"))
+
+
+def default_model_dir() -> Path:
+    """The embedded default model: a small random-weight Llama with a trained
+    tokenizer and chat template, made on first use."""
+    path = cache_dir() / "models" / "default-llama-tiny"
+    if not (path / "config.json").is_file():
+        from ziggurat.scripts.make_model import make_model
+
+        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+        make_model(tmp, arch="llama", preset="tiny", seed=0)
+        tmp.rename(path) if not path.exists() else None
+    return path
+
+
+@dataclass
+class DeploymentSpec:
+    model: str | None = None
+    served_model_name: str | None = None
+    tensor_parallel_size: int = 1
+    replicas: int = 1
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()
+    device: str | None = None
+    dtype: str | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_bytes: int = 1 << 30
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    max_waiting: int | None = None
+    # The worker implementation, as "module:Class" (a zero-cost worker for
+    # control-plane benchmarks, say).
+    worker_cls: str = "ziggurat.models.worker:Worker"
+    extra: dict = field(default_factory=dict)
+
+    def engine_config(self) -> EngineConfig:
+        names = {f.name for f in fields(EngineConfig)}
+        kw = {k: getattr(self, k) for k in names if hasattr(self, k) and k != "extra"}
+        return EngineConfig(**kw)
+
+
+class Deployment:
+    def __init__(self, spec: DeploymentSpec):
+        from ziggurat.actors.ingress import IngressActor, IngressConfig
+        from ziggurat.actors.router import RouterActor
+        from ziggurat.actors.scheduler import SchedulerActor
+        from ziggurat.actors.worker import WorkerActor
+        from ziggurat.topology.placement import bundle_strategy, create_replica_group
+
+        if spec.model is None:
+            spec.model = str(default_model_dir())
+        self.spec = spec
+        cfg = spec.engine_config()
+        use_gpu = (spec.device or ("cuda" if ray.cluster_resources().get("GPU", 0) else "cpu")).startswith("cuda")
+        if use_gpu and cfg.device is None:
+            cfg = EngineConfig(**{**cfg.__dict__, "device": "cuda"})
+        elif not use_gpu and cfg.device is None:
+            cfg = EngineConfig(**{**cfg.__dict__, "device": "cpu"})
+        tag = uuid.uuid4().hex[:8]
+        self.groups, self.workers, self.schedulers = [], [], []
+        self.router = RouterActor.remote(spec.replicas)
+        try:
+            for r in range(spec.replicas):
+                pg = create_replica_group(spec.tensor_parallel_size, use_gpu, name=f"ziggurat-{tag}-replica{r}")
+                self.groups.append(pg)
+                opts = dict(num_gpus=1 if use_gpu else 0, num_cpus=1)
+                ws = [WorkerActor.options(scheduling_strategy=bundle_strategy(pg, rank), **opts).remote(cfg, rank, spec.worker_cls)
+                      for rank in range(spec.tensor_parallel_size)]
+                self.workers.append(ws)
+                self.schedulers.append(SchedulerActor.options(num_cpus=0).remote(cfg, ws, r, self.router, spec.max_waiting))
+            infos = ray.get([s.info.remote() for s in self.schedulers])
+            self.info = infos
+            self.ingress_id = f"ziggurat-ingress-{tag}"
+            icfg = IngressConfig(
+                model_dir=spec.model,
+                served_model_name=spec.served_model_name or Path(spec.model).name,
+                host=spec.host,
+                port=spec.port,
+                api_keys=tuple(spec.api_keys),
+                block_size=spec.block_size,
+                max_model_len=min(i["max_model_len"] for i in infos),
+            )
+            self.ingress = IngressActor.options(name=self.ingress_id).remote(icfg, self.ingress_id, self.router, self.schedulers)
+            ray.get([s.register_ingress.remote(self.ingress_id, self.ingress) for s in self.schedulers])
+            self.url = ray.get(self.ingress.url.remote())
+            self.served_model_name = icfg.served_model_name
+        except BaseException:
+            self.shutdown()
+            raise
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def run_forever(self) -> None:
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        from ziggurat.topology.placement import release
+
+        for actor in [getattr(self, "ingress", None)] + list(self.schedulers):
+            if actor is not None:
+                try:
+                    ray.get(actor.shutdown.remote(), timeout=15)
+                except Exception:
+                    pass
+        for actor in [getattr(self, "ingress", None), self.router] + self.schedulers + [w for ws in self.workers for w in ws]:
+            if actor is not None:
+                try:
+                    ray.kill(actor)
+                except Exception:
+                    pass
+        for pg in self.groups:
+            release(pg)
+        self.schedulers, self.workers, self.groups = [], [], []
+
+
+def ensure_ray(num_cpus: int | None = None) -> dict:
+    """Join the cluster in RAY_ADDRESS, or start a local one. Returns its info."""
+    if ray.is_initialized():
+        return {"dashboard_url": None}
+    if os.environ.get("RAY_ADDRESS"):
+        ctx = ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
+    else:
+        ctx = ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=True,
+                       logging_level=logging.WARNING)
+    return {"dashboard_url": getattr(ctx, "dashboard_url", None)}
+
+
+def serve(**kwargs) -> Deployment:
+    """Start a deployment from a driver script (works under `ray job submit`)."""
+    ensure_ray()
+    return Deployment(DeploymentSpec(**kwargs))
