@@ -86,6 +86,8 @@ class EngineClient:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.queues: dict[str, tuple[asyncio.Queue, int]] = {}
         self.replica_of: dict[str, int] = {}
+        self.next_seq: dict[int, int] = {}  # per replica: the next TokenBatch to apply
+        self.held: dict[int, dict[int, TokenBatch]] = {}  # batches that arrived early
 
     # Called from Ray's thread.
     def push_tokens(self, batch: TokenBatch) -> None:
@@ -93,10 +95,19 @@ class EngineClient:
             self.loop.call_soon_threadsafe(self._dispatch, batch)
 
     def _dispatch(self, batch: TokenBatch) -> None:
-        for u in batch.updates:
-            entry = self.queues.get(u.request_id)
-            if entry is not None:
-                entry[0].put_nowait((entry[1], u))
+        # Ray may run concurrent push_tokens calls out of order: apply each
+        # replica's batches strictly by sequence number.
+        replica = batch.replica
+        held = self.held.setdefault(replica, {})
+        held[batch.seq] = batch
+        expected = self.next_seq.get(replica, 0)
+        while expected in held:
+            for u in held.pop(expected).updates:
+                entry = self.queues.get(u.request_id)
+                if entry is not None:
+                    entry[0].put_nowait((entry[1], u))
+            expected += 1
+        self.next_seq[replica] = expected
 
     async def submit(self, children: list[tuple[str, list[int], object, int]], prefix_hashes, cache_extra_keys, queue):
         """children: (request id, prompt ids, params, child index). Raises APIError."""
@@ -471,9 +482,6 @@ class IngressActor:
 
     def _serve(self) -> None:
         self.uvicorn.run()
-
-    def _capture_loop(self) -> None:
-        pass
 
     def url(self) -> str:
         return f"http://{self.config.host}:{self.config.port}"

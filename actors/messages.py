@@ -37,6 +37,7 @@ class TokenBatch:
     """Everything one scheduler step produced for one ingress."""
 
     replica: int
+    seq: int  # per (replica, ingress), from 0: the ingress applies batches in this order
     updates: list[RequestUpdate] = field(default_factory=list)
 
 

@@ -72,6 +72,7 @@ class SchedulerLoop:
         self.step_seconds = 0.0
         self.prompt_tokens = self.cached_tokens = self.generation_tokens = 0
         self.num_pending = 0  # submitted, not yet taken into the engine
+        self.seq: dict[str, int] = collections.defaultdict(int)  # next TokenBatch number per ingress
 
     def submit(self, req: SubmitRequest) -> SubmitResult:
         eng = self.engine
@@ -132,7 +133,10 @@ class SchedulerLoop:
             ingress = self.routes.get(u.request_id)
             if ingress is None:
                 continue
-            by_ingress.setdefault(ingress, TokenBatch(self.replica)).updates.append(u)
+            if ingress not in by_ingress:
+                by_ingress[ingress] = TokenBatch(self.replica, self.seq[ingress])
+                self.seq[ingress] += 1
+            by_ingress[ingress].updates.append(u)
             self.generation_tokens += len(u.new_token_ids)
             if u.finish_reason is not None:
                 self.routes.pop(u.request_id, None)
