@@ -20,7 +20,10 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+        return self in _FINISHED
+
+
+_FINISHED = frozenset((RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED))
 
 
 @dataclass(eq=False)
@@ -40,10 +43,9 @@ class Request:
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling; -1 until then
     num_preemptions: int = 0
     stop_reason: int | str | None = None
-    # Worker-side view: whether the workers hold this request, and how many
-    # of its blocks they know.
+    # Whether the workers hold this request's state (sent as new, not since
+    # finished or preempted).
     in_workers: bool = False
-    num_blocks_sent: int = 0
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -64,7 +66,7 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return self.status.finished
+        return self.status in _FINISHED
 
     @property
     def finish_reason(self) -> str | None:

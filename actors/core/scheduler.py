@@ -191,8 +191,8 @@ class Scheduler:
         updates = []
         for rid, token, lp in zip(out.req_ids, out.token_ids, out.logprobs):
             req = self.requests.get(rid)
-            if req is None or req.finished or req.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran
+            if req is None or req.status is not RequestStatus.RUNNING:
+                continue  # aborted or preempted while the step ran
             req.append_token(token, lp)
             self._check_stop(req, token)
             if req.finished:
