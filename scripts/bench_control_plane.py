@@ -22,6 +22,46 @@ import sys
 import time
 
 
+def engine_only(num_requests: int, steps: int = 200) -> float:
+    """Microseconds per EngineCore.step() for `num_requests` running decode
+    requests, NullWorker in-process: the pure-Python scheduling cost, no Ray."""
+    import random
+
+    from ziggurat.actors.core.engine import EngineCore
+    from ziggurat.cluster.deploy import default_model_dir
+    from ziggurat.config import EngineConfig
+    from ziggurat.models.null_worker import NullWorker
+    from ziggurat.sampling_params import SamplingParams
+
+    class InProcess:
+        def __init__(self, cfg, max_len):
+            self.w = NullWorker(cfg)
+
+        def determine_num_blocks(self):
+            return self.w.determine_num_blocks()
+
+        def initialize_cache(self, n):
+            pass
+
+        def execute(self, step):
+            return self.w.execute(step)
+
+        def shutdown(self):
+            pass
+
+    eng = EngineCore(EngineConfig(model=str(default_model_dir()), num_kv_blocks=1 << 16, device="cpu",
+                                  max_num_seqs=num_requests), executor_factory=InProcess)
+    rng = random.Random(0)
+    for i in range(num_requests):
+        eng.add_request([rng.randrange(1000) for _ in range(128)], SamplingParams(max_tokens=10_000, ignore_eos=True))
+    for _ in range(5):
+        eng.step()  # prefill, then decode
+    t = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    return (time.perf_counter() - t) / steps * 1e6
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", type=int, default=256)
@@ -31,6 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    in_process_us = engine_only(args.concurrency)
 
     import ray
 
@@ -66,7 +107,7 @@ def main(argv=None) -> int:
         streamed_tok_s=m["output_throughput"], request_throughput=m["request_throughput"],
         steps=steps, engine_step_us=step_us, loop_iteration_us=m["duration"] / max(steps, 1) * 1e6,
         tokens_per_step=m["total_output_tokens"] / max(steps, 1),
-        itl_p50_ms=m.get("median_itl_ms"), ttft_p50_ms=m.get("median_ttft_ms"), wall_s=wall,
+        engine_only_step_us=in_process_us, itl_p50_ms=m.get("median_itl_ms"), ttft_p50_ms=m.get("median_ttft_ms"), wall_s=wall,
         date=time.strftime("%Y-%m-%d"),
     )
     print(f"\nconcurrency {args.concurrency}, TP {args.tp}, {result['cpus']} CPUs")
@@ -74,6 +115,7 @@ def main(argv=None) -> int:
     print(f"  engine step (sched+graph)  {step_us:10.0f} us")
     print(f"  loop iteration (busy)      {result['loop_iteration_us']:10.0f} us")
     print(f"  tokens per step            {result['tokens_per_step']:10.1f}")
+    print(f"  engine step, no Ray, {args.concurrency} decoding: {in_process_us:6.0f} us")
     line = json.dumps(result)
     print(line)
     if args.json:

@@ -1,0 +1,95 @@
+"""Deploy a model with `ziggurat serve`'s launcher and run bench_serving at
+several request rates against it, in one process.
+
+    python -m ziggurat.scripts.bench_serving_sweep --model DIR [--tp 1] --rates 1 4 16 inf \
+        --num-prompts 32 --input-len 1024 --output-len 128 [--json out.json]
+    python -m ziggurat.scripts.bench_serving_sweep --make llama:llama-3.1-8b --dtype bfloat16 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import socket
+import sys
+import tempfile
+import time
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model")
+    ap.add_argument("--make", metavar="ARCH:PRESET")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--rates", nargs="+", default=["1", "4", "16", "inf"])
+    ap.add_argument("--num-prompts", type=int, default=32)
+    ap.add_argument("--input-len", type=int, default=1024)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    import ray
+    import torch
+
+    from ziggurat.cluster.deploy import Deployment, DeploymentSpec
+    from ziggurat.models.config import ModelConfig
+    from ziggurat.scripts.bench_serving import BenchConfig, format_table, run_benchmark
+
+    if args.make:
+        from ziggurat.scripts.make_model import make_model
+
+        arch, preset = args.make.split(":")
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        t = time.perf_counter()
+        args.model = str(make_model(tempfile.mkdtemp(prefix="sweep-model-"), arch=arch, preset=preset,
+                                    dtype=args.dtype or "bfloat16", device=dev, max_shard_bytes="5GB"))
+        print(f"made {args.make} in {time.perf_counter() - t:.0f}s", flush=True)
+    vocab = ModelConfig.from_dir(args.model).vocab_size
+    ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, logging_level="ERROR")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = time.perf_counter()
+    dep = Deployment(DeploymentSpec(model=args.model, served_model_name="m", port=port, tensor_parallel_size=args.tp,
+                                    dtype=args.dtype, max_model_len=args.max_model_len, device=args.device))
+    startup = time.perf_counter() - t
+    print(f"deployment up in {startup:.0f}s: {dep.info}", flush=True)
+    machine = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    rows = []
+    try:
+        for rate in args.rates:
+            cfg = BenchConfig(base_url=dep.url, model="m", num_prompts=args.num_prompts,
+                              request_rate=math.inf if rate == "inf" else float(rate),
+                              random_input_len=args.input_len, random_output_len=args.output_len,
+                              vocab_size=min(vocab, 10000), warmup_requests=2 if not rows else 0)
+            m = asyncio.run(run_benchmark(cfg))
+            print(f"\n== request rate {rate} ==\n" + format_table(m), flush=True)
+            m.pop("config", None)
+            rows.append(dict(rate=rate, **m))
+    finally:
+        dep.shutdown()
+        ray.shutdown()
+    summary = dict(bench="serving-sweep", machine=machine, model=args.model, tp=args.tp, dtype=args.dtype,
+                   input_len=args.input_len, output_len=args.output_len, num_prompts=args.num_prompts,
+                   startup_s=startup, date=time.strftime("%Y-%m-%d"), runs=rows)
+    keys = ["rate", "request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms",
+            "p99_tpot_ms", "median_itl_ms", "p99_itl_ms", "median_e2e_ms", "failed"]
+    print("\n" + " ".join(f"{k:>15}" for k in keys))
+    for r in rows:
+        print(" ".join(f"{r.get(k):>15.2f}" if isinstance(r.get(k), float) else f"{str(r.get(k)):>15}" for k in keys))
+    line = json.dumps(summary)
+    print(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
