@@ -16,7 +16,6 @@ actor (push_tokens) hand batches to that loop with call_soon_threadsafe.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import threading
@@ -30,8 +29,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
+from ziggurat.actors.admin import admin_routes
 from ziggurat.actors.core.block_pool import ROOT_HASH, hash_block_tokens
+from ziggurat.actors.gatekeeper import Gatekeeper
 from ziggurat.actors.messages import SubmitRequest, TokenBatch
+from ziggurat.actors.worker import load_object
 from ziggurat.actors.openai_protocol import (
     APIError,
     ParsedRequest,
@@ -60,6 +62,9 @@ class IngressConfig:
     block_size: int = 16
     max_model_len: int = 2048
     request_timeout_s: float = 600.0
+    admin_key: str | None = None
+    share_prefix_cache: bool = False  # opt-in: one prefix cache across tenants
+    redact: str | None = None  # "module:function" applied to request logs before storing
 
 
 @dataclass
@@ -81,8 +86,8 @@ class _Child:
 class EngineClient:
     """Routes, submits, aborts and receives tokens for this ingress's requests."""
 
-    def __init__(self, ingress_id: str, router, schedulers: list):
-        self.ingress_id, self.router, self.schedulers = ingress_id, router, schedulers
+    def __init__(self, ingress_id: str, router, schedulers: list, epoch: str = ""):
+        self.ingress_id, self.router, self.schedulers, self.epoch = ingress_id, router, schedulers, epoch
         self.loop: asyncio.AbstractEventLoop | None = None
         self.queues: dict[str, tuple[asyncio.Queue, int]] = {}
         self.replica_of: dict[str, int] = {}
@@ -97,6 +102,8 @@ class EngineClient:
     def _dispatch(self, batch: TokenBatch) -> None:
         # Ray may run concurrent push_tokens calls out of order: apply each
         # replica's batches strictly by sequence number.
+        if batch.epoch != self.epoch:
+            return  # numbered for an earlier incarnation of this ingress
         replica = batch.replica
         held = self.held.setdefault(replica, {})
         held[batch.seq] = batch
@@ -109,8 +116,10 @@ class EngineClient:
             expected += 1
         self.next_seq[replica] = expected
 
-    async def submit(self, children: list[tuple[str, list[int], object, int]], prefix_hashes, cache_extra_keys, queue):
-        """children: (request id, prompt ids, params, child index). Raises APIError."""
+    async def submit(self, children: list[tuple[str, list[int], object, int]], prefix_hashes, cache_extra_keys, queue,
+                     meta: dict):
+        """children: (request id, prompt ids, params, child index); meta: tenant,
+        key_id, http_request_id, model for metering. Raises APIError."""
         self.loop = asyncio.get_running_loop()
         for attempt in range(3):
             replica = await _await(self.router.pick.remote(prefix_hashes))
@@ -122,10 +131,10 @@ class EngineClient:
                     self.queues[rid] = (queue, index)
                     self.replica_of[rid] = replica
                     res = await _await(self.schedulers[replica].submit.remote(
-                        SubmitRequest(rid, ids, params, self.ingress_id, cache_extra_keys)))
+                        SubmitRequest(rid, ids, params, self.ingress_id, cache_extra_keys, **meta)))
                     if not res.ok:
                         self.forget([rid])
-                        self.abort(submitted)
+                        self.abort(submitted, "error")
                         raise _submit_error(res)
                     submitted.append(rid)
                 return replica
@@ -134,14 +143,14 @@ class EngineClient:
                 await _await(self.router.mark_unhealthy.remote(replica))
         raise APIError(503, "no healthy replica is available", "service_unavailable", code="no_replica")
 
-    def abort(self, request_ids: list[str]) -> None:
+    def abort(self, request_ids: list[str], reason: str = "aborted") -> None:
         by_replica: dict[int, list[str]] = {}
         for rid in request_ids:
             rep = self.replica_of.get(rid)
             if rep is not None:
                 by_replica.setdefault(rep, []).append(rid)
         for rep, ids in by_replica.items():
-            self.schedulers[rep].abort.remote(ids)
+            self.schedulers[rep].abort.remote(ids, reason)
         self.forget(request_ids)
 
     def forget(self, request_ids) -> None:
@@ -163,9 +172,10 @@ async def _await(ref):
 
 
 class OpenAIServer:
-    def __init__(self, config: IngressConfig, client: EngineClient):
-        self.config, self.client = config, client
+    def __init__(self, config: IngressConfig, client: EngineClient, gatekeeper: Gatekeeper, meter=None):
+        self.config, self.client, self.gate, self.meter = config, client, gatekeeper, meter
         self.tokenizer = Tokenizer(config.model_dir)
+        self.redact = load_object(config.redact) if config.redact else None
         self.metrics = {"requests_total": {}, "prompt_tokens_total": 0, "generation_tokens_total": 0}
         self.app = Starlette(
             routes=[
@@ -174,10 +184,11 @@ class OpenAIServer:
                 Route("/v1/models", self.models, methods=["GET"]),
                 Route("/health", self.health, methods=["GET"]),
                 Route("/metrics", self.prometheus, methods=["GET"]),
+                *admin_routes(self),
             ],
             exception_handlers={APIError: self._api_error, 404: self._not_found, 405: self._not_allowed},
         )
-        self.asgi = RequestIdMiddleware(AuthMiddleware(self.app, config.api_keys))
+        self.asgi = RequestIdMiddleware(self.app)
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -211,6 +222,7 @@ class OpenAIServer:
     # -- endpoints --------------------------------------------------------------------
 
     async def models(self, request):
+        await self.gate.authenticate(request.headers.get("authorization"))
         return JSONResponse({"object": "list", "data": [{
             "id": self.config.served_model_name, "object": "model", "created": now(), "owned_by": "ziggurat",
             "max_model_len": self.config.max_model_len}]})
@@ -251,26 +263,28 @@ class OpenAIServer:
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     async def completions(self, request: Request):
+        principal = await self.gate.authenticate(request.headers.get("authorization"))
         req = parse_completion(await self._body(request))
         self._check_model(req.model)
         prompts = []
         for i, p in enumerate(req.prompts):
             ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
             prompts.append(ids)
-        return await self._serve(request, req, prompts, "cmpl")
+        return await self._serve(request, principal, req, prompts, "cmpl")
 
     async def chat(self, request: Request):
+        principal = await self.gate.authenticate(request.headers.get("authorization"))
         req = parse_chat(await self._body(request))
         self._check_model(req.model)
         try:
             ids = self.tokenizer.encode_chat(req.messages, add_generation_prompt=True)
         except Exception as e:  # template errors name the problem
             raise bad(f"chat template failed: {e}", "messages") from None
-        return await self._serve(request, req, [ids], "chatcmpl")
+        return await self._serve(request, principal, req, [ids], "chatcmpl")
 
     # -- the request path -------------------------------------------------------------------
 
-    async def _serve(self, request: Request, req: ParsedRequest, prompts: list[list[int]], prefix: str):
+    async def _serve(self, request: Request, principal, req: ParsedRequest, prompts: list[list[int]], prefix: str):
         request_id = request.scope["ziggurat.request_id"]
         limit = self.config.max_model_len
         param = "messages" if req.kind == "chat" else "prompt"
@@ -296,24 +310,40 @@ class OpenAIServer:
                 children.append(_Child(index, pi, rid, TextStream(self.tokenizer, ids, p.stop, p.skip_special_tokens,
                                                                   p.include_stop_str_in_output), p))
                 submit.append((rid, ids, p, index))
+        max_new = req.params.max_tokens if req.params.max_tokens is not None else limit - min(map(len, prompts))
+        adm = await self.gate.admit(principal, self.config.served_model_name, sum(map(len, prompts)),
+                                    max_new * len(children))
+        extra = (None, self.gate.cache_salt(principal, req.cache_salt))  # (lora id, cache salt)
         # One routing decision per HTTP request, by the first prompt's prefix.
         hashes, h = [], ROOT_HASH
         bs = self.config.block_size
         for b in range(min(ROUTING_BLOCKS, len(prompts[0]) // bs)):
-            h = hash_block_tokens(h, prompts[0][b * bs : (b + 1) * bs], ())
+            h = hash_block_tokens(h, prompts[0][b * bs : (b + 1) * bs], extra)
             hashes.append(h)
-        await self.client.submit(submit, hashes, (), queue)
+        meta = dict(tenant=principal.tenant_id, key_id=principal.key_id, http_request_id=request_id,
+                    model=self.config.served_model_name)
+        try:
+            await self.client.submit(submit, hashes, extra, queue, meta)
+        except BaseException:
+            self.gate.release(adm, 0)
+            raise
+        ctx = _RequestContext(principal, adm, req, prompts, request_id)
         self._count(200)
         created = now()
         meta = dict(id=f"{prefix}-{request_id}", created=created, model=self.config.served_model_name)
+        ctx.body_meta = meta
         if req.stream:
-            return StreamingResponse(self._stream(req, prompts, children, queue, meta), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(self._stream(ctx, req, prompts, children, queue, meta),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             await asyncio.wait_for(self._collect(children, queue), self.config.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(504, "the request timed out", "timeout_error") from None
         finally:
-            self._finish(children)
-        return JSONResponse(self._full_response(req, prompts, children, meta))
+            self._finish(ctx, children, "aborted")
+        body = self._full_response(req, prompts, children, meta)
+        self._log(ctx, body)
+        return JSONResponse(body)
 
     async def _next(self, children, queue) -> _Child:
         index, u = await queue.get()
@@ -327,7 +357,7 @@ class OpenAIServer:
         if c.stream.stopped and c.finish_reason is None:
             c.finish_reason, c.stop_reason = "stop", c.stream.stop_reason
             if u.finish_reason is None:
-                self.client.abort([c.request_id])
+                self.client.abort([c.request_id], "stop")
         elif u.finish_reason is not None and c.finish_reason is None:
             c.finish_reason, c.stop_reason = u.finish_reason, u.stop_reason
         c._delta = delta
@@ -338,12 +368,27 @@ class OpenAIServer:
         while any(c.finish_reason is None for c in children):
             await self._next(children, queue)
 
-    def _finish(self, children) -> None:
-        """Abort whatever is unfinished (client gone, timeout) and drop routes."""
+    def _finish(self, ctx, children, reason: str) -> None:
+        """Abort whatever is unfinished (client gone, timeout), drop routes and
+        reconcile the token reservation with what was generated."""
+        if ctx.finished:
+            return
+        ctx.finished = True
         open_ids = [c.request_id for c in children if c.finish_reason is None]
         if open_ids:
-            self.client.abort(open_ids)
+            self.client.abort(open_ids, reason)
         self.client.forget([c.request_id for c in children])
+        self.gate.release(ctx.admission, sum(map(len, ctx.prompts)) + sum(c.num_output_tokens for c in children))
+
+    def _log(self, ctx, response: dict) -> None:
+        """Request/response log, only for tenants that turned it on; best effort,
+        apart from metering."""
+        if self.meter is None or not self.gate.logs_requests(ctx.principal.tenant_id):
+            return
+        record = {"request": ctx.req.raw, "response": response}
+        if self.redact is not None:
+            record = self.redact(record)
+        self.meter.log_request.remote(ctx.request_id, ctx.principal.tenant_id, record["request"], record["response"])
 
     def _lp_entries(self, lps) -> list:
         tok = self.tokenizer
@@ -369,7 +414,7 @@ class OpenAIServer:
         obj = "chat.completion" if req.kind == "chat" else "text_completion"
         return dict(meta, object=obj, choices=choices, usage=self._usage(prompts, children))
 
-    async def _stream(self, req, prompts, children, queue, meta):
+    async def _stream(self, ctx, req, prompts, children, queue, meta):
         chat = req.kind == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
         usage_field = {"usage": None} if req.include_usage else {}
@@ -406,14 +451,28 @@ class OpenAIServer:
             if req.include_usage:
                 yield "data: " + json.dumps(dict(meta, object=obj, choices=[], usage=self._usage(prompts, children))) + "\n\n"
             yield "data: [DONE]\n\n"
+            self._log(ctx, {"choices": [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason}
+                                        for c in children], "usage": self._usage(prompts, children)})
         except (asyncio.CancelledError, GeneratorExit):
-            raise  # client went away: _finish aborts in finally
+            self._finish(ctx, children, "client_disconnected")
+            raise
         except Exception as e:  # after headers are sent, errors travel in the stream
             err = e if isinstance(e, APIError) else APIError(500, f"internal error: {e}", "internal_error")
             yield "data: " + json.dumps(err.body()) + "\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            self._finish(children)
+            self._finish(ctx, children, "aborted")
+
+
+@dataclass
+class _RequestContext:
+    principal: object
+    admission: object
+    req: ParsedRequest
+    prompts: list
+    request_id: str
+    finished: bool = False
+    body_meta: dict | None = None
 
 
 class RequestIdMiddleware:
@@ -437,42 +496,37 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-class AuthMiddleware:
-    """Bearer API keys, compared in constant time. No keys configured: open."""
-
-    OPEN_PATHS = ("/health", "/metrics")
-
-    def __init__(self, app, keys: tuple[str, ...]):
-        self.app = app
-        self.keys = [k.encode() for k in keys]
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not self.keys or scope["path"] in self.OPEN_PATHS:
-            return await self.app(scope, receive, send)
-        auth = dict(scope["headers"]).get(b"authorization", b"")
-        token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
-        ok = False
-        for k in self.keys:  # check every key: time does not depend on which matched
-            ok |= hmac.compare_digest(token, k)
-        if not ok:
-            err = APIError(401, "Incorrect or missing API key" if token else "Missing API key (Authorization: Bearer ...)",
-                           "invalid_request_error", code="invalid_api_key")
-            return await JSONResponse(err.body(), status_code=401)(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-
-@ray.remote(num_cpus=0, max_concurrency=16)
+@ray.remote(num_cpus=0, max_concurrency=16, max_restarts=-1)
 class IngressActor:
-    def __init__(self, config: IngressConfig, ingress_id: str, router, schedulers: list):
+    """Restartable: a restarted ingress binds the same port, numbers its token
+    batches under a fresh epoch, and re-registers with every scheduler."""
+
+    def __init__(self, config: IngressConfig, ingress_id: str, router, schedulers: list, meter=None):
         import uvicorn
 
         self.config = config
-        self.client = EngineClient(ingress_id, router, schedulers)
-        self.server = OpenAIServer(config, self.client)
-        ucfg = uvicorn.Config(self.server.asgi, host=config.host, port=config.port, loop="uvloop",
-                              log_level="warning", lifespan="off", timeout_keep_alive=30)
+        epoch = uuid.uuid4().hex
+        self.client = EngineClient(ingress_id, router, schedulers, epoch)
+        self.gate = Gatekeeper(meter, config.api_keys, config.share_prefix_cache)
+        self.server = OpenAIServer(config, self.client, self.gate, meter)
+        me = ray.get_runtime_context().current_actor
+        ray.get([s.register_ingress.remote(ingress_id, me, epoch) for s in schedulers])
+        app = self.server.asgi
+
+        async def asgi(scope, receive, send):  # start background tasks on uvicorn's loop
+            if scope["type"] == "lifespan":
+                await receive()
+                await self.gate.start()
+                await send({"type": "lifespan.startup.complete"})
+                await receive()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+            await app(scope, receive, send)
+
+        ucfg = uvicorn.Config(asgi, host=config.host, port=config.port, loop="uvloop",
+                              log_level="warning", lifespan="on", timeout_keep_alive=30)
         self.uvicorn = uvicorn.Server(ucfg)
-        self.thread = threading.Thread(target=self._serve, name="uvicorn", daemon=True)
+        self.thread = threading.Thread(target=self.uvicorn.run, name="uvicorn", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.uvicorn.started and self.thread.is_alive() and time.monotonic() < deadline:
@@ -480,11 +534,11 @@ class IngressActor:
         if not self.uvicorn.started:
             raise RuntimeError(f"ingress could not listen on {config.host}:{config.port}")
 
-    def _serve(self) -> None:
-        self.uvicorn.run()
-
     def url(self) -> str:
         return f"http://{self.config.host}:{self.config.port}"
+
+    def is_open(self) -> bool:
+        return self.gate.open
 
     def push_tokens(self, batch: TokenBatch) -> None:
         self.client.push_tokens(batch)

@@ -22,6 +22,12 @@ class SubmitRequest:
     sampling_params: SamplingParams
     ingress_id: str  # where this request's tokens go
     cache_extra_keys: tuple = ()  # (lora id, cache salt) mixed into prefix-cache hashes
+    # For metering: who asked, for what, under which HTTP request.
+    tenant: str = "default"
+    key_id: str | None = None
+    http_request_id: str | None = None
+    model: str = ""
+    lora: str | None = None
 
 
 @dataclass
@@ -37,7 +43,8 @@ class TokenBatch:
     """Everything one scheduler step produced for one ingress."""
 
     replica: int
-    seq: int  # per (replica, ingress), from 0: the ingress applies batches in this order
+    epoch: str  # the ingress incarnation this numbering belongs to
+    seq: int  # per (replica, ingress epoch), from 0: the ingress applies batches in this order
     updates: list[RequestUpdate] = field(default_factory=list)
 
 
@@ -55,3 +62,7 @@ class ReplicaStats:
     cached_tokens: int = 0
     generation_tokens: int = 0
     step_seconds_total: float = 0.0
+    # Per tenant: requests, prompt/cached/completion tokens of finished requests
+    # (the engine's own counts, for reconciliation with the ledger).
+    tenant_totals: dict = field(default_factory=dict)
+    unacked_usage_events: int = 0

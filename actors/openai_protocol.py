@@ -47,6 +47,7 @@ class ParsedRequest:
     user: str | None = None
     messages: list = field(default_factory=list)
     cache_salt: str | None = None
+    raw: dict = field(default_factory=dict)  # the body as sent (for request logs)
 
 
 def _type(body: dict, name: str, types, default=None):
@@ -157,6 +158,7 @@ def parse_completion(body: dict) -> ParsedRequest:
         max_tokens_given=given,
         user=_type(body, "user", str),
         cache_salt=_type(body, "cache_salt", str),
+        raw=body,
     )
 
 
@@ -212,6 +214,7 @@ def parse_chat(body: dict) -> ParsedRequest:
         user=_type(body, "user", str),
         messages=msgs,
         cache_salt=_type(body, "cache_salt", str),
+        raw=body,
     )
 
 

@@ -20,6 +20,7 @@ import time
 import ray
 
 from ziggurat.actors.core.engine import EngineCore
+from ziggurat.actors.core.ledger import UsageEvent
 from ziggurat.actors.core.request import RequestStatus
 from ziggurat.actors.messages import ReplicaStats, SubmitRequest, SubmitResult, TokenBatch
 from ziggurat.config import EngineConfig
@@ -62,17 +63,25 @@ class CompiledGraphExecutor:
 class SchedulerLoop:
     """The actor's logic, drivable without Ray: `submit`, `abort`, `run_once`."""
 
-    def __init__(self, engine: EngineCore, replica: int, send_batch, max_waiting: int):
+    def __init__(self, engine: EngineCore, replica: int, send_batch, max_waiting: int, gpu_type: str = "cpu"):
         self.engine, self.replica, self.send_batch = engine, replica, send_batch
         self.max_waiting = max_waiting
+        self.gpu_type = gpu_type
         self.inbox: collections.deque = collections.deque()
         self.wakeup = threading.Condition()
         self.routes: dict[str, str] = {}  # request id -> ingress id
+        # Metering: what each live request is (SubmitRequest, arrival, first token),
+        # finished requests' usage events until the Meter acknowledges them,
+        # and this replica's own per-tenant totals.
+        self.live: dict[str, list] = {}
+        self.outbox: collections.deque[UsageEvent] = collections.deque()
+        self.tenant_totals: dict[str, dict] = {}
+        self.epochs: dict[str, str] = {}  # ingress id -> its current incarnation
         self.steps = 0
         self.step_seconds = 0.0
         self.prompt_tokens = self.cached_tokens = self.generation_tokens = 0
         self.num_pending = 0  # submitted, not yet taken into the engine
-        self.seq: dict[str, int] = collections.defaultdict(int)  # next TokenBatch number per ingress
+        self.seq: dict[str, int] = collections.defaultdict(int)  # next TokenBatch number per ingress (epoch)
 
     def submit(self, req: SubmitRequest) -> SubmitResult:
         eng = self.engine
@@ -97,10 +106,18 @@ class SchedulerLoop:
             self.wakeup.notify()
         return SubmitResult(True)
 
-    def abort(self, request_ids: list[str]) -> None:
+    def abort(self, request_ids: list[str], reason: str = "aborted") -> None:
+        """reason: the status metered: aborted, client_disconnected, stop (a stop string), error."""
         with self.wakeup:
-            self.inbox.append(("abort", list(request_ids)))
+            self.inbox.append(("abort", (list(request_ids), reason)))
             self.wakeup.notify()
+
+    def register_ingress(self, ingress_id: str, epoch: str) -> None:
+        """A (re)started ingress numbers its batches afresh."""
+        with self.wakeup:
+            if self.epochs.get(ingress_id) != epoch:
+                self.epochs[ingress_id] = epoch
+                self.seq[ingress_id] = 0
 
     def _drain_inbox(self) -> None:
         while self.inbox:
@@ -110,11 +127,43 @@ class SchedulerLoop:
                 try:
                     self.engine.add_request(arg.prompt_token_ids, arg.sampling_params, arg.request_id, arg.cache_extra_keys)
                     self.routes[arg.request_id] = arg.ingress_id
+                    self.live[arg.request_id] = [arg, time.time(), None]
                 except ValueError as e:  # raced past validation (e.g. duplicate id)
                     log.warning("request %s rejected: %s", arg.request_id, e)
             else:
-                for req in self.engine.abort(arg, RequestStatus.FINISHED_ABORTED):
+                ids, reason = arg
+                status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_ABORTED
+                for req in self.engine.abort(ids, status):
                     self.routes.pop(req.request_id, None)
+                    self._meter(req.request_id, req.num_prompt_tokens, max(req.num_cached_tokens, 0),
+                                req.num_output_tokens, reason)
+
+    def _meter(self, rid: str, prompt: int, cached: int, completion: int, status: str) -> None:
+        """Exactly one usage event per request that reached this scheduler."""
+        entry = self.live.pop(rid, None)
+        if entry is None:
+            return
+        sub, arrived, first = entry
+        now = time.time()
+        self.outbox.append(UsageEvent(
+            request_id=rid, http_request_id=sub.http_request_id, tenant=sub.tenant, key_id=sub.key_id,
+            model=sub.model, lora=sub.lora, replica=self.replica, gpu_type=self.gpu_type, prompt_tokens=prompt,
+            cached_tokens=cached, completion_tokens=completion, status=status, arrived_at=arrived, finished_at=now,
+            ttft_ms=(first - arrived) * 1e3 if first is not None else None, duration_ms=(now - arrived) * 1e3))
+        t = self.tenant_totals.setdefault(sub.tenant, {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0,
+                                                       "completion_tokens": 0})
+        t["requests"] += 1
+        t["prompt_tokens"] += prompt
+        t["cached_tokens"] += cached
+        t["completion_tokens"] += completion
+
+    def take_usage(self, max_events: int = 512) -> list[UsageEvent]:
+        """The oldest unacknowledged events (they stay queued until `ack_usage`)."""
+        return [self.outbox[i] for i in range(min(max_events, len(self.outbox)))]
+
+    def ack_usage(self, n: int) -> None:
+        for _ in range(n):
+            self.outbox.popleft()
 
     def run_once(self, idle_timeout: float = 0.05) -> int:
         """One loop iteration; returns the number of updates sent."""
@@ -129,19 +178,25 @@ class SchedulerLoop:
         self.step_seconds += time.perf_counter() - t0
         self.steps += 1
         by_ingress: dict[str, TokenBatch] = {}
+        now = time.time()
         for u in updates:
-            ingress = self.routes.get(u.request_id)
-            if ingress is None:
-                continue
-            if ingress not in by_ingress:
-                by_ingress[ingress] = TokenBatch(self.replica, self.seq[ingress])
-                self.seq[ingress] += 1
-            by_ingress[ingress].updates.append(u)
             self.generation_tokens += len(u.new_token_ids)
+            live = self.live.get(u.request_id)
+            if live is not None and live[2] is None:
+                live[2] = now
+            ingress = self.routes.get(u.request_id)
             if u.finish_reason is not None:
                 self.routes.pop(u.request_id, None)
                 self.prompt_tokens += u.num_prompt_tokens
                 self.cached_tokens += u.num_cached_tokens
+                self._meter(u.request_id, u.num_prompt_tokens, u.num_cached_tokens, u.num_output_tokens,
+                            u.finish_reason)
+            if ingress is None:
+                continue
+            if ingress not in by_ingress:
+                by_ingress[ingress] = TokenBatch(self.replica, self.epochs.get(ingress, ""), self.seq[ingress])
+                self.seq[ingress] += 1
+            by_ingress[ingress].updates.append(u)
         for ingress, batch in by_ingress.items():
             self.send_batch(ingress, batch)
         return len(updates)
@@ -161,19 +216,46 @@ class SchedulerLoop:
             cached_tokens=self.cached_tokens,
             generation_tokens=self.generation_tokens,
             step_seconds_total=self.step_seconds,
+            tenant_totals={t: dict(v) for t, v in self.tenant_totals.items()},
+            unacked_usage_events=len(self.outbox),
         )
 
 
 @ray.remote(max_concurrency=8)
 class SchedulerActor:
-    def __init__(self, config: EngineConfig, workers: list, replica: int, router=None, max_waiting: int | None = None):
+    def __init__(self, config: EngineConfig, workers: list, replica: int, router=None, max_waiting: int | None = None,
+                 meter=None):
+        gpu = ray.get(workers[0].gpu_info.remote())
         self.engine = EngineCore(config, executor_factory=lambda cfg, n: CompiledGraphExecutor(workers, cfg, n))
         self.ingresses: dict[str, object] = {}
-        self.router = router
-        self.loop = SchedulerLoop(self.engine, replica, self._send, max_waiting or 4 * config.max_num_seqs)
+        self.router, self.meter = router, meter
+        gpu_type = gpu["name"] if config.device != "cpu" and gpu["count"] else "cpu"
+        self.loop = SchedulerLoop(self.engine, replica, self._send, max_waiting or 4 * config.max_num_seqs, gpu_type)
         self._stop = False
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{replica}", daemon=True)
         self._thread.start()
+        self._flusher = threading.Thread(target=self._flush_usage, name=f"usage-{replica}", daemon=True)
+        self._flusher.start()
+
+    def _flush_usage(self) -> None:
+        """Deliver usage events to the Meter until each batch is acknowledged.
+        A dead or restarting Meter just means retrying; duplicates are ignored
+        by the ledger, so a retry after a lost acknowledgement is harmless."""
+        while not self._stop or self.loop.outbox:
+            batch = self.loop.take_usage()
+            if not batch or self.meter is None:
+                if self._stop:
+                    return
+                time.sleep(0.05)
+                continue
+            try:
+                ray.get(self.meter.record.remote(batch), timeout=30)
+                self.loop.ack_usage(len(batch))
+            except Exception as e:  # Meter restarting, unreachable, timed out
+                log.warning("usage delivery failed (%s); retrying", type(e).__name__)
+                time.sleep(0.2)
+                if self._stop and time.monotonic() > self._stop_deadline:
+                    return
 
     def _send(self, ingress_id: str, batch: TokenBatch) -> None:
         handle = self.ingresses.get(ingress_id)
@@ -203,19 +285,22 @@ class SchedulerActor:
             "placement": getattr(e.executor, "placement", None),
         }
 
-    def register_ingress(self, ingress_id: str, handle) -> None:
+    def register_ingress(self, ingress_id: str, handle, epoch: str = "") -> None:
         self.ingresses[ingress_id] = handle
+        self.loop.register_ingress(ingress_id, epoch)
 
     def submit(self, req: SubmitRequest) -> SubmitResult:
         return self.loop.submit(req)
 
-    def abort(self, request_ids: list[str]) -> None:
-        self.loop.abort(request_ids)
+    def abort(self, request_ids: list[str], reason: str = "aborted") -> None:
+        self.loop.abort(request_ids, reason)
 
     def stats(self) -> ReplicaStats:
         return self.loop.stats()
 
     def shutdown(self) -> None:
+        self._stop_deadline = time.monotonic() + 10  # give the Meter a chance at what is left
         self._stop = True
         self._thread.join(timeout=5)
+        self._flusher.join(timeout=12)
         self.engine.shutdown()

@@ -26,6 +26,8 @@ def _serve(args) -> int:
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
         num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=not args.no_prefix_caching,
+        db=args.db, admin_key=args.admin_key or os.environ.get("ZIGGURAT_ADMIN_KEY"),
+        share_prefix_cache=args.share_prefix_cache,
     )
     if args.model is None:
         print("ziggurat: no --model given; serving the embedded default model (random weights, made on first use)")
@@ -34,7 +36,9 @@ def _serve(args) -> int:
     print(f"  OpenAI API:     {dep.base_url}")
     if info.get("dashboard_url"):
         print(f"  Ray dashboard:  http://{info['dashboard_url']}")
-    print("  auth:           " + ("API key required" if keys else "open (no API keys configured)"))
+    print(f"  ledger:         {dep.db}")
+    print("  auth:           " + ("open: no API keys configured, every request is the 'default' tenant"
+                                  if dep.open else "API key required"))
     print("Press Ctrl-C to stop.", flush=True)
     dep.run_forever()
     print("ziggurat: stopped")
@@ -105,7 +109,15 @@ def main(argv=None) -> int:
     s.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     s.add_argument("--num-kv-blocks", type=int, default=None)
     s.add_argument("--no-prefix-caching", action="store_true")
+    s.add_argument("--db", default=os.environ.get("ZIGGURAT_DB"), help="ledger: SQLite path or postgresql:// URL")
+    s.add_argument("--admin-key", default=None, help="enables the /admin API (or ZIGGURAT_ADMIN_KEY)")
+    s.add_argument("--share-prefix-cache", action="store_true",
+                   help="share cached prompt prefixes across tenants (a public system prompt); tenants can then "
+                        "observe each other's cache hits by timing")
     s.set_defaults(fn=_serve)
+    from ziggurat.cluster.tenant_cli import add_tenant_commands
+
+    add_tenant_commands(sub)
 
     for name, fn in (("chat", _chat), ("complete", _complete)):
         c = sub.add_parser(name, help=f"stream a {name} answer from a running endpoint")

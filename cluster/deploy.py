@@ -66,6 +66,13 @@ class DeploymentSpec:
     # The worker implementation, as "module:Class" (a zero-cost worker for
     # control-plane benchmarks, say).
     worker_cls: str = "ziggurat.models.worker:Worker"
+    # Tenant plane: the ledger/tenant database (SQLite path or postgresql:// URL;
+    # None = <cache>/tenancy.db), the admin API key, and the opt-in to share
+    # the prefix cache across tenants.
+    db: str | None = None
+    admin_key: str | None = None
+    share_prefix_cache: bool = False
+    redact: str | None = None
     extra: dict = field(default_factory=dict)
 
     def engine_config(self) -> EngineConfig:
@@ -77,6 +84,7 @@ class DeploymentSpec:
 class Deployment:
     def __init__(self, spec: DeploymentSpec):
         from ziggurat.actors.ingress import IngressActor, IngressConfig
+        from ziggurat.actors.meter import MeterActor
         from ziggurat.actors.router import RouterActor
         from ziggurat.actors.scheduler import SchedulerActor
         from ziggurat.actors.worker import WorkerActor
@@ -93,6 +101,8 @@ class Deployment:
             cfg = EngineConfig(**{**cfg.__dict__, "device": "cpu"})
         tag = uuid.uuid4().hex[:8]
         self.groups, self.workers, self.schedulers = [], [], []
+        self.db = spec.db or str(cache_dir() / "tenancy.db")
+        self.meter = MeterActor.remote(self.db)
         self.router = RouterActor.remote(spec.replicas)
         try:
             for r in range(spec.replicas):
@@ -102,7 +112,8 @@ class Deployment:
                 ws = [WorkerActor.options(scheduling_strategy=bundle_strategy(pg, rank), **opts).remote(cfg, rank, spec.worker_cls)
                       for rank in range(spec.tensor_parallel_size)]
                 self.workers.append(ws)
-                self.schedulers.append(SchedulerActor.options(num_cpus=0).remote(cfg, ws, r, self.router, spec.max_waiting))
+                self.schedulers.append(SchedulerActor.options(num_cpus=0).remote(
+                    cfg, ws, r, self.router, spec.max_waiting, self.meter))
             infos = ray.get([s.info.remote() for s in self.schedulers])
             self.info = infos
             self.ingress_id = f"ziggurat-ingress-{tag}"
@@ -114,10 +125,14 @@ class Deployment:
                 api_keys=tuple(spec.api_keys),
                 block_size=spec.block_size,
                 max_model_len=min(i["max_model_len"] for i in infos),
+                admin_key=spec.admin_key,
+                share_prefix_cache=spec.share_prefix_cache,
+                redact=spec.redact,
             )
-            self.ingress = IngressActor.options(name=self.ingress_id).remote(icfg, self.ingress_id, self.router, self.schedulers)
-            ray.get([s.register_ingress.remote(self.ingress_id, self.ingress) for s in self.schedulers])
+            self.ingress = IngressActor.options(name=self.ingress_id).remote(
+                icfg, self.ingress_id, self.router, self.schedulers, self.meter)
             self.url = ray.get(self.ingress.url.remote())
+            self.open = ray.get(self.ingress.is_open.remote())
             self.served_model_name = icfg.served_model_name
         except BaseException:
             self.shutdown()
@@ -145,10 +160,11 @@ class Deployment:
                     ray.get(actor.shutdown.remote(), timeout=15)
                 except Exception:
                     pass
-        for actor in [getattr(self, "ingress", None), self.router] + self.schedulers + [w for ws in self.workers for w in ws]:
+        for actor in ([getattr(self, "ingress", None), self.router] + self.schedulers
+                      + [w for ws in self.workers for w in ws] + [getattr(self, "meter", None)]):
             if actor is not None:
                 try:
-                    ray.kill(actor)
+                    ray.kill(actor, no_restart=True)
                 except Exception:
                     pass
         for pg in self.groups:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
+
+# Keep the default model and ledger of deployments made by tests out of ~/.cache.
+os.environ.setdefault("ZIGGURAT_CACHE", tempfile.mkdtemp(prefix="ziggurat-test-cache-"))
 
 from ziggurat.scripts.make_model import make_model
 
