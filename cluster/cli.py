@@ -27,7 +27,7 @@ def _serve(args) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
         num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=not args.no_prefix_caching,
         db=args.db, admin_key=args.admin_key or os.environ.get("ZIGGURAT_ADMIN_KEY"),
-        share_prefix_cache=args.share_prefix_cache,
+        share_prefix_cache=args.share_prefix_cache, redact=args.redact,
     )
     if args.model is None:
         print("ziggurat: no --model given; serving the embedded default model (random weights, made on first use)")
@@ -114,6 +114,9 @@ def main(argv=None) -> int:
     s.add_argument("--share-prefix-cache", action="store_true",
                    help="share cached prompt prefixes across tenants (a public system prompt); tenants can then "
                         "observe each other's cache hits by timing")
+    s.add_argument("--redact", default=None,
+                   help="module:function applied to request logs before they are stored "
+                        "(e.g. ziggurat.actors.core.tenancy:redact_pii)")
     s.set_defaults(fn=_serve)
     from ziggurat.cluster.tenant_cli import add_tenant_commands
 

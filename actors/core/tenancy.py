@@ -6,6 +6,7 @@ tenant turns them on)."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict
 
@@ -82,3 +83,19 @@ class TenantPlane:
     def usage(self, tenant: str | None, since: float = 0.0, until: float | None = None, by: str | None = None):
         tid = self.tenants.get_tenant(tenant).tenant_id if tenant else None
         return self.ledger.usage(tid, since, until, by)
+
+
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
+_NUMBER = re.compile(r"\+?\d[\d\s().-]{7,}\d")
+
+
+def redact_pii(record):
+    """A redaction hook for request logs (`--redact ziggurat.actors.core.tenancy:redact_pii`):
+    replaces e-mail addresses and phone/card-like digit runs in every string."""
+    if isinstance(record, str):
+        return _NUMBER.sub("[NUMBER]", _EMAIL.sub("[EMAIL]", record))
+    if isinstance(record, dict):
+        return {k: redact_pii(v) for k, v in record.items()}
+    if isinstance(record, list):
+        return [redact_pii(v) for v in record]
+    return record

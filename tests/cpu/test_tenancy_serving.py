@@ -38,7 +38,7 @@ def dep(ray_cluster, llama_dir, tmp_path_factory):
     db = tmp_path_factory.mktemp("ledger") / "tenancy.db"
     d = Deployment(DeploymentSpec(model=str(llama_dir), served_model_name="tiny", port=_port(), replicas=2,
                                   num_kv_blocks=512, max_num_batched_tokens=256, device="cpu", db=str(db),
-                                  admin_key=ADMIN))
+                                  admin_key=ADMIN, redact="ziggurat.actors.core.tenancy:redact_pii"))
     yield d
     d.shutdown()
 
@@ -108,7 +108,8 @@ def test_tokens_per_minute_limit(dep, tenants):
 
 
 def test_request_logs_only_where_enabled(dep, tenants):
-    r = client(dep, tenants["acme"]).completions.with_raw_response.create(model="tiny", prompt="log me", max_tokens=3)
+    r = client(dep, tenants["acme"]).completions.with_raw_response.create(
+        model="tiny", prompt="log me, mail jane.doe@example.com", max_tokens=3)
     rid = r.headers["x-request-id"]
     text = r.parse().choices[0].text
     r2 = client(dep, tenants["globex"]).completions.with_raw_response.create(model="tiny", prompt="not me", max_tokens=3)
@@ -118,7 +119,9 @@ def test_request_logs_only_where_enabled(dep, tenants):
         if logs:
             break
         time.sleep(0.2)
-    assert logs[0]["request"]["prompt"] == "log me" and logs[0]["response"]["choices"][0]["text"] == text
+    # Stored after the redaction hook ran.
+    assert logs[0]["request"]["prompt"] == "log me, mail [EMAIL]"
+    assert logs[0]["response"]["choices"][0]["text"] == text
     assert admin(dep, "GET", f"/admin/logs?tenant=globex&request_id={r2.headers['x-request-id']}")["data"] == []
 
 
