@@ -118,7 +118,7 @@ def test_logits_match_transformers(model_factory, arch, kw):
     assert (got - hf_logits(hf, q)[48:]).abs().max().item() <= TOL
 
 
-@pytest.mark.parametrize("arch,kw", [VARIANTS[0], VARIANTS[3], VARIANTS[5]], ids=[IDS[0], IDS[3], IDS[5]])
+@pytest.mark.parametrize("arch,kw", [VARIANTS[i] for i in (0, 2, 3, 5)], ids=[IDS[i] for i in (0, 2, 3, 5)])
 def test_greedy_generation_matches_transformers(model_factory, arch, kw):
     path = model_factory(arch, **kw)
     hf = hf_model(path)
