@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ziggurat.kernels.backend import use_triton
+
 
 @dataclass
 class AttentionMetadata:
@@ -46,6 +48,18 @@ def paged_attention(
     sliding_window: int | None = None,
 ) -> torch.Tensor:
     """q: [T, Hq, D]; caches: [num_blocks, block_size, Hkv, D]. Returns [T, Hq, D]."""
+    if use_triton(q):
+        from ziggurat.kernels import attention_triton as T
+
+        if meta.decode_only:
+            return T.paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale,
+                                  sliding_window)
+        return T.paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                               meta.max_query_len, scale, sliding_window)
+    return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window)
+
+
+def paged_attention_ref(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window=None):
     if meta.decode_only:
         return _decode(q, k_cache, v_cache, meta, scale, sliding_window)
     out = torch.empty_like(q)

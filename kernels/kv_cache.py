@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ziggurat.kernels.backend import use_triton
+
 
 def store_kv(
     k: torch.Tensor,
@@ -21,6 +23,14 @@ def store_kv(
     slot_mapping: torch.Tensor,
 ) -> None:
     """k, v: [T, num_kv_heads, head_dim]."""
+    if use_triton(k):
+        from ziggurat.kernels.elementwise_triton import store_kv as triton_store_kv
+
+        return triton_store_kv(k, v, k_cache, v_cache, slot_mapping)
+    store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+
+
+def store_kv_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
     nb, bs, h, d = k_cache.shape
     valid = slot_mapping >= 0
     if not bool(valid.all()):

@@ -8,11 +8,21 @@ from __future__ import annotations
 
 import torch
 
+from ziggurat.kernels.backend import use_triton
+
 
 def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [T, Hq, D], k: [T, Hk, D], positions: [T]. Returns rotated (q, k)."""
+    if use_triton(q):
+        from ziggurat.kernels.elementwise_triton import apply_rotary as triton_rotary
+
+        return triton_rotary(q, k, positions, cos_sin_cache)
+    return apply_rotary_ref(q, k, positions, cos_sin_cache)
+
+
+def apply_rotary_ref(q, k, positions, cos_sin_cache):
     cos, sin = cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)  # [T, D/2] each
     cos = torch.cat([cos, cos], dim=-1).unsqueeze(1)
     sin = torch.cat([sin, sin], dim=-1).unsqueeze(1)

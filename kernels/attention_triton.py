@@ -1,0 +1,257 @@
+"""Triton paged attention: split-K decode and causal prefill over the paged cache.
+
+Cache layout (per layer, k and v alike):
+
+    cache[num_blocks, block_size, num_kv_heads, head_dim]
+
+Decode (every sequence has one query) is flash-decoding: the context is cut
+into splits of SPLIT tokens; program (seq, kv_head, split) reads each KV
+page of its split once and serves all G = Hq / Hkv query heads of that KV
+head at once (GQA-aware: one read of K/V per KV head, not per query head),
+keeping a running max / sum / accumulator; a second kernel merges the splits.
+
+Prefill / chunked prefill / prefix hits is one FlashAttention-style kernel:
+program (query tile, seq, q head) walks the sequence's pages up to the
+causal limit of its tile. The new tokens' KV is already in the cache (the
+attention layer stores before attending), so every key comes from pages.
+
+Both gather pages through the block table inside the kernel; nothing is
+copied into a dense context first.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr,
+    acc_ptr, ml_ptr,
+    scale, window,
+    stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_tb,
+    stride_at, stride_ah, stride_as,
+    stride_mt, stride_mh, stride_ms,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr, SPLIT: tl.constexpr, USE_WINDOW: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    start = split * SPLIT
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D_PAD)
+    g_ok = g < G
+    d_ok = d < D
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+    lo = start
+    if USE_WINDOW:
+        lo = tl.maximum(start, seq_len - window)
+        lo = lo - lo % BLOCK_SIZE
+    if start < seq_len:
+        q = tl.load(q_ptr + seq * stride_qt + (kvh * G + g)[:, None] * stride_qh + d[None, :],
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+        TILE: tl.constexpr = BLOCK_SIZE * PAGES
+        end = tl.minimum(start + SPLIT, seq_len)
+        for t0 in range(lo, end, TILE):
+            t = t0 + tl.arange(0, TILE)
+            t_ok = t < end
+            if USE_WINDOW:
+                t_ok = t_ok & (t >= seq_len - window)
+            page = tl.load(tables_ptr + seq * stride_tb + t // BLOCK_SIZE, mask=t < end, other=0)
+            off = t % BLOCK_SIZE
+            k = tl.load(k_ptr + page[:, None] * stride_kb + off[:, None] * stride_ks + kvh * stride_kh + d[None, :],
+                        mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale  # [G_PAD, TILE]
+            s = tl.where(t_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + page[:, None] * stride_vb + off[:, None] * stride_vs + kvh * stride_vh + d[None, :],
+                        mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
+            m_i = m_new
+    heads = kvh * G + g
+    tl.store(acc_ptr + seq * stride_at + heads[:, None] * stride_ah + split * stride_as + d[None, :], acc,
+             mask=g_ok[:, None] & d_ok[None, :])
+    tl.store(ml_ptr + seq * stride_mt + heads * stride_mh + split * stride_ms, m_i, mask=g_ok)
+    tl.store(ml_ptr + seq * stride_mt + heads * stride_mh + split * stride_ms + 1, l_i, mask=g_ok)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    acc_ptr, ml_ptr, out_ptr,
+    stride_at, stride_ah, stride_as,
+    stride_mt, stride_mh, stride_ms,
+    stride_ot, stride_oh,
+    NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, S_PAD)
+    d = tl.arange(0, D_PAD)
+    s_ok = s < NUM_SPLITS
+    base = ml_ptr + seq * stride_mt + h * stride_mh + s * stride_ms
+    m = tl.load(base, mask=s_ok, other=float("-inf"))
+    l = tl.load(base + 1, mask=s_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.where(s_ok & (m > float("-inf")), tl.exp(m - m_max), 0.0)
+    denom = tl.sum(w * l, 0)
+    acc = tl.load(acc_ptr + seq * stride_at + h * stride_ah + s[:, None] * stride_as + d[None, :],
+                  mask=s_ok[:, None] & (d < D)[None, :], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / denom
+    tl.store(out_ptr + seq * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+def _precision(q) -> str:
+    # fp32 models get exact fp32 products (the tf32 default would cost ~1e-3).
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _check_caches(q, k_cache, v_cache):
+    if k_cache.shape != v_cache.shape or k_cache.dim() != 4:
+        raise ValueError(f"k/v caches must both be [blocks, block_size, kv_heads, head_dim], got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if q.dim() != 3 or q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)} (heads must be a multiple "
+                         f"of kv heads, head_dim equal)")
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("q and the caches must be contiguous in head_dim")
+
+
+def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len: int, scale: float,
+                 sliding_window: int | None = None, split_tokens: int = 512, pages_per_tile: int | None = None):
+    """q: [B, Hq, D] (one query per sequence) -> [B, Hq, D]."""
+    _check_caches(q, k_cache, v_cache)
+    b, hq, d = q.shape
+    _, bs, hkv, _ = k_cache.shape
+    g = hq // hkv
+    pages = pages_per_tile or max(1, 64 // bs)
+    tile = bs * pages
+    split = max(tile, (split_tokens + tile - 1) // tile * tile)
+    num_splits = max(1, triton.cdiv(max_seq_len, split))
+    acc = torch.empty(b, hq, num_splits, d, dtype=torch.float32, device=q.device)
+    ml = torch.empty(b, hq, num_splits, 2, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    d_pad = triton.next_power_of_2(d)
+    _decode_split_kernel[(b, hkv, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, acc, ml,
+        scale, sliding_window or 0,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        acc.stride(0), acc.stride(1), acc.stride(2),
+        ml.stride(0), ml.stride(1), ml.stride(2),
+        G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, D_PAD=d_pad,
+        BLOCK_SIZE=bs, PAGES=pages, SPLIT=split, USE_WINDOW=sliding_window is not None,
+        PREC=_precision(q),
+    )
+    _decode_merge_kernel[(b, hq)](
+        acc, ml, out,
+        acc.stride(0), acc.stride(1), acc.stride(2),
+        ml.stride(0), ml.stride(1), ml.stride(2),
+        out.stride(0), out.stride(1),
+        NUM_SPLITS=num_splits, S_PAD=max(2, triton.next_power_of_2(num_splits)), D=d, D_PAD=d_pad,
+    )
+    return out
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, seq_lens_ptr, qsl_ptr,
+    scale, window,
+    stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ot, stride_oh,
+    stride_tb,
+    G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr, USE_WINDOW: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    h = tl.program_id(2)
+    kvh = h // G
+    q_start = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    if tile * BLOCK_M < q_len:
+        seq_len = tl.load(seq_lens_ptr + seq)
+        ctx0 = seq_len - q_len  # position of the first query
+        i = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        i_ok = i < q_len
+        q_pos = ctx0 + i
+        d = tl.arange(0, D_PAD)
+        d_ok = d < D
+        q = tl.load(q_ptr + (q_start + i)[:, None] * stride_qt + h * stride_qh + d[None, :],
+                    mask=i_ok[:, None] & d_ok[None, :], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+        TILE: tl.constexpr = BLOCK_SIZE * PAGES
+        hi = tl.minimum(seq_len, ctx0 + (tile + 1) * BLOCK_M)  # causal limit of this tile
+        lo = 0
+        if USE_WINDOW:
+            lo = tl.maximum(0, ctx0 + tile * BLOCK_M - window + 1)
+            lo = lo - lo % TILE
+        for t0 in range(lo, hi, TILE):
+            t = t0 + tl.arange(0, TILE)
+            t_ok = t < hi
+            page = tl.load(tables_ptr + seq * stride_tb + t // BLOCK_SIZE, mask=t_ok, other=0)
+            off = t % BLOCK_SIZE
+            k = tl.load(k_ptr + page[:, None] * stride_kb + off[:, None] * stride_ks + kvh * stride_kh + d[None, :],
+                        mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale
+            visible = t_ok[None, :] & (t[None, :] <= q_pos[:, None])
+            if USE_WINDOW:
+                visible = visible & (t[None, :] > q_pos[:, None] - window)
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + page[:, None] * stride_vb + off[:, None] * stride_vs + kvh * stride_vh + d[None, :],
+                        mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
+            m_i = m_new
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + (q_start + i)[:, None] * stride_ot + h * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & d_ok[None, :])
+
+
+def paged_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len: int, scale: float,
+                  sliding_window: int | None = None, block_m: int = 64, pages_per_tile: int | None = None):
+    """q: [T, Hq, D] flattened over sequences (query_start_loc [B+1]) -> [T, Hq, D]."""
+    _check_caches(q, k_cache, v_cache)
+    t, hq, d = q.shape
+    _, bs, hkv, _ = k_cache.shape
+    pages = pages_per_tile or max(1, 64 // bs)
+    out = torch.empty_like(q)
+    b = seq_lens.shape[0]
+    grid = (triton.cdiv(max_query_len, block_m), b, hq)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
+        scale, sliding_window or 0,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        block_tables.stride(0),
+        G=hq // hkv, D=d, D_PAD=triton.next_power_of_2(d),
+        BLOCK_M=block_m, BLOCK_SIZE=bs, PAGES=pages, USE_WINDOW=sliding_window is not None,
+        PREC=_precision(q),
+    )
+    return out

@@ -1,0 +1,116 @@
+"""Triton versions of the small per-token ops: KV store, (fused add +) RMSNorm, rotary.
+
+Each program handles one token row; shapes and strides are checked by the
+wrappers, which mirror the reference functions' signatures exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, stride_kt, stride_vt, stride_cs,
+                     HD: tl.constexpr, HD_PAD: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slots_ptr + t)
+    if slot >= 0:
+        i = tl.arange(0, HD_PAD)
+        ok = i < HD
+        tl.store(kc_ptr + slot * stride_cs + i, tl.load(k_ptr + t * stride_kt + i, mask=ok), mask=ok)
+        tl.store(vc_ptr + slot * stride_cs + i, tl.load(v_ptr + t * stride_vt + i, mask=ok), mask=ok)
+
+
+def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """k, v: [T, Hkv, D] (each row contiguous); caches [blocks, block_size, Hkv, D] contiguous."""
+    t, h, d = k.shape
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("KV caches must be contiguous")
+    if k.stride(2) != 1 or k.stride(1) != d or v.stride(2) != 1 or v.stride(1) != d:
+        raise ValueError("k and v rows must be contiguous [Hkv, D]")
+    if k.dtype != k_cache.dtype:
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    hd = h * d
+    _store_kv_kernel[(t,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0), hd,
+                           HD=hd, HD_PAD=triton.next_power_of_2(hd))
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, eps, stride_x, stride_r, stride_o, stride_ro,
+                     N: tl.constexpr, N_PAD: tl.constexpr, HAS_RES: tl.constexpr):
+    row = tl.program_id(0)
+    i = tl.arange(0, N_PAD)
+    ok = i < N
+    x = tl.load(x_ptr + row * stride_x + i, mask=ok, other=0.0)
+    if HAS_RES:
+        x = x + tl.load(res_ptr + row * stride_r + i, mask=ok, other=0.0)
+        tl.store(res_out_ptr + row * stride_ro + i, x, mask=ok)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / N + eps)
+    w = tl.load(w_ptr + i, mask=ok, other=0.0)
+    # As HF: normalise in fp32, cast to the input dtype, then scale.
+    y = w * (xf * rstd).to(x.dtype)
+    tl.store(out_ptr + row * stride_o + i, y, mask=ok)
+
+
+def rms_norm(x, weight, eps: float, residual=None):
+    """Returns norm(x) or, with residual, (norm(x + residual), x + residual)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    n = shape[-1]
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    if residual is not None:
+        r2 = residual.reshape(-1, n)
+        res_out = torch.empty_like(out)
+    else:
+        r2, res_out = x2, out
+    _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, res_out, eps, x2.stride(0), r2.stride(0), out.stride(0),
+                                     res_out.stride(0), N=n, N_PAD=triton.next_power_of_2(n),
+                                     HAS_RES=residual is not None)
+    if residual is None:
+        return out.view(shape)
+    return out.view(shape), res_out.view(shape)
+
+
+@triton.jit
+def _rotary_kernel(x_ptr, out_ptr, pos_ptr, cache_ptr, stride_xt, stride_xh, stride_ot, stride_oh, stride_c,
+                   H: tl.constexpr, H_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+    t = tl.program_id(0)
+    pos = tl.load(pos_ptr + t)
+    j = tl.arange(0, HALF_PAD)
+    h = tl.arange(0, H_PAD)
+    jm = j < HALF
+    m = (h < H)[:, None] & jm[None, :]
+    cos = tl.load(cache_ptr + pos * stride_c + j, mask=jm, other=0.0)
+    sin = tl.load(cache_ptr + pos * stride_c + HALF + j, mask=jm, other=0.0)
+    base = x_ptr + t * stride_xt + h[:, None] * stride_xh + j[None, :]
+    x1 = tl.load(base, mask=m, other=0.0)
+    x2 = tl.load(base + HALF, mask=m, other=0.0)
+    cos = cos.to(x1.dtype)[None, :]
+    sin = sin.to(x1.dtype)[None, :]
+    o = out_ptr + t * stride_ot + h[:, None] * stride_oh + j[None, :]
+    tl.store(o, x1 * cos - x2 * sin, mask=m)
+    tl.store(o + HALF, x2 * cos + x1 * sin, mask=m)
+
+
+def _rotate(x, positions, cos_sin_cache):
+    t, h, d = x.shape
+    if x.stride(2) != 1:
+        raise ValueError("rotary input must be contiguous in head_dim")
+    out = torch.empty((t, h, d), dtype=x.dtype, device=x.device)
+    half = d // 2
+    _rotary_kernel[(t,)](x, out, positions, cos_sin_cache, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+                         cos_sin_cache.stride(0), H=h, H_PAD=triton.next_power_of_2(h), HALF=half,
+                         HALF_PAD=triton.next_power_of_2(half))
+    return out
+
+
+def apply_rotary(q, k, positions, cos_sin_cache):
+    """q: [T, Hq, D], k: [T, Hk, D] -> rotated copies (rotate-half layout)."""
+    if cos_sin_cache.shape[1] != q.shape[2]:
+        raise ValueError(f"cos/sin cache width {cos_sin_cache.shape[1]} != head_dim {q.shape[2]}")
+    return _rotate(q, positions, cos_sin_cache), _rotate(k, positions, cos_sin_cache)

@@ -1,0 +1,134 @@
+"""Triton kernels against their torch references, on the CPU through Triton's
+interpreter (small shapes; tests/gpu/ covers large shapes on a GPU)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+triton = pytest.importorskip("triton")
+
+from ziggurat.kernels import attention, kv_cache, norm, rotary  # noqa: E402
+from ziggurat.kernels.attention import AttentionMetadata  # noqa: E402
+from ziggurat.kernels.interpret import patch_interpreter  # noqa: E402
+
+patch_interpreter()
+from ziggurat.kernels import attention_triton as AT  # noqa: E402
+from ziggurat.kernels import elementwise_triton as ET  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def paged_setup(seq_lens, q_lens, hkv, g, d, bs, seed, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    need = sum((n + bs - 1) // bs for n in seq_lens)
+    nb = need + 3
+    kc = torch.randn(nb, bs, hkv, d, generator=gen).to(DEV, dtype)
+    vc = torch.randn(nb, bs, hkv, d, generator=gen).to(DEV, dtype)
+    perm = torch.randperm(nb, generator=gen).tolist()  # blocks scattered, not in order
+    width = max((n + bs - 1) // bs for n in seq_lens)
+    tables = torch.zeros(len(seq_lens), width, dtype=torch.int32)
+    at = 0
+    for i, n in enumerate(seq_lens):
+        k = (n + bs - 1) // bs
+        tables[i, :k] = torch.tensor(perm[at : at + k])
+        at += k
+    qsl = [0]
+    for n in q_lens:
+        qsl.append(qsl[-1] + n)
+    q = torch.randn(qsl[-1], hkv * g, d, generator=gen).to(DEV, dtype)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(qsl[-1], dtype=torch.long, device=DEV),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=DEV),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEV),
+        block_tables=tables.to(DEV),
+        query_start_loc_cpu=qsl, seq_lens_cpu=list(seq_lens), max_query_len=max(q_lens), max_seq_len=max(seq_lens))
+    return q, kc, vc, meta
+
+
+def rel_err(out, ref) -> float:
+    assert not torch.isnan(out).any()
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+@pytest.mark.parametrize("bs", [16, 32])
+@pytest.mark.parametrize("hkv,g", [(1, 1), (2, 4), (1, 8), (2, 3)])
+@pytest.mark.parametrize("window", [None, 24])
+def test_decode_matches_reference(bs, hkv, g, window):
+    seq_lens = [1, 17, 64, 130]
+    q, kc, vc, meta = paged_setup(seq_lens, [1] * 4, hkv, g, 32, bs, seed=bs + hkv * 7 + g)
+    ref = attention.paged_attention_ref(q, kc, vc, meta, 32**-0.5, window)
+    out = AT.paged_decode(q, kc, vc, meta.block_tables, meta.seq_lens, meta.max_seq_len, 32**-0.5, window,
+                          split_tokens=64)
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("bs", [16, 32])
+@pytest.mark.parametrize("hkv,g", [(1, 1), (2, 4)])
+@pytest.mark.parametrize("window", [None, 24])
+def test_prefill_and_chunked_prefill_match_reference(bs, hkv, g, window):
+    # Whole prompts, a chunk after a cached prefix, and a decode row, mixed in one batch.
+    seq_lens, q_lens = [40, 100, 77, 9], [40, 33, 1, 9]
+    q, kc, vc, meta = paged_setup(seq_lens, q_lens, hkv, g, 16, bs, seed=bs + g)
+    ref = attention.paged_attention_ref(q, kc, vc, meta, 0.25, window)
+    out = AT.paged_prefill(q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len,
+                           0.25, window, block_m=32)
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("n", [64, 96, 100])
+def test_rms_norm_and_fused_add(n):
+    g = torch.Generator().manual_seed(n)
+    x, r = (torch.randn(5, n, generator=g).to(DEV) for _ in range(2))
+    w = torch.randn(n, generator=g).to(DEV)
+    assert rel_err(ET.rms_norm(x, w, 1e-6), norm.rms_norm_ref(x, w, 1e-6)) < 1e-6
+    out, res = ET.rms_norm(x, w, 1e-6, r)
+    assert torch.equal(res, x + r)
+    assert rel_err(out, norm.rms_norm_ref(x + r, w, 1e-6)) < 1e-6
+
+
+@pytest.mark.parametrize("hq,hk,d", [(4, 2, 32), (3, 1, 16), (8, 8, 64)])
+def test_rotary(hq, hk, d):
+    from ziggurat.models.rotary import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(d)
+    rot = RotaryEmbedding(d, 512, 10000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    cache = rot.cos_sin_cache.to(DEV)
+    qkv = torch.randn(6, (hq + 2 * hk) * d, generator=g).to(DEV)  # q and k as strided views, as in the model
+    q = qkv[:, : hq * d].view(6, hq, d)
+    k = qkv[:, hq * d : (hq + hk) * d].view(6, hk, d)
+    pos = torch.tensor([0, 1, 5, 63, 64, 511], device=DEV)
+    q1, k1 = ET.apply_rotary(q, k, pos, cache)
+    q2, k2 = rotary.apply_rotary_ref(q, k, pos, cache)
+    assert rel_err(q1, q2) < 1e-6 and rel_err(k1, k2) < 1e-6
+
+
+def test_store_kv_skips_padding():
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(5, 2, 16, generator=g).to(DEV), torch.randn(5, 2, 16, generator=g).to(DEV)
+    kc, vc = (torch.full((4, 16, 2, 16), float("nan"), device=DEV) for _ in range(2))
+    kc2, vc2 = kc.clone(), vc.clone()
+    slots = torch.tensor([3, 17, -1, 63, 40], device=DEV)
+    ET.store_kv(k, v, kc, vc, slots)
+    kv_cache.store_kv_ref(k, v, kc2, vc2, slots)
+    assert torch.equal(kc.nan_to_num(7.0), kc2.nan_to_num(7.0)) and torch.equal(vc.nan_to_num(7.0), vc2.nan_to_num(7.0))
+
+
+@pytest.mark.slow
+def test_engine_greedy_triton_path_equals_reference_path(model_factory, monkeypatch):
+    from ziggurat import LLM, SamplingParams
+
+    for arch in ("llama", "qwen3"):
+        path = model_factory(arch)
+        prompts = [[5, 6, 7, 8, 9] * 4, list(range(3, 40)), [11]]
+        params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
+        monkeypatch.setenv("ZIGGURAT_KERNELS", "torch")
+        ref = [o.outputs[0].token_ids for o in LLM(path, num_kv_blocks=64).generate(prompts, params)]
+        monkeypatch.setenv("ZIGGURAT_KERNELS", "triton")
+        got = [o.outputs[0].token_ids for o in LLM(path, num_kv_blocks=64).generate(prompts, params)]
+        assert got == ref

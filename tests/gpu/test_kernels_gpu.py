@@ -1,0 +1,106 @@
+"""Triton kernels against the torch references on a GPU: large shapes, bf16
+and fp32, block sizes, GQA ratios, contexts up to 32k. Skipped without CUDA.
+
+    python -m pytest tests/gpu -q
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+pytest.importorskip("triton")
+
+from ziggurat.kernels import attention, norm, rotary  # noqa: E402
+from ziggurat.kernels import attention_triton as AT  # noqa: E402
+from ziggurat.kernels import elementwise_triton as ET  # noqa: E402
+from ziggurat.kernels.attention import AttentionMetadata  # noqa: E402
+
+TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-4}
+
+
+def setup(seq_lens, q_lens, hkv, g, d, bs, dtype, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    nb = sum((n + bs - 1) // bs for n in seq_lens) + 8
+    kc = torch.randn(nb, bs, hkv, d, generator=gen, device="cuda").to(dtype)
+    vc = torch.randn(nb, bs, hkv, d, generator=gen, device="cuda").to(dtype)
+    perm = torch.randperm(nb, device="cuda", generator=gen).tolist()
+    width = max((n + bs - 1) // bs for n in seq_lens)
+    tables = torch.zeros(len(seq_lens), width, dtype=torch.int32)
+    at = 0
+    for i, n in enumerate(seq_lens):
+        k = (n + bs - 1) // bs
+        tables[i, :k] = torch.tensor(perm[at : at + k])
+        at += k
+    qsl = [0]
+    for n in q_lens:
+        qsl.append(qsl[-1] + n)
+    q = torch.randn(qsl[-1], hkv * g, d, generator=gen, device="cuda").to(dtype)
+    meta = AttentionMetadata(torch.zeros(qsl[-1], dtype=torch.long, device="cuda"),
+                             torch.tensor(qsl, dtype=torch.int32, device="cuda"),
+                             torch.tensor(seq_lens, dtype=torch.int32, device="cuda"), tables.cuda(), qsl,
+                             list(seq_lens), max(q_lens), max(seq_lens))
+    return q, kc, vc, meta
+
+
+def check(out, ref, dtype):
+    assert not torch.isnan(out).any()
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert err < TOL[dtype], err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bs", [16, 32])
+@pytest.mark.parametrize("hkv,g", [(8, 1), (8, 4), (2, 8), (1, 16)])
+def test_decode(dtype, bs, hkv, g):
+    seq_lens = [1, 15, 300, 4097, 32768, 1000]
+    q, kc, vc, meta = setup(seq_lens, [1] * len(seq_lens), hkv, g, 128, bs, dtype, seed=bs * g)
+    ref = attention.paged_attention_ref(q, kc, vc, meta, 128**-0.5)
+    out = AT.paged_decode(q, kc, vc, meta.block_tables, meta.seq_lens, meta.max_seq_len, 128**-0.5)
+    check(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bs", [16, 32])
+@pytest.mark.parametrize("hkv,g", [(8, 4), (2, 8)])
+def test_prefill_and_chunks(dtype, bs, hkv, g):
+    seq_lens, q_lens = [4096, 8192, 700, 33, 32768], [4096, 1024, 1, 33, 512]
+    q, kc, vc, meta = setup(seq_lens, q_lens, hkv, g, 128, bs, dtype, seed=bs + g)
+    ref = attention.paged_attention_ref(q, kc, vc, meta, 128**-0.5)
+    out = AT.paged_prefill(q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len,
+                           128**-0.5)
+    check(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_norm_rotary(dtype):
+    x, r = torch.randn(2, 4096, 4096, device="cuda").to(dtype)
+    w = torch.randn(4096, device="cuda").to(dtype)
+    check(ET.rms_norm(x, w, 1e-5), norm.rms_norm_ref(x, w, 1e-5), dtype)
+    out, res = ET.rms_norm(x, w, 1e-5, r)
+    check(out, norm.rms_norm_ref(x + r, w, 1e-5), dtype)
+    from ziggurat.models.rotary import RotaryEmbedding
+
+    cache = RotaryEmbedding(128, 32768, 500000.0, None).cos_sin_cache.cuda()
+    q, k = torch.randn(4096, 32, 128, device="cuda").to(dtype), torch.randn(4096, 8, 128, device="cuda").to(dtype)
+    pos = torch.randint(0, 32768, (4096,), device="cuda")
+    q1, k1 = ET.apply_rotary(q, k, pos, cache)
+    q2, k2 = rotary.apply_rotary_ref(q, k, pos, cache)
+    check(q1, q2, dtype)
+    check(k1, k2, dtype)
+
+
+def test_greedy_optimized_equals_reference_128_steps(model_factory, monkeypatch):
+    from ziggurat import LLM, SamplingParams
+
+    for arch in ("llama", "mistral", "qwen2", "qwen3"):
+        path = model_factory(arch)
+        prompts = [[5, 6, 7, 8, 9] * 9, list(range(3, 200)), [11]]
+        params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
+        monkeypatch.setenv("ZIGGURAT_KERNELS", "torch")
+        ref = [o.outputs[0].token_ids for o in LLM(path, num_kv_blocks=128).generate(prompts, params)]
+        monkeypatch.setenv("ZIGGURAT_KERNELS", "auto")
+        got = [o.outputs[0].token_ids for o in LLM(path, num_kv_blocks=128).generate(prompts, params)]
+        assert got == ref
