@@ -131,7 +131,7 @@ class Ledger:
             else:
                 row["cost"] += ((p - c) * price.input_per_mtok + c * price.cached_input_per_mtok
                                 + o * price.output_per_mtok) / 1e6
-        return [out[k] for k in sorted(out)]
+        return [out[k] for k in sorted(out, key=lambda k: (k[0], k[1] is not None, k[1] or ""))]  # key_id may be None
 
     def spend_and_tokens(self, tenant: str, since: float) -> tuple[float, int]:
         """Rated spend and total tokens of a tenant since a time (for monthly caps)."""

@@ -150,6 +150,10 @@ class Store:
                 if self.kind == "postgres":
                     self.conn.commit()  # end the read transaction
                 return [tuple(r) for r in rows]
+            except BaseException:
+                if self.kind == "postgres":
+                    self.conn.rollback()  # else the connection stays in a failed transaction
+                raise
             finally:
                 cur.close()
 

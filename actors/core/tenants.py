@@ -151,6 +151,17 @@ class TenantStore:
     def create_key(self, tenant: str, expires_in_s: float | None = None, models: list[str] | None = None,
                    requests_per_minute: int | None = None, tokens_per_minute: int | None = None) -> tuple[str, KeyRecord]:
         """Returns (the key, shown this once; its record)."""
+        if not isinstance(tenant, str):
+            raise TenantError(f"tenant: must be a tenant id or name, got {tenant!r}")
+        if models is not None and (not isinstance(models, (list, tuple)) or not models
+                                   or not all(isinstance(m, str) and m for m in models)):
+            raise TenantError(f"models: must be a non-empty list of model names, got {models!r}")
+        for name, v in (("requests_per_minute", requests_per_minute), ("tokens_per_minute", tokens_per_minute)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise TenantError(f"{name}: must be a non-negative integer, got {v!r}")
+        if expires_in_s is not None and (isinstance(expires_in_s, bool) or not isinstance(expires_in_s, (int, float))
+                                         or expires_in_s <= 0):
+            raise TenantError(f"expires_in_days: must be a positive number, got {expires_in_s!r}")
         t = self.get_tenant(tenant)
         key_id = secrets.token_hex(6)
         key = f"{KEY_PREFIX}{key_id}-{secrets.token_urlsafe(32)}"
