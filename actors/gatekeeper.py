@@ -45,6 +45,7 @@ class Gatekeeper:
         self.ttl, self.refresh_s = cache_ttl_s, refresh_s
         self.quota = QuotaTracker()
         self._principals: dict[bytes, tuple[float, Principal | None, str | None]] = {}
+        self.max_cached_keys = 10_000
         self._limits: dict[str, tuple[float, Limits, bool]] = {}
         self._db_has_keys = (0.0, False)
         self._inflight: dict[str, int] = {}  # tenant -> tokens reserved by requests still running
@@ -101,10 +102,16 @@ class Gatekeeper:
         digest = hashlib.sha256(raw).digest()  # cache by digest: the key itself is never kept
         now = time.monotonic()
         hit = self._principals.get(digest)
-        if hit is None or now - hit[0] > self.ttl:
+        # Valid keys are trusted for `ttl`; unknown ones are re-checked after 1 s
+        # at most once per key, and the cache is bounded (LRU).
+        if hit is None or now - hit[0] > (self.ttl if hit[1] is not None else 1.0):
             principal, why = await _await(self.meter.authenticate.remote(token))
             hit = (now, principal, why)
             self._principals[digest] = hit
+            while len(self._principals) > self.max_cached_keys:
+                self._principals.pop(next(iter(self._principals)))
+        else:
+            self._principals[digest] = self._principals.pop(digest)  # most recently used last
         if hit[1] is None:
             raise APIError(401, f"Incorrect API key ({hit[2]})", code="invalid_api_key")
         return hit[1]

@@ -31,7 +31,7 @@ from starlette.routing import Route
 
 from ziggurat.actors.admin import admin_routes
 from ziggurat.actors.core.block_pool import ROOT_HASH, hash_block_tokens
-from ziggurat.actors.gatekeeper import Gatekeeper
+from ziggurat.actors.gatekeeper import Gatekeeper, _await
 from ziggurat.actors.messages import SubmitRequest, TokenBatch
 from ziggurat.actors.worker import load_object
 from ziggurat.actors.openai_protocol import (
@@ -50,6 +50,7 @@ from ziggurat.models.tokenizer import TextStream, Tokenizer
 log = logging.getLogger("ziggurat.ingress")
 
 ROUTING_BLOCKS = 8  # prefix blocks whose hashes the router sees
+DEFAULT_RESERVATION = 1024  # tokens reserved for quota when a request sets no max_tokens
 
 
 @dataclass
@@ -96,8 +97,7 @@ class EngineClient:
 
     # Called from Ray's thread.
     def push_tokens(self, batch: TokenBatch) -> None:
-        if self.loop is not None:
-            self.loop.call_soon_threadsafe(self._dispatch, batch)
+        self.loop.call_soon_threadsafe(self._dispatch, batch)
 
     def _dispatch(self, batch: TokenBatch) -> None:
         # Ray may run concurrent push_tokens calls out of order: apply each
@@ -117,10 +117,9 @@ class EngineClient:
         self.next_seq[replica] = expected
 
     async def submit(self, children: list[tuple[str, list[int], object, int]], prefix_hashes, cache_extra_keys, queue,
-                     meta: dict):
+                     meta: dict, n_per_prompt: int = 1):
         """children: (request id, prompt ids, params, child index); meta: tenant,
         key_id, http_request_id, model for metering. Raises APIError."""
-        self.loop = asyncio.get_running_loop()
         for attempt in range(3):
             replica = await _await(self.router.pick.remote(prefix_hashes))
             if replica is None:
@@ -131,14 +130,17 @@ class EngineClient:
                     self.queues[rid] = (queue, index)
                     self.replica_of[rid] = replica
                     res = await _await(self.schedulers[replica].submit.remote(
-                        SubmitRequest(rid, ids, params, self.ingress_id, cache_extra_keys, **meta)))
+                        SubmitRequest(rid, ids, params, self.ingress_id, cache_extra_keys, **meta,
+                                      bill_prompt=index % n_per_prompt == 0)))
                     if not res.ok:
                         self.forget([rid])
                         self.abort(submitted, "error")
+                        if res.code == "unavailable":
+                            raise _ReplicaDown()
                         raise _submit_error(res)
                     submitted.append(rid)
                 return replica
-            except ray.exceptions.RayActorError:
+            except (ray.exceptions.RayActorError, _ReplicaDown):
                 self.forget([c[0] for c in children])
                 await _await(self.router.mark_unhealthy.remote(replica))
         raise APIError(503, "no healthy replica is available", "service_unavailable", code="no_replica")
@@ -159,16 +161,22 @@ class EngineClient:
             self.replica_of.pop(rid, None)
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _ReplicaDown(Exception):
+    pass
+
+
 def _submit_error(res) -> APIError:
     if res.code == "queue_full":
         return APIError(429, res.error, "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
     if res.code == "context_length_exceeded":
         return bad(res.error, "messages", "context_length_exceeded")
     return bad(res.error)
-
-
-async def _await(ref):
-    return await asyncio.wrap_future(ref.future())
 
 
 class OpenAIServer:
@@ -310,7 +318,10 @@ class OpenAIServer:
                 children.append(_Child(index, pi, rid, TextStream(self.tokenizer, ids, p.stop, p.skip_special_tokens,
                                                                   p.include_stop_str_in_output), p))
                 submit.append((rid, ids, p, index))
-        max_new = req.params.max_tokens if req.params.max_tokens is not None else limit - min(map(len, prompts))
+        # Reserve what the request may generate; without max_tokens, a bounded
+        # guess (the real count is settled when it ends).
+        room = limit - min(map(len, prompts))
+        max_new = req.params.max_tokens if req.params.max_tokens is not None else min(room, DEFAULT_RESERVATION)
         adm = await self.gate.admit(principal, self.config.served_model_name, sum(map(len, prompts)),
                                     max_new * len(children))
         extra = (None, self.gate.cache_salt(principal, req.cache_salt))  # (lora id, cache salt)
@@ -323,7 +334,7 @@ class OpenAIServer:
         meta = dict(tenant=principal.tenant_id, key_id=principal.key_id, http_request_id=request_id,
                     model=self.config.served_model_name)
         try:
-            await self.client.submit(submit, hashes, extra, queue, meta)
+            await self.client.submit(submit, hashes, extra, queue, meta, req.params.n)
         except BaseException:
             self.gate.release(adm, 0)
             raise
@@ -335,12 +346,22 @@ class OpenAIServer:
         if req.stream:
             return StreamingResponse(self._stream(ctx, req, prompts, children, queue, meta),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        collect = asyncio.ensure_future(self._collect(children, queue))
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            await asyncio.wait_for(self._collect(children, queue), self.config.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise APIError(504, "the request timed out", "timeout_error") from None
+            done, _ = await asyncio.wait({collect, gone}, timeout=self.config.request_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if collect not in done:
+                reason = "client_disconnected" if gone in done else "aborted"
+                self._finish(ctx, children, reason)
+                raise APIError(504 if reason == "aborted" else 499, "the request timed out" if reason == "aborted"
+                               else "client closed the connection", "timeout_error")
+            collect.result()
         finally:
+            collect.cancel()
+            gone.cancel()
             self._finish(ctx, children, "aborted")
+        self._raise_if_failed(children)
         body = self._full_response(req, prompts, children, meta)
         self._log(ctx, body)
         return JSONResponse(body)
@@ -361,8 +382,14 @@ class OpenAIServer:
         elif u.finish_reason is not None and c.finish_reason is None:
             c.finish_reason, c.stop_reason = u.finish_reason, u.stop_reason
         c._delta = delta
-        c._new_lps = u.new_logprobs
+        c._pending_lps = getattr(c, "_pending_lps", []) + list(u.new_logprobs)
         return c
+
+    @staticmethod
+    def _raise_if_failed(children) -> None:
+        if any(c.finish_reason == "error" for c in children):
+            raise APIError(503, "the replica serving this request failed; retry", "service_unavailable",
+                           code="replica_failed", headers={"Retry-After": "1"})
 
     async def _collect(self, children, queue) -> None:
         while any(c.finish_reason is None for c in children):
@@ -435,7 +462,9 @@ class OpenAIServer:
                 finished = c.finish_reason is not None
                 if not c._delta and not finished:
                     continue
-                lps = self._lp_entries(c._new_lps) if req.logprobs is not None else None
+                self._raise_if_failed([c])
+                lps = self._lp_entries(c._pending_lps) if req.logprobs is not None else None
+                c._pending_lps = []  # logprobs ride with the chunk that carries their text
                 if chat:
                     choice = {"index": c.index, "delta": {"content": c._delta} if c._delta else {},
                               "logprobs": chat_logprobs(lps) if lps is not None else None}
@@ -516,6 +545,7 @@ class IngressActor:
         async def asgi(scope, receive, send):  # start background tasks on uvicorn's loop
             if scope["type"] == "lifespan":
                 await receive()
+                self.client.loop = asyncio.get_running_loop()  # before any TokenBatch can arrive
                 await self.gate.start()
                 await send({"type": "lifespan.startup.complete"})
                 await receive()

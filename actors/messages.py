@@ -28,6 +28,8 @@ class SubmitRequest:
     http_request_id: str | None = None
     model: str = ""
     lora: str | None = None
+    # n > 1: only the first child of a prompt bills the prompt (as OpenAI does).
+    bill_prompt: bool = True
 
 
 @dataclass

@@ -22,6 +22,7 @@ import ray
 from ziggurat.actors.core.engine import EngineCore
 from ziggurat.actors.core.ledger import UsageEvent
 from ziggurat.actors.core.request import RequestStatus
+from ziggurat.actors.core.scheduler import RequestUpdate
 from ziggurat.actors.messages import ReplicaStats, SubmitRequest, SubmitResult, TokenBatch
 from ziggurat.config import EngineConfig
 
@@ -116,6 +117,11 @@ class SchedulerLoop:
         """A (re)started ingress numbers its batches afresh."""
         with self.wakeup:
             if self.epochs.get(ingress_id) != epoch:
+                if ingress_id in self.epochs:  # a restart: its old streams have no reader any more
+                    orphans = [rid for rid, ing in self.routes.items() if ing == ingress_id]
+                    if orphans:
+                        self.inbox.append(("abort", (orphans, "client_disconnected")))
+                        self.wakeup.notify()
                 self.epochs[ingress_id] = epoch
                 self.seq[ingress_id] = 0
 
@@ -130,6 +136,9 @@ class SchedulerLoop:
                     self.live[arg.request_id] = [arg, time.time(), None]
                 except ValueError as e:  # raced past validation (e.g. duplicate id)
                     log.warning("request %s rejected: %s", arg.request_id, e)
+                    self.live[arg.request_id] = [arg, time.time(), None]
+                    self.routes[arg.request_id] = arg.ingress_id
+                    self._fail([arg.request_id], {arg.request_id: (len(arg.prompt_token_ids), 0, 0)})
             else:
                 ids, reason = arg
                 status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_ABORTED
@@ -144,6 +153,8 @@ class SchedulerLoop:
         if entry is None:
             return
         sub, arrived, first = entry
+        if not sub.bill_prompt:
+            prompt = cached = 0
         now = time.time()
         self.outbox.append(UsageEvent(
             request_id=rid, http_request_id=sub.http_request_id, tenant=sub.tenant, key_id=sub.key_id,
@@ -177,29 +188,56 @@ class SchedulerLoop:
         updates = self.engine.step()
         self.step_seconds += time.perf_counter() - t0
         self.steps += 1
+        self._publish(updates)
+        return len(updates)
+
+    def _publish(self, updates) -> None:
+        """Meter finished requests and send one TokenBatch per ingress."""
         by_ingress: dict[str, TokenBatch] = {}
         now = time.time()
-        for u in updates:
-            self.generation_tokens += len(u.new_token_ids)
-            live = self.live.get(u.request_id)
-            if live is not None and live[2] is None:
-                live[2] = now
-            ingress = self.routes.get(u.request_id)
-            if u.finish_reason is not None:
-                self.routes.pop(u.request_id, None)
-                self.prompt_tokens += u.num_prompt_tokens
-                self.cached_tokens += u.num_cached_tokens
-                self._meter(u.request_id, u.num_prompt_tokens, u.num_cached_tokens, u.num_output_tokens,
-                            u.finish_reason)
-            if ingress is None:
-                continue
-            if ingress not in by_ingress:
-                by_ingress[ingress] = TokenBatch(self.replica, self.epochs.get(ingress, ""), self.seq[ingress])
-                self.seq[ingress] += 1
-            by_ingress[ingress].updates.append(u)
+        with self.wakeup:  # epochs and numbering change under this lock (register_ingress)
+            for u in updates:
+                self.generation_tokens += len(u.new_token_ids)
+                live = self.live.get(u.request_id)
+                if live is not None and live[2] is None:
+                    live[2] = now
+                ingress = self.routes.get(u.request_id)
+                if u.finish_reason is not None:
+                    self.routes.pop(u.request_id, None)
+                    self.prompt_tokens += u.num_prompt_tokens
+                    self.cached_tokens += u.num_cached_tokens
+                    self._meter(u.request_id, u.num_prompt_tokens, u.num_cached_tokens, u.num_output_tokens,
+                                "error" if u.finish_reason == "error" else u.finish_reason)
+                if ingress is None:
+                    continue
+                if ingress not in by_ingress:
+                    by_ingress[ingress] = TokenBatch(self.replica, self.epochs.get(ingress, ""), self.seq[ingress])
+                    self.seq[ingress] += 1
+                by_ingress[ingress].updates.append(u)
         for ingress, batch in by_ingress.items():
             self.send_batch(ingress, batch)
-        return len(updates)
+
+    def _fail(self, request_ids: list[str], counts: dict[str, tuple[int, int, int]]) -> None:
+        """End requests with finish_reason "error": tell their ingress, meter them."""
+        self._publish([RequestUpdate(rid, [], [], "error", None, *counts[rid]) for rid in request_ids])
+
+    def fail_all(self, status: str = "error", aborted=()) -> None:
+        """The engine cannot go on (a worker failed, or shutdown): end every live
+        request, so each still gets its one usage event and its client an answer.
+        `aborted`: requests the engine already ended (StepFailed.requests)."""
+        with self.wakeup:
+            self._drain_inbox()
+        counts = {}
+        for req in list(aborted) + self.engine.abort(list(self.engine.scheduler.requests)):
+            counts[req.request_id] = (req.num_prompt_tokens, max(req.num_cached_tokens, 0), req.num_output_tokens)
+        for rid in list(self.live):
+            counts.setdefault(rid, (len(self.live[rid][0].prompt_token_ids), 0, 0))
+        if status == "error":
+            self._fail(list(counts), counts)
+        else:
+            for rid, (p, c, o) in counts.items():
+                self.routes.pop(rid, None)
+                self._meter(rid, p, c, o, status)
 
     def stats(self) -> ReplicaStats:
         s, kv = self.engine.scheduler, self.engine.kv
@@ -216,7 +254,7 @@ class SchedulerLoop:
             cached_tokens=self.cached_tokens,
             generation_tokens=self.generation_tokens,
             step_seconds_total=self.step_seconds,
-            tenant_totals={t: dict(v) for t, v in self.tenant_totals.items()},
+            tenant_totals={t: dict(v) for t, v in list(self.tenant_totals.items())},
             unacked_usage_events=len(self.outbox),
         )
 
@@ -232,6 +270,7 @@ class SchedulerActor:
         gpu_type = gpu["name"] if config.device != "cpu" and gpu["count"] else "cpu"
         self.loop = SchedulerLoop(self.engine, replica, self._send, max_waiting or 4 * config.max_num_seqs, gpu_type)
         self._stop = False
+        self.failed = False
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{replica}", daemon=True)
         self._thread.start()
         self._flusher = threading.Thread(target=self._flush_usage, name=f"usage-{replica}", daemon=True)
@@ -268,9 +307,15 @@ class SchedulerActor:
         while not self._stop:
             try:
                 self.loop.run_once()
-            except Exception:
-                log.exception("scheduler step failed")
-                raise
+            except Exception as e:
+                # A worker failed (OOM, NCCL...): answer and meter every live
+                # request, refuse new ones, and let the router route around us.
+                log.exception("scheduler step failed; replica %d is out of service", self.loop.replica)
+                self.failed = True
+                self.loop.fail_all("error", getattr(e, "requests", ()))
+                if self.router is not None:
+                    self.router.mark_unhealthy.remote(self.loop.replica)
+                return
             now = time.monotonic()
             if self.router is not None and now - last_report > 0.2:
                 self.router.report.remote(self.loop.stats())
@@ -290,6 +335,8 @@ class SchedulerActor:
         self.loop.register_ingress(ingress_id, epoch)
 
     def submit(self, req: SubmitRequest) -> SubmitResult:
+        if self.failed or self._stop:
+            return SubmitResult(False, f"replica {self.loop.replica} is out of service", "unavailable")
         return self.loop.submit(req)
 
     def abort(self, request_ids: list[str], reason: str = "aborted") -> None:
@@ -302,5 +349,7 @@ class SchedulerActor:
         self._stop_deadline = time.monotonic() + 10  # give the Meter a chance at what is left
         self._stop = True
         self._thread.join(timeout=5)
+        if not self.failed:
+            self.loop.fail_all("aborted")  # requests cut off by shutdown are metered too
         self._flusher.join(timeout=12)
         self.engine.shutdown()

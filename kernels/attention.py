@@ -103,12 +103,12 @@ def _decode(q, k_cache, v_cache, meta, scale, window):
     nb, bs, hkv, _ = k_cache.shape
     max_blocks = (meta.max_seq_len + bs - 1) // bs
     tables = meta.block_tables[:, :max_blocks].long()
-    # Matmuls in the cache dtype (fp32 accumulate), softmax in fp32: the
-    # gathered context is the big tensor here, so it is not upcast.
-    k = k_cache[tables].reshape(b, max_blocks * bs, hkv, d)
-    v = v_cache[tables].reshape(b, max_blocks * bs, hkv, d)
-    qg = q.to(k.dtype).view(b, hkv, hq // hkv, d)
-    scores = torch.einsum("bkgd,bskd->bkgs", qg, k).float() * scale
+    # In fp32 like the prefill path, so a position's result does not depend
+    # on whether it ran as decode or as a prefill chunk.
+    k = k_cache[tables].reshape(b, max_blocks * bs, hkv, d).float()
+    v = v_cache[tables].reshape(b, max_blocks * bs, hkv, d).float()
+    qg = q.float().view(b, hkv, hq // hkv, d)
+    scores = torch.einsum("bkgd,bskd->bkgs", qg, k) * scale
     k_pos = torch.arange(max_blocks * bs, device=q.device).view(1, 1, 1, -1)
     seq = meta.seq_lens.view(b, 1, 1, 1).to(k_pos.dtype)
     visible = k_pos < seq
@@ -119,5 +119,5 @@ def _decode(q, k_cache, v_cache, meta, scale, window):
     # Slots past a sequence's end hold whatever the cache held (NaN in fresh
     # memory); 0 * NaN would poison the sum, so zero them.
     v = v.masked_fill(~visible.view(b, -1, 1, 1), 0.0)
-    out = torch.einsum("bkgs,bskd->bkgd", probs.to(v.dtype), v)
+    out = torch.einsum("bkgs,bskd->bkgd", probs, v)
     return out.reshape(b, hq, d).to(q.dtype)

@@ -420,6 +420,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Nam
         slo = {k: float(v) for k, v in (s.split(":", 1) for s in a.goodput)}
     except ValueError:
         p.error("--goodput takes KEY:MS pairs, e.g. ttft:500 tpot:50")
+    if bad := set(slo) - set(SLO_KEYS):
+        p.error(f"unknown --goodput key(s) {sorted(bad)}; use {SLO_KEYS}")
     names = {f.name for f in dataclasses.fields(BenchConfig)}
     cfg = BenchConfig(**{k: v for k, v in vars(a).items() if k in names and k != "goodput"}, goodput=slo)
     return cfg, a

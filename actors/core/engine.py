@@ -18,6 +18,14 @@ from ziggurat.models.config import ModelConfig
 from ziggurat.sampling_params import SamplingParams
 
 
+class StepFailed(RuntimeError):
+    """The workers failed a step; `requests` are the requests that were live (now aborted)."""
+
+    def __init__(self, requests):
+        super().__init__(f"a step failed; {len(requests)} request(s) aborted")
+        self.requests = requests
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, executor_factory=make_executor):
         """executor_factory(config, max_model_len) starts the workers: in-process,
@@ -79,7 +87,15 @@ class EngineCore:
         step = self.scheduler.schedule()
         if step.is_empty and not step.finished_req_ids:
             return []
-        out = self.executor.execute(step)
+        try:
+            out = self.executor.execute(step)
+        except BaseException as e:
+            # Blocks entered in the prefix cache when this step was scheduled
+            # may never have been written: end every request and forget all
+            # cached prefixes, so nothing can ever read that KV.
+            aborted = self.abort(list(self.scheduler.requests))
+            self.kv.reset_prefix_cache()
+            raise StepFailed(aborted) from e
         return self.scheduler.update_from_output(step, out)
 
     def shutdown(self) -> None:

@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from ziggurat.scripts import bench_serving as bs
 
-FIRST, ITL, SLOW_FIRST, BLOCK = 0.04, 0.004, 0.25, 16
+FIRST, ITL, SLOW_FIRST, BLOCK = 0.04, 0.004, 0.4, 16
 DEFAULTS = dict(per_chunk=1, slow_every=0, fail_every=0, sse_error_every=0)
 STATE: dict = {}
 
@@ -186,13 +186,13 @@ def test_shared_prefix_chat(base_url):
 
 
 def test_goodput(base_url):
-    _reset(slow_every=2)  # every 2nd request has TTFT 250 ms
-    m = run(base_url, goodput={"ttft": 150}, model="m")
+    _reset(slow_every=2)  # every 2nd request has TTFT 400 ms, the others 40 ms
+    m = run(base_url, goodput={"ttft": 200}, model="m")
     assert m["completed"] == 8 and m["good_requests"] == 4
     assert m["request_goodput"] == pytest.approx(4 / m["duration"])
     assert m["p99_ttft_ms"] >= SLOW_FIRST * 1e3
     _reset()
-    assert run(base_url, goodput={"ttft": 150, "tpot": 0.001}, model="m")["good_requests"] == 0
+    assert run(base_url, goodput={"ttft": 200, "tpot": 0.001}, model="m")["good_requests"] == 0
     _reset()
     assert run(base_url, goodput={"e2e": 5000, "tpot": 500}, model="m")["good_requests"] == 8
     with pytest.raises(ValueError, match="unknown goodput"):
@@ -270,7 +270,7 @@ def test_cli(base_url, tmp_path, capsys):
     out = tmp_path / "out.json"
     bs.main(["--base-url", base_url, "--model", "m", "--num-prompts", "5", "--random-input-len", "16",
              "--random-output-len", "3", "--request-rate", "inf", "--max-concurrency", "2",
-             "--goodput", "ttft:1000", "tpot:100", "--warmup-requests", "0", "--save-details",
+             "--goodput", "ttft:5000", "tpot:1000", "--warmup-requests", "0", "--save-details",
              "--extra-body", '{"top_p": 0.9}', "--json", str(out)])
     lines = capsys.readouterr().out.strip().splitlines()
     assert "Serving Benchmark Result" in lines[0] and any("HTTP 429" in ln for ln in lines)
@@ -278,5 +278,5 @@ def test_cli(base_url, tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert "details" not in summary and len(saved["details"]) == 5
     assert summary["completed"] == saved["completed"] == 4 and summary["failed"] == 1
-    assert summary["config"]["request_rate"] == "inf" and summary["config"]["goodput"] == {"ttft": 1000, "tpot": 100}
-    assert summary["good_requests"] == 4 and STATE["bodies"][0]["top_p"] == 0.9
+    assert summary["config"]["request_rate"] == "inf" and summary["config"]["goodput"] == {"ttft": 5000, "tpot": 1000}
+    assert summary["good_requests"] == 4 and STATE["bodies"][0]["top_p"] == 0.9, saved["details"]

@@ -155,3 +155,23 @@ def test_text_prompts_and_chat_template(llm):
     assert out[1].prompt == "café 日本語"
     ids = tok.encode_chat([{"role": "user", "content": "hi"}])
     assert tok.decode(ids, skip_special_tokens=False).startswith(tok.bos_token)
+
+
+def test_failed_step_never_leaves_unwritten_blocks_in_the_prefix_cache(llama_dir):
+    from ziggurat.actors.core.engine import StepFailed
+
+    llm = LLM(llama_dir, num_kv_blocks=64)
+    p = random_prompts(1, 1000, 70, 70, seed=21)[0]
+    real = llm.engine.executor.execute
+
+    def boom(step):
+        raise RuntimeError("worker died")
+
+    llm.engine.executor.execute = boom
+    with pytest.raises(StepFailed):
+        llm.generate([p], GREEDY)
+    llm.engine.executor.execute = real
+    assert llm.engine.kv.num_free_blocks == 64 and llm.engine.kv.num_cached_blocks() == 0
+    out = llm.generate([p], GREEDY)[0]
+    assert out.num_cached_tokens == 0  # the blocks hashed for the failed step were forgotten
+    assert tokens([out]) == tokens(LLM(llama_dir, num_kv_blocks=64).generate([p], GREEDY))

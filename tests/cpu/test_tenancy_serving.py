@@ -161,23 +161,25 @@ def test_exactly_once_metering_under_faults(dep, tenants):
     keys = {k: tenants[k] for k in ("acme", "globex", "initech")}
     before = dep_totals(dep)
 
+    marks = {}
+
     def chaos():
-        time.sleep(1.5)
+        time.sleep(1.0)
         ray.kill(dep.meter, no_restart=False)
         time.sleep(1.0)
         ray.kill(dep.ingress, no_restart=False)
+        marks["ingress_killed"] = time.monotonic()
 
     import threading
 
     t = threading.Thread(target=chaos)
     t.start()
-    t0 = time.monotonic()
-    results = stream_load(dep, keys, n=80, concurrency=10, disconnect_every=4)
-    elapsed = time.monotonic() - t0
+    results = stream_load(dep, keys, n=200, concurrency=10, disconnect_every=4)
+    load_end = time.monotonic()
     t.join()
     # The faults landed mid-load: some requests completed, some walked away,
     # some failed while the ingress was down.
-    assert elapsed > 2.5, elapsed
+    assert marks["ingress_killed"] < load_end
     assert "disconnected" in results and 200 in results and "failed" in results, results
     # The restarted ingress serves again on the same port.
     deadline = time.monotonic() + 30

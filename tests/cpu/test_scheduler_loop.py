@@ -1,0 +1,105 @@
+"""SchedulerLoop (the scheduler actor's logic) without Ray: metering of every
+ending, failures, ingress restarts, n>1 billing."""
+
+from __future__ import annotations
+
+import pytest
+
+from ziggurat.actors.core.engine import EngineCore, StepFailed
+from ziggurat.actors.messages import SubmitRequest
+from ziggurat.actors.scheduler import SchedulerLoop
+from ziggurat.config import EngineConfig
+from ziggurat.models.null_worker import NullWorker
+from ziggurat.sampling_params import SamplingParams
+
+
+class Executor:
+    fail_at: int | None = None
+
+    def __init__(self, cfg, max_len):
+        self.w, self.n = NullWorker(cfg), 0
+
+    def determine_num_blocks(self):
+        return 256
+
+    def initialize_cache(self, n):
+        pass
+
+    def execute(self, step):
+        self.n += 1
+        if self.fail_at is not None and self.n >= self.fail_at:
+            raise RuntimeError("CUDA error: out of memory")
+        return self.w.execute(step)
+
+    def shutdown(self):
+        pass
+
+
+@pytest.fixture
+def loop(llama_dir):
+    eng = EngineCore(EngineConfig(model=str(llama_dir), num_kv_blocks=256, device="cpu"), executor_factory=Executor)
+    sent = []
+    lp = SchedulerLoop(eng, 0, lambda ingress, batch: sent.append((ingress, batch)), max_waiting=100)
+    lp.register_ingress("ing", "epoch-1")
+    return lp, sent
+
+
+def submit(lp, rid, tenant, n_tokens=20, max_tokens=8, bill=True):
+    req = SubmitRequest(rid, list(range(1, n_tokens + 1)), SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                        "ing", tenant=tenant, model="tiny", bill_prompt=bill)
+    assert lp.submit(req).ok
+
+
+def finishes(sent):
+    return {u.request_id: u.finish_reason for _, b in sent for u in b.updates if u.finish_reason}
+
+
+def test_every_ending_is_metered_once(loop):
+    lp, sent = loop
+    submit(lp, "a", "t1")
+    submit(lp, "b", "t2", max_tokens=100)
+    submit(lp, "c", "t1", bill=False)  # second child of an n=2 request
+    while len(finishes(sent)) < 2:
+        lp.run_once()
+    lp.abort(["b"], "client_disconnected")
+    lp.run_once()
+    events = {e.request_id: e for e in lp.outbox}
+    assert set(events) == {"a", "b", "c"}
+    assert events["a"].status == "length" and events["a"].completion_tokens == 8
+    assert events["b"].status == "client_disconnected" and 0 < events["b"].completion_tokens < 100
+    assert events["c"].prompt_tokens == 0 and events["c"].completion_tokens == 8
+    assert lp.tenant_totals["t1"] == {"requests": 2, "prompt_tokens": 20, "cached_tokens": 0, "completion_tokens": 16}
+    # Batches to the ingress are numbered from 0 without gaps.
+    assert [b.seq for _, b in sent] == list(range(len(sent))) and all(b.epoch == "epoch-1" for _, b in sent)
+    lp.ack_usage(2)
+    assert [e.request_id for e in lp.take_usage()] == [list(events)[2]]
+
+
+def test_worker_failure_answers_and_meters_every_live_request(loop):
+    lp, sent = loop
+    submit(lp, "a", "t1", max_tokens=50)
+    submit(lp, "b", "t2", max_tokens=50)
+    lp.run_once()
+    lp.engine.executor.fail_at = lp.engine.executor.n + 1
+    submit(lp, "c", "t2")  # still in the inbox when the step fails
+    with pytest.raises(StepFailed) as e:
+        lp.run_once()
+    lp.fail_all("error", e.value.requests)
+    assert finishes(sent) == {"a": "error", "b": "error", "c": "error"}
+    assert sorted((ev.request_id, ev.status) for ev in lp.outbox) == [("a", "error"), ("b", "error"), ("c", "error")]
+    assert lp.engine.kv.num_free_blocks == 256 and not lp.engine.has_unfinished()
+
+
+def test_restarted_ingress_gets_fresh_numbering_and_orphans_are_aborted(loop):
+    lp, sent = loop
+    submit(lp, "a", "t1", max_tokens=200)
+    for _ in range(3):
+        lp.run_once()
+    lp.register_ingress("ing", "epoch-2")  # the ingress died and came back
+    lp.run_once()
+    assert [ev.status for ev in lp.outbox] == ["client_disconnected"]
+    submit(lp, "b", "t1", max_tokens=3)
+    while "b" not in finishes(sent):
+        lp.run_once()
+    new = [b for _, b in sent if b.epoch == "epoch-2"]
+    assert [b.seq for b in new] == list(range(len(new)))
