@@ -26,6 +26,8 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192  # the per-step token budget (chunked prefill)
     enable_prefix_caching: bool = True
+    # Schedule step N+1 while step N runs (its sampled tokens count as pending).
+    async_scheduling: bool = True
     seed: int = 0
     extra: dict = field(default_factory=dict)
 

@@ -53,7 +53,13 @@ class CompiledGraphExecutor:
         self.dag = self._dag_def.experimental_compile()
 
     def execute(self, step):
-        return ray.get(self.dag.execute(step))[0]  # rank 0 returns the tokens
+        return self.wait(self.execute_async(step))
+
+    def execute_async(self, step):
+        return self.dag.execute(step)  # returns at once; the workers run steps in order
+
+    def wait(self, ref):
+        return ray.get(ref)[0]  # rank 0 returns the tokens
 
     def shutdown(self) -> None:
         if self.dag is not None:

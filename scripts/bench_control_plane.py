@@ -43,7 +43,10 @@ def engine_only(num_requests: int, steps: int = 200) -> float:
         def initialize_cache(self, n):
             pass
 
-        def execute(self, step):
+        def execute_async(self, step):
+            return step
+
+        def wait(self, step):
             return self.w.execute(step)
 
         def shutdown(self):

@@ -51,6 +51,8 @@ class EngineCore:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv
         )
         self._ids = itertools.count()
+        self._inflight = None  # (StepInput, executor handle) submitted, outputs not yet applied
+        self.async_scheduling = config.async_scheduling
 
     def add_request(
         self,
@@ -81,22 +83,36 @@ class EngineCore:
         return self.scheduler.finish_requests(request_ids, status)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or self._inflight is not None
 
     def step(self) -> list[RequestUpdate]:
-        step = self.scheduler.schedule()
-        if step.is_empty and not step.finished_req_ids:
-            return []
+        """One step, with the next one already scheduled and submitted before
+        this one's tokens are awaited (async scheduling): the workers never
+        wait for the scheduler. Requests sampling in a running step count its
+        token as pending; see Scheduler."""
         try:
-            out = self.executor.execute(step)
+            if self._inflight is None:
+                self._inflight = self._submit(self.scheduler.schedule())
+                if self._inflight is None:
+                    return []
+            step, handle = self._inflight
+            self._inflight = self._submit(self.scheduler.schedule()) if self.async_scheduling else None
+            out = self.executor.wait(handle)
         except BaseException as e:
-            # Blocks entered in the prefix cache when this step was scheduled
+            # Blocks entered in the prefix cache when these steps were scheduled
             # may never have been written: end every request and forget all
             # cached prefixes, so nothing can ever read that KV.
+            self._inflight = None
             aborted = self.abort(list(self.scheduler.requests))
             self.kv.reset_prefix_cache()
             raise StepFailed(aborted) from e
         return self.scheduler.update_from_output(step, out)
+
+    def _submit(self, step):
+        if step.is_empty:
+            self.scheduler.forget_later(step.finished_req_ids)
+            return None
+        return step, self.executor.execute_async(step)
 
     def shutdown(self) -> None:
         self.executor.shutdown()

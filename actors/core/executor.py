@@ -31,6 +31,14 @@ class InProcessExecutor:
     def execute(self, step: StepInput) -> StepOutput:
         return self.worker.execute(step)
 
+    # In-process there is nothing to overlap with: a step runs when awaited
+    # (steps are awaited in the order submitted, as workers would run them).
+    def execute_async(self, step: StepInput):
+        return step
+
+    def wait(self, step: StepInput) -> StepOutput:
+        return self.worker.execute(step)
+
     def shutdown(self) -> None:
         pass
 
@@ -102,8 +110,15 @@ class MultiprocExecutor:
         self._call_all("initialize_cache", num_blocks)
 
     def execute(self, step: StepInput) -> StepOutput:
+        return self.wait(self.execute_async(step))
+
+    def execute_async(self, step: StepInput):
+        # Workers run steps in the order sent; rank 0 answers each in order.
         for c in self.conns:
             c.send(("execute", step))
+        return None
+
+    def wait(self, handle) -> StepOutput:
         return self._recv(self.conns[0])
 
     def shutdown(self) -> None:

@@ -90,7 +90,10 @@ class KVCacheManager:
 
     def allocate_slots(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int,
                        num_new_tokens: int, new_computed_block_ids: Sequence[int] = (),
-                       extra_keys: tuple = ()) -> list[int] | None:
+                       extra_keys: tuple = (), num_pending_tokens: int = 0) -> list[int] | None:
+        """`num_pending_tokens`: tokens already scheduled whose ids are not known
+        yet (sampled by a step still running); their slots are allocated, and
+        blocks are offered to the prefix cache only as far as ids are known."""
         bs = self.block_size
         st = self._reqs.get(request_id)
         is_new = st is None
@@ -99,7 +102,7 @@ class KVCacheManager:
         elif st.extra_keys != tuple(extra_keys):
             raise ValueError(f"{request_id}: extra_keys changed ({st.extra_keys} -> {extra_keys})")
         total = num_computed_tokens + num_new_tokens
-        if len(token_ids) < total:
+        if len(token_ids) + num_pending_tokens < total:
             raise ValueError(f"{request_id}: {len(token_ids)} token ids for {total} tokens")
         hits = self._check_hits(request_id, st, new_computed_block_ids, num_computed_tokens)
 
@@ -115,7 +118,7 @@ class KVCacheManager:
         if is_new:
             self._reqs[request_id] = st
         if self.enable_prefix_caching:
-            self._cache_full_blocks(st, token_ids, total // bs)
+            self._cache_full_blocks(st, token_ids, min(total, len(token_ids)) // bs)
         return [b.block_id for b in hits] + [b.block_id for b in new]
 
     def free(self, request_id: str) -> None:

@@ -40,6 +40,9 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[Logprobs] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # Tokens sampled by steps still running (async scheduling): scheduled as
+    # this request's next inputs before their ids are known.
+    num_pending: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling; -1 until then
     num_preemptions: int = 0
     stop_reason: int | str | None = None

@@ -90,6 +90,10 @@ class Scheduler:
             done.append(req)
         return done
 
+    def forget_later(self, request_ids: list[str]) -> None:
+        """Ids a step could not carry (it was empty): send them with the next."""
+        self._forget.extend(request_ids)
+
     @property
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -113,7 +117,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
+            if n == 0 or req.num_pending and self._done_when_pending_arrive(req):
+                i += 1  # nothing to run until its pending token arrives, or it ends then
+                continue
             new_blocks = self._allocate(req, n)
             while new_blocks is None:
                 victim = self.running.pop()  # lowest priority: admitted last
@@ -151,8 +158,14 @@ class Scheduler:
 
     def _allocate(self, req: Request, n: int):
         return self.kv.allocate_slots(
-            req.request_id, req.all_token_ids, req.num_computed_tokens, n, (), req.cache_extra_keys
+            req.request_id, req.all_token_ids, req.num_computed_tokens, n, (), req.cache_extra_keys, req.num_pending
         )
+
+    def _done_when_pending_arrive(self, req: Request) -> bool:
+        """Whether the request reaches a length limit with its pending tokens
+        (no need to run it further; it finishes when they arrive)."""
+        return (req.num_output_tokens + req.num_pending >= req.max_tokens
+                or req.num_tokens + req.num_pending >= self.config.max_model_len)
 
     def _add_to_step(self, step: StepInput, req: Request, n: int, new_blocks: list[int]) -> None:
         if req.in_workers:
@@ -171,13 +184,16 @@ class Scheduler:
             req.in_workers = True
         step.num_scheduled_tokens[req.request_id] = n
         # Computed as of the end of this step; the sampled token (if any)
-        # arrives with the step's output.
+        # arrives with the step's output and is pending until then.
         req.num_computed_tokens += n
+        if req.num_computed_tokens == req.num_tokens + req.num_pending:
+            req.num_pending += 1
 
     def _preempt(self, req: Request, step: StepInput) -> None:
         self.kv.free(req.request_id)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
+        req.num_pending = 0  # a token still in flight for it is dropped on arrival
         req.num_preemptions += 1
         self.num_preemptions += 1
         if req.in_workers:
@@ -191,8 +207,9 @@ class Scheduler:
         updates = []
         for rid, token, lp in zip(out.req_ids, out.token_ids, out.logprobs):
             req = self.requests.get(rid)
-            if req is None or req.status is not RequestStatus.RUNNING:
-                continue  # aborted or preempted while the step ran
+            if req is None or req.status is not RequestStatus.RUNNING or req.num_pending == 0:
+                continue  # aborted, preempted, or finished while the step ran
+            req.num_pending -= 1
             req.append_token(token, lp)
             self._check_stop(req, token)
             if req.finished:

@@ -162,16 +162,35 @@ def test_failed_step_never_leaves_unwritten_blocks_in_the_prefix_cache(llama_dir
 
     llm = LLM(llama_dir, num_kv_blocks=64)
     p = random_prompts(1, 1000, 70, 70, seed=21)[0]
-    real = llm.engine.executor.execute
+    real = llm.engine.executor.wait
 
     def boom(step):
         raise RuntimeError("worker died")
 
-    llm.engine.executor.execute = boom
+    llm.engine.executor.wait = boom
     with pytest.raises(StepFailed):
         llm.generate([p], GREEDY)
-    llm.engine.executor.execute = real
+    llm.engine.executor.wait = real
     assert llm.engine.kv.num_free_blocks == 64 and llm.engine.kv.num_cached_blocks() == 0
     out = llm.generate([p], GREEDY)[0]
     assert out.num_cached_tokens == 0  # the blocks hashed for the failed step were forgotten
     assert tokens([out]) == tokens(LLM(llama_dir, num_kv_blocks=64).generate([p], GREEDY))
+
+
+def test_async_scheduling_gives_the_same_outputs(llama_dir):
+    """Scheduling step N+1 before step N's tokens are known changes nothing a
+    user sees: same tokens, finish reasons and stop handling, with a cache small
+    enough to preempt, seeded sampling, eos, stop ids and max_tokens 1."""
+    prompts = random_prompts(10, 1000, 5, 70, seed=31)
+    params = [SamplingParams(temperature=0.9, seed=i, max_tokens=[1, 2, 30, 45][i % 4], min_tokens=1,
+                             stop_token_ids=[7, 8, 9]) for i in range(10)]
+    outs = {}
+    for mode in (True, False):
+        llm = LLM(llama_dir, num_kv_blocks=12, max_num_batched_tokens=64, async_scheduling=mode)
+        got = llm.generate(prompts, params)
+        outs[mode] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].stop_reason) for o in got]
+        assert llm.engine.kv.num_free_blocks == 12 and not llm.engine.has_unfinished()
+        if mode:
+            assert llm.engine.scheduler.num_preemptions > 0
+    assert outs[True] == outs[False]
+    assert {f for _, f, _ in outs[True]} >= {"length"}
