@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -28,9 +29,10 @@ from ziggurat.topology.distributed import tp
 class _RunnerRequest:
     prompt_len: int
     token_ids: list[int]  # prompt + generated
-    block_ids: list[int]
+    num_blocks: int  # block ids in this request's row of the block table
     params: SamplingParams
     num_computed: int
+    row: int  # its row in ModelRunner.block_table
 
 
 class ModelRunner:
@@ -47,6 +49,9 @@ class ModelRunner:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.requests: dict[str, _RunnerRequest] = {}
         self.num_blocks = 0
+        # Persistent block table: one row per live request, max_model_len wide.
+        self.block_table = np.zeros((64, (max_model_len + block_size - 1) // block_size), dtype=np.int32)
+        self.free_rows = list(range(63, -1, -1))
 
     # -- KV cache ----------------------------------------------------------------
 
@@ -100,54 +105,80 @@ class ModelRunner:
 
     def _update_states(self, step: StepInput) -> None:
         for rid in step.finished_req_ids:
-            self.requests.pop(rid, None)
+            r = self.requests.pop(rid, None)
+            if r is not None:
+                self.free_rows.append(r.row)
         for new in step.new_requests:
-            self.requests[new.req_id] = _RunnerRequest(
+            r = self.requests[new.req_id] = _RunnerRequest(
                 prompt_len=len(new.prompt_token_ids),
                 token_ids=list(new.prompt_token_ids) + list(new.output_token_ids),
-                block_ids=list(new.block_ids),
+                num_blocks=0,
                 params=new.sampling_params,
                 num_computed=new.num_computed_tokens,
+                row=self._take_row(),
             )
+            self._append_blocks(r, new.block_ids)
         for c in step.cached_requests:
             r = self.requests[c.req_id]
-            r.block_ids.extend(c.new_block_ids)
+            self._append_blocks(r, c.new_block_ids)
             r.num_computed = c.num_computed_tokens
 
+    def _take_row(self) -> int:
+        if not self.free_rows:  # grow the table (rare: doubles)
+            old = self.block_table.shape[0]
+            self.block_table = np.concatenate([self.block_table, np.zeros_like(self.block_table)])
+            self.free_rows.extend(range(2 * old - 1, old - 1, -1))
+        return self.free_rows.pop()
+
+    def _append_blocks(self, r: "_RunnerRequest", block_ids: list[int]) -> None:
+        if block_ids:
+            self.block_table[r.row, r.num_blocks : r.num_blocks + len(block_ids)] = block_ids
+            r.num_blocks += len(block_ids)
+
     def _prepare(self, step: StepInput):
-        ids, positions, slots, qsl, seq_lens, tables, sample_rows, sample_reqs = [], [], [], [0], [], [], [], []
+        """Flat inputs for the step, vectorized over tokens with numpy:
+
+            positions  p = num_computed .. num_computed + n - 1, per request
+            slot(p)    = block_table[row, p // block_size] * block_size + p % block_size
+
+        Block ids live in a persistent [rows, max_blocks] table updated by the
+        step's diffs (new block ids only), not rebuilt from lists.
+        """
         bs = self.block_size
-        for rid, n in step.num_scheduled_tokens.items():
-            r = self.requests[rid]
-            start, end = r.num_computed, r.num_computed + n
-            ids.extend(r.token_ids[start:end])
-            positions.extend(range(start, end))
-            blocks = r.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            qsl.append(qsl[-1] + n)
-            seq_lens.append(end)
-            tables.append(blocks)
-            if end == len(r.token_ids):  # all known tokens computed: sample the next one
-                sample_rows.append(qsl[-1] - 1)
-                sample_reqs.append(rid)
-        width = max(len(t) for t in tables)
-        table = torch.zeros(len(tables), width, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        rids = list(step.num_scheduled_tokens)
+        reqs = [self.requests[rid] for rid in rids]
+        n = np.fromiter(step.num_scheduled_tokens.values(), dtype=np.int64, count=len(rids))
+        start = np.fromiter((r.num_computed for r in reqs), dtype=np.int64, count=len(rids))
+        end = start + n
+        rows = np.fromiter((r.row for r in reqs), dtype=np.int64, count=len(rids))
+        qsl = np.zeros(len(rids) + 1, dtype=np.int64)
+        np.cumsum(n, out=qsl[1:])
+        total = int(qsl[-1])
+        positions = np.arange(total, dtype=np.int64) - np.repeat(qsl[:-1] - start, n)
+        tok_rows = np.repeat(rows, n)
+        slots = self.block_table[tok_rows, positions // bs].astype(np.int64) * bs + positions % bs
+        ids: list[int] = []
+        for r, a, b in zip(reqs, start.tolist(), end.tolist()):
+            ids.extend(r.token_ids[a:b])
+        # Requests whose known tokens are all computed after this step sample.
+        known = np.fromiter((len(r.token_ids) for r in reqs), dtype=np.int64, count=len(rids))
+        sampling = np.nonzero(end == known)[0]
+        width = int((end.max() + bs - 1) // bs)
         dev = self.device
+        seq_lens = end.astype(np.int32)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=table.to(dev, non_blocking=True),
-            query_start_loc_cpu=qsl,
-            seq_lens_cpu=seq_lens,
-            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
-            max_seq_len=max(seq_lens),
+            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
+            query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(dev, non_blocking=True),
+            seq_lens=torch.from_numpy(seq_lens).to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(np.ascontiguousarray(self.block_table[rows, :width])).to(dev, non_blocking=True),
+            query_start_loc_cpu=qsl.tolist(),
+            seq_lens_cpu=seq_lens.tolist(),
+            max_query_len=int(n.max()),
+            max_seq_len=int(end.max()),
         )
         input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
-        pos = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
-        return input_ids, pos, meta, sample_rows, sample_reqs
+        pos = torch.from_numpy(positions).to(dev, non_blocking=True)
+        return input_ids, pos, meta, (qsl[1:][sampling] - 1).tolist(), [rids[i] for i in sampling.tolist()]
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput | None:
@@ -170,13 +201,12 @@ class ModelRunner:
 
     def _sample(self, logits: torch.Tensor, reqs: list[str]) -> StepOutput:
         rs = [self.requests[rid] for rid in reqs]
-        batch = SamplingBatch.build(
-            [r.params for r in rs],
-            [r.token_ids[: r.prompt_len] for r in rs],
-            [r.token_ids[r.prompt_len :] for r in rs],
-            self.cfg.vocab_size,
-            self.device,
-        )
+        # Token histories matter only to penalties; other rows pass ranges of
+        # the right length (the sampler needs just the output count), no copies.
+        prompts = [r.token_ids[: r.prompt_len] if r.params.needs_penalties else () for r in rs]
+        outputs = [r.token_ids[r.prompt_len :] if r.params.needs_penalties else range(len(r.token_ids) - r.prompt_len)
+                   for r in rs]
+        batch = SamplingBatch.build([r.params for r in rs], prompts, outputs, self.cfg.vocab_size, self.device)
         s = self.sampler(logits, batch, self.generator)
         token_ids = s.token_ids.tolist()
         lps: list[Logprobs | None] = [None] * len(reqs)
