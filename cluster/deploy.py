@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field, fields
@@ -143,6 +144,14 @@ class Deployment:
         return self.url + "/v1"
 
     def run_forever(self) -> None:
+        """Serve until Ctrl-C or SIGTERM (e.g. `ray job stop`), then shut down cleanly."""
+        import signal
+
+        def stop(signum, frame):
+            raise KeyboardInterrupt
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, stop)
         try:
             while True:
                 time.sleep(3600)
