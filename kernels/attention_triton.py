@@ -27,6 +27,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _online_softmax(s, v, m_i, l_i, acc, PREC: tl.constexpr):
+    """Fold one tile of scores s [M, N] (masked entries -inf) and values v [N, D]
+    into the running max m_i, sum l_i and accumulator acc [M, D]."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr,
     acc_ptr, ml_ptr,
@@ -73,15 +86,9 @@ def _decode_split_kernel(
                         mask=t_ok[:, None] & d_ok[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale  # [G_PAD, TILE]
             s = tl.where(t_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr + page[:, None] * stride_vb + off[:, None] * stride_vs + kvh * stride_vh + d[None, :],
                         mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, PREC)
     heads = kvh * G + g
     tl.store(acc_ptr + seq * stride_at + heads[:, None] * stride_ah + split * stride_as + d[None, :], acc,
              mask=g_ok[:, None] & d_ok[None, :])
@@ -218,15 +225,9 @@ def _prefill_kernel(
             if USE_WINDOW:
                 visible = visible & (t[None, :] > q_pos[:, None] - window)
             s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr + page[:, None] * stride_vb + off[:, None] * stride_vs + kvh * stride_vh + d[None, :],
                         mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, PREC)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + (q_start + i)[:, None] * stride_ot + h * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & d_ok[None, :])

@@ -36,3 +36,20 @@ def llama_dir(model_factory):
 @pytest.fixture(scope="session")
 def qwen3_dir(model_factory):
     return model_factory("qwen3")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster for one test module (deployments of real actors)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -14,21 +14,17 @@ openai = pytest.importorskip("openai")
 ray = pytest.importorskip("ray")
 
 from ziggurat import LLM, SamplingParams  # noqa: E402
+from conftest import free_port  # noqa: E402
 from ziggurat.cluster.deploy import Deployment, DeploymentSpec  # noqa: E402
 
 KEY = "sk-test-0123456789"
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
 def dep(ray_cluster, llama_dir):
-    d = Deployment(DeploymentSpec(model=str(llama_dir), served_model_name="tiny", port=0 or _free_port(),
+    d = Deployment(DeploymentSpec(model=str(llama_dir), served_model_name="tiny", port=free_port(),
                                   api_keys=(KEY,), num_kv_blocks=512, max_num_batched_tokens=256, device="cpu"))
     yield d
     d.shutdown()
@@ -39,12 +35,6 @@ def client(dep):
     return openai.OpenAI(base_url=dep.base_url, api_key=KEY, max_retries=0)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def metrics(dep) -> dict[str, float]:
@@ -190,7 +180,7 @@ def test_abandoned_streams_free_everything(dep, client):
 
 @pytest.mark.slow
 def test_two_replicas_tp2_queue_full_and_unhealthy(ray_cluster, llama_dir, dep):
-    d = Deployment(DeploymentSpec(model=str(llama_dir), served_model_name="tiny", port=_free_port(), replicas=2,
+    d = Deployment(DeploymentSpec(model=str(llama_dir), served_model_name="tiny", port=free_port(), replicas=2,
                                   tensor_parallel_size=2, num_kv_blocks=256, max_num_seqs=2, max_waiting=2,
                                   device="cpu"))
     try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import glob
 import random
-import socket
 import time
 
 import httpx
@@ -15,28 +14,20 @@ import pytest
 openai = pytest.importorskip("openai")
 ray = pytest.importorskip("ray")
 
+from conftest import free_port  # noqa: E402
 from ziggurat.cluster.deploy import Deployment, DeploymentSpec  # noqa: E402
 
 ADMIN = "admin-secret-key-0001"
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
 def dep(ray_cluster, llama_dir, tmp_path_factory):
     db = tmp_path_factory.mktemp("ledger") / "tenancy.db"
-    d = Deployment(DeploymentSpec(model=str(llama_dir), served_model_name="tiny", port=_port(), replicas=2,
+    d = Deployment(DeploymentSpec(model=str(llama_dir), served_model_name="tiny", port=free_port(), replicas=2,
                                   num_kv_blocks=512, max_num_batched_tokens=256, device="cpu", db=str(db),
                                   admin_key=ADMIN, redact="ziggurat.actors.core.tenancy:redact_pii"))
     yield d
