@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -556,7 +557,16 @@ class IngressActor:
         ucfg = uvicorn.Config(asgi, host=config.host, port=config.port, loop="uvloop",
                               log_level="warning", lifespan="on", timeout_keep_alive=30)
         self.uvicorn = uvicorn.Server(ucfg)
-        self.thread = threading.Thread(target=self.uvicorn.run, name="uvicorn", daemon=True)
+        # SO_REUSEPORT: several ingress actors on one host share the port and
+        # the kernel spreads connections across them.
+        sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((config.host, config.port))
+        self.port = sock.getsockname()[1]
+        self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [sock]}, name="uvicorn",
+                                       daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.uvicorn.started and self.thread.is_alive() and time.monotonic() < deadline:
@@ -565,7 +575,10 @@ class IngressActor:
             raise RuntimeError(f"ingress could not listen on {config.host}:{config.port}")
 
     def url(self) -> str:
-        return f"http://{self.config.host}:{self.config.port}"
+        return f"http://{self.config.host}:{self.port}"
+
+    def requests_served(self) -> int:
+        return self.server.metrics["requests_total"].get(200, 0)
 
     def is_open(self) -> bool:
         return self.gate.open

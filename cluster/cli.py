@@ -22,7 +22,8 @@ def _serve(args) -> int:
     info = ensure_ray()
     spec = DeploymentSpec(
         model=args.model, served_model_name=args.served_model_name, tensor_parallel_size=args.tensor_parallel_size,
-        replicas=args.replicas, host=args.host, port=args.port, api_keys=keys, device=args.device, dtype=args.dtype,
+        replicas=args.replicas, host=args.host, port=args.port, ingresses=args.ingresses, api_keys=keys,
+        device=args.device, dtype=args.dtype,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
         num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=not args.no_prefix_caching,
@@ -100,6 +101,7 @@ def main(argv=None) -> int:
     s.add_argument("--replicas", type=int, default=1)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--ingresses", type=int, default=1, help="HTTP actors sharing the port (scale HTTP/SSE over cores)")
     s.add_argument("--api-key", action="append", help="require this API key (repeatable; or ZIGGURAT_API_KEYS=a,b)")
     s.add_argument("--device", default=None, choices=[None, "cpu", "cuda"])
     s.add_argument("--dtype", default=None)

@@ -51,6 +51,7 @@ class DeploymentSpec:
     replicas: int = 1
     host: str = "127.0.0.1"
     port: int = 8000
+    ingresses: int = 1  # HTTP actors sharing the port (SO_REUSEPORT)
     api_keys: tuple[str, ...] = ()
     device: str | None = None
     dtype: str | None = None
@@ -117,12 +118,12 @@ class Deployment:
                     cfg, ws, r, self.router, spec.max_waiting, self.meter))
             infos = ray.get([s.info.remote() for s in self.schedulers])
             self.info = infos
-            self.ingress_id = f"ziggurat-ingress-{tag}"
+            port = spec.port or _free_port(spec.host)  # all ingresses must share one port
             icfg = IngressConfig(
                 model_dir=spec.model,
                 served_model_name=spec.served_model_name or Path(spec.model).name,
                 host=spec.host,
-                port=spec.port,
+                port=port,
                 api_keys=tuple(spec.api_keys),
                 block_size=spec.block_size,
                 max_model_len=min(i["max_model_len"] for i in infos),
@@ -130,8 +131,13 @@ class Deployment:
                 share_prefix_cache=spec.share_prefix_cache,
                 redact=spec.redact,
             )
-            self.ingress = IngressActor.options(name=self.ingress_id).remote(
-                icfg, self.ingress_id, self.router, self.schedulers, self.meter)
+            self.ingresses = []
+            for i in range(spec.ingresses):
+                ingress_id = f"ziggurat-ingress-{tag}-{i}"
+                self.ingresses.append(IngressActor.options(name=ingress_id).remote(
+                    icfg, ingress_id, self.router, self.schedulers, self.meter))
+            self.ingress = self.ingresses[0]
+            ray.get([ing.url.remote() for ing in self.ingresses])  # all listening
             self.url = ray.get(self.ingress.url.remote())
             self.open = ray.get(self.ingress.is_open.remote())
             self.served_model_name = icfg.served_model_name
@@ -163,13 +169,13 @@ class Deployment:
     def shutdown(self) -> None:
         from ziggurat.topology.placement import release
 
-        for actor in [getattr(self, "ingress", None)] + list(self.schedulers):
+        for actor in list(getattr(self, "ingresses", [])) + list(self.schedulers):
             if actor is not None:
                 try:
                     ray.get(actor.shutdown.remote(), timeout=15)
                 except Exception:
                     pass
-        for actor in ([getattr(self, "ingress", None), self.router] + self.schedulers
+        for actor in (list(getattr(self, "ingresses", [])) + [self.router] + self.schedulers
                       + [w for ws in self.workers for w in ws] + [getattr(self, "meter", None)]):
             if actor is not None:
                 try:
@@ -179,6 +185,14 @@ class Deployment:
         for pg in self.groups:
             release(pg)
         self.schedulers, self.workers, self.groups = [], [], []
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def ensure_ray(num_cpus: int | None = None) -> dict:

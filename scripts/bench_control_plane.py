@@ -72,6 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--ingresses", type=int, default=1, help="HTTP actors sharing the port")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     in_process_us = engine_only(args.concurrency)
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
     dep = Deployment(DeploymentSpec(
         model=str(default_model_dir()), served_model_name="null", port=port, tensor_parallel_size=args.tp,
         worker_cls="ziggurat.models.null_worker:NullWorker", num_kv_blocks=1 << 16, max_num_seqs=args.concurrency,
-        max_waiting=4 * args.num_prompts, device="cpu"))
+        max_waiting=4 * args.num_prompts, device="cpu", ingresses=args.ingresses))
     try:
         sched = dep.schedulers[0]
         cfg = BenchConfig(base_url=dep.url, model="null", num_prompts=args.num_prompts, request_rate=math.inf,
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
     steps = after.steps - before.steps
     step_us = (after.step_seconds_total - before.step_seconds_total) / max(steps, 1) * 1e6
     result = dict(
-        bench="control-plane", concurrency=args.concurrency, tp=args.tp, cpus=os.cpu_count(),
+        bench="control-plane", concurrency=args.concurrency, tp=args.tp, ingresses=args.ingresses, cpus=os.cpu_count(),
         completed=m["completed"], failed=m["failed"], output_tokens=m["total_output_tokens"],
         streamed_tok_s=m["output_throughput"], request_throughput=m["request_throughput"],
         steps=steps, engine_step_us=step_us, loop_iteration_us=m["duration"] / max(steps, 1) * 1e6,

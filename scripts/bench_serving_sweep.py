@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     ap.add_argument("--make", metavar="ARCH:PRESET")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--ingresses", type=int, default=1)
     ap.add_argument("--rates", nargs="+", default=["1", "4", "16", "inf"])
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--input-len", type=int, default=1024)
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
         port = s.getsockname()[1]
     t = time.perf_counter()
     dep = Deployment(DeploymentSpec(model=args.model, served_model_name="m", port=port, tensor_parallel_size=args.tp,
-                                    dtype=args.dtype, max_model_len=args.max_model_len, device=args.device))
+                                    dtype=args.dtype, max_model_len=args.max_model_len, device=args.device,
+                                    ingresses=args.ingresses))
     startup = time.perf_counter() - t
     print(f"deployment up in {startup:.0f}s: {dep.info}", flush=True)
     machine = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

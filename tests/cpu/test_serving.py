@@ -210,3 +210,19 @@ def test_two_replicas_tp2_queue_full_and_unhealthy(ray_cluster, llama_dir, dep):
         assert e.value.status_code == 503
     finally:
         d.shutdown()
+
+
+def test_several_ingresses_share_the_port(ray_cluster, llama_dir):
+    d = Deployment(DeploymentSpec(model=str(llama_dir), served_model_name="tiny", port=free_port(), ingresses=2,
+                                  num_kv_blocks=256, device="cpu"))
+    try:
+        async def burst():
+            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_keepalive_connections=0)) as http:
+                return await asyncio.gather(*[http.post(d.url + "/v1/completions", json={
+                    "model": "tiny", "prompt": f"p{i}", "max_tokens": 4}) for i in range(24)])
+
+        assert all(r.status_code == 200 for r in asyncio.run(burst()))
+        served = ray.get([ing.requests_served.remote() for ing in d.ingresses])
+        assert sum(served) == 24 and all(n > 0 for n in served), served  # the kernel spread the connections
+    finally:
+        d.shutdown()
