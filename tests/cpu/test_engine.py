@@ -194,3 +194,25 @@ def test_async_scheduling_gives_the_same_outputs(llama_dir):
             assert llm.engine.scheduler.num_preemptions > 0
     assert outs[True] == outs[False]
     assert {f for _, f, _ in outs[True]} >= {"length"}
+
+
+@pytest.mark.parametrize("budget,blocks,caching,async_", [
+    (16, 14, True, True),     # tiny chunks, heavy preemption
+    (48, 20, False, True),    # no prefix cache
+    (512, 400, True, False),  # everything at once, synchronous
+    (33, 17, True, True),     # odd budget: chunks cross block boundaries
+])
+def test_outputs_do_not_depend_on_how_work_is_scheduled(llama_dir, llm, budget, blocks, caching, async_):
+    """Greedy fp32 tokens must be the same whatever the step budget, cache size
+    (preemption), prefix caching and async scheduling: shared prefixes, mixed
+    lengths, eos, stop ids and max_tokens 1 included."""
+    base = random_prompts(6, 1000, 20, 90, seed=41)
+    prompts = base + [base[0][:40] + p[:10] for p in base[1:4]] + [base[2]]  # shared prefixes, a duplicate
+    params = [SamplingParams(temperature=0, max_tokens=[1, 17, 40][i % 3], stop_token_ids=[5, 6])
+              for i in range(len(prompts))]
+    ref = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in llm.generate(prompts, params)]
+    other = LLM(llama_dir, num_kv_blocks=blocks, max_num_batched_tokens=budget, enable_prefix_caching=caching,
+                async_scheduling=async_)
+    got = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in other.generate(prompts, params)]
+    assert got == ref
+    assert other.engine.kv.num_free_blocks == blocks
