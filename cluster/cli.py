@@ -46,37 +46,52 @@ def _serve(args) -> int:
     return 0
 
 
-def _client(args):
-    from openai import OpenAI
+def _request(args, path: str, body: dict | None = None):
+    """A plain-HTTP OpenAI call (no SDK needed): returns the response object."""
+    import urllib.request
 
-    return OpenAI(base_url=args.base_url, api_key=args.api_key or os.environ.get("OPENAI_API_KEY") or "none")
+    key = args.api_key or os.environ.get("OPENAI_API_KEY") or os.environ.get("ZIGGURAT_API_KEY")
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(args.base_url.rstrip("/") + path, data=data, headers=headers)
+    return urllib.request.urlopen(req, timeout=600)
 
 
-def _model_name(client, given):
-    return given or client.models.list().data[0].id
+def _stream(args, path: str, body: dict, piece) -> int:
+    import urllib.error
+
+    if not args.model_name:
+        with _request(args, "/models") as r:
+            args.model_name = json.load(r)["data"][0]["id"]
+    body = dict(body, model=args.model_name, stream=True, max_tokens=args.max_tokens, temperature=args.temperature)
+    try:
+        with _request(args, path, body) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    print(f"\nerror: {chunk['error']['message']}", file=sys.stderr)
+                    return 1
+                if chunk.get("choices"):
+                    print(piece(chunk["choices"][0]) or "", end="", flush=True)
+    except urllib.error.HTTPError as e:
+        print(f"error {e.code}: {json.load(e).get('error', {}).get('message')}", file=sys.stderr)
+        return 1
+    print()
+    return 0
 
 
 def _chat(args) -> int:
-    client = _client(args)
-    stream = client.chat.completions.create(
-        model=_model_name(client, args.model_name), messages=[{"role": "user", "content": args.prompt}],
-        max_tokens=args.max_tokens, temperature=args.temperature, stream=True)
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            print(chunk.choices[0].delta.content, end="", flush=True)
-    print()
-    return 0
+    return _stream(args, "/chat/completions", {"messages": [{"role": "user", "content": args.prompt}]},
+                   lambda c: c.get("delta", {}).get("content"))
 
 
 def _complete(args) -> int:
-    client = _client(args)
-    stream = client.completions.create(model=_model_name(client, args.model_name), prompt=args.prompt,
-                                       max_tokens=args.max_tokens, temperature=args.temperature, stream=True)
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].text:
-            print(chunk.choices[0].text, end="", flush=True)
-    print()
-    return 0
+    return _stream(args, "/completions", {"prompt": args.prompt}, lambda c: c.get("text"))
 
 
 def _generate(args) -> int:

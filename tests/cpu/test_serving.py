@@ -226,3 +226,17 @@ def test_several_ingresses_share_the_port(ray_cluster, llama_dir):
         assert sum(served) == 24 and all(n > 0 for n in served), served  # the kernel spread the connections
     finally:
         d.shutdown()
+
+
+def test_cli_chat_and_complete_stream_from_the_endpoint(dep, client, capsys):
+    from ziggurat.cluster.cli import main
+
+    common = ["--base-url", dep.base_url, "--api-key", KEY, "--max-tokens", "6", "--temperature", "0"]
+    assert main(["chat", "hello", *common]) == 0
+    want = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
+                                          max_tokens=6, temperature=0).choices[0].message.content
+    assert capsys.readouterr().out == want + "\n"
+    assert main(["complete", "Once upon", *common]) == 0
+    want = client.completions.create(model="tiny", prompt="Once upon", max_tokens=6, temperature=0).choices[0].text
+    assert capsys.readouterr().out == want + "\n"
+    assert main(["chat", "x", *common, "--model-name", "nope"]) == 1
