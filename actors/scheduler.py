@@ -265,6 +265,41 @@ class SchedulerLoop:
         )
 
 
+class DashboardMetrics:
+    """The replica's state as Ray metrics (Prometheus, Ray dashboard), tagged by replica."""
+
+    def __init__(self, replica: int):
+        from ray.util.metrics import Counter, Gauge
+
+        tags = ("replica",)
+        self.tags = {"replica": str(replica)}
+        self.gauges = {
+            "num_running": Gauge("ziggurat_num_requests_running", "Requests in the running batch.", tag_keys=tags),
+            "num_waiting": Gauge("ziggurat_num_requests_waiting", "Requests queued.", tag_keys=tags),
+            "kv_usage": Gauge("ziggurat_kv_cache_usage", "Fraction of KV blocks in use.", tag_keys=tags),
+            "unacked_usage_events": Gauge("ziggurat_unacked_usage_events", "Usage events not yet in the ledger.",
+                                          tag_keys=tags),
+        }
+        self.counters = {
+            "steps": Counter("ziggurat_engine_steps", "Scheduler steps.", tag_keys=tags),
+            "generation_tokens": Counter("ziggurat_generation_tokens", "Generated tokens.", tag_keys=tags),
+            "prompt_tokens": Counter("ziggurat_prompt_tokens", "Prompt tokens of finished requests.", tag_keys=tags),
+            "cached_tokens": Counter("ziggurat_cached_prompt_tokens", "Prompt tokens from the prefix cache.",
+                                     tag_keys=tags),
+            "num_preemptions": Counter("ziggurat_preemptions", "Requests preempted.", tag_keys=tags),
+        }
+        self.last: dict[str, float] = {}
+
+    def update(self, stats: ReplicaStats) -> None:
+        for name, g in self.gauges.items():
+            g.set(getattr(stats, name), tags=self.tags)
+        for name, c in self.counters.items():
+            value = getattr(stats, name)
+            if value > self.last.get(name, 0):
+                c.inc(value - self.last.get(name, 0), tags=self.tags)
+            self.last[name] = value
+
+
 @ray.remote(max_concurrency=8)
 class SchedulerActor:
     def __init__(self, config: EngineConfig, workers: list, replica: int, router=None, max_waiting: int | None = None,
@@ -310,6 +345,7 @@ class SchedulerActor:
 
     def _run(self) -> None:
         last_report = 0.0
+        metrics = DashboardMetrics(self.loop.replica)
         while not self._stop:
             try:
                 self.loop.run_once()
@@ -323,8 +359,11 @@ class SchedulerActor:
                     self.router.mark_unhealthy.remote(self.loop.replica)
                 return
             now = time.monotonic()
-            if self.router is not None and now - last_report > 0.2:
-                self.router.report.remote(self.loop.stats())
+            if now - last_report > 0.2:
+                stats = self.loop.stats()
+                if self.router is not None:
+                    self.router.report.remote(stats)
+                metrics.update(stats)
                 last_report = now
 
     def info(self) -> dict:
