@@ -96,12 +96,15 @@ class KVCacheManager:
         blocks are offered to the prefix cache only as far as ids are known."""
         bs = self.block_size
         st = self._reqs.get(request_id)
+        total = num_computed_tokens + num_new_tokens
+        if (st is not None and not new_computed_block_ids and total <= len(st.blocks) * bs
+                and (not self.enable_prefix_caching or min(total, len(token_ids)) // bs <= st.num_cached)):
+            return []  # decode fast path: the slots exist and no block became full
         is_new = st is None
         if is_new:
             st = _Request(tuple(extra_keys))
         elif st.extra_keys != tuple(extra_keys):
             raise ValueError(f"{request_id}: extra_keys changed ({st.extra_keys} -> {extra_keys})")
-        total = num_computed_tokens + num_new_tokens
         if len(token_ids) + num_pending_tokens < total:
             raise ValueError(f"{request_id}: {len(token_ids)} token ids for {total} tokens")
         hits = self._check_hits(request_id, st, new_computed_block_ids, num_computed_tokens)

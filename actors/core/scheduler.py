@@ -32,7 +32,7 @@ class SchedulerConfig:
     max_model_len: int
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestUpdate:
     """What one step did to one request, for the front end."""
 
@@ -204,43 +204,39 @@ class Scheduler:
     # -- after the step --------------------------------------------------------
 
     def update_from_output(self, step: StepInput, out: StepOutput) -> list[RequestUpdate]:
+        # Hot path (every request, every step): plain attribute access, no properties.
         updates = []
+        requests, running = self.requests, RequestStatus.RUNNING
         for rid, token, lp in zip(out.req_ids, out.token_ids, out.logprobs):
-            req = self.requests.get(rid)
-            if req is None or req.status is not RequestStatus.RUNNING or req.num_pending == 0:
+            req = requests.get(rid)
+            if req is None or req.status is not running or req.num_pending == 0:
                 continue  # aborted, preempted, or finished while the step ran
             req.num_pending -= 1
             req.append_token(token, lp)
-            self._check_stop(req, token)
-            if req.finished:
+            end = self._check_stop(req, token)
+            if end is not None:
+                req.status = end
                 self.running.remove(req)
                 self._release(req)
-            updates.append(
-                RequestUpdate(
-                    request_id=rid,
-                    new_token_ids=[token],
-                    new_logprobs=[lp] if lp is not None else [],
-                    finish_reason=req.finish_reason,
-                    stop_reason=req.stop_reason,
-                    num_prompt_tokens=req.num_prompt_tokens,
-                    num_cached_tokens=max(req.num_cached_tokens, 0),
-                    num_output_tokens=req.num_output_tokens,
-                )
-            )
+            updates.append(RequestUpdate(
+                rid, [token], [lp] if lp is not None else [], end.value if end is not None else None,
+                req.stop_reason, len(req.prompt_token_ids), max(req.num_cached_tokens, 0),
+                len(req.output_token_ids)))
         return updates
 
-    def _check_stop(self, req: Request, token: int) -> None:
+    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+        """The status the request ends with after `token`, or None to go on."""
         p = req.sampling_params
-        n_out = req.num_output_tokens
+        n_out = len(req.output_token_ids)
         if n_out >= p.min_tokens:
             if not p.ignore_eos and token in req.eos_token_ids:
-                req.status = RequestStatus.FINISHED_STOPPED
-                return
+                return RequestStatus.FINISHED_STOPPED
             if token in p.stop_token_ids:
-                req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
-                return
-        if n_out >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
-            req.status = RequestStatus.FINISHED_LENGTH
+                req.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if n_out >= req.max_tokens or len(req.all_token_ids) >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
 
     def _release(self, req: Request) -> None:
         self.kv.free(req.request_id)
