@@ -62,11 +62,11 @@ def _request(args, path: str, body: dict | None = None):
 def _stream(args, path: str, body: dict, piece) -> int:
     import urllib.error
 
-    if not args.model_name:
-        with _request(args, "/models") as r:
-            args.model_name = json.load(r)["data"][0]["id"]
-    body = dict(body, model=args.model_name, stream=True, max_tokens=args.max_tokens, temperature=args.temperature)
     try:
+        if not args.model_name:
+            with _request(args, "/models") as r:
+                args.model_name = json.load(r)["data"][0]["id"]
+        body = dict(body, model=args.model_name, stream=True, max_tokens=args.max_tokens, temperature=args.temperature)
         with _request(args, path, body) as r:
             for raw in r:
                 line = raw.decode().strip()
@@ -79,7 +79,14 @@ def _stream(args, path: str, body: dict, piece) -> int:
                 if chunk.get("choices"):
                     print(piece(chunk["choices"][0]) or "", end="", flush=True)
     except urllib.error.HTTPError as e:
-        print(f"error {e.code}: {json.load(e).get('error', {}).get('message')}", file=sys.stderr)
+        try:
+            message = json.load(e).get("error", {}).get("message")
+        except ValueError:
+            message = e.reason
+        print(f"error {e.code}: {message}", file=sys.stderr)
+        return 1
+    except urllib.error.URLError as e:
+        print(f"error: cannot reach {args.base_url}: {e.reason}", file=sys.stderr)
         return 1
     print()
     return 0

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ziggurat.config import EngineConfig
 
@@ -101,6 +102,10 @@ class Deployment:
             cfg = EngineConfig(**{**cfg.__dict__, "device": "cuda"})
         elif not use_gpu and cfg.device is None:
             cfg = EngineConfig(**{**cfg.__dict__, "device": "cpu"})
+        # All ingresses share one port; check it first, since SO_REUSEPORT would
+        # otherwise quietly share it with another server.
+        port = spec.port or _free_port(spec.host)
+        _check_port_free(spec.host, port)
         tag = uuid.uuid4().hex[:8]
         self.groups, self.workers, self.schedulers = [], [], []
         self.db = spec.db or str(cache_dir() / "tenancy.db")
@@ -118,7 +123,6 @@ class Deployment:
                     cfg, ws, r, self.router, spec.max_waiting, self.meter))
             infos = ray.get([s.info.remote() for s in self.schedulers])
             self.info = infos
-            port = spec.port or _free_port(spec.host)  # all ingresses must share one port
             icfg = IngressConfig(
                 model_dir=spec.model,
                 served_model_name=spec.served_model_name or Path(spec.model).name,
@@ -134,7 +138,9 @@ class Deployment:
             self.ingresses = []
             for i in range(spec.ingresses):
                 ingress_id = f"ziggurat-ingress-{tag}-{i}"
-                self.ingresses.append(IngressActor.options(name=ingress_id).remote(
+                # Ingresses share the port of this (the driver's) node.
+                here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+                self.ingresses.append(IngressActor.options(name=ingress_id, scheduling_strategy=here).remote(
                     icfg, ingress_id, self.router, self.schedulers, self.meter))
             self.ingress = self.ingresses[0]
             ray.get([ing.url.remote() for ing in self.ingresses])  # all listening
@@ -185,6 +191,16 @@ class Deployment:
         for pg in self.groups:
             release(pg)
         self.schedulers, self.workers, self.groups = [], [], []
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise RuntimeError(f"cannot serve on {host}:{port}: {e.strerror} (is another server using it?)") from None
 
 
 def _free_port(host: str) -> int:

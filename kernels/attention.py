@@ -23,7 +23,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64, where each new token's KV goes
     query_start_loc: torch.Tensor  # [B+1] int32
     seq_lens: torch.Tensor  # [B] int32, context length after this step
-    block_tables: torch.Tensor  # [B, max_blocks] int32 (padded with 0)
+    block_tables: torch.Tensor  # [B, max_blocks] int32; entries past a sequence's blocks are ignored
     # Host copies for reference paths and launch grids (no device sync needed).
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]

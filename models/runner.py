@@ -155,6 +155,10 @@ class ModelRunner:
         np.cumsum(n, out=qsl[1:])
         total = int(qsl[-1])
         positions = np.arange(total, dtype=np.int64) - np.repeat(qsl[:-1] - start, n)
+        held = np.fromiter((r.num_blocks for r in reqs), dtype=np.int64, count=len(rids))
+        if (end > held * bs).any():  # a scheduler/worker desync would read another request's blocks
+            bad = rids[int(np.argmax(end > held * bs))]
+            raise RuntimeError(f"request {bad}: positions beyond its {self.requests[bad].num_blocks} KV blocks")
         tok_rows = np.repeat(rows, n)
         slots = self.block_table[tok_rows, positions // bs].astype(np.int64) * bs + positions % bs
         ids: list[int] = []

@@ -52,7 +52,8 @@ class EngineCore:
         )
         self._ids = itertools.count()
         self._inflight = None  # (StepInput, executor handle) submitted, outputs not yet applied
-        self.async_scheduling = config.async_scheduling
+        # Only worth it when the executor runs a step while the scheduler works.
+        self.async_scheduling = config.async_scheduling and getattr(self.executor, "overlaps", True)
 
     def add_request(
         self,
@@ -102,6 +103,8 @@ class EngineCore:
             # Blocks entered in the prefix cache when these steps were scheduled
             # may never have been written: end every request and forget all
             # cached prefixes, so nothing can ever read that KV.
+            if self._inflight is not None:  # the dropped next step's forget list still has to reach workers
+                self.scheduler.forget_later(self._inflight[0].finished_req_ids)
             self._inflight = None
             aborted = self.abort(list(self.scheduler.requests))
             self.kv.reset_prefix_cache()

@@ -17,6 +17,8 @@ from ziggurat.models.step import StepInput, StepOutput
 
 
 class InProcessExecutor:
+    overlaps = False  # a step runs when awaited: nothing to gain from async scheduling
+
     def __init__(self, config: EngineConfig, max_model_len: int):
         from ziggurat.models.worker import Worker
 

@@ -240,3 +240,9 @@ def test_cli_chat_and_complete_stream_from_the_endpoint(dep, client, capsys):
     want = client.completions.create(model="tiny", prompt="Once upon", max_tokens=6, temperature=0).choices[0].text
     assert capsys.readouterr().out == want + "\n"
     assert main(["chat", "x", *common, "--model-name", "nope"]) == 1
+
+
+def test_port_in_use_is_refused(ray_cluster, llama_dir, dep):
+    port = int(dep.url.rsplit(":", 1)[1])
+    with pytest.raises(RuntimeError, match=f"cannot serve on 127.0.0.1:{port}"):
+        Deployment(DeploymentSpec(model=str(llama_dir), port=port, num_kv_blocks=64, device="cpu"))
