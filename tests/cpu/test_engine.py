@@ -186,7 +186,8 @@ def test_async_scheduling_gives_the_same_outputs(llama_dir):
                              stop_token_ids=[7, 8, 9]) for i in range(10)]
     outs = {}
     for mode in (True, False):
-        llm = LLM(llama_dir, num_kv_blocks=12, max_num_batched_tokens=64, async_scheduling=mode)
+        llm = LLM(llama_dir, num_kv_blocks=12, max_num_batched_tokens=64)
+        llm.engine.async_scheduling = mode  # in-process too (off by default there: nothing overlaps)
         got = llm.generate(prompts, params)
         outs[mode] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].stop_reason) for o in got]
         assert llm.engine.kv.num_free_blocks == 12 and not llm.engine.has_unfinished()
@@ -211,8 +212,8 @@ def test_outputs_do_not_depend_on_how_work_is_scheduled(llama_dir, llm, budget, 
     params = [SamplingParams(temperature=0, max_tokens=[1, 17, 40][i % 3], stop_token_ids=[5, 6])
               for i in range(len(prompts))]
     ref = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in llm.generate(prompts, params)]
-    other = LLM(llama_dir, num_kv_blocks=blocks, max_num_batched_tokens=budget, enable_prefix_caching=caching,
-                async_scheduling=async_)
+    other = LLM(llama_dir, num_kv_blocks=blocks, max_num_batched_tokens=budget, enable_prefix_caching=caching)
+    other.engine.async_scheduling = async_
     got = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in other.generate(prompts, params)]
     assert got == ref
     assert other.engine.kv.num_free_blocks == blocks
