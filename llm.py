@@ -58,7 +58,7 @@ class LLM:
             ro = RequestOutput(request_id=rid, prompt=text, prompt_token_ids=ids)
             results.append(ro)
             for i in range(params.n):
-                child = params if params.n == 1 else params.clone(n=1, seed=None if params.seed is None else params.seed + i)
+                child = params.for_child(i)
                 co = CompletionOutput(index=i, text="", token_ids=[], finish_reason=None,
                                       logprobs=[] if params.logprobs is not None else None,
                                       cumulative_logprob=0.0 if params.logprobs is not None else None)

@@ -131,3 +131,10 @@ class SamplingParams:
 
     def clone(self, **changes) -> "SamplingParams":
         return replace(self, **changes)
+
+    def for_child(self, index: int) -> "SamplingParams":
+        """The params of sample `index` of an n > 1 request: one sample each,
+        and with a seed, seed + index (so the samples differ but reproduce)."""
+        if self.n == 1:
+            return self
+        return self.clone(n=1, seed=None if self.seed is None else self.seed + index)

@@ -214,9 +214,7 @@ class OpenAIServer:
         submit = []
         for pi, ids in enumerate(prompts):
             for i in range(req.params.n):
-                p = req.params
-                if p.n > 1:
-                    p = p.clone(n=1, seed=None if p.seed is None else p.seed + i)
+                p = req.params.for_child(i)
                 index = pi * req.params.n + i
                 rid = f"{request_id}-{index}"
                 children.append(_Child(index, pi, rid, TextStream(self.tokenizer, ids, p.stop, p.skip_special_tokens,
