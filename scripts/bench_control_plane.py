@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import socket
 import sys
 import time
+
+from ziggurat.scripts.report import emit
 
 
 def engine_only(num_requests: int, steps: int = 200) -> float:
@@ -120,11 +121,7 @@ def main(argv=None) -> int:
     print(f"  loop iteration (busy)      {result['loop_iteration_us']:10.0f} us")
     print(f"  tokens per step            {result['tokens_per_step']:10.1f}")
     print(f"  engine step, no Ray, {args.concurrency} decoding: {in_process_us:6.0f} us")
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(line + "\n")
+    emit(result, args.json)
     return 0 if m["failed"] == 0 else 1
 
 

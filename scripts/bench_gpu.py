@@ -18,12 +18,13 @@ Prints a table and one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
 import tempfile
 import time
+
+from ziggurat.scripts.report import emit
 
 
 def _sync():
@@ -185,11 +186,7 @@ def main(argv=None) -> int:
     print()
     for name, a, b in rows:
         print(f"{name:<14}{a:<40}{b}")
-    line = json.dumps(res)
-    print(line)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(line + "\n")
+    emit(res, args.json)
     return 0
 
 

@@ -15,12 +15,13 @@ done); its throughput counts only each request's own tokens.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
 import tempfile
 import time
+
+from ziggurat.scripts.report import emit
 
 
 def workload(num_seqs: int, lo: int, max_in: int, max_out: int, seed: int, vocab: int):
@@ -169,11 +170,7 @@ def main(argv=None) -> int:
         print(f"{r['engine']:<18}{r['seconds']:>10.2f}{r['output_tok_s']:>15.1f}{r['total_tok_s']:>14.1f}")
     if "speedup_vs_hf" in summary:
         print(f"ziggurat / HF output throughput: {summary['speedup_vs_hf']:.2f}x")
-    line = json.dumps(summary)
-    print(line)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(line + "\n")
+    emit(summary, args.json)
     return 0
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import socket
 import sys
 import tempfile
 import time
+
+from ziggurat.scripts.report import emit
 
 
 def main(argv=None) -> int:
@@ -85,11 +86,7 @@ def main(argv=None) -> int:
     print("\n" + " ".join(f"{k:>15}" for k in keys))
     for r in rows:
         print(" ".join(f"{r.get(k):>15.2f}" if isinstance(r.get(k), float) else f"{str(r.get(k)):>15}" for k in keys))
-    line = json.dumps(summary)
-    print(line)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(line + "\n")
+    emit(summary, args.json)
     return 0
 
 

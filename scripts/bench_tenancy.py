@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
 import time
 import uuid
+
+from ziggurat.scripts.report import emit
 
 
 def events(n: int, tenants: list[str]):
@@ -102,11 +103,7 @@ def main(argv=None) -> int:
     res["admission_max_us"] = lat[-1] * 1e6
     for k, v in res.items():
         print(f"  {k:<40} {v:>14.1f}" if isinstance(v, float) else f"  {k:<40} {v:>14}")
-    line = json.dumps(res)
-    print(line)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(line + "\n")
+    emit(res, args.json)
     return 0
 
 

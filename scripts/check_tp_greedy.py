@@ -13,12 +13,13 @@ flip a near-tie; --dtype float32 removes that source.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import sys
 import tempfile
 import time
+
+from ziggurat.scripts.report import emit
 
 
 def _port() -> int:
@@ -88,10 +89,7 @@ def main(argv=None) -> int:
            "machine": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "all_equal": all(r["equal"] for r in rows), "rows": rows, "seconds": secs,
            "date": time.strftime("%Y-%m-%d")}
-    print(json.dumps(res))
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(json.dumps(res) + "\n")
+    emit(res, args.json)
     return 0 if res["all_equal"] else 1
 
 
