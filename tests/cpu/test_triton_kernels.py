@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from ziggurat.kernels import attention, kv_cache, norm, rotary  # noqa: E402
-from ziggurat.kernels.attention import AttentionMetadata  # noqa: E402
+from kernel_cases import paged_case  # noqa: E402
 from ziggurat.kernels.interpret import patch_interpreter  # noqa: E402
 
 patch_interpreter()
@@ -24,30 +24,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def paged_setup(seq_lens, q_lens, hkv, g, d, bs, seed, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    need = sum((n + bs - 1) // bs for n in seq_lens)
-    nb = need + 3
-    kc = torch.randn(nb, bs, hkv, d, generator=gen).to(DEV, dtype)
-    vc = torch.randn(nb, bs, hkv, d, generator=gen).to(DEV, dtype)
-    perm = torch.randperm(nb, generator=gen).tolist()  # blocks scattered, not in order
-    width = max((n + bs - 1) // bs for n in seq_lens)
-    tables = torch.zeros(len(seq_lens), width, dtype=torch.int32)
-    at = 0
-    for i, n in enumerate(seq_lens):
-        k = (n + bs - 1) // bs
-        tables[i, :k] = torch.tensor(perm[at : at + k])
-        at += k
-    qsl = [0]
-    for n in q_lens:
-        qsl.append(qsl[-1] + n)
-    q = torch.randn(qsl[-1], hkv * g, d, generator=gen).to(DEV, dtype)
-    meta = AttentionMetadata(
-        slot_mapping=torch.zeros(qsl[-1], dtype=torch.long, device=DEV),
-        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=DEV),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEV),
-        block_tables=tables.to(DEV),
-        query_start_loc_cpu=qsl, seq_lens_cpu=list(seq_lens), max_query_len=max(q_lens), max_seq_len=max(seq_lens))
-    return q, kc, vc, meta
+    return paged_case(seq_lens, q_lens, hkv, g, d, bs, seed, dtype, DEV)
 
 
 def rel_err(out, ref) -> float:

@@ -16,33 +16,13 @@ pytest.importorskip("triton")
 from ziggurat.kernels import attention, norm, rotary  # noqa: E402
 from ziggurat.kernels import attention_triton as AT  # noqa: E402
 from ziggurat.kernels import elementwise_triton as ET  # noqa: E402
-from ziggurat.kernels.attention import AttentionMetadata  # noqa: E402
+from kernel_cases import paged_case  # noqa: E402
 
 TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-4}
 
 
 def setup(seq_lens, q_lens, hkv, g, d, bs, dtype, seed=0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    nb = sum((n + bs - 1) // bs for n in seq_lens) + 8
-    kc = torch.randn(nb, bs, hkv, d, generator=gen, device="cuda").to(dtype)
-    vc = torch.randn(nb, bs, hkv, d, generator=gen, device="cuda").to(dtype)
-    perm = torch.randperm(nb, device="cuda", generator=gen).tolist()
-    width = max((n + bs - 1) // bs for n in seq_lens)
-    tables = torch.zeros(len(seq_lens), width, dtype=torch.int32)
-    at = 0
-    for i, n in enumerate(seq_lens):
-        k = (n + bs - 1) // bs
-        tables[i, :k] = torch.tensor(perm[at : at + k])
-        at += k
-    qsl = [0]
-    for n in q_lens:
-        qsl.append(qsl[-1] + n)
-    q = torch.randn(qsl[-1], hkv * g, d, generator=gen, device="cuda").to(dtype)
-    meta = AttentionMetadata(torch.zeros(qsl[-1], dtype=torch.long, device="cuda"),
-                             torch.tensor(qsl, dtype=torch.int32, device="cuda"),
-                             torch.tensor(seq_lens, dtype=torch.int32, device="cuda"), tables.cuda(), qsl,
-                             list(seq_lens), max(q_lens), max(seq_lens))
-    return q, kc, vc, meta
+    return paged_case(seq_lens, q_lens, hkv, g, d, bs, seed, dtype, "cuda")
 
 
 def check(out, ref, dtype):
