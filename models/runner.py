@@ -190,9 +190,9 @@ class ModelRunner:
         self._update_states(step)
         if step.is_empty:
             return StepOutput() if self.tp.rank == 0 else None
+        # Every scheduled request arrives in new_requests or cached_requests with
+        # its num_computed_tokens, so nothing is carried over from this step.
         input_ids, positions, meta, rows, reqs = self._prepare(step)
-        for rid, n in step.num_scheduled_tokens.items():
-            self.requests[rid].num_computed += n
         hidden = self.model(input_ids, positions, meta)
         if not reqs:
             return StepOutput() if self.tp.rank == 0 else None
