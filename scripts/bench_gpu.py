@@ -108,6 +108,31 @@ def run_hf(model_dir, dtype, prompts, max_tokens) -> float:
     return secs
 
 
+def profile(llm, cfg, shrink: int) -> None:
+    """Where a decode step's time goes: torch.profiler's top ops for batch 1 and batch 128."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from ziggurat import SamplingParams
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    for batch in (1, 128 // shrink):
+        p = prompts_of(batch, 128 // shrink, cfg.vocab_size, seed=3)
+        params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+        llm.generate(p, params)
+        _sync()
+        with torch_profile(activities=acts) as prof:
+            t = time.perf_counter()
+            llm.generate(p, params)
+            _sync()
+            wall = time.perf_counter() - t
+        print(f"\n== profile: batch {batch}, 128-token prompts, 32 new tokens: {wall * 1e3:.1f} ms wall "
+              f"({wall / 32 * 1e3:.2f} ms/step incl. prefill)")
+        key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model")
@@ -119,6 +144,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: check the script on any machine")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="print torch.profiler's top kernels for a batch-1 and a batch-128 decode")
     args = ap.parse_args(argv)
     import torch
 
@@ -138,8 +165,13 @@ def main(argv=None) -> int:
     res: dict = {"bench": "gpu", "machine": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                  "model": args.model, "dtype": args.dtype, "date": time.strftime("%Y-%m-%d"), "workloads": {}}
     rows = []
+
+    def row(name, a, b):
+        rows.append((name, a, b))
+        print(f"{name:<14}{a:<40}{b}", flush=True)
+
     roof = res["roofline"] = roofline(args.smoke)  # every other figure is read against it
-    rows.append(("roofline", f"{roof['bandwidth_gb_s']:.0f} GB/s copy, {roof['matmul_tflop_s']:.0f} TFLOP/s matmul", ""))
+    row("roofline", f"{roof['bandwidth_gb_s']:.0f} GB/s copy, {roof['matmul_tflop_s']:.0f} TFLOP/s matmul", "")
     kw = dict(dtype=args.dtype, max_model_len=min(cfg.max_position_embeddings, 8192 // (s if args.smoke else 1) + 64))
     if torch.cuda.is_available():
         kw["gpu_memory_utilization"] = args.gpu_memory_utilization
@@ -156,8 +188,8 @@ def main(argv=None) -> int:
         if args.hf:
             r["hf_tok_s"] = new / run_hf(args.model, args.dtype, p, new)
         res["workloads"]["decode1"] = r
-        rows.append(("decode1", f"{tok_s:.1f} tok/s", f"{tok_s / bound:.0%} of {bound:.0f} tok/s roofline"
-                     + (f"; HF {r['hf_tok_s']:.1f}" if args.hf else "")))
+        row("decode1", f"{tok_s:.1f} tok/s", f"{tok_s / bound:.0%} of {bound:.0f} tok/s roofline"
+                     + (f"; HF {r['hf_tok_s']:.1f}" if args.hf else ""))
     if "prefill" in args.workloads:
         n = 4096 // s
         secs = run_engine(llm, prompts_of(1, n, cfg.vocab_size, seed=1), 1, args.reps)
@@ -167,8 +199,8 @@ def main(argv=None) -> int:
         flops = 2 * params * n + 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * n * n
         tflops = flops / secs / 1e12
         res["workloads"]["prefill"] = {"seconds": secs, "tflop_s": tflops, "mfu": tflops / roof["matmul_tflop_s"]}
-        rows.append(("prefill", f"{secs * 1e3:.1f} ms for {n} tokens", f"{tflops:.0f} TFLOP/s, MFU "
-                     f"{tflops / roof['matmul_tflop_s']:.0%} of measured matmul"))
+        row("prefill", f"{secs * 1e3:.1f} ms for {n} tokens", f"{tflops:.0f} TFLOP/s, MFU "
+                     f"{tflops / roof['matmul_tflop_s']:.0%} of measured matmul")
     for name, (n, lin, lout) in {"offline_long": (32, 4096, 32), "offline_gen": (128, 32, 2048)}.items():
         if name not in args.workloads:
             continue
@@ -180,8 +212,10 @@ def main(argv=None) -> int:
             hf = run_hf(args.model, args.dtype, p, lout)
             r["hf_total_tok_s"] = n * (lin + lout) / hf
         res["workloads"][name] = r
-        rows.append((name, f"{r['total_tok_s']:.0f} total tok/s", f"{n} x {lin} in / {lout} out"
-                     + (f"; HF {r['hf_total_tok_s']:.0f}" if "hf_total_tok_s" in r else "")))
+        row(name, f"{r['total_tok_s']:.0f} total tok/s", f"{n} x {lin} in / {lout} out"
+                     + (f"; HF {r['hf_total_tok_s']:.0f}" if "hf_total_tok_s" in r else ""))
+    if args.profile:
+        profile(llm, cfg, s)
     llm.shutdown()
     print()
     for name, a, b in rows:

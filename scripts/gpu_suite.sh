@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One device call's worth of GPU work: kernel tests, then the benchmarks.
+# Run from the repo root on the GPU machine with the .device bundle carried:
+#     bash scripts/gpu_suite.sh [tests] [bench] [offline] [serving] [control]
+# Logs and JSON land in $OUT (or ./gpu-out when OUT is unset).
+set -o pipefail
+OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
+[ -f .device/activate.sh ] && source .device/activate.sh
+mkdir -p /tmp/zp && ln -sfn "$PWD" /tmp/zp/ziggurat
+export PYTHONPATH=/tmp/zp:$PYTHONPATH PYTHONUNBUFFERED=1
+MODEL8B=${MODEL8B:-/tmp/llama8b}
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+STEPS=" $* "
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+if want tests; then
+  timeout ${TESTS_S:-300} python -m pytest tests/gpu -q -p no:cacheprovider -rf 2>&1 > "$OUT/tests.log"; tail -40 "$OUT/tests.log"
+fi
+if [ ! -d "$MODEL8B" ] && { want bench || want serving; }; then
+  python -m ziggurat.scripts.make_model "$MODEL8B" --arch llama --preset llama-3.1-8b --dtype bfloat16 \
+    --device cuda 2>&1 | tail -3
+fi
+if want bench; then
+  timeout ${BENCH_S:-420} python -m ziggurat.scripts.bench_gpu --model "$MODEL8B" --dtype bfloat16 \
+    ${BENCH_ARGS:---hf} --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"
+fi
+if want offline; then
+  timeout ${OFFLINE_S:-300} python -m ziggurat.scripts.bench_offline ${OFFLINE_ARGS:---make qwen3:qwen3-0.6b --dtype bfloat16 --hf} \
+    --json "$OUT/bench_offline.json" 2>&1 | tail -20 | tee "$OUT/bench_offline.log"
+fi
+if want serving; then
+  timeout ${SERVING_S:-420} python -m ziggurat.scripts.bench_serving_sweep --model "$MODEL8B" --dtype bfloat16 \
+    ${SERVING_ARGS:---rates 1 4 16 inf --num-prompts 64} --json "$OUT/serving.json" 2>&1 | tail -40 | tee "$OUT/serving.log"
+fi
+if want control; then
+  timeout ${CONTROL_S:-240} python -m ziggurat.scripts.bench_control_plane ${CONTROL_ARGS:---ingresses 4} \
+    --json "$OUT/control.json" 2>&1 | tail -20 | tee "$OUT/control.log"
+fi
