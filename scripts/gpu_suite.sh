@@ -13,7 +13,7 @@ want() { [[ " $STEPS " == *" $1 "* ]]; }
 STEPS=" $* "
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 if want tests; then
-  timeout ${TESTS_S:-300} python -m pytest tests/gpu -q -p no:cacheprovider -rf 2>&1 > "$OUT/tests.log"; tail -40 "$OUT/tests.log"
+  timeout ${TESTS_S:-300} python -m pytest tests/gpu -q -p no:cacheprovider -rf > "$OUT/tests.log" 2>&1; tail -40 "$OUT/tests.log"
 fi
 if [ ! -d "$MODEL8B" ] && { want bench || want serving; }; then
   python -m ziggurat.scripts.make_model "$MODEL8B" --arch llama --preset llama-3.1-8b --dtype bfloat16 \
