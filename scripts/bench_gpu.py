@@ -165,10 +165,11 @@ def main(argv=None) -> int:
     res: dict = {"bench": "gpu", "machine": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                  "model": args.model, "dtype": args.dtype, "date": time.strftime("%Y-%m-%d"), "workloads": {}}
     rows = []
+    hf_jobs = []  # (workload, prompts, max_tokens, record(seconds)), run once the engine is gone
 
     def row(name, a, b):
         rows.append((name, a, b))
-        print(f"{name:<14}{a:<40}{b}", flush=True)
+        print(f"{name:<18}{a:<40}{b}", flush=True)
 
     roof = res["roofline"] = roofline(args.smoke)  # every other figure is read against it
     row("roofline", f"{roof['bandwidth_gb_s']:.0f} GB/s copy, {roof['matmul_tflop_s']:.0f} TFLOP/s matmul", "")
@@ -186,10 +187,9 @@ def main(argv=None) -> int:
         bound = roof["bandwidth_gb_s"] * 1e9 / wbytes
         r = {"tok_s": tok_s, "roofline_tok_s": bound, "fraction_of_roofline": tok_s / bound}
         if args.hf:
-            r["hf_tok_s"] = new / run_hf(args.model, args.dtype, p, new)
+            hf_jobs.append(("decode1", p, new, lambda secs, r=r: r.update(hf_tok_s=new / secs)))
         res["workloads"]["decode1"] = r
-        row("decode1", f"{tok_s:.1f} tok/s", f"{tok_s / bound:.0%} of {bound:.0f} tok/s roofline"
-                     + (f"; HF {r['hf_tok_s']:.1f}" if args.hf else ""))
+        row("decode1", f"{tok_s:.1f} tok/s", f"{tok_s / bound:.0%} of {bound:.0f} tok/s roofline")
     if "prefill" in args.workloads:
         n = 4096 // s
         secs = run_engine(llm, prompts_of(1, n, cfg.vocab_size, seed=1), 1, args.reps)
@@ -209,17 +209,22 @@ def main(argv=None) -> int:
         secs = run_engine(llm, p, lout, max(1, args.reps - 1))
         r = {"seconds": secs, "total_tok_s": n * (lin + lout) / secs, "output_tok_s": n * lout / secs}
         if args.hf and name == "offline_long":
-            hf = run_hf(args.model, args.dtype, p, lout)
-            r["hf_total_tok_s"] = n * (lin + lout) / hf
+            hf_jobs.append((name, p, lout, lambda secs, r=r, k=n * (lin + lout): r.update(hf_total_tok_s=k / secs)))
         res["workloads"][name] = r
-        row(name, f"{r['total_tok_s']:.0f} total tok/s", f"{n} x {lin} in / {lout} out"
-                     + (f"; HF {r['hf_total_tok_s']:.0f}" if "hf_total_tok_s" in r else ""))
+        row(name, f"{r['total_tok_s']:.0f} total tok/s", f"{n} x {lin} in / {lout} out")
     if args.profile:
         profile(llm, cfg, s)
     llm.shutdown()
+    del llm
+    # HF peers run after the engine let go of its KV cache (it holds most of the GPU).
+    for name, p, new, record in hf_jobs:
+        record(run_hf(args.model, args.dtype, p, new))
+        got = res["workloads"][name]
+        row(f"{name} (HF)", f"{got.get('hf_tok_s') or got.get('hf_total_tok_s'):.1f} tok/s"
+            if "hf_tok_s" in got else f"{got['hf_total_tok_s']:.0f} total tok/s", "transformers generate, same inputs")
     print()
     for name, a, b in rows:
-        print(f"{name:<14}{a:<40}{b}")
+        print(f"{name:<18}{a:<40}{b}")
     emit(res, args.json)
     return 0
 

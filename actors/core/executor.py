@@ -42,7 +42,16 @@ class InProcessExecutor:
         return self.worker.execute(step)
 
     def shutdown(self) -> None:
-        pass
+        # Drop the model and KV cache so their memory is released (the GPU's
+        # too, once the caching allocator is emptied).
+        self.worker = None
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
 
 
 def _free_port() -> int:
