@@ -28,13 +28,18 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # Schedule step N+1 while step N runs (its sampled tokens count as pending).
     async_scheduling: bool = True
+    # CUDA graphs for decode steps of up to cuda_graph_max_batch sequences
+    # (captured at start-up); enforce_eager turns them off.
+    enforce_eager: bool = False
+    cuda_graph_max_batch: int = 256
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not Path(self.model).is_dir():
             raise ConfigError(f"model: directory {self.model!r} does not exist")
-        for name in ("tensor_parallel_size", "block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("tensor_parallel_size", "block_size", "max_num_seqs", "max_num_batched_tokens",
+                     "cuda_graph_max_batch"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name}: must be a positive integer, got {v!r}")

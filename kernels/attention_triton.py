@@ -4,8 +4,8 @@ Cache layout (per layer, k and v alike):
 
     cache[num_blocks, block_size, num_kv_heads, head_dim]
 
-Decode (every sequence has one query) is flash-decoding: the context is cut
-into splits of SPLIT tokens; program (seq, kv_head, split) reads each KV
+Decode (every sequence has one query) is flash-decoding: each sequence's
+context is cut into NUM_SPLITS equal runs of whole tiles; program (seq, kv_head, split) reads each KV
 page of its split once and serves all G = Hq / Hkv query heads of that KV
 head at once (GQA-aware: one read of K/V per KV head, not per query head),
 keeping a running max / sum / accumulator; a second kernel merges the splits.
@@ -20,6 +20,8 @@ copied into a dense context first.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -51,14 +53,23 @@ def _decode_split_kernel(
     stride_at, stride_ah, stride_as,
     stride_mt, stride_mh, stride_ms,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr, SPLIT: tl.constexpr, USE_WINDOW: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr,
     PREC: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    start = split * SPLIT
+    TILE: tl.constexpr = BLOCK_SIZE * PAGES
+    # The split length follows this sequence's length (whole tiles), so the
+    # grid depends on no host-side length: a CUDA graph captured once serves
+    # every context length. Splits past the end store an empty partial.
+    first = seq_len * 0  # the first key this sequence's splits cover
+    if USE_WINDOW:
+        first = tl.maximum(seq_len - window, 0)
+        first = first - first % TILE
+    split_len = tl.cdiv(tl.cdiv(seq_len - first, NUM_SPLITS), TILE) * TILE
+    start = first + split * split_len
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, D_PAD)
     g_ok = g < G
@@ -66,16 +77,11 @@ def _decode_split_kernel(
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], tl.float32)
-    lo = start
-    if USE_WINDOW:
-        lo = tl.maximum(start, seq_len - window)
-        lo = lo - lo % BLOCK_SIZE
     if start < seq_len:
         q = tl.load(q_ptr + seq * stride_qt + (kvh * G + g)[:, None] * stride_qh + d[None, :],
                     mask=g_ok[:, None] & d_ok[None, :], other=0.0)
-        TILE: tl.constexpr = BLOCK_SIZE * PAGES
-        end = tl.minimum(start + SPLIT, seq_len)
-        for t0 in range(lo, end, TILE):
+        end = tl.minimum(start + split_len, seq_len)
+        for t0 in range(start, end, TILE):
             t = t0 + tl.arange(0, TILE)
             t_ok = t < end
             if USE_WINDOW:
@@ -115,6 +121,7 @@ def _decode_merge_kernel(
     m_max = tl.max(m, 0)
     w = tl.where(s_ok & (m > float("-inf")), tl.exp(m - m_max), 0.0)
     denom = tl.sum(w * l, 0)
+    denom = tl.where(denom == 0.0, 1.0, denom)  # an empty (padding) sequence gives 0, not NaN
     acc = tl.load(acc_ptr + seq * stride_at + h * stride_ah + s[:, None] * stride_as + d[None, :],
                   mask=s_ok[:, None] & (d < D)[None, :], other=0.0)
     out = tl.sum(acc * w[:, None], 0) / denom
@@ -137,17 +144,30 @@ def _check_caches(q, k_cache, v_cache):
         raise ValueError("q and the caches must be contiguous in head_dim")
 
 
+def num_decode_splits(batch: int, num_kv_heads: int, max_seq_len: int, device) -> int:
+    """Splits per (sequence, KV head): enough programs to fill the GPU about
+    twice over, no split shorter than 256 tokens, at most 64."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    by_len = triton.cdiv(max(1, max_seq_len), 256)
+    by_grid = triton.cdiv(2 * sms, batch * num_kv_heads)
+    return max(1, min(by_len, by_grid, 64))
+
+
 def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len: int, scale: float,
-                 sliding_window: int | None = None, split_tokens: int = 512, pages_per_tile: int | None = None):
-    """q: [B, Hq, D] (one query per sequence) -> [B, Hq, D]."""
+                 sliding_window: int | None = None, num_splits: int | None = None, pages_per_tile: int | None = None):
+    """q: [B, Hq, D] (one query per sequence) -> [B, Hq, D].
+
+    max_seq_len only bounds the number of splits; under a CUDA graph pass the
+    largest length the graph will see (the grid is fixed at capture)."""
     _check_caches(q, k_cache, v_cache)
     b, hq, d = q.shape
     _, bs, hkv, _ = k_cache.shape
     g = hq // hkv
     pages = pages_per_tile or max(1, 64 // bs)
-    tile = bs * pages
-    split = max(tile, (split_tokens + tile - 1) // tile * tile)
-    num_splits = max(1, triton.cdiv(max_seq_len, split))
+    if sliding_window is not None:
+        max_seq_len = min(max_seq_len, sliding_window + bs * pages)
+    if num_splits is None:
+        num_splits = num_decode_splits(b, hkv, max_seq_len, q.device)
     acc = torch.empty(b, hq, num_splits, d, dtype=torch.float32, device=q.device)
     ml = torch.empty(b, hq, num_splits, 2, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
@@ -162,7 +182,7 @@ def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len: int, 
         acc.stride(0), acc.stride(1), acc.stride(2),
         ml.stride(0), ml.stride(1), ml.stride(2),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, D_PAD=d_pad,
-        BLOCK_SIZE=bs, PAGES=pages, SPLIT=split, USE_WINDOW=sliding_window is not None,
+        BLOCK_SIZE=bs, PAGES=pages, NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None,
         PREC=_precision(q),
     )
     _decode_merge_kernel[(b, hq)](
@@ -234,12 +254,16 @@ def _prefill_kernel(
 
 
 def paged_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len: int, scale: float,
-                  sliding_window: int | None = None, block_m: int = 64, pages_per_tile: int | None = None):
+                  sliding_window: int | None = None, block_m: int | None = None, pages_per_tile: int | None = None,
+                  num_warps: int | None = None, num_stages: int | None = None):
     """q: [T, Hq, D] flattened over sequences (query_start_loc [B+1]) -> [T, Hq, D]."""
     _check_caches(q, k_cache, v_cache)
     t, hq, d = q.shape
     _, bs, hkv, _ = k_cache.shape
-    pages = pages_per_tile or max(1, 64 // bs)
+    cfg = _prefill_config(q, bs)
+    block_m = block_m or cfg["block_m"]
+    pages = pages_per_tile or cfg["pages"]
+    launch = {"num_warps": num_warps or cfg["num_warps"], "num_stages": num_stages or cfg["num_stages"]}
     out = torch.empty_like(q)
     b = seq_lens.shape[0]
     grid = (triton.cdiv(max_query_len, block_m), b, hq)
@@ -253,6 +277,25 @@ def paged_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, 
         block_tables.stride(0),
         G=hq // hkv, D=d, D_PAD=triton.next_power_of_2(d),
         BLOCK_M=block_m, BLOCK_SIZE=bs, PAGES=pages, USE_WINDOW=sliding_window is not None,
-        PREC=_precision(q),
+        PREC=_precision(q), **launch,
     )
     return out
+
+
+# Launch shape of the prefill kernel per device kind; scripts/bench_attention.py
+# sweeps the candidates on a GPU and prints the fastest.
+PREFILL_CONFIGS = {
+    "default": {"block_m": 64, "tile": 64, "num_warps": 4, "num_stages": 2},
+}
+
+
+def _prefill_config(q, block_size: int) -> dict:
+    return _config_for(torch.cuda.get_device_name(q.device) if q.is_cuda else "cpu", block_size)
+
+
+@functools.cache
+def _config_for(device_name: str, block_size: int) -> dict:
+    cfg = dict(PREFILL_CONFIGS["default"])
+    cfg.update(PREFILL_CONFIGS.get(device_name, {}))
+    cfg["pages"] = max(1, cfg.pop("tile") // block_size)
+    return cfg

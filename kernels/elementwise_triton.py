@@ -114,3 +114,30 @@ def apply_rotary(q, k, positions, cos_sin_cache):
     if cos_sin_cache.shape[1] != q.shape[2]:
         raise ValueError(f"cos/sin cache width {cos_sin_cache.shape[1]} != head_dim {q.shape[2]}")
     return _rotate(q, positions, cos_sin_cache), _rotate(k, positions, cos_sin_cache)
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, I, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < I
+    g = tl.load(x_ptr + row * stride_x + i, mask=ok, other=0.0)
+    u = tl.load(x_ptr + row * stride_x + I + i, mask=ok, other=0.0)
+    gf = g.to(tl.float32)
+    act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # rounded as torch's silu rounds
+    tl.store(out_ptr + row * stride_o + i, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=ok)
+
+
+def silu_and_mul(x):
+    """x: [..., 2I] -> [..., I]."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    t, two_i = x2.shape
+    inter = two_i // 2
+    out = torch.empty(t, inter, dtype=x.dtype, device=x.device)
+    block = 1024
+    if t:
+        _silu_and_mul_kernel[(t, triton.cdiv(inter, block))](x2, out, x2.stride(0), out.stride(0), inter, BLOCK=block)
+    return out.reshape(*shape[:-1], inter)

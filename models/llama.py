@@ -14,9 +14,9 @@ from __future__ import annotations
 import re
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ziggurat.kernels.activation import silu_and_mul
 from ziggurat.kernels.attention import AttentionMetadata
 from ziggurat.models.attention import PagedAttention
 from ziggurat.models.config import ModelConfig
@@ -57,8 +57,7 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, cfg.dtype)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

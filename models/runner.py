@@ -20,9 +20,25 @@ from ziggurat.models.config import ModelConfig
 from ziggurat.models.loader import load_weights
 from ziggurat.models.registry import model_class
 from ziggurat.models.sampler import Sampler, SamplingBatch
+from ziggurat.models.staging import Staging
 from ziggurat.models.step import Logprobs, StepInput, StepOutput
 from ziggurat.sampling_params import SamplingParams
 from ziggurat.topology.distributed import tp
+
+
+@dataclass
+class _HostStep:
+    """One step's inputs on the host, before upload."""
+
+    ids: np.ndarray  # [T] token ids
+    positions: np.ndarray  # [T]
+    slots: np.ndarray  # [T] KV slot of each token
+    seq_lens: np.ndarray  # [B] context length after this step
+    qsl: np.ndarray  # [B+1] query start offsets
+    rows: np.ndarray  # [B] block-table row of each request
+    sample_rows: np.ndarray  # token index of each sampling request's last token
+    sample_req_ids: list[str]
+    max_query_len: int
 
 
 @dataclass
@@ -38,6 +54,7 @@ class _RunnerRequest:
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, device: torch.device, block_size: int, max_model_len: int, seed: int = 0):
         self.cfg, self.device, self.block_size = cfg, device, block_size
+        self.max_model_len = max_model_len
         self.tp = tp()
         t0 = time.perf_counter()
         with torch.device(device):
@@ -49,9 +66,16 @@ class ModelRunner:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.requests: dict[str, _RunnerRequest] = {}
         self.num_blocks = 0
-        # Persistent block table: one row per live request, max_model_len wide.
-        self.block_table = np.zeros((64, (max_model_len + block_size - 1) // block_size), dtype=np.int32)
+        # Persistent block table, one row per live request, max_model_len wide:
+        # a host copy and its device mirror, which each step updates with just
+        # the block ids that step appended (the diff), never rebuilt.
+        width = (max_model_len + block_size - 1) // block_size
+        self.block_table = np.zeros((64, width), dtype=np.int32)
+        self.device_table = torch.zeros(64, width, dtype=torch.int32, device=device)
+        self._table_diff: list[np.ndarray] = []  # [row, col, block] triples not yet on the device
         self.free_rows = list(range(63, -1, -1))
+        self.staging = Staging(device)
+        self.graphs = None  # DecodeGraphs once captured
 
     # -- KV cache ----------------------------------------------------------------
 
@@ -77,6 +101,18 @@ class ModelRunner:
                 torch.empty(shape, dtype=self.cfg.dtype, device=self.device),
             )
 
+    def capture_decode_graphs(self, max_batch: int, capture: bool = True) -> float:
+        """Capture CUDA graphs of the decode forward for batches up to max_batch
+        (after the KV cache is bound: the graphs hold its addresses). Returns
+        seconds. capture=False sets up the padded static inputs alone (CPU tests)."""
+        from ziggurat.models.cuda_graph import DecodeGraphs
+
+        self.graphs = DecodeGraphs(self.model, self.device, max_batch, self.max_model_len, self.block_table.shape[1],
+                                   self.staging)
+        if capture:
+            self.graphs.capture()
+        return self.graphs.capture_seconds
+
     def profile_run(self, num_tokens: int) -> None:
         """Run one forward of `num_tokens` prompt tokens on a throwaway cache so
         the allocator's peak includes activations before sizing the KV cache."""
@@ -86,8 +122,8 @@ class ModelRunner:
         pos = torch.arange(num_tokens, device=self.device)
         meta = AttentionMetadata(
             slot_mapping=pos.clone(),
-            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
-            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.long, device=self.device),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.long, device=self.device),
             block_tables=torch.arange(blocks, dtype=torch.int32, device=self.device).unsqueeze(0),
             query_start_loc_cpu=[0, num_tokens],
             seq_lens_cpu=[num_tokens],
@@ -127,22 +163,23 @@ class ModelRunner:
         if not self.free_rows:  # grow the table (rare: doubles)
             old = self.block_table.shape[0]
             self.block_table = np.concatenate([self.block_table, np.zeros_like(self.block_table)])
+            self.device_table = torch.cat([self.device_table, torch.zeros_like(self.device_table)])
             self.free_rows.extend(range(2 * old - 1, old - 1, -1))
         return self.free_rows.pop()
 
     def _append_blocks(self, r: "_RunnerRequest", block_ids: list[int]) -> None:
         if block_ids:
-            self.block_table[r.row, r.num_blocks : r.num_blocks + len(block_ids)] = block_ids
-            r.num_blocks += len(block_ids)
+            k = len(block_ids)
+            cols = np.arange(r.num_blocks, r.num_blocks + k)
+            self.block_table[r.row, cols] = block_ids
+            self._table_diff.append(np.stack([np.full(k, r.row), cols, np.asarray(block_ids)]))
+            r.num_blocks += k
 
     def _prepare(self, step: StepInput):
-        """Flat inputs for the step, vectorized over tokens with numpy:
+        """The step's flat inputs as numpy, vectorized over tokens:
 
             positions  p = num_computed .. num_computed + n - 1, per request
             slot(p)    = block_table[row, p // block_size] * block_size + p % block_size
-
-        Block ids live in a persistent [rows, max_blocks] table updated by the
-        step's diffs (new block ids only), not rebuilt from lists.
         """
         bs = self.block_size
         rids = list(step.num_scheduled_tokens)
@@ -161,28 +198,53 @@ class ModelRunner:
             raise RuntimeError(f"request {bad}: positions beyond its {self.requests[bad].num_blocks} KV blocks")
         tok_rows = np.repeat(rows, n)
         slots = self.block_table[tok_rows, positions // bs].astype(np.int64) * bs + positions % bs
-        ids: list[int] = []
-        for r, a, b in zip(reqs, start.tolist(), end.tolist()):
-            ids.extend(r.token_ids[a:b])
+        if total == len(reqs):  # decode: one token each
+            ids = np.fromiter((r.token_ids[a] for r, a in zip(reqs, start.tolist())), dtype=np.int64, count=total)
+        else:
+            ids_list: list[int] = []
+            for r, a, b in zip(reqs, start.tolist(), end.tolist()):
+                ids_list.extend(r.token_ids[a:b])
+            ids = np.asarray(ids_list, dtype=np.int64)
         # Requests whose known tokens are all computed after this step sample.
         known = np.fromiter((len(r.token_ids) for r in reqs), dtype=np.int64, count=len(rids))
         sampling = np.nonzero(end == known)[0]
-        width = int((end.max() + bs - 1) // bs)
-        dev = self.device
-        seq_lens = end.astype(np.int32)
+        return _HostStep(ids, positions, slots, end, qsl, rows, qsl[1:][sampling] - 1,
+                         [rids[i] for i in sampling.tolist()], int(n.max()))
+
+    def _apply_table_diff(self) -> None:
+        if self._table_diff:
+            d = np.concatenate(self._table_diff, axis=1)
+            self._table_diff = []
+            r, c, blk = self.staging.upload(d[0], d[1], d[2])
+            self.device_table[r, c] = blk.to(torch.int32)
+
+    def _eager_inputs(self, hs: "_HostStep"):
+        """Device inputs for an eager forward: (ids, positions, metadata, sample_rows)."""
+        self._apply_table_diff()
+        ids, pos, slots, seq_lens, qsl, rows, sample_rows = self.staging.upload(
+            hs.ids, hs.positions, hs.slots, hs.seq_lens, hs.qsl, hs.rows, hs.sample_rows)
+        width = int((hs.seq_lens.max() + self.block_size - 1) // self.block_size)
         meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
-            query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(dev, non_blocking=True),
-            seq_lens=torch.from_numpy(seq_lens).to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(np.ascontiguousarray(self.block_table[rows, :width])).to(dev, non_blocking=True),
-            query_start_loc_cpu=qsl.tolist(),
-            seq_lens_cpu=seq_lens.tolist(),
-            max_query_len=int(n.max()),
-            max_seq_len=int(end.max()),
+            slot_mapping=slots,
+            query_start_loc=qsl,
+            seq_lens=seq_lens,
+            block_tables=self.device_table[rows, :width],
+            query_start_loc_cpu=hs.qsl.tolist(),
+            seq_lens_cpu=hs.seq_lens.tolist(),
+            max_query_len=hs.max_query_len,
+            max_seq_len=int(hs.seq_lens.max()),
         )
-        input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
-        pos = torch.from_numpy(positions).to(dev, non_blocking=True)
-        return input_ids, pos, meta, (qsl[1:][sampling] - 1).tolist(), [rids[i] for i in sampling.tolist()]
+        return ids, pos, meta, sample_rows
+
+    def _forward(self, hs: "_HostStep") -> torch.Tensor:
+        """Hidden states of the rows that sample: a decode batch that fits a
+        captured graph replays it; anything else runs eagerly."""
+        if hs.max_query_len == 1 and self.graphs is not None and len(hs.rows) <= self.graphs.max_batch:
+            self._apply_table_diff()
+            return self.graphs.run(hs.ids, hs.positions, hs.slots, hs.seq_lens, hs.rows, self.device_table)
+        ids, pos, meta, sample_rows = self._eager_inputs(hs)
+        hidden = self.model(ids, pos, meta)
+        return hidden if len(hs.sample_rows) == len(hs.ids) else hidden[sample_rows]
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput | None:
@@ -192,11 +254,12 @@ class ModelRunner:
             return StepOutput() if self.tp.rank == 0 else None
         # Every scheduled request arrives in new_requests or cached_requests with
         # its num_computed_tokens, so nothing is carried over from this step.
-        input_ids, positions, meta, rows, reqs = self._prepare(step)
-        hidden = self.model(input_ids, positions, meta)
+        hs = self._prepare(step)
+        hidden = self._forward(hs)
+        reqs = hs.sample_req_ids
         if not reqs:
             return StepOutput() if self.tp.rank == 0 else None
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        logits = self.model.compute_logits(hidden)
         out = self._sample(logits, reqs) if self.tp.rank == 0 else None
         tokens = self._broadcast_tokens(out.token_ids if out is not None else None, len(reqs))
         for rid, t in zip(reqs, tokens):

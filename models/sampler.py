@@ -47,16 +47,17 @@ def mix_seed(seed: int, step: int) -> int:
 
 @dataclass
 class SamplingBatch:
-    """Per-step sampling tensors for the B rows being sampled."""
+    """Per-step sampling tensors for the B rows being sampled. The per-row
+    parameter vectors are None when every row is greedy without penalties."""
 
-    temperature: torch.Tensor  # float32 [B]; 0 = greedy
-    top_k: torch.Tensor  # int64 [B]; <= 0 or >= V = off
-    top_p: torch.Tensor  # float32 [B]; 1 = off
-    min_p: torch.Tensor  # float32 [B]; 0 = off
-    presence: torch.Tensor  # float32 [B]
-    frequency: torch.Tensor  # float32 [B]
-    repetition: torch.Tensor  # float32 [B]
-    is_greedy: torch.Tensor  # bool [B]
+    temperature: torch.Tensor | None  # float32 [B]; 0 = greedy
+    top_k: torch.Tensor | None  # int64 [B]; <= 0 or >= V = off
+    top_p: torch.Tensor | None  # float32 [B]; 1 = off
+    min_p: torch.Tensor | None  # float32 [B]; 0 = off
+    presence: torch.Tensor | None  # float32 [B]
+    frequency: torch.Tensor | None  # float32 [B]
+    repetition: torch.Tensor | None  # float32 [B]
+    is_greedy: torch.Tensor | None  # bool [B]
     prompt_mask: torch.Tensor | None  # bool [B, V]; None when no row uses penalties
     output_counts: torch.Tensor | None  # int32 [B, V]; None when no row uses penalties
     min_tokens_mask: torch.Tensor | None  # bool [B, V]; tokens forbidden this step
@@ -144,15 +145,25 @@ class SamplingBatch:
             min_tokens_mask[r, c] = True
 
         lps = [p.logprobs for p in params if p.logprobs is not None]
+        all_greedy = all(greedy)
+        if all_greedy and not needs_penalties:
+            vecs = [None] * 7  # argmax alone: no per-row parameter is read
+        else:
+            # One host->device copy for all per-row parameters (top_k is exact in fp32: k < 2^24).
+            host = torch.tensor([[p.temperature, p.top_p, p.min_p, p.presence_penalty, p.frequency_penalty,
+                                  p.repetition_penalty, p.top_k] for p in params], dtype=torch.float32)
+            dev = host.t().contiguous().to(device, non_blocking=True)
+            vecs = [dev[0], dev[1], dev[2], dev[3], dev[4], dev[5], dev[6].long()]
+        temperature, top_p, min_p, presence, frequency, repetition, top_k = vecs
         return SamplingBatch(
-            temperature=vec([p.temperature for p in params], torch.float32),
-            top_k=vec([p.top_k for p in params], torch.int64),
-            top_p=vec([p.top_p for p in params], torch.float32),
-            min_p=vec([p.min_p for p in params], torch.float32),
-            presence=vec([p.presence_penalty for p in params], torch.float32),
-            frequency=vec([p.frequency_penalty for p in params], torch.float32),
-            repetition=vec([p.repetition_penalty for p in params], torch.float32),
-            is_greedy=vec(greedy, torch.bool),
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            presence=presence,
+            frequency=frequency,
+            repetition=repetition,
+            is_greedy=None if temperature is None else temperature == 0.0,
             prompt_mask=prompt_mask,
             output_counts=output_counts,
             min_tokens_mask=min_tokens_mask,
@@ -160,7 +171,7 @@ class SamplingBatch:
             steps=[len(o) for o in output_ids],
             max_logprobs=max(lps) if lps else -1,
             vocab_size=V,
-            all_greedy=all(greedy),
+            all_greedy=all_greedy,
             all_random=not any(greedy),
             needs_penalties=needs_penalties,
             needs_temperature=any(p.temperature != 1.0 for p in random_rows),

@@ -4,6 +4,8 @@ executors both wrap this class."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ziggurat.config import EngineConfig
@@ -11,6 +13,8 @@ from ziggurat.models.config import ModelConfig
 from ziggurat.models.runner import ModelRunner
 from ziggurat.models.step import StepInput, StepOutput
 from ziggurat.topology.distributed import init_tensor_parallel
+
+log = logging.getLogger(__name__)
 
 
 def default_device(config: EngineConfig) -> str:
@@ -46,6 +50,11 @@ class Worker:
 
     def initialize_cache(self, num_blocks: int) -> None:
         self.runner.allocate_kv_cache(num_blocks)
+        c = self.config
+        if self.device.type == "cuda" and not c.enforce_eager:
+            secs = self.runner.capture_decode_graphs(min(c.max_num_seqs, c.cuda_graph_max_batch))
+            if self.rank == 0:
+                log.info("captured %d decode CUDA graphs in %.1f s", len(self.runner.graphs.buckets), secs)
 
     def execute(self, step: StepInput) -> StepOutput | None:
         return self.runner.execute(step)

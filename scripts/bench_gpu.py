@@ -74,13 +74,16 @@ def prompts_of(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]
     return [[rng.randrange(min(vocab, 10000)) for _ in range(length)] for _ in range(n)]
 
 
-def run_engine(llm, prompts, max_tokens: int, reps: int) -> float:
+def run_engine(llm, make_prompts, max_tokens: int, reps: int) -> float:
+    """Median seconds of `reps` generate calls; each call gets fresh prompts
+    (make_prompts(rep)) so none is served from the prefix cache."""
     from ziggurat import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    llm.generate(prompts[:1], SamplingParams(max_tokens=2, ignore_eos=True))
+    llm.generate(make_prompts(-1)[:1], SamplingParams(max_tokens=2, ignore_eos=True))
     ts = []
-    for _ in range(reps):
+    for rep in range(reps):
+        prompts = make_prompts(rep)
         _sync()
         t = time.perf_counter()
         llm.generate(prompts, params)
@@ -178,11 +181,19 @@ def main(argv=None) -> int:
         kw["gpu_memory_utilization"] = args.gpu_memory_utilization
     else:
         kw["num_kv_blocks"] = 2048
+    t0 = time.perf_counter()
     llm = LLM(args.model, **kw)
+    res["startup_s"] = time.perf_counter() - t0
+    runner = getattr(llm.engine.executor, "worker", None) and llm.engine.executor.worker.runner
+    if runner is not None:
+        res["load_s"] = runner.load_seconds
+        res["cuda_graph_capture_s"] = runner.graphs.capture_seconds if runner.graphs else None
+    row("startup", f"{res['startup_s']:.1f} s", f"weights {res.get('load_s', 0):.1f} s, CUDA graphs "
+        f"{res.get('cuda_graph_capture_s') or 0:.1f} s, KV blocks {llm.engine.kv.num_blocks}")
     wbytes = weight_bytes(args.model)
     if "decode1" in args.workloads:
         p, new = prompts_of(1, 128 // s, cfg.vocab_size), 512 // s
-        secs = run_engine(llm, p, new, args.reps)
+        secs = run_engine(llm, lambda rep: prompts_of(1, 128 // s, cfg.vocab_size, seed=100 + rep), new, args.reps)
         tok_s = new / secs
         bound = roof["bandwidth_gb_s"] * 1e9 / wbytes
         r = {"tok_s": tok_s, "roofline_tok_s": bound, "fraction_of_roofline": tok_s / bound}
@@ -192,7 +203,7 @@ def main(argv=None) -> int:
         row("decode1", f"{tok_s:.1f} tok/s", f"{tok_s / bound:.0%} of {bound:.0f} tok/s roofline")
     if "prefill" in args.workloads:
         n = 4096 // s
-        secs = run_engine(llm, prompts_of(1, n, cfg.vocab_size, seed=1), 1, args.reps)
+        secs = run_engine(llm, lambda rep: prompts_of(1, n, cfg.vocab_size, seed=200 + rep), 1, args.reps)
         # 2 FLOPs per parameter per token (the usual estimate; it counts the
         # embedding table too) plus causal attention's QK^T and PV (half of n^2 each).
         params = wbytes / cfg.dtype.itemsize
@@ -206,7 +217,8 @@ def main(argv=None) -> int:
             continue
         n, lin, lout = n // s or 1, lin // s, lout // s
         p = prompts_of(n, lin, cfg.vocab_size, seed=2)
-        secs = run_engine(llm, p, lout, max(1, args.reps - 1))
+        secs = run_engine(llm, lambda rep, n=n, lin=lin: prompts_of(n, lin, cfg.vocab_size, seed=300 + rep), lout,
+                          max(1, args.reps - 1))
         r = {"seconds": secs, "total_tok_s": n * (lin + lout) / secs, "output_tok_s": n * lout / secs}
         if args.hf and name == "offline_long":
             hf_jobs.append((name, p, lout, lambda secs, r=r, k=n * (lin + lout): r.update(hf_total_tok_s=k / secs)))

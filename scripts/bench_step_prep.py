@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     rs = [r.requests[f"r{i}"] for i in range(n)]
     res = {
         "bench": "step-prep", "requests": n, "date": time.strftime("%Y-%m-%d"),
-        "prepare_us": timed(lambda: r._prepare(step), 50),
+        "prepare_us": timed(lambda: r._eager_inputs(r._prepare(step)), 50),
         "sampling_batch_us": timed(lambda: SamplingBatch.build(
             [x.params for x in rs], [() for _ in rs], [range(len(x.token_ids) - x.prompt_len) for x in rs],
             cfg.vocab_size, torch.device("cpu")), 50),

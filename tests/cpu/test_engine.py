@@ -217,3 +217,40 @@ def test_outputs_do_not_depend_on_how_work_is_scheduled(llama_dir, llm, budget, 
     got = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in other.generate(prompts, params)]
     assert got == ref
     assert other.engine.kv.num_free_blocks == blocks
+
+
+@pytest.mark.parametrize("max_batch", [3, 16])
+def test_decode_through_graph_inputs_matches_eager(llama_dir, llm, max_batch):
+    """Decode steps run through DecodeGraphs' padded static buffers (uncaptured
+    on CPU: the same buffers, padding rows and GPU-side block-table gather,
+    eager forward) give the eager path's tokens: batches above and below the
+    largest bucket, preemption, seeded sampling and logprobs."""
+    prompts = random_prompts(11, 1000, 5, 60, seed=7)
+    params = [SamplingParams(temperature=[0, 0.8][i % 2], seed=i, max_tokens=20 + i, ignore_eos=True,
+                             logprobs=2 if i % 3 == 0 else None) for i in range(11)]
+
+    def run(graphs: bool):
+        x = LLM(llama_dir, num_kv_blocks=40, max_num_batched_tokens=96)
+        if graphs:
+            runner = x.engine.executor.worker.runner
+            runner.capture_decode_graphs(max_batch, capture=False)
+            real_run = runner.graphs.run
+
+            def counted(*a):
+                used.append(len(a[0]))
+                return real_run(*a)
+
+            runner.graphs.run = counted
+        outs = x.generate(prompts, params)
+        return [(o.outputs[0].token_ids, [sorted(d.values()) for d in o.outputs[0].logprobs or []]) for o in outs], x
+
+    used: list[int] = []
+    ref, _ = run(False)
+    got, x = run(True)
+    assert used and max(used) <= max_batch and len(set(used)) > 1  # several bucket sizes replayed
+    assert [t for t, _ in got] == [t for t, _ in ref]
+    for (_, a), (_, b) in zip(got, ref):
+        assert len(a) == len(b)
+        for x1, x2 in zip(a, b):
+            assert x1 == pytest.approx(x2, abs=1e-4)
+    assert x.engine.scheduler.num_preemptions > 0

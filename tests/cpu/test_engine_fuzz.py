@@ -18,6 +18,7 @@ import torch
 from ziggurat.actors.core.engine import EngineCore
 from ziggurat.config import EngineConfig
 from ziggurat.models.runner import ModelRunner
+from ziggurat.models.staging import Staging
 from ziggurat.models.step import StepOutput
 from ziggurat.sampling_params import SamplingParams
 
@@ -44,6 +45,9 @@ class FakeRunner(ModelRunner):
         self.tp = TP()
         self.requests = {}
         self.block_table = np.zeros((4, (max_model_len + block_size - 1) // block_size), dtype=np.int32)
+        self.device_table = torch.from_numpy(self.block_table.copy())
+        self._table_diff = []
+        self.staging = Staging(self.device)
         self.free_rows = list(range(3, -1, -1))
         self.kv_tok = np.full(num_blocks * block_size, -1, dtype=np.int64)
         self.kv_pos = np.full(num_blocks * block_size, -1, dtype=np.int64)
@@ -56,16 +60,19 @@ class FakeRunner(ModelRunner):
         assert len(rows_live) + len(self.free_rows) == self.block_table.shape[0], "row leak"
         if step.is_empty:
             return StepOutput()
-        input_ids, pos, meta, rows, reqs = self._prepare(step)
-        slots = meta.slot_mapping.numpy()
+        hs = self._prepare(step)
+        reqs = hs.sample_req_ids
+        slots = hs.slots
         assert (slots >= 0).all() and (slots < self.num_blocks * self.block_size).all()
-        self.kv_tok[slots] = input_ids.numpy()
-        self.kv_pos[slots] = pos.numpy()
-        bt = meta.block_tables.numpy()
+        self.kv_tok[slots] = hs.ids
+        self.kv_pos[slots] = hs.positions
+        # Reads go through the device mirror, kept current by per-step diffs only.
+        self._apply_table_diff()
+        bt = self.device_table[torch.from_numpy(hs.rows)].numpy()
         bs = self.block_size
         for i, rid in enumerate(step.num_scheduled_tokens):
             r = self.requests[rid]
-            L = meta.seq_lens_cpu[i]
+            L = int(hs.seq_lens[i])
             assert (L + bs - 1) // bs <= r.num_blocks, (rid, L, r.num_blocks)
             for p in range(L):
                 s = bt[i, p // bs] * bs + p % bs

@@ -76,7 +76,7 @@ class Driver:
             step.num_scheduled_tokens[rid] = n
         r = self.runner
         r._update_states(step)
-        input_ids, pos, meta, _, _ = r._prepare(step)
+        input_ids, pos, meta, _ = r._eager_inputs(r._prepare(step))
         with torch.inference_mode():
             logits = r.model.compute_logits(r.model(input_ids, pos, meta)).float()
         out, at = {}, 0

@@ -35,13 +35,27 @@ def rel_err(out, ref) -> float:
 @pytest.mark.parametrize("bs", [16, 32])
 @pytest.mark.parametrize("hkv,g", [(1, 1), (2, 4), (1, 8), (2, 3)])
 @pytest.mark.parametrize("window", [None, 24])
-def test_decode_matches_reference(bs, hkv, g, window):
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_decode_matches_reference(bs, hkv, g, window, num_splits):
     seq_lens = [1, 17, 64, 130]
     q, kc, vc, meta = paged_setup(seq_lens, [1] * 4, hkv, g, 32, bs, seed=bs + hkv * 7 + g)
     ref = attention.paged_attention_ref(q, kc, vc, meta, 32**-0.5, window)
     out = AT.paged_decode(q, kc, vc, meta.block_tables, meta.seq_lens, meta.max_seq_len, 32**-0.5, window,
-                          split_tokens=64)
+                          num_splits=num_splits)
     assert rel_err(out, ref) < 1e-5
+
+
+def test_decode_padding_rows_give_zeros_and_leave_others_alone():
+    # CUDA-graph padding: a row with seq_len 0 must come out finite (zero),
+    # and a grid sized for a longer max_seq_len changes no real row.
+    q, kc, vc, meta = paged_setup([40, 130, 7], [1] * 3, 2, 4, 32, 16, seed=5)
+    ref = attention.paged_attention_ref(q, kc, vc, meta, 32**-0.5)
+    lens = meta.seq_lens.clone()
+    lens[1] = 0
+    out = AT.paged_decode(q, kc, vc, meta.block_tables, lens, 4096, 32**-0.5)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    keep = torch.tensor([0, 2])
+    assert rel_err(out[keep], ref[keep]) < 1e-5
 
 
 @pytest.mark.parametrize("bs", [16, 32])
@@ -83,6 +97,20 @@ def test_rotary(hq, hk, d):
     q1, k1 = ET.apply_rotary(q, k, pos, cache)
     q2, k2 = rotary.apply_rotary_ref(q, k, pos, cache)
     assert rel_err(q1, q2) < 1e-6 and rel_err(k1, k2) < 1e-6
+
+
+# The interpreter casts to bf16 by truncation, not rounding: bf16 is checked on GPUs only.
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if DEV == "cuda" else []))
+@pytest.mark.parametrize("inter", [8, 1000, 1500])
+def test_silu_and_mul(dtype, inter):
+    from ziggurat.kernels.activation import silu_and_mul_ref
+
+    g = torch.Generator().manual_seed(inter)
+    x = (torch.randn(3, 2 * inter, generator=g) * 3).to(DEV, dtype)
+    got, ref = ET.silu_and_mul(x), silu_and_mul_ref(x)
+    assert got.shape == (3, inter) and got.dtype == dtype
+    # Same rounding steps as torch: bf16 agrees to an ulp (exp may differ in the last fp32 bit).
+    assert torch.allclose(got.float(), ref.float(), rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-6)
 
 
 def test_store_kv_skips_padding():

@@ -1,0 +1,105 @@
+"""CUDA graphs for decode steps: the model's forward captured once per batch-size bucket.
+
+An eager decode step launches about fifteen kernels per layer, hundreds per
+step, and at small batches the host cannot launch them as fast as the GPU
+runs them. A replayed graph launches them all at once.
+
+A graph reads fixed addresses, so each one is captured over static input
+buffers that the runner fills before replay:
+
+    tokens[5, N] int64   rows: input ids, positions, KV slots, context lengths, block-table rows
+    block_tables[N, W]   gathered on the GPU from the runner's persistent table
+
+A batch of b decodes replays the smallest bucket >= b. Padding rows have
+context length 0 and slot -1: they store no KV and their attention output is
+zero, and what the rest of the layers compute for them is never read. The
+decode kernel's grid is sized at capture for max_model_len; its split length
+follows each sequence's actual length at run time.
+
+Graphs share one memory pool; capture goes from the largest bucket down so
+the smaller ones reuse its memory.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ziggurat.kernels.attention import AttentionMetadata
+from ziggurat.models.staging import Staging
+
+IDS, POSITIONS, SLOTS, SEQ_LENS, ROWS = range(5)
+
+
+def bucket_sizes(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then every 16 up to max_batch (which is always included)."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16)) + [max_batch]
+    return sorted(set(sizes))
+
+
+class DecodeGraphs:
+    def __init__(self, model, device: torch.device, max_batch: int, max_model_len: int, table_width: int,
+                 staging: Staging):
+        self.model, self.device, self.max_model_len = model, device, max_model_len
+        self.buckets = bucket_sizes(max_batch)
+        n = self.max_batch = self.buckets[-1]
+        self.tokens = torch.zeros(5, n, dtype=torch.long, device=device)
+        self.tokens[SLOTS].fill_(-1)
+        self.block_tables = torch.zeros(n, table_width, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.long, device=device)
+        self.staging = staging
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.capture_seconds = 0.0
+
+    def bucket(self, b: int) -> int:
+        return next(s for s in self.buckets if s >= b)
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.tokens[SLOTS, :bs],
+            query_start_loc=self.query_start_loc[: bs + 1],
+            seq_lens=self.tokens[SEQ_LENS, :bs],
+            block_tables=self.block_tables[:bs],
+            query_start_loc_cpu=list(range(bs + 1)),
+            seq_lens_cpu=[self.max_model_len] * bs,
+            max_query_len=1,
+            max_seq_len=self.max_model_len,  # sizes the decode grid for any length
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        t0 = time.perf_counter()
+        pool = None
+        for bs in reversed(self.buckets):
+            meta = self._meta(bs)
+            args = (self.tokens[IDS, :bs], self.tokens[POSITIONS, :bs], meta)
+            self.model(*args)  # compiles any kernel this shape needs, outside the capture
+            torch.cuda.synchronize(self.device)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self.outputs[bs] = self.model(*args)
+            pool = g.pool()
+            self.graphs[bs] = g
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds = time.perf_counter() - t0
+
+    def run(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, seq_lens: np.ndarray,
+            rows: np.ndarray, table: torch.Tensor) -> torch.Tensor:
+        """One decode step of b = len(ids) sequences -> hidden states [b, hidden].
+        `table` is the persistent GPU block table; `rows` index it."""
+        b = len(ids)
+        bs = self.bucket(b)
+        host = self.staging.buffer(self.tokens.numel())[: self.tokens.numel()].view(5, -1)
+        h = host.numpy()
+        h[IDS, :b], h[POSITIONS, :b], h[SLOTS, :b], h[SEQ_LENS, :b], h[ROWS, :b] = ids, positions, slots, seq_lens, rows
+        h[:, b:bs] = 0
+        h[SLOTS, b:bs] = -1
+        self.staging.copy_to(self.tokens, host)
+        torch.index_select(table, 0, self.tokens[ROWS, :bs], out=self.block_tables[:bs])
+        if bs not in self.graphs:  # never captured (CPU tests): same buffers, eager forward
+            return self.model(self.tokens[IDS, :bs], self.tokens[POSITIONS, :bs], self._meta(bs))[:b]
+        self.graphs[bs].replay()
+        return self.outputs[bs][:b]
