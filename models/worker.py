@@ -9,6 +9,7 @@ import logging
 import torch
 
 from ziggurat.config import EngineConfig
+from ziggurat.kernels.backend import use_triton
 from ziggurat.models.config import ModelConfig
 from ziggurat.models.runner import ModelRunner
 from ziggurat.models.step import StepInput, StepOutput
@@ -51,7 +52,8 @@ class Worker:
     def initialize_cache(self, num_blocks: int) -> None:
         self.runner.allocate_kv_cache(num_blocks)
         c = self.config
-        if self.device.type == "cuda" and not c.enforce_eager:
+        # Graphs run the Triton kernels (the torch reference path syncs with the host).
+        if self.device.type == "cuda" and not c.enforce_eager and use_triton(torch.empty(0, device=self.device)):
             secs = self.runner.capture_decode_graphs(min(c.max_num_seqs, c.cuda_graph_max_batch))
             if self.rank == 0:
                 log.info("captured %d decode CUDA graphs in %.1f s", len(self.runner.graphs.buckets), secs)
