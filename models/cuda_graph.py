@@ -87,9 +87,11 @@ class DecodeGraphs:
         self.capture_seconds = time.perf_counter() - t0
 
     def run(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, seq_lens: np.ndarray,
-            rows: np.ndarray, table: torch.Tensor) -> torch.Tensor:
+            rows: np.ndarray, table: torch.Tensor, feedback=None) -> torch.Tensor:
         """One decode step of b = len(ids) sequences -> hidden states [b, hidden].
-        `table` is the persistent GPU block table; `rows` index it."""
+        `table` is the persistent GPU block table; `rows` index it. feedback =
+        (token indices, ids), on the device, overrides those input ids (tokens
+        sampled by the step still in flight)."""
         b = len(ids)
         bs = self.bucket(b)
         host = self.staging.buffer(self.tokens.numel())[: self.tokens.numel()].view(5, -1)
@@ -98,6 +100,8 @@ class DecodeGraphs:
         h[:, b:bs] = 0
         h[SLOTS, b:bs] = -1
         self.staging.copy_to(self.tokens, host)
+        if feedback is not None:
+            self.tokens[IDS].index_copy_(0, *feedback)
         torch.index_select(table, 0, self.tokens[ROWS, :bs], out=self.block_tables[:bs])
         if bs not in self.graphs:  # never captured (CPU tests): same buffers, eager forward
             return self.model(self.tokens[IDS, :bs], self.tokens[POSITIONS, :bs], self._meta(bs))[:b]

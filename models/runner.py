@@ -9,7 +9,7 @@ rank's copy of each request's tokens stays identical.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -39,6 +39,24 @@ class _HostStep:
     sample_rows: np.ndarray  # token index of each sampling request's last token
     sample_req_ids: list[str]
     max_query_len: int
+    # Tokens whose id is still on the GPU (sampled by the step in flight):
+    # feed_dst[i] (token index here) takes feed_from's sampled row feed_src[i].
+    feed_dst: np.ndarray
+    feed_src: np.ndarray
+    feed_from: "_InFlight | None"
+
+
+@dataclass
+class _InFlight:
+    """A launched step: its sampled ids on the GPU, on their way to the host."""
+
+    req_ids: list[str]
+    tokens: torch.Tensor | None  # [S] int64 on the device (every rank)
+    host: torch.Tensor | None  # [S] pinned copy, filled asynchronously
+    event: object  # torch.cuda.Event marking the copy's end (None on CPU)
+    sampled: object = None  # rank 0: the SamplerOutput (logprobs)
+    output: StepOutput | None = None  # set once resolved
+    resolved: bool = False
 
 
 @dataclass
@@ -49,6 +67,10 @@ class _RunnerRequest:
     params: SamplingParams
     num_computed: int
     row: int  # its row in ModelRunner.block_table
+    # Tokens sampled by steps still in flight, oldest first: (step handle, its
+    # row there). Their values are on the GPU only. The engine runs at most one
+    # step ahead, so a request has at most two.
+    pending: list = field(default_factory=list)
 
 
 class ModelRunner:
@@ -198,18 +220,41 @@ class ModelRunner:
             raise RuntimeError(f"request {bad}: positions beyond its {self.requests[bad].num_blocks} KV blocks")
         tok_rows = np.repeat(rows, n)
         slots = self.block_table[tok_rows, positions // bs].astype(np.int64) * bs + positions % bs
+        have = np.fromiter((len(r.token_ids) for r in reqs), dtype=np.int64, count=len(rids))
+        pend = np.fromiter((len(r.pending) for r in reqs), dtype=np.int64, count=len(rids))
+        known = have + pend
+        if (end > known).any():
+            bad = rids[int(np.argmax(end > known))]
+            raise RuntimeError(f"request {bad}: scheduled past its known tokens")
+        # Pending tokens (sampled by a step in flight) can only be the last
+        # ones scheduled: their ids are filled in on the GPU from that step's
+        # output, never waited for here. Placeholders (0) hold their places.
+        feed = np.nonzero(end > have)[0]
         if total == len(reqs):  # decode: one token each
-            ids = np.fromiter((r.token_ids[a] for r, a in zip(reqs, start.tolist())), dtype=np.int64, count=total)
+            ids = np.fromiter((r.token_ids[a] if a < h else 0 for r, a, h in zip(reqs, start.tolist(), have.tolist())),
+                              dtype=np.int64, count=total)
         else:
             ids_list: list[int] = []
             for r, a, b in zip(reqs, start.tolist(), end.tolist()):
                 ids_list.extend(r.token_ids[a:b])
+                ids_list.extend([0] * (b - max(a, len(r.token_ids))) if b > len(r.token_ids) else ())
             ids = np.asarray(ids_list, dtype=np.int64)
+        feed_from, dst, src = None, [], []
+        for i in feed.tolist():
+            r, a, b, h = reqs[i], int(start[i]), int(end[i]), int(have[i])
+            for p in range(max(a, h), b):
+                handle, row = r.pending[p - h]
+                if feed_from is None:
+                    feed_from = handle
+                elif handle is not feed_from:
+                    raise RuntimeError("inputs pending from two steps in flight")
+                dst.append(int(qsl[i]) + p - a)
+                src.append(row)
         # Requests whose known tokens are all computed after this step sample.
-        known = np.fromiter((len(r.token_ids) for r in reqs), dtype=np.int64, count=len(rids))
         sampling = np.nonzero(end == known)[0]
         return _HostStep(ids, positions, slots, end, qsl, rows, qsl[1:][sampling] - 1,
-                         [rids[i] for i in sampling.tolist()], int(n.max()))
+                         [rids[i] for i in sampling.tolist()], int(n.max()), np.asarray(dst, dtype=np.int64),
+                         np.asarray(src, dtype=np.int64), feed_from)
 
     def _apply_table_diff(self) -> None:
         if self._table_diff:
@@ -236,53 +281,113 @@ class ModelRunner:
         )
         return ids, pos, meta, sample_rows
 
+    def _feedback(self, hs: "_HostStep"):
+        """(token indices, ids) for the tokens the step in flight sampled, both on the device."""
+        if not len(hs.feed_dst):
+            return None
+        dst, src = self.staging.upload(hs.feed_dst, hs.feed_src)
+        return dst, hs.feed_from.tokens[src]
+
     def _forward(self, hs: "_HostStep") -> torch.Tensor:
         """Hidden states of the rows that sample: a decode batch that fits a
         captured graph replays it; anything else runs eagerly."""
         if hs.max_query_len == 1 and self.graphs is not None and len(hs.rows) <= self.graphs.max_batch:
             self._apply_table_diff()
-            return self.graphs.run(hs.ids, hs.positions, hs.slots, hs.seq_lens, hs.rows, self.device_table)
+            return self.graphs.run(hs.ids, hs.positions, hs.slots, hs.seq_lens, hs.rows, self.device_table,
+                                   self._feedback(hs))
         ids, pos, meta, sample_rows = self._eager_inputs(hs)
+        fb = self._feedback(hs)
+        if fb is not None:
+            ids.index_copy_(0, *fb)
         hidden = self.model(ids, pos, meta)
         return hidden if len(hs.sample_rows) == len(hs.ids) else hidden[sample_rows]
 
-    @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput | None:
-        """Run one step. Returns the sampled tokens on rank 0, None on other ranks."""
+        """Run one step to the end. Returns the sampled tokens on rank 0, None on other ranks."""
+        return self.wait(self.execute_async(step))
+
+    @torch.inference_mode()
+    def execute_async(self, step: StepInput) -> _InFlight:
+        """Launch one step and return without waiting for the GPU. The next
+        step may be launched before this one is waited for: tokens it samples
+        feed that step's inputs on the GPU (see _prepare)."""
         self._update_states(step)
         if step.is_empty:
-            return StepOutput() if self.tp.rank == 0 else None
-        # Every scheduled request arrives in new_requests or cached_requests with
-        # its num_computed_tokens, so nothing is carried over from this step.
+            return _InFlight([], None, None, None, output=StepOutput(), resolved=True)
+        # Penalties read the whole output history on the host: settle first.
+        if any(r.pending and r.params.needs_penalties for r in map(self.requests.get, step.num_scheduled_tokens)):
+            self._resolve_pending()
         hs = self._prepare(step)
         hidden = self._forward(hs)
         reqs = hs.sample_req_ids
         if not reqs:
-            return StepOutput() if self.tp.rank == 0 else None
+            return _InFlight([], None, None, None, output=StepOutput(), resolved=True)
         logits = self.model.compute_logits(hidden)
-        out = self._sample(logits, reqs) if self.tp.rank == 0 else None
-        tokens = self._broadcast_tokens(out.token_ids if out is not None else None, len(reqs))
-        for rid, t in zip(reqs, tokens):
-            self.requests[rid].token_ids.append(t)
+        sampled = self._sample(logits, reqs) if self.tp.rank == 0 else None
+        tokens = sampled.token_ids if sampled is not None else torch.empty(len(reqs), dtype=torch.long,
+                                                                          device=self.device)
+        if self.tp.size > 1:
+            dist.broadcast(tokens, src=0, group=self.tp.group)
+        if self.device.type == "cuda":
+            host = torch.empty(len(reqs), dtype=torch.long, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = tokens, None
+        handle = _InFlight(list(reqs), tokens, host, event, sampled)
+        for i, rid in enumerate(reqs):
+            self.requests[rid].pending.append((handle, i))
+        return handle
+
+    def wait(self, handle: _InFlight) -> StepOutput | None:
+        """The step's sampled tokens (rank 0; None elsewhere), once the GPU is done."""
+        self._resolve(handle)
+        return handle.output if self.tp.rank == 0 else None
+
+    def _resolve_pending(self) -> None:
+        for r in self.requests.values():
+            while r.pending:
+                self._resolve(r.pending[0][0])
+
+    def _resolve(self, h: _InFlight) -> None:
+        if h.resolved:
+            return
+        if h.event is not None:
+            h.event.synchronize()
+        token_ids = h.host.tolist()
+        for rid, t in zip(h.req_ids, token_ids):
+            r = self.requests.get(rid)  # gone if finished or preempted meanwhile
+            if r is not None and r.pending and r.pending[0][0] is h:
+                r.token_ids.append(t)
+                r.pending.pop(0)
+        if self.tp.rank == 0:
+            h.output = self._step_output(h.req_ids, token_ids, h.sampled)
+        h.tokens = h.sampled = None  # free the device tensors
+        h.resolved = True
+
+    def _sample(self, logits: torch.Tensor, reqs: list[str]):
+        """SamplerOutput for the sampling rows, on the device (no host sync)."""
+        rs = [self.requests[rid] for rid in reqs]
+        # Token histories matter only to penalties (their rows are settled, no
+        # token pending); other rows pass ranges of the right length (the
+        # sampler needs just the output count, pending token included).
+        prompts = [r.token_ids[: r.prompt_len] if r.params.needs_penalties else () for r in rs]
+        outputs = [r.token_ids[r.prompt_len :] if r.params.needs_penalties
+                   else range(len(r.token_ids) + len(r.pending) - r.prompt_len) for r in rs]
+        batch = SamplingBatch.build([r.params for r in rs], prompts, outputs, self.cfg.vocab_size, self.device)
+        out = self.sampler(logits, batch, self.generator)
+        out.wanted_logprobs = [r.params.logprobs for r in rs]
         return out
 
-    def _sample(self, logits: torch.Tensor, reqs: list[str]) -> StepOutput:
-        rs = [self.requests[rid] for rid in reqs]
-        # Token histories matter only to penalties; other rows pass ranges of
-        # the right length (the sampler needs just the output count), no copies.
-        prompts = [r.token_ids[: r.prompt_len] if r.params.needs_penalties else () for r in rs]
-        outputs = [r.token_ids[r.prompt_len :] if r.params.needs_penalties else range(len(r.token_ids) - r.prompt_len)
-                   for r in rs]
-        batch = SamplingBatch.build([r.params for r in rs], prompts, outputs, self.cfg.vocab_size, self.device)
-        s = self.sampler(logits, batch, self.generator)
-        token_ids = s.token_ids.tolist()
+    @staticmethod
+    def _step_output(reqs: list[str], token_ids: list[int], s) -> StepOutput:
         lps: list[Logprobs | None] = [None] * len(reqs)
-        if s.logprobs is not None:
+        if s is not None and s.logprobs is not None:
             lp, ranks = s.logprobs.tolist(), s.ranks.tolist()
             top_ids = s.topk_ids.tolist() if s.topk_ids is not None else None
             top_lps = s.topk_logprobs.tolist() if s.topk_logprobs is not None else None
-            for i, r in enumerate(rs):
-                k = r.params.logprobs
+            for i, k in enumerate(s.wanted_logprobs):
                 if k is None:
                     continue
                 lps[i] = Logprobs(
@@ -293,10 +398,3 @@ class ModelRunner:
                     top_logprobs=top_lps[i][:k] if top_lps else [],
                 )
         return StepOutput(req_ids=list(reqs), token_ids=token_ids, logprobs=lps)
-
-    def _broadcast_tokens(self, tokens: list[int] | None, n: int) -> list[int]:
-        if self.tp.size == 1:
-            return tokens
-        buf = torch.tensor(tokens if tokens is not None else [0] * n, dtype=torch.long, device=self.device)
-        dist.broadcast(buf, src=0, group=self.tp.group)
-        return buf.tolist()

@@ -60,3 +60,11 @@ class Worker:
 
     def execute(self, step: StepInput) -> StepOutput | None:
         return self.runner.execute(step)
+
+    def execute_async(self, step: StepInput):
+        """Launch a step; pass the handle to wait(). A second step may be
+        launched before the first is waited for."""
+        return self.runner.execute_async(step)
+
+    def wait(self, handle) -> StepOutput | None:
+        return self.runner.wait(handle)

@@ -17,7 +17,9 @@ from ziggurat.models.step import StepInput, StepOutput
 
 
 class InProcessExecutor:
-    overlaps = False  # a step runs when awaited: nothing to gain from async scheduling
+    # The worker launches a step without waiting for it, so the engine schedules
+    # and launches the next one while the GPU runs this one.
+    overlaps = True
 
     def __init__(self, config: EngineConfig, max_model_len: int):
         from ziggurat.models.worker import Worker
@@ -33,13 +35,11 @@ class InProcessExecutor:
     def execute(self, step: StepInput) -> StepOutput:
         return self.worker.execute(step)
 
-    # In-process there is nothing to overlap with: a step runs when awaited
-    # (steps are awaited in the order submitted, as workers would run them).
     def execute_async(self, step: StepInput):
-        return step
+        return self.worker.execute_async(step)
 
-    def wait(self, step: StepInput) -> StepOutput:
-        return self.worker.execute(step)
+    def wait(self, handle) -> StepOutput:
+        return self.worker.wait(handle)
 
     def shutdown(self) -> None:
         # Drop the model and KV cache so their memory is released (the GPU's

@@ -254,3 +254,28 @@ def test_decode_through_graph_inputs_matches_eager(llama_dir, llm, max_batch):
         for x1, x2 in zip(a, b):
             assert x1 == pytest.approx(x2, abs=1e-4)
     assert x.engine.scheduler.num_preemptions > 0
+
+
+def test_async_runner_feeds_pending_tokens_on_device(llama_dir):
+    """In-process, the runner launches step N+1 before step N's tokens reach the
+    host: N+1's inputs take them from the device. Same outputs as waiting for
+    every step, with penalties (which settle the step in flight first), min_tokens,
+    seeds, logprobs and chunked prefill mixed in."""
+    prompts = random_prompts(9, 1000, 5, 80, seed=13)
+    params = [SamplingParams(temperature=[0, 0.7, 1.0][i % 3], seed=i, max_tokens=12 + 3 * i, min_tokens=4,
+                             repetition_penalty=1.3 if i % 4 == 1 else 1.0, presence_penalty=0.5 if i == 2 else 0.0,
+                             logprobs=1 if i % 2 else None, stop_token_ids=[3]) for i in range(9)]
+    got = {}
+    for mode in (True, False):
+        llm = LLM(llama_dir, num_kv_blocks=64, max_num_batched_tokens=48)
+        llm.engine.async_scheduling = mode
+        runner = llm.engine.executor.worker.runner
+        feeds = []
+        real = runner._feedback
+        runner._feedback = lambda hs: (feeds.append(len(hs.feed_dst)), real(hs))[1]
+        outs = llm.generate(prompts, params)
+        got[mode] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason,
+                      [sorted(d) for d in o.outputs[0].logprobs or []]) for o in outs]
+        assert (sum(feeds) > 0) == mode  # the device feed is used exactly when steps overlap
+        assert not any(r.pending for r in runner.requests.values())
+    assert got[True] == got[False]
