@@ -33,6 +33,9 @@ def main(argv=None) -> int:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--offline-peer", action="store_true",
+                    help="after the sweep, run the same random workload through the offline engine (LLM) in this "
+                         "process and report HTTP+Ray overhead at saturation against it")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -81,6 +84,9 @@ def main(argv=None) -> int:
     summary = dict(bench="serving-sweep", machine=machine, model=args.model, tp=args.tp, dtype=args.dtype,
                    input_len=args.input_len, output_len=args.output_len, num_prompts=args.num_prompts,
                    startup_s=startup, date=time.strftime("%Y-%m-%d"), runs=rows)
+    sat = next((r for r in rows if r["rate"] == "inf"), None)
+    if args.offline_peer and sat is not None:
+        summary["offline"] = offline_peer(args, vocab, sat)
     keys = ["rate", "request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms",
             "p99_tpot_ms", "median_itl_ms", "p99_itl_ms", "median_e2e_ms", "failed"]
     print("\n" + " ".join(f"{k:>15}" for k in keys))
@@ -88,6 +94,32 @@ def main(argv=None) -> int:
         print(" ".join(f"{r.get(k):>15.2f}" if isinstance(r.get(k), float) else f"{str(r.get(k)):>15}" for k in keys))
     emit(summary, args.json)
     return 0
+
+
+def offline_peer(args, vocab: int, sat: dict) -> dict:
+    """The saturation run's workload (same count, lengths, greedy, ignore_eos) through LLM.generate."""
+    import random
+
+    from ziggurat import LLM, SamplingParams
+
+    rng = random.Random(1)
+    prompts = [[rng.randrange(min(vocab, 10000)) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
+    llm = LLM(args.model, tensor_parallel_size=args.tp, dtype=args.dtype, max_model_len=args.max_model_len,
+              **({"device": args.device} if args.device else {}))
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate(prompts[:2], params)  # warm-up, as the online run had
+    t = time.perf_counter()
+    llm.generate(prompts, params)
+    secs = time.perf_counter() - t
+    llm.shutdown()
+    off = args.num_prompts * args.output_len / secs
+    res = {"output_throughput": off, "seconds": secs,
+           "online_over_offline": sat["output_throughput"] / off,
+           "http_ray_overhead": 1 - sat["output_throughput"] / off}
+    print(f"\noffline engine, same workload: {off:.0f} output tok/s; online at saturation "
+          f"{sat['output_throughput']:.0f} = {res['online_over_offline']:.1%} of it "
+          f"(overhead {res['http_ray_overhead']:.1%})", flush=True)
+    return res
 
 
 if __name__ == "__main__":
