@@ -11,7 +11,7 @@ position seq_lens[b] - q_len_b + i and sees keys at positions <= its own
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,8 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     max_query_len: int
     max_seq_len: int
+    # Per-step plans the attention layers share (computed by the first layer).
+    cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_seqs(self) -> int:
@@ -39,6 +41,13 @@ class AttentionMetadata:
         return self.max_query_len == 1
 
 
+# Prompts at least this long with nothing cached before them (the whole
+# context is this step's keys) run through torch's SDPA on the dense k/v of
+# the step: its FlashAttention-class kernels beat the paged kernel there.
+SDPA_MIN_LEN = 256
+SDPA_DTYPES = (torch.float16, torch.bfloat16)  # fp32 stays on the paged kernel (exact products)
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -46,17 +55,51 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q: [T, Hq, D]; caches: [num_blocks, block_size, Hkv, D]. Returns [T, Hq, D]."""
+    """q: [T, Hq, D]; caches: [num_blocks, block_size, Hkv, D]. Returns [T, Hq, D].
+    k, v: this step's keys/values [T, Hkv, D] (already stored), which lets
+    fresh prompts skip the cache."""
     if use_triton(q):
         from ziggurat.kernels import attention_triton as T
 
         if meta.decode_only:
             return T.paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale,
                                   sliding_window)
-        return T.paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                               meta.max_query_len, scale, sliding_window)
+        fresh, skip = _fresh_prompts(meta, q) if k is not None and sliding_window is None else ((), None)
+        out = torch.empty_like(q)
+        if len(fresh) < meta.num_seqs:
+            T.paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                            meta.max_query_len, scale, sliding_window, skip=skip, out=out)
+        for qs, qe in fresh:
+            out[qs:qe] = _sdpa_causal(q[qs:qe], k[qs:qe], v[qs:qe], scale)
+        return out
     return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window)
+
+
+def _fresh_prompts(meta: AttentionMetadata, q: torch.Tensor):
+    """([(start, end)] of long prompts with no cached context, int32 [B] skip flags or None), once per step."""
+    plan = meta.cache.get("fresh")
+    if plan is None:
+        qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+        idx = [b for b in range(meta.num_seqs)
+               if qsl[b + 1] - qsl[b] == lens[b] >= SDPA_MIN_LEN] if q.dtype in SDPA_DTYPES else []
+        skip = None
+        if idx:
+            flags = torch.zeros(meta.num_seqs, dtype=torch.int32)
+            flags[idx] = 1
+            skip = flags.to(q.device, non_blocking=True)
+        plan = meta.cache["fresh"] = ([(qsl[b], qsl[b + 1]) for b in idx], skip)
+    return plan
+
+
+def _sdpa_causal(q, k, v, scale):
+    """q [L, Hq, D], k/v [L, Hkv, D] -> [L, Hq, D], causal."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+        is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out.squeeze(0).transpose(0, 1)
 
 
 def paged_attention_ref(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window=None):

@@ -197,7 +197,7 @@ def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len: int, 
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, seq_lens_ptr, qsl_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, skip_ptr,
     scale, window,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -206,7 +206,7 @@ def _prefill_kernel(
     stride_tb,
     G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr, USE_WINDOW: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, HAS_SKIP: tl.constexpr,
 ):
     tile = tl.program_id(0)
     seq = tl.program_id(1)
@@ -214,6 +214,8 @@ def _prefill_kernel(
     kvh = h // G
     q_start = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    if HAS_SKIP:  # sequences another kernel handles
+        q_len = tl.where(tl.load(skip_ptr + seq) != 0, 0, q_len)
     if tile * BLOCK_M < q_len:
         seq_len = tl.load(seq_lens_ptr + seq)
         ctx0 = seq_len - q_len  # position of the first query
@@ -255,8 +257,9 @@ def _prefill_kernel(
 
 def paged_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len: int, scale: float,
                   sliding_window: int | None = None, block_m: int | None = None, pages_per_tile: int | None = None,
-                  num_warps: int | None = None, num_stages: int | None = None):
-    """q: [T, Hq, D] flattened over sequences (query_start_loc [B+1]) -> [T, Hq, D]."""
+                  num_warps: int | None = None, num_stages: int | None = None, skip=None, out=None):
+    """q: [T, Hq, D] flattened over sequences (query_start_loc [B+1]) -> [T, Hq, D].
+    skip: optional int32 [B]; nonzero rows are left untouched in `out`."""
     _check_caches(q, k_cache, v_cache)
     t, hq, d = q.shape
     _, bs, hkv, _ = k_cache.shape
@@ -264,11 +267,11 @@ def paged_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, 
     block_m = block_m or cfg["block_m"]
     pages = pages_per_tile or cfg["pages"]
     launch = {"num_warps": num_warps or cfg["num_warps"], "num_stages": num_stages or cfg["num_stages"]}
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     b = seq_lens.shape[0]
     grid = (triton.cdiv(max_query_len, block_m), b, hq)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
+        q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, skip if skip is not None else seq_lens,
         scale, sliding_window or 0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -277,7 +280,7 @@ def paged_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, 
         block_tables.stride(0),
         G=hq // hkv, D=d, D_PAD=triton.next_power_of_2(d),
         BLOCK_M=block_m, BLOCK_SIZE=bs, PAGES=pages, USE_WINDOW=sliding_window is not None,
-        PREC=_precision(q), **launch,
+        PREC=_precision(q), HAS_SKIP=skip is not None, **launch,
     )
     return out
 

@@ -32,5 +32,5 @@ class PagedAttention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        out = paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
+        out = paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window, k, v)
         return out.reshape(t, self.num_heads * self.head_dim)

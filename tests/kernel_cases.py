@@ -32,3 +32,17 @@ def paged_case(seq_lens, q_lens, hkv, g, d, bs, seed, dtype=torch.float32, devic
         block_tables=tables.to(device),
         query_start_loc_cpu=qsl, seq_lens_cpu=list(seq_lens), max_query_len=max(q_lens), max_seq_len=max(seq_lens))
     return q, kc, vc, meta
+
+
+def step_kv(k_cache, v_cache, meta):
+    """This step's keys and values [T, Hkv, D] (the last q_len positions of each
+    sequence), read back from the cache as the attention layer would have stored them."""
+    bs = k_cache.shape[1]
+    ks, vs = [], []
+    for b in range(meta.num_seqs):
+        qs, qe = meta.query_start_loc_cpu[b], meta.query_start_loc_cpu[b + 1]
+        pos = torch.arange(meta.seq_lens_cpu[b] - (qe - qs), meta.seq_lens_cpu[b], device=k_cache.device)
+        blocks = meta.block_tables[b].long()[pos // bs]
+        ks.append(k_cache[blocks, pos % bs])
+        vs.append(v_cache[blocks, pos % bs])
+    return torch.cat(ks), torch.cat(vs)

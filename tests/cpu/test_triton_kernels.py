@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from ziggurat.kernels import attention, kv_cache, norm, rotary  # noqa: E402
-from kernel_cases import paged_case  # noqa: E402
+from kernel_cases import paged_case, step_kv  # noqa: E402
 from ziggurat.kernels.interpret import patch_interpreter  # noqa: E402
 
 patch_interpreter()
@@ -68,6 +68,25 @@ def test_prefill_and_chunked_prefill_match_reference(bs, hkv, g, window):
     ref = attention.paged_attention_ref(q, kc, vc, meta, 0.25, window)
     out = AT.paged_prefill(q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len,
                            0.25, window, block_m=32)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_fresh_prompts_through_sdpa_mix_with_paged_kernel(monkeypatch):
+    # Long prompts with no cached context go through SDPA on the step's dense
+    # k/v; everything else (chunks with context, decodes, short prompts) through
+    # the paged kernel, which skips the SDPA rows. Same result as the reference.
+    monkeypatch.setenv("ZIGGURAT_KERNELS", "triton")
+    monkeypatch.setattr(attention, "SDPA_MIN_LEN", 40)
+    monkeypatch.setattr(attention, "SDPA_DTYPES", (torch.float32,))  # the interpreter's bf16 is not exact
+    seq_lens, q_lens = [70, 90, 45, 30, 120], [70, 20, 1, 30, 120]  # fresh, chunk, decode, short fresh, fresh
+    q, kc, vc, meta = paged_setup(seq_lens, q_lens, 2, 4, 32, 16, seed=9)
+    k, v = step_kv(kc, vc, meta)
+    calls = []
+    real = attention._sdpa_causal
+    monkeypatch.setattr(attention, "_sdpa_causal", lambda *a: (calls.append(a[0].shape[0]), real(*a))[1])
+    out = attention.paged_attention(q, kc, vc, meta, 32**-0.5, None, k, v)
+    ref = attention.paged_attention_ref(q, kc, vc, meta, 32**-0.5)
+    assert sorted(calls) == [70, 120]
     assert rel_err(out, ref) < 1e-5
 
 

@@ -54,6 +54,18 @@ def test_prefill_and_chunks(dtype, bs, hkv, g):
     check(out, ref, dtype)
 
 
+def test_fresh_prompts_through_sdpa_mix_with_paged_kernel():
+    from kernel_cases import step_kv
+
+    seq_lens, q_lens = [4096, 8192, 700, 100, 2000], [4096, 1024, 1, 100, 2000]
+    q, kc, vc, meta = setup(seq_lens, q_lens, 8, 4, 128, 16, torch.bfloat16, seed=3)
+    k, v = step_kv(kc, vc, meta)
+    plan = attention._fresh_prompts(meta, q)
+    assert [e - s for s, e in plan[0]] == [4096, 2000]
+    out = attention.paged_attention(q, kc, vc, meta, 128**-0.5, None, k, v)
+    check(out, attention.paged_attention_ref(q, kc, vc, meta, 128**-0.5), torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_norm_rotary(dtype):
     x, r = torch.randn(2, 4096, 4096, device="cuda").to(dtype)
