@@ -135,6 +135,40 @@ class ModelRunner:
             self.graphs.capture()
         return self.graphs.capture_seconds
 
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """Compile the kernel variants steps will hit, before any request does:
+        a batch with a fresh prompt (SDPA), a chunk with context and a decode
+        (the paged kernel skipping the fresh rows), and one without a fresh
+        prompt. Writes only the first few KV blocks, which hold nothing yet."""
+        from ziggurat.kernels.attention import SDPA_MIN_LEN
+
+        bs, n = self.block_size, SDPA_MIN_LEN
+        fresh_blocks = -(-n // bs)
+        if self.num_blocks < fresh_blocks + 2:
+            return
+        # (query positions, block ids) per sequence: fresh prompt, 2-token chunk after 1 block, 1 decode.
+        seqs = [(range(n), range(fresh_blocks)), (range(bs, bs + 2), (fresh_blocks, fresh_blocks + 1)),
+                (range(5, 6), (fresh_blocks,))]
+        for batch in (seqs, seqs[1:]):
+            pos = [p for q, _ in batch for p in q]
+            slots = [blocks[p // bs] * bs + p % bs for q, blocks in batch for p in q]
+            qsl = [0]
+            for q, _ in batch:
+                qsl.append(qsl[-1] + len(q))
+            lens = [q[-1] + 1 for q, _ in batch]
+            width = max(len(b) for _, b in batch)
+            table = [list(b) + [0] * (width - len(b)) for _, b in batch]
+            dev = self.device
+            meta = AttentionMetadata(
+                slot_mapping=torch.tensor(slots, device=dev), query_start_loc=torch.tensor(qsl, device=dev),
+                seq_lens=torch.tensor(lens, device=dev), block_tables=torch.tensor(table, dtype=torch.int32, device=dev),
+                query_start_loc_cpu=qsl, seq_lens_cpu=lens, max_query_len=max(len(q) for q, _ in batch),
+                max_seq_len=max(lens))
+            self.model(torch.zeros(len(pos), dtype=torch.long, device=dev), torch.tensor(pos, device=dev), meta)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def profile_run(self, num_tokens: int) -> None:
         """Run one forward of `num_tokens` prompt tokens on a throwaway cache so
         the allocator's peak includes activations before sizing the KV cache."""

@@ -52,6 +52,8 @@ class Worker:
     def initialize_cache(self, num_blocks: int) -> None:
         self.runner.allocate_kv_cache(num_blocks)
         c = self.config
+        if self.device.type == "cuda":
+            self.runner.warmup()
         # Graphs run the Triton kernels (the torch reference path syncs with the host).
         if self.device.type == "cuda" and not c.enforce_eager and use_triton(torch.empty(0, device=self.device)):
             secs = self.runner.capture_decode_graphs(min(c.max_num_seqs, c.cuda_graph_max_batch))

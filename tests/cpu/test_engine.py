@@ -279,3 +279,14 @@ def test_async_runner_feeds_pending_tokens_on_device(llama_dir):
         assert (sum(feeds) > 0) == mode  # the device feed is used exactly when steps overlap
         assert not any(r.pending for r in runner.requests.values())
     assert got[True] == got[False]
+
+
+def test_warmup_leaves_no_trace(llama_dir, llm):
+    """The start-up warm-up forward (GPU workers run it to compile kernels)
+    writes scratch KV into free blocks only: outputs are unchanged after it."""
+    prompts = random_prompts(4, 1000, 10, 300, seed=5)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    fresh = LLM(llama_dir, num_kv_blocks=256, max_num_batched_tokens=128)
+    before = tokens(fresh.generate(prompts, params))
+    fresh.engine.executor.worker.runner.warmup()
+    assert tokens(fresh.generate(prompts, params)) == before  # prefix-cache hits read what warm-up could overwrite
