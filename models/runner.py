@@ -98,6 +98,7 @@ class ModelRunner:
         self.free_rows = list(range(63, -1, -1))
         self.staging = Staging(device)
         self.graphs = None  # DecodeGraphs once captured
+        self._stepped = False
 
     # -- KV cache ----------------------------------------------------------------
 
@@ -345,6 +346,7 @@ class ModelRunner:
         """Launch one step and return without waiting for the GPU. The next
         step may be launched before this one is waited for: tokens it samples
         feed that step's inputs on the GPU (see _prepare)."""
+        self._stepped = True
         self._update_states(step)
         if step.is_empty:
             return _InFlight([], None, None, None, output=StepOutput(), resolved=True)

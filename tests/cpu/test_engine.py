@@ -281,12 +281,16 @@ def test_async_runner_feeds_pending_tokens_on_device(llama_dir):
     assert got[True] == got[False]
 
 
-def test_warmup_leaves_no_trace(llama_dir, llm):
+def test_warmup_leaves_no_trace(llama_dir):
     """The start-up warm-up forward (GPU workers run it to compile kernels)
-    writes scratch KV into free blocks only: outputs are unchanged after it."""
+    writes scratch KV into blocks nothing holds yet: outputs are unchanged, and
+    once steps have run it refuses (cached prefixes could live in those blocks)."""
     prompts = random_prompts(4, 1000, 10, 300, seed=5)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    fresh = LLM(llama_dir, num_kv_blocks=256, max_num_batched_tokens=128)
-    before = tokens(fresh.generate(prompts, params))
-    fresh.engine.executor.worker.runner.warmup()
-    assert tokens(fresh.generate(prompts, params)) == before  # prefix-cache hits read what warm-up could overwrite
+    plain = LLM(llama_dir, num_kv_blocks=256, max_num_batched_tokens=128)
+    warm = LLM(llama_dir, num_kv_blocks=256, max_num_batched_tokens=128)
+    runner = warm.engine.executor.worker.runner
+    runner.warmup()
+    assert tokens(warm.generate(prompts, params)) == tokens(plain.generate(prompts, params))
+    with pytest.raises(RuntimeError, match="before the first step"):
+        runner.warmup()
