@@ -141,9 +141,11 @@ class ModelRunner:
         """Compile the kernel variants steps will hit, before any request does:
         a batch with a fresh prompt (SDPA), a chunk with context and a decode
         (the paged kernel skipping the fresh rows), and one without a fresh
-        prompt. Writes only the first few KV blocks, which hold nothing yet."""
+        prompt. Writes the first few KV blocks: start-up only, while they hold nothing."""
         from ziggurat.kernels.attention import SDPA_MIN_LEN
 
+        if self._stepped:
+            raise RuntimeError("warmup() overwrites KV blocks: call it before the first step")
         bs, n = self.block_size, SDPA_MIN_LEN
         fresh_blocks = -(-n // bs)
         if self.num_blocks < fresh_blocks + 2:
