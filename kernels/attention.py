@@ -11,9 +11,13 @@ position seq_lens[b] - q_len_b + i and sees keys at positions <= its own
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass, field
 
 import torch
+
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ziggurat.kernels.backend import use_triton
 
@@ -44,8 +48,12 @@ class AttentionMetadata:
 # Prompts at least this long with nothing cached before them (the whole
 # context is this step's keys) run through torch's SDPA on the dense k/v of
 # the step: its FlashAttention-class kernels beat the paged kernel there.
+# ZIGGURAT_FRESH_PREFILL=paged keeps them on the paged kernel (for comparison).
 SDPA_MIN_LEN = 256
 SDPA_DTYPES = (torch.float16, torch.bfloat16)  # fp32 stays on the paged kernel (exact products)
+# Backends SDPA may pick for them. cuDNN's is left out: it builds an execution
+# plan per new sequence length, and prompt lengths rarely repeat.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
 
 def paged_attention(
@@ -67,7 +75,8 @@ def paged_attention(
         if meta.decode_only:
             return T.paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale,
                                   sliding_window)
-        fresh, skip = _fresh_prompts(meta, q) if k is not None and sliding_window is None else ((), None)
+        use_sdpa = k is not None and sliding_window is None and os.environ.get("ZIGGURAT_FRESH_PREFILL") != "paged"
+        fresh, skip = _fresh_prompts(meta, q) if use_sdpa else ((), None)
         out = torch.empty_like(q)
         if len(fresh) < meta.num_seqs:
             T.paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
@@ -94,11 +103,16 @@ def _fresh_prompts(meta: AttentionMetadata, q: torch.Tensor):
     return plan
 
 
-def _sdpa_causal(q, k, v, scale):
-    """q [L, Hq, D], k/v [L, Hkv, D] -> [L, Hq, D], causal."""
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-        is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+def _sdpa_causal(q, k, v, scale, backends=None):
+    """q [L, Hq, D], k/v [L, Hkv, D] -> [L, Hq, D], causal. K/V heads are
+    expanded to the query heads (not every backend takes GQA)."""
+    g = q.shape[1] // k.shape[1]
+    if g > 1:
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    with sdpa_kernel(backends or SDPA_BACKENDS) if q.is_cuda else contextlib.nullcontext():
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+            is_causal=True, scale=scale)
     return out.squeeze(0).transpose(0, 1)
 
 

@@ -87,17 +87,36 @@ def main(argv=None) -> int:
         t_sdpa = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q_dense, k_dense, v_dense,
                                                                                 is_causal=True))
     res["sdpa_flash_tflop_s"] = flops / t_sdpa / 1e12
-    # What the engine runs for a fresh prompt: SDPA with GQA on the step's dense k/v.
+    # What the engine runs for a fresh prompt: SDPA on the step's dense k/v,
+    # per backend, at a length seen before (steady) and at new lengths (first
+    # call per length: cuDNN builds a plan per shape).
+    from torch.nn.attention import SDPBackend
+
     from ziggurat.kernels.attention import _sdpa_causal
 
     k_step = kc[tables[0].long()].reshape(-1, hkv, d)[:n]
     v_step = vc[tables[0].long()].reshape(-1, hkv, d)[:n]
-    t_fresh = bench(lambda: _sdpa_causal(q, k_step, v_step, scale))
-    res["fresh_prompt_sdpa_gqa_tflop_s"] = flops / t_fresh / 1e12
+    res["fresh_prompt_sdpa"] = {}
+    for name, backends in (("flash+efficient (engine)", None), ("cudnn", [SDPBackend.CUDNN_ATTENTION]),
+                           ("flash", [SDPBackend.FLASH_ATTENTION]), ("efficient", [SDPBackend.EFFICIENT_ATTENTION])):
+        try:
+            steady = bench(lambda: _sdpa_causal(q, k_step, v_step, scale, backends))
+            firsts = []
+            for m in (n - 17, n - 33, n - 49):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                _sdpa_causal(q[:m], k_step[:m], v_step[:m], scale, backends)
+                torch.cuda.synchronize()
+                firsts.append(time.perf_counter() - t0)
+        except RuntimeError as e:
+            print(f"  fresh-prompt SDPA {name}: {type(e).__name__}: {str(e)[:80]}")
+            continue
+        res["fresh_prompt_sdpa"][name] = {"tflop_s": flops / steady / 1e12, "first_call_new_len_ms":
+                                          statistics.median(firsts) * 1e3}
+        print(f"  fresh-prompt SDPA {name}: {steady * 1e3:.2f} ms = {flops / steady / 1e12:.0f} TFLOP/s; "
+              f"first call at a new length {statistics.median(firsts) * 1e3:.1f} ms", flush=True)
     print(f"prefill {n}: paged kernel {t * 1e3:.2f} ms = {res['prefill_tflop_s']:.0f} TFLOP/s; "
-          f"SDPA flash (GQA expanded) {t_sdpa * 1e3:.2f} ms = {res['sdpa_flash_tflop_s']:.0f} TFLOP/s; "
-          f"engine's fresh-prompt SDPA (enable_gqa) {t_fresh * 1e3:.2f} ms = "
-          f"{res['fresh_prompt_sdpa_gqa_tflop_s']:.0f} TFLOP/s", flush=True)
+          f"SDPA flash (GQA expanded) {t_sdpa * 1e3:.2f} ms = {res['sdpa_flash_tflop_s']:.0f} TFLOP/s", flush=True)
     if args.sweep:
         best = []
         for bm, tile, w, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3)):

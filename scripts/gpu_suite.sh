@@ -25,7 +25,7 @@ if [ ! -d "$MODEL8B" ] && { want bench || want serving; }; then
 fi
 if want bench; then
   timeout ${BENCH_S:-420} python -m ziggurat.scripts.bench_gpu --model "$MODEL8B" --dtype bfloat16 \
-    ${BENCH_ARGS:---hf} --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"
+    ${BENCH_ARGS:---hf} --json "$OUT/bench_gpu${TAG}.json" 2>&1 | tee "$OUT/bench_gpu${TAG}.log"
 fi
 if want offline; then
   timeout ${OFFLINE_S:-300} python -m ziggurat.scripts.bench_offline ${OFFLINE_ARGS:---make qwen3:qwen3-0.6b --dtype bfloat16 --hf} \

@@ -242,7 +242,7 @@ def build_config(
     return dict(sorted(cfg.items()))
 
 
-def weight_specs(cfg: dict) -> list[tuple[str, tuple[int, ...], str]]:
+def weight_specs(cfg: dict, live_vocab: int | None = None) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, shape, kind) for every tensor, in HF state-dict order.
 
     kind is "matrix", "bias" or "norm".
@@ -259,7 +259,14 @@ def weight_specs(cfg: dict) -> list[tuple[str, tuple[int, ...], str]]:
         qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
     mlp_bias = bool(cfg.get("mlp_bias", False)) if arch == "llama" else False
 
-    specs: list[tuple[str, tuple[int, ...], str]] = [("model.embed_tokens.weight", (vocab, hid), "matrix")]
+    # The output projection's rows for ids past the tokenizer (config vocab
+    # sizes are padded well beyond what a small local tokenizer covers) are
+    # zero, as untrained reserved rows are near zero in real checkpoints: their
+    # logit is 0, so greedy decoding stays on ids that decode to text.
+    out_kind = f"vocab:{live_vocab}" if live_vocab is not None and live_vocab < vocab else "matrix"
+    tied = cfg.get("tie_word_embeddings", False)
+    specs: list[tuple[str, tuple[int, ...], str]] = [("model.embed_tokens.weight", (vocab, hid),
+                                                      out_kind if tied else "matrix")]
     for i in range(cfg["num_hidden_layers"]):
         a = f"model.layers.{i}.self_attn"
         for proj, out_f, in_f, bias in (
@@ -282,8 +289,8 @@ def weight_specs(cfg: dict) -> list[tuple[str, tuple[int, ...], str]]:
         specs.append((f"model.layers.{i}.input_layernorm.weight", (hid,), "norm"))
         specs.append((f"model.layers.{i}.post_attention_layernorm.weight", (hid,), "norm"))
     specs.append(("model.norm.weight", (hid,), "norm"))
-    if not cfg.get("tie_word_embeddings", False):
-        specs.append(("lm_head.weight", (vocab, hid), "matrix"))
+    if not tied:
+        specs.append(("lm_head.weight", (vocab, hid), out_kind))
     return specs
 
 
@@ -313,6 +320,8 @@ def _make_tensor(name: str, shape, kind: str, dtype: torch.dtype, seed: int, dev
         t.mul_(BIAS_STD)
     else:
         t.mul_(WEIGHT_STD)
+        if kind.startswith("vocab:"):
+            t[int(kind[6:]):] = 0
     return t.to(dtype).cpu().contiguous()
 
 
@@ -423,10 +432,11 @@ def _save_group(path: pathlib.Path, specs, dtype, seed, device, stream: bool) ->
 
 
 def write_weights(out: pathlib.Path, cfg: dict, *, dtype, seed: int = 0, max_shard_bytes: int | None = None,
-                  device: str = "cpu", stream_threshold: int | None = None) -> list[str]:
-    """Write the weights for ``cfg``; returns the file names written."""
+                  device: str = "cpu", stream_threshold: int | None = None, live_vocab: int | None = None) -> list[str]:
+    """Write the weights for ``cfg``; returns the file names written. Rows of
+    the output projection for ids >= live_vocab are zero (see weight_specs)."""
     tdtype = _resolve_dtype(dtype)
-    specs = weight_specs(cfg)
+    specs = weight_specs(cfg, live_vocab)
     itemsize = torch.empty((), dtype=tdtype).element_size()
     total = sum(_numel(s) for _, s, _ in specs) * itemsize
     threshold = _STREAM_THRESHOLD if stream_threshold is None else stream_threshold
@@ -725,7 +735,7 @@ def make_model(
     _write_json(out / "tokenizer_config.json",
                 _tokenizer_config(family, tok, ids, cfg["max_position_embeddings"]))
     write_weights(out, cfg, dtype=cfg["torch_dtype"], seed=seed,
-                  max_shard_bytes=parse_size(max_shard_bytes), device=device)
+                  max_shard_bytes=parse_size(max_shard_bytes), device=device, live_vocab=tok.get_vocab_size())
     return out
 
 

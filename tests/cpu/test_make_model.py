@@ -315,3 +315,24 @@ def test_imports_only_serve_time_packages():
                "random", "re", "struct", "sys", "zlib", "typing", "collections", "concurrent"}
     assert mods and mods <= allowed, mods - allowed
     assert not re.search(r"^\s*(import|from)\s+transformers", pathlib.Path(mm.__file__).read_text(), re.M)
+
+
+def test_ids_past_the_tokenizer_have_zero_output_rows(tmp_path):
+    """A padded config vocab (128k) beyond the local tokenizer (8k): greedy
+    decoding must stay on ids that decode to text, so their output rows are zero."""
+    import json
+
+    from safetensors import safe_open
+
+    from ziggurat.scripts.make_model import make_model
+
+    for arch, preset_vocab, tie in (("llama", 3000, False), ("qwen3", 3000, True)):
+        out = make_model(tmp_path / arch, arch=arch, preset="tiny", overrides={"vocab_size": preset_vocab},
+                         tie_word_embeddings=tie)
+        n_tok = len(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]) + 8
+        name = "model.embed_tokens.weight" if tie else "lm_head.weight"
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            w = f.get_tensor(name)
+        live = (w.abs().sum(1) > 0).nonzero().max().item() + 1
+        assert 1000 <= live <= n_tok < preset_vocab  # rows up to the tokenizer's ids are random, the rest zero
+        assert w[live:].abs().sum() == 0
