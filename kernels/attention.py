@@ -45,10 +45,13 @@ class AttentionMetadata:
         return self.max_query_len == 1
 
 
-# Prompts at least this long with nothing cached before them (the whole
-# context is this step's keys) run through torch's SDPA on the dense k/v of
-# the step: its FlashAttention-class kernels beat the paged kernel there.
-# ZIGGURAT_FRESH_PREFILL=paged keeps them on the paged kernel (for comparison).
+# Opt-in (ZIGGURAT_FRESH_PREFILL=sdpa): prompts at least SDPA_MIN_LEN long
+# with nothing cached before them (the whole context is this step's keys) run
+# through torch's SDPA on the dense k/v of the step instead of the paged
+# kernel. Measured on an H100 (BENCHMARKS.md, 2026-11-24): the attention kernel
+# alone is faster (flash 228 vs paged 172 TFLOP/s at 4096), but the K/V head
+# expansion and layout copies around it cost as much, and the offline 32 x 4096
+# workload ran 9% slower end to end, so the paged kernel is the default.
 SDPA_MIN_LEN = 256
 SDPA_DTYPES = (torch.float16, torch.bfloat16)  # fp32 stays on the paged kernel (exact products)
 # Backends SDPA may pick for them. cuDNN's is left out: it builds an execution
@@ -75,7 +78,7 @@ def paged_attention(
         if meta.decode_only:
             return T.paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale,
                                   sliding_window)
-        use_sdpa = k is not None and sliding_window is None and os.environ.get("ZIGGURAT_FRESH_PREFILL") != "paged"
+        use_sdpa = k is not None and sliding_window is None and os.environ.get("ZIGGURAT_FRESH_PREFILL") == "sdpa"
         fresh, skip = _fresh_prompts(meta, q) if use_sdpa else ((), None)
         out = torch.empty_like(q)
         if len(fresh) < meta.num_seqs:

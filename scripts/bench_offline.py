@@ -156,6 +156,9 @@ def main(argv=None) -> int:
     vocab = ModelConfig.from_dir(args.model).vocab_size
     prompts, out_lens = workload(args.num_seqs, args.min_len, args.max_input_len, args.max_output_len, args.seed, vocab)
     results = [run_ziggurat(args, prompts, out_lens)]
+    r = results[0]
+    print(f"ziggurat: {r['seconds']:.2f} s, {r['output_tok_s']:.1f} output tok/s, {r['total_tok_s']:.1f} total tok/s",
+          flush=True)
     if args.hf:
         results.append(run_hf(args, prompts, out_lens))
     summary = dict(

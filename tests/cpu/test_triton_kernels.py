@@ -76,6 +76,7 @@ def test_fresh_prompts_through_sdpa_mix_with_paged_kernel(monkeypatch):
     # k/v; everything else (chunks with context, decodes, short prompts) through
     # the paged kernel, which skips the SDPA rows. Same result as the reference.
     monkeypatch.setenv("ZIGGURAT_KERNELS", "triton")
+    monkeypatch.setenv("ZIGGURAT_FRESH_PREFILL", "sdpa")
     monkeypatch.setattr(attention, "SDPA_MIN_LEN", 40)
     monkeypatch.setattr(attention, "SDPA_DTYPES", (torch.float32,))  # the interpreter's bf16 is not exact
     seq_lens, q_lens = [70, 90, 45, 30, 120], [70, 20, 1, 30, 120]  # fresh, chunk, decode, short fresh, fresh

@@ -54,9 +54,10 @@ def test_prefill_and_chunks(dtype, bs, hkv, g):
     check(out, ref, dtype)
 
 
-def test_fresh_prompts_through_sdpa_mix_with_paged_kernel():
+def test_fresh_prompts_through_sdpa_mix_with_paged_kernel(monkeypatch):
     from kernel_cases import step_kv
 
+    monkeypatch.setenv("ZIGGURAT_FRESH_PREFILL", "sdpa")
     seq_lens, q_lens = [4096, 8192, 700, 100, 2000], [4096, 1024, 1, 100, 2000]
     q, kc, vc, meta = setup(seq_lens, q_lens, 8, 4, 128, 16, torch.bfloat16, seed=3)
     k, v = step_kv(kc, vc, meta)
