@@ -49,6 +49,18 @@ class WorkerActor:
     def execute(self, step):
         return self.worker.execute(step)
 
+    def execute_pipelined(self, step):
+        """Launch `step` and return the previous call's output (None on the
+        first call): the GPU runs this step while that output goes back. See
+        CompiledGraphExecutor."""
+        try:
+            handle = self.worker.execute_async(step)
+            prev, self._prev = getattr(self, "_prev", None), handle
+            return None if prev is None else self.worker.wait(prev)
+        except BaseException:
+            self._prev = None  # the engine aborts everything on a failed step; start afresh
+            raise
+
     def gpu_info(self) -> dict:
         from ziggurat.topology.gpus import local_gpu_info
 

@@ -44,3 +44,10 @@ class NullWorker:
                 out.token_ids.append((hash(rid) + self.known[rid] * 7919) % self.vocab)
                 out.logprobs.append(None)
         return out if self.rank == 0 else None
+
+    # Nothing runs asynchronously here: the "handle" is the output itself.
+    def execute_async(self, step: StepInput):
+        return self.execute(step)
+
+    def wait(self, handle) -> StepOutput | None:
+        return handle
