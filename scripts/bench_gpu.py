@@ -227,7 +227,11 @@ def main(argv=None) -> int:
     if args.profile:
         profile(llm, cfg, s)
     llm.shutdown()
-    del llm
+    del llm, runner  # the runner holds the weights, KV cache and CUDA graphs
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     # HF peers run after the engine let go of its KV cache (it holds most of the GPU).
     for name, p, new, record in hf_jobs:
         record(run_hf(args.model, args.dtype, p, new))
