@@ -145,6 +145,7 @@ def main(argv=None) -> int:
     ap.add_argument("--hf", action="store_true", help="also time HF transformers generate on decode1 and offline_long")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="the per-step token budget")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: check the script on any machine")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true",
@@ -177,6 +178,8 @@ def main(argv=None) -> int:
     roof = res["roofline"] = roofline(args.smoke)  # every other figure is read against it
     row("roofline", f"{roof['bandwidth_gb_s']:.0f} GB/s copy, {roof['matmul_tflop_s']:.0f} TFLOP/s matmul", "")
     kw = dict(dtype=args.dtype, max_model_len=min(cfg.max_position_embeddings, 8192 // (s if args.smoke else 1) + 64))
+    if args.max_num_batched_tokens:
+        kw["max_num_batched_tokens"] = res["max_num_batched_tokens"] = args.max_num_batched_tokens
     if torch.cuda.is_available():
         kw["gpu_memory_utilization"] = args.gpu_memory_utilization
     else:
