@@ -19,8 +19,16 @@ from ziggurat.sampling_params import SamplingParams
 PromptType = str | list[int] | dict
 
 
+# Offline runs favour throughput over inter-token latency: a larger per-step
+# token budget means fewer, larger prefill chunks (H100, 32 x 4096/32:
+# 31,9xx total tok/s at 16384 vs 30,903 at 8192; BENCHMARKS.md). Serving keeps
+# EngineConfig's 8192, which bounds how long a prefill chunk stalls decodes.
+OFFLINE_MAX_NUM_BATCHED_TOKENS = 16384
+
+
 class LLM:
     def __init__(self, model: str, tensor_parallel_size: int = 1, dtype: str | None = None, seed: int = 0, **kwargs):
+        kwargs.setdefault("max_num_batched_tokens", OFFLINE_MAX_NUM_BATCHED_TOKENS)
         self.config = EngineConfig(model=str(model), tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed, **kwargs)
         self.tokenizer = Tokenizer(model)
         self.engine = EngineCore(self.config)
