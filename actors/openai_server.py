@@ -246,8 +246,9 @@ class OpenAIServer:
         meta = dict(id=f"{prefix}-{request_id}", created=created, model=self.config.served_model_name)
         ctx.body_meta = meta
         if req.stream:
-            return StreamingResponse(self._stream(ctx, req, prompts, children, queue, meta),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return ClosingStream(self._stream(ctx, req, prompts, children, queue, meta),
+                                 on_close=lambda: self._finish(ctx, children, "client_disconnected"),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         collect = asyncio.ensure_future(self._collect(children, queue))
         gone = asyncio.ensure_future(_disconnected(request))
         try:
@@ -393,6 +394,23 @@ class OpenAIServer:
             yield "data: [DONE]\n\n"
         finally:
             self._finish(ctx, children, "aborted")
+
+
+class ClosingStream(StreamingResponse):
+    """A StreamingResponse that calls `on_close` however the response ends.
+    The body generator's own `finally` never runs if sending the headers fails
+    (the client left first): the generator was never started. on_close must be
+    idempotent (the generator's cleanup may already have run)."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
 
 
 @dataclass

@@ -133,3 +133,32 @@ def test_invalid_sampling_values(kwargs, field):
     with pytest.raises(SamplingParamsError) as e:
         SamplingParams(**kwargs)
     assert e.value.field == field and str(e.value).startswith(field + ":")
+
+
+def test_stream_cleanup_runs_when_the_client_leaves_before_the_headers():
+    """If sending the response start fails (client gone), the SSE generator never
+    starts and its `finally` never runs; ClosingStream still calls on_close, so
+    the request is aborted and its token reservation released."""
+    import asyncio
+
+    from ziggurat.actors.openai_server import ClosingStream
+
+    started, closed = [], []
+
+    async def body():
+        started.append(True)
+        yield "data: x\n\n"
+
+    async def send(message):
+        raise OSError("connection reset")
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    resp = ClosingStream(body(), on_close=lambda: closed.append(True), media_type="text/event-stream")
+    scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
+    try:
+        asyncio.run(resp(scope, receive, send))
+    except Exception:
+        pass  # starlette reports the disconnect; what matters is the cleanup
+    assert closed == [True] and started == []
