@@ -10,7 +10,7 @@ generate() runs the engine loop in this process until every request is done.
 from __future__ import annotations
 
 from ziggurat.actors.core.engine import EngineCore
-from ziggurat.actors.core.request import RequestStatus
+from ziggurat.actors.core.request import RequestStatus, prompt_error
 from ziggurat.config import EngineConfig
 from ziggurat.models.tokenizer import TextStream, Tokenizer
 from ziggurat.outputs import CompletionOutput, RequestOutput
@@ -54,10 +54,10 @@ class LLM:
         # Validate and tokenize everything before adding anything, so a bad
         # prompt leaves the engine untouched.
         encoded = [self._encode(p) for p in prompts]
-        limit = self.engine.max_model_len
         for i, (ids, _) in enumerate(encoded):
-            if len(ids) >= limit:
-                raise ValueError(f"prompt {i}: {len(ids)} tokens leave no room to generate within max_model_len={limit}")
+            err = prompt_error(ids, self.engine.max_model_len, self.engine.model_config.vocab_size)
+            if err is not None:
+                raise ValueError(f"prompt {i}: {err[0].removeprefix('prompt: ')}")
         results: list[RequestOutput] = []
         streams: dict[str, tuple[RequestOutput, CompletionOutput, TextStream, SamplingParams]] = {}
         for (ids, text), params in zip(encoded, sampling_params):

@@ -36,7 +36,7 @@ class SubmitRequest:
 class SubmitResult:
     ok: bool
     error: str | None = None
-    # "invalid" (400), "queue_full" (429), "unavailable" (503)
+    # "invalid" / "context_length_exceeded" (400), "queue_full" (429), "unavailable" (503)
     code: str | None = None
 
 

@@ -21,7 +21,7 @@ import ray
 
 from ziggurat.actors.core.engine import EngineCore
 from ziggurat.actors.core.ledger import UsageEvent
-from ziggurat.actors.core.request import RequestStatus
+from ziggurat.actors.core.request import RequestStatus, prompt_error
 from ziggurat.models.step import StepInput
 from ziggurat.actors.core.scheduler import RequestUpdate
 from ziggurat.actors.messages import ReplicaStats, SubmitRequest, SubmitResult, TokenBatch
@@ -117,19 +117,9 @@ class SchedulerLoop:
 
     def submit(self, req: SubmitRequest) -> SubmitResult:
         eng = self.engine
-        n = len(req.prompt_token_ids)
-        if n == 0:
-            return SubmitResult(False, "prompt must contain at least one token", "invalid")
-        if n >= eng.max_model_len:
-            return SubmitResult(
-                False,
-                f"This model's maximum context length is {eng.max_model_len} tokens; the prompt has {n} tokens "
-                "and leaves no room to generate.",
-                "context_length_exceeded",
-            )
-        vocab = eng.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in req.prompt_token_ids):
-            return SubmitResult(False, f"prompt token ids must be in [0, {vocab})", "invalid")
+        err = prompt_error(req.prompt_token_ids, eng.max_model_len, eng.model_config.vocab_size)
+        if err is not None:
+            return SubmitResult(False, *err)
         if eng.scheduler.num_waiting + self.num_pending >= self.max_waiting:
             return SubmitResult(False, "the server's queue is full; retry later", "queue_full")
         with self.wakeup:

@@ -11,7 +11,7 @@ import itertools
 
 from ziggurat.actors.core.executor import make_executor
 from ziggurat.actors.core.kv_manager import KVCacheManager
-from ziggurat.actors.core.request import Request, RequestStatus
+from ziggurat.actors.core.request import Request, RequestStatus, prompt_error
 from ziggurat.actors.core.scheduler import RequestUpdate, Scheduler, SchedulerConfig
 from ziggurat.config import ConfigError, EngineConfig
 from ziggurat.models.config import ModelConfig
@@ -63,10 +63,9 @@ class EngineCore:
         cache_extra_keys: tuple = (),
     ) -> str:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt: token id {bad!r} is outside the vocabulary [0, {vocab})")
+        err = prompt_error(prompt_token_ids, self.max_model_len, self.model_config.vocab_size)
+        if err is not None:
+            raise ValueError(err[0])
         if not params._eos_token_ids:
             params = params.clone(_eos_token_ids=tuple(self.model_config.eos_token_ids))
         self.scheduler.add_request(

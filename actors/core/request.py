@@ -10,6 +10,22 @@ from ziggurat.models.step import Logprobs
 from ziggurat.sampling_params import SamplingParams
 
 
+def prompt_error(token_ids, max_model_len: int, vocab_size: int) -> tuple[str, str] | None:
+    """Why a prompt cannot be served, as (message, code), or None. The one
+    check every entry point uses (LLM, the engine, the scheduler actor's
+    submit); codes: "invalid", "context_length_exceeded"."""
+    n = len(token_ids)
+    if n == 0:
+        return "prompt: must contain at least one token", "invalid"
+    if n >= max_model_len:
+        return (f"prompt: {n} tokens leave no room to generate within max_model_len={max_model_len}",
+                "context_length_exceeded")
+    bad = next((t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab_size), None)
+    if bad is not None:
+        return f"prompt: token id {bad!r} is outside the vocabulary [0, {vocab_size})", "invalid"
+    return None
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"

@@ -61,15 +61,8 @@ class Scheduler:
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
-        limit = self.config.max_model_len
-        if req.num_prompt_tokens == 0:
-            raise ValueError("prompt: must contain at least one token")
-        if req.num_prompt_tokens >= limit:
-            raise ValueError(
-                f"prompt: {req.num_prompt_tokens} tokens leave no room to generate within "
-                f"max_model_len={limit}"
-            )
-        room = limit - req.num_prompt_tokens
+        # The prompt was checked by the caller (request.prompt_error).
+        room = self.config.max_model_len - req.num_prompt_tokens
         req.max_tokens = room if req.max_tokens is None else min(req.max_tokens, room)
         self.requests[req.request_id] = req
         self.waiting.append(req)
