@@ -25,8 +25,8 @@ from ziggurat.kernels.backend import use_triton
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64, where each new token's KV goes
-    query_start_loc: torch.Tensor  # [B+1] int32
-    seq_lens: torch.Tensor  # [B] int32, context length after this step
+    query_start_loc: torch.Tensor  # [B+1] integer (the runner sends int64)
+    seq_lens: torch.Tensor  # [B] integer, context length after this step
     block_tables: torch.Tensor  # [B, max_blocks] int32; entries past a sequence's blocks are ignored
     # Host copies for reference paths and launch grids (no device sync needed).
     query_start_loc_cpu: list[int]
