@@ -22,10 +22,10 @@ import ray
 from ziggurat.actors.core.engine import EngineCore
 from ziggurat.actors.core.ledger import UsageEvent
 from ziggurat.actors.core.request import RequestStatus, prompt_error
-from ziggurat.models.step import StepInput
 from ziggurat.actors.core.scheduler import RequestUpdate
 from ziggurat.actors.messages import ReplicaStats, SubmitRequest, SubmitResult, TokenBatch
 from ziggurat.config import EngineConfig
+from ziggurat.models.step import StepInput
 
 log = logging.getLogger("ziggurat.scheduler")
 

@@ -26,6 +26,7 @@ class WorkerActor:
     def __init__(self, config: EngineConfig, rank: int, worker_cls: str = "ziggurat.models.worker:Worker"):
         self.config, self.rank, self.worker_cls = config, rank, worker_cls
         self.worker = None
+        self._prev = None  # the last step launched by execute_pipelined, not yet answered
 
     def address(self) -> str:
         """A TCP rendezvous address on this node, for rank 0."""
@@ -55,7 +56,7 @@ class WorkerActor:
         CompiledGraphExecutor."""
         try:
             handle = self.worker.execute_async(step)
-            prev, self._prev = getattr(self, "_prev", None), handle
+            prev, self._prev = self._prev, handle
             return None if prev is None else self.worker.wait(prev)
         except BaseException:
             self._prev = None  # the engine aborts everything on a failed step; start afresh

@@ -21,7 +21,7 @@ from ziggurat.models.loader import load_weights
 from ziggurat.models.registry import model_class
 from ziggurat.models.sampler import Sampler, SamplingBatch
 from ziggurat.models.staging import Staging
-from ziggurat.models.step import Logprobs, StepInput, StepOutput
+from ziggurat.models.step import Logprobs, NewRequestData, StepInput, StepOutput
 from ziggurat.sampling_params import SamplingParams
 from ziggurat.topology.distributed import tp
 
@@ -55,8 +55,13 @@ class _InFlight:
     host: torch.Tensor | None  # [S] pinned copy, filled asynchronously
     event: object  # torch.cuda.Event marking the copy's end (None on CPU)
     sampled: object = None  # rank 0: the SamplerOutput (logprobs)
+    logprobs_k: list = field(default_factory=list)  # rank 0: each row's requested top-k logprobs (or None)
     output: StepOutput | None = None  # set once resolved
     resolved: bool = False
+
+    @staticmethod
+    def empty() -> "_InFlight":
+        return _InFlight([], None, None, None, output=StepOutput(), resolved=True)
 
 
 @dataclass
@@ -138,37 +143,26 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warmup(self) -> None:
-        """Compile the kernel variants steps will hit, before any request does:
-        a batch with a fresh prompt (SDPA), a chunk with context and a decode
-        (the paged kernel skipping the fresh rows), and one without a fresh
-        prompt. Writes the first few KV blocks: start-up only, while they hold nothing."""
-        from ziggurat.kernels.attention import SDPA_MIN_LEN
-
+        """Compile the prefill-path kernels before any request does: one forward
+        of a fresh prompt, a chunk with context and a decode, built by the
+        normal input path for scratch requests that are dropped afterwards.
+        Start-up only: it writes the first five KV blocks."""
         if self._stepped:
             raise RuntimeError("warmup() overwrites KV blocks: call it before the first step")
-        bs, n = self.block_size, SDPA_MIN_LEN
-        fresh_blocks = -(-n // bs)
-        if self.num_blocks < fresh_blocks + 2:
+        bs = self.block_size
+        if self.num_blocks < 5:
             return
-        # (query positions, block ids) per sequence: fresh prompt, 2-token chunk after 1 block, 1 decode.
-        seqs = [(range(n), range(fresh_blocks)), (range(bs, bs + 2), (fresh_blocks, fresh_blocks + 1)),
-                (range(5, 6), (fresh_blocks,))]
-        for batch in (seqs, seqs[1:]):
-            pos = [p for q, _ in batch for p in q]
-            slots = [blocks[p // bs] * bs + p % bs for q, blocks in batch for p in q]
-            qsl = [0]
-            for q, _ in batch:
-                qsl.append(qsl[-1] + len(q))
-            lens = [q[-1] + 1 for q, _ in batch]
-            width = max(len(b) for _, b in batch)
-            table = [list(b) + [0] * (width - len(b)) for _, b in batch]
-            dev = self.device
-            meta = AttentionMetadata(
-                slot_mapping=torch.tensor(slots, device=dev), query_start_loc=torch.tensor(qsl, device=dev),
-                seq_lens=torch.tensor(lens, device=dev), block_tables=torch.tensor(table, dtype=torch.int32, device=dev),
-                query_start_loc_cpu=qsl, seq_lens_cpu=lens, max_query_len=max(len(q) for q, _ in batch),
-                max_seq_len=max(lens))
-            self.model(torch.zeros(len(pos), dtype=torch.long, device=dev), torch.tensor(pos, device=dev), meta)
+        params = SamplingParams(max_tokens=1)
+        # (request, prompt length, block ids, tokens already computed, tokens to run)
+        seqs = [("warmup-prompt", 2 * bs, [0, 1], 0, 2 * bs), ("warmup-chunk", bs + 2, [2, 3], bs, 2),
+                ("warmup-decode", 6, [4], 5, 1)]
+        step = StepInput(new_requests=[NewRequestData(rid, [0] * n, [], params, blocks, done)
+                                       for rid, n, blocks, done, _ in seqs],
+                         num_scheduled_tokens={rid: run for rid, _, _, _, run in seqs})
+        self._update_states(step)
+        ids, pos, meta, _ = self._eager_inputs(self._prepare(step))
+        self.model(ids, pos, meta)
+        self._update_states(StepInput(finished_req_ids=[rid for rid, *_ in seqs]))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -351,7 +345,7 @@ class ModelRunner:
         self._stepped = True
         self._update_states(step)
         if step.is_empty:
-            return _InFlight([], None, None, None, output=StepOutput(), resolved=True)
+            return _InFlight.empty()
         # Penalties read the whole output history on the host: settle first.
         if any(r.pending and r.params.needs_penalties for r in map(self.requests.get, step.num_scheduled_tokens)):
             self._resolve_pending()
@@ -359,7 +353,7 @@ class ModelRunner:
         hidden = self._forward(hs)
         reqs = hs.sample_req_ids
         if not reqs:
-            return _InFlight([], None, None, None, output=StepOutput(), resolved=True)
+            return _InFlight.empty()
         logits = self.model.compute_logits(hidden)
         sampled = self._sample(logits, reqs) if self.tp.rank == 0 else None
         tokens = sampled.token_ids if sampled is not None else torch.empty(len(reqs), dtype=torch.long,
@@ -373,7 +367,8 @@ class ModelRunner:
             event.record()
         else:
             host, event = tokens, None
-        handle = _InFlight(list(reqs), tokens, host, event, sampled)
+        handle = _InFlight(list(reqs), tokens, host, event, sampled,
+                           [self.requests[rid].params.logprobs for rid in reqs] if sampled is not None else [])
         for i, rid in enumerate(reqs):
             self.requests[rid].pending.append((handle, i))
         return handle
@@ -400,7 +395,7 @@ class ModelRunner:
                 r.token_ids.append(t)
                 r.pending.pop(0)
         if self.tp.rank == 0:
-            h.output = self._step_output(h.req_ids, token_ids, h.sampled)
+            h.output = self._step_output(h.req_ids, token_ids, h.sampled, h.logprobs_k)
         h.tokens = h.sampled = None  # free the device tensors
         h.resolved = True
 
@@ -414,18 +409,16 @@ class ModelRunner:
         outputs = [r.token_ids[r.prompt_len :] if r.params.needs_penalties
                    else range(len(r.token_ids) + len(r.pending) - r.prompt_len) for r in rs]
         batch = SamplingBatch.build([r.params for r in rs], prompts, outputs, self.cfg.vocab_size, self.device)
-        out = self.sampler(logits, batch, self.generator)
-        out.wanted_logprobs = [r.params.logprobs for r in rs]
-        return out
+        return self.sampler(logits, batch, self.generator)
 
     @staticmethod
-    def _step_output(reqs: list[str], token_ids: list[int], s) -> StepOutput:
+    def _step_output(reqs: list[str], token_ids: list[int], s, logprobs_k: list) -> StepOutput:
         lps: list[Logprobs | None] = [None] * len(reqs)
         if s is not None and s.logprobs is not None:
             lp, ranks = s.logprobs.tolist(), s.ranks.tolist()
             top_ids = s.topk_ids.tolist() if s.topk_ids is not None else None
             top_lps = s.topk_logprobs.tolist() if s.topk_logprobs is not None else None
-            for i, k in enumerate(s.wanted_logprobs):
+            for i, k in enumerate(logprobs_k):
                 if k is None:
                     continue
                 lps[i] = Logprobs(

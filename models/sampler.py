@@ -202,7 +202,6 @@ class SamplerOutput:
     topk_ids: torch.Tensor | None  # int64 [B, K], K = max_logprobs (may be 0)
     topk_logprobs: torch.Tensor | None  # float32 [B, K]
     ranks: torch.Tensor | None  # int64 [B], 1 = most likely
-    wanted_logprobs: list[int | None] | None = None  # per row, set by the runner
 
 
 class Sampler(torch.nn.Module):

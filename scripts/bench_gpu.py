@@ -234,7 +234,8 @@ def main(argv=None) -> int:
     import gc
 
     gc.collect()
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     # HF peers run after the engine let go of its KV cache (it holds most of the GPU).
     for name, p, new, record in hf_jobs:
         record(run_hf(args.model, args.dtype, p, new))

@@ -44,14 +44,11 @@ class InProcessExecutor:
     def shutdown(self) -> None:
         # Drop the model and KV cache so their memory is released (the GPU's
         # too, once the caching allocator is emptied).
-        self.worker = None
-        try:
-            import torch
+        import torch
 
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:
-            pass
+        self.worker = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _free_port() -> int:
