@@ -141,3 +141,75 @@ def silu_and_mul(x):
     if t:
         _silu_and_mul_kernel[(t, triton.cdiv(inter, block))](x2, out, x2.stride(0), out.stride(0), inter, BLOCK=block)
     return out.reshape(*shape[:-1], inter)
+
+
+@triton.jit
+def _rotary_store_kv_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, ko_ptr, kc_ptr, vc_ptr, pos_ptr, slots_ptr, cache_ptr,
+                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                            stride_qot, stride_kot, stride_c, stride_cs,
+                            HQ: tl.constexpr, HQ_PAD: tl.constexpr, HK: tl.constexpr, HK_PAD: tl.constexpr,
+                            HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+    """One token: rotate q and k, write the rotated q and k out, and store the
+    rotated k and the v in the cache slot (slot -1: padding, nothing stored)."""
+    t = tl.program_id(0)
+    pos = tl.load(pos_ptr + t)
+    slot = tl.load(slots_ptr + t)
+    j = tl.arange(0, HALF_PAD)
+    jm = j < HALF
+    cos = tl.load(cache_ptr + pos * stride_c + j, mask=jm, other=0.0)
+    sin = tl.load(cache_ptr + pos * stride_c + HALF + j, mask=jm, other=0.0)
+    # q: [HQ, 2*HALF]
+    hq = tl.arange(0, HQ_PAD)
+    mq = (hq < HQ)[:, None] & jm[None, :]
+    qb = q_ptr + t * stride_qt + hq[:, None] * stride_qh + j[None, :]
+    x1 = tl.load(qb, mask=mq, other=0.0)
+    x2 = tl.load(qb + HALF, mask=mq, other=0.0)
+    c = cos.to(x1.dtype)[None, :]
+    s = sin.to(x1.dtype)[None, :]
+    qo = qo_ptr + t * stride_qot + hq[:, None] * (2 * HALF) + j[None, :]
+    tl.store(qo, x1 * c - x2 * s, mask=mq)
+    tl.store(qo + HALF, x2 * c + x1 * s, mask=mq)
+    # k and v: [HK, 2*HALF]
+    hk = tl.arange(0, HK_PAD)
+    mk = (hk < HK)[:, None] & jm[None, :]
+    kb = k_ptr + t * stride_kt + hk[:, None] * stride_kh + j[None, :]
+    y1 = tl.load(kb, mask=mk, other=0.0)
+    y2 = tl.load(kb + HALF, mask=mk, other=0.0)
+    r1 = y1 * c - y2 * s
+    r2 = y2 * c + y1 * s
+    ko = ko_ptr + t * stride_kot + hk[:, None] * (2 * HALF) + j[None, :]
+    tl.store(ko, r1, mask=mk)
+    tl.store(ko + HALF, r2, mask=mk)
+    if slot >= 0:
+        inner = hk[:, None] * (2 * HALF) + j[None, :]
+        kc = kc_ptr + slot * stride_cs + inner
+        tl.store(kc, r1.to(kc_ptr.dtype.element_ty), mask=mk)
+        tl.store(kc + HALF, r2.to(kc_ptr.dtype.element_ty), mask=mk)
+        vb = v_ptr + t * stride_vt + hk[:, None] * stride_vh + j[None, :]
+        vc = vc_ptr + slot * stride_cs + inner
+        tl.store(vc, tl.load(vb, mask=mk, other=0.0).to(vc_ptr.dtype.element_ty), mask=mk)
+        tl.store(vc + HALF, tl.load(vb + HALF, mask=mk, other=0.0).to(vc_ptr.dtype.element_ty), mask=mk)
+
+
+def rotary_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping):
+    """q: [T, Hq, D], k/v: [T, Hkv, D] -> rotated (q, k), both new contiguous
+    tensors; rotated k and v are stored at slot_mapping in the caches."""
+    t, hq, d = q.shape
+    hk = k.shape[1]
+    if cos_sin_cache.shape[1] != d:
+        raise ValueError(f"cos/sin cache width {cos_sin_cache.shape[1]} != head_dim {d}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("KV caches must be contiguous")
+    if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
+        raise ValueError("q, k and v must be contiguous in head_dim")
+    q_out = torch.empty((t, hq, d), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((t, hk, d), dtype=k.dtype, device=k.device)
+    if t:
+        half = d // 2
+        _rotary_store_kv_kernel[(t,)](
+            q, k, v, q_out, k_out, k_cache, v_cache, positions, slot_mapping, cos_sin_cache,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            q_out.stride(0), k_out.stride(0), cos_sin_cache.stride(0), hk * d,
+            HQ=hq, HQ_PAD=triton.next_power_of_2(hq), HK=hk, HK_PAD=triton.next_power_of_2(hk),
+            HALF=half, HALF_PAD=triton.next_power_of_2(half))
+    return q_out, k_out

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ziggurat.kernels.backend import use_triton
+from ziggurat.kernels.rotary import apply_rotary_ref
 
 
 def store_kv(
@@ -37,3 +38,30 @@ def store_kv_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
         k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
     k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def rotary_store_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of q and k fused with the KV store: returns the rotated
+    (q, k) and writes the rotated k and v into their slots. One kernel per
+    layer instead of three (rotate q, rotate k, store), which counts at batch 1
+    where each launch costs as much as its work."""
+    if use_triton(q):
+        from ziggurat.kernels.elementwise_triton import rotary_store_kv as triton_rotary_store_kv
+
+        return triton_rotary_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+    return rotary_store_kv_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+
+
+def rotary_store_kv_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping):
+    q, k = apply_rotary_ref(q, k, positions, cos_sin_cache)
+    store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+    return q, k

@@ -34,9 +34,9 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.o_bias, dt)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt) if cfg.qk_norm else None
-        self.rotary = rotary  # shared table; not a parameter
         self.heads, self.kv_heads, self.head_dim = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, cfg.head_dim
-        self.attn = PagedAttention(self.heads, self.kv_heads, cfg.head_dim, cfg.sliding_windows[layer])
+        # The attention layer rotates q/k as it stores the KV (one fused kernel).
+        self.attn = PagedAttention(self.heads, self.kv_heads, cfg.head_dim, cfg.sliding_windows[layer], rotary)
 
     def forward(self, positions, x, meta: AttentionMetadata):
         t = x.shape[0]
@@ -45,8 +45,7 @@ class Attention(nn.Module):
         k = k.reshape(t, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        out = self.attn(q.reshape(t, -1), k.reshape(t, -1), v, meta)
+        out = self.attn(positions, q, k, v, meta)
         return self.o_proj(out)
 
 

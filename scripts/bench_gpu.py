@@ -18,6 +18,7 @@ Prints a table and one JSON line.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import sys
@@ -134,6 +135,38 @@ def profile(llm, cfg, shrink: int) -> None:
               f"({wall / 32 * 1e3:.2f} ms/step incl. prefill)")
         key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
+        if torch.cuda.is_available():
+            gpu_idle_report(prof, steps=32)
+            if os.environ.get("OUT"):
+                prof.export_chrome_trace(os.path.join(os.environ["OUT"], f"trace_batch{batch}.json"))
+
+
+def gpu_idle_report(prof, steps: int) -> None:
+    """How busy the GPU was between its first and last kernel: the union of
+    kernel intervals, and the largest idle gaps with the kernels around them."""
+    from torch.autograd import DeviceType
+
+    ev = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                if e.device_type == DeviceType.CUDA)
+    if not ev:
+        return
+    busy, gaps, end = 0.0, [], ev[0][0]
+    prev = ""
+    for a, b, name in ev:
+        if a > end:
+            gaps.append((a - end, prev, name))
+        busy += max(0.0, b - max(a, end))
+        if b > end:
+            end, prev = b, name
+    span = end - ev[0][0]
+    gaps.sort(reverse=True)
+    total_gap = sum(g for g, *_ in gaps)
+    print(f"GPU busy {busy / 1e3:.2f} ms of {span / 1e3:.2f} ms ({busy / span:.1%}); {len(ev)} device ops "
+          f"({len(ev) / steps:.0f} per step); idle {total_gap / 1e3:.2f} ms in {len(gaps)} gaps "
+          f"({total_gap / steps:.0f} us per step); gaps > 20 us: {sum(1 for g, *_ in gaps if g > 20)} "
+          f"totalling {sum(g for g, *_ in gaps if g > 20) / 1e3:.2f} ms")
+    for g, before, after in gaps[:12]:
+        print(f"  gap {g:8.1f} us  after {before[:60]!r}  before {after[:60]!r}")
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU work: kernel tests, then the benchmarks.
 # Run from the repo root on the GPU machine with the .device bundle carried:
-#     bash scripts/gpu_suite.sh [tests] [attention] [bench] [offline] [serving] [control]
+#     bash scripts/gpu_suite.sh [tests] [gemv] [attention] [bench] [offline] [serving] [control]
 # Logs and JSON land in $OUT (or ./gpu-out when OUT is unset).
 set -o pipefail
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
@@ -14,6 +14,10 @@ STEPS=" $* "
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 if want tests; then
   timeout ${TESTS_S:-300} python -m pytest tests/gpu -q -p no:cacheprovider -rf > "$OUT/tests.log" 2>&1; tail -40 "$OUT/tests.log"
+fi
+if want gemv; then
+  timeout ${GEMV_S:-300} python -m ziggurat.scripts.bench_gemv ${GEMV_ARGS:-} --json "$OUT/gemv.json" 2>&1 \
+    | tee "$OUT/gemv.log"
 fi
 if want attention; then
   timeout ${ATTN_S:-200} python -m ziggurat.scripts.bench_attention ${ATTN_ARGS:-} --json "$OUT/attention.json" 2>&1 \

@@ -144,6 +144,30 @@ def test_store_kv_skips_padding():
     assert torch.equal(kc.nan_to_num(7.0), kc2.nan_to_num(7.0)) and torch.equal(vc.nan_to_num(7.0), vc2.nan_to_num(7.0))
 
 
+@pytest.mark.parametrize("hq,hk,d", [(4, 2, 32), (3, 1, 16), (8, 8, 64)])
+def test_rotary_store_kv_fused(hq, hk, d):
+    """The fused kernel equals rotary then store: rotated q/k returned, rotated k
+    and v in their slots, padding (-1) slots untouched."""
+    from ziggurat.models.rotary import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(d + hq)
+    cache = RotaryEmbedding(d, 256, 10000.0, None).cos_sin_cache.to(DEV)
+    qkv = torch.randn(5, (hq + 2 * hk) * d, generator=g).to(DEV)  # strided views, as in the model
+    q = qkv[:, : hq * d].view(5, hq, d)
+    k = qkv[:, hq * d : (hq + hk) * d].view(5, hk, d)
+    v = qkv[:, (hq + hk) * d :].view(5, hk, d)
+    pos = torch.tensor([0, 7, 100, 255, 3], device=DEV)
+    slots = torch.tensor([3, 17, -1, 63, 40], device=DEV)
+    kc, vc = (torch.full((4, 16, hk, d), float("nan"), device=DEV) for _ in range(2))
+    kc2, vc2 = kc.clone(), vc.clone()
+    q1, k1 = ET.rotary_store_kv(q, k, v, pos, cache, kc, vc, slots)
+    q2, k2 = kv_cache.rotary_store_kv_ref(q, k, v, pos, cache, kc2, vc2, slots)
+    assert rel_err(q1, q2) < 1e-6 and rel_err(k1, k2) < 1e-6
+    assert torch.allclose(kc.nan_to_num(7.0), kc2.nan_to_num(7.0), atol=1e-6)
+    assert torch.equal(vc.nan_to_num(7.0), vc2.nan_to_num(7.0))
+    assert torch.isnan(kc.view(-1, hk, d)[[0, 1, 2]]).all()  # slots nobody wrote
+
+
 @pytest.mark.slow
 def test_engine_greedy_triton_path_equals_reference_path(model_factory, monkeypatch):
     from ziggurat import LLM, SamplingParams

@@ -86,6 +86,29 @@ def test_norm_rotary(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("t", [1, 7, 4096])
+def test_rotary_store_kv_fused(dtype, t):
+    from ziggurat.kernels import kv_cache
+    from ziggurat.models.rotary import RotaryEmbedding
+
+    cache = RotaryEmbedding(128, 32768, 500000.0, None).cos_sin_cache.cuda()
+    qkv = torch.randn(t, 48 * 128, device="cuda").to(dtype)
+    q, k, v = (x.view(t, -1, 128) for x in qkv.split([32 * 128, 8 * 128, 8 * 128], dim=1))
+    pos = torch.randint(0, 32768, (t,), device="cuda")
+    slots = torch.randperm(4096 * 16, device="cuda")[:t]
+    slots[::5] = -1
+    kc, vc = (torch.zeros(4096, 16, 8, 128, device="cuda", dtype=dtype) for _ in range(2))
+    kc2, vc2 = kc.clone(), vc.clone()
+    q1, k1 = ET.rotary_store_kv(q, k, v, pos, cache, kc, vc, slots)
+    q2, k2 = kv_cache.rotary_store_kv_ref(q, k, v, pos, cache, kc2, vc2, slots)
+    check(q1, q2, dtype)
+    check(k1, k2, dtype)
+    assert torch.equal(vc, vc2)
+    ok = slots >= 0
+    check(kc.view(-1, 8, 128)[slots[ok]], kc2.view(-1, 8, 128)[slots[ok]], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_silu_and_mul(dtype):
     from ziggurat.kernels.activation import silu_and_mul_ref
 

@@ -1,0 +1,58 @@
+"""A skinny matmul for decode: y[M, N] = x[M, K] W[N, K]^T (+ b) with M <= 8.
+
+At batch 1 a decode step is a chain of matrix-vector products that only
+stream the weights, so the kernel's one job is to keep enough loads in
+flight to run at the copy rate. Program p owns BLOCK_N output features and
+walks K in BLOCK_K chunks: each row chunk is a contiguous read, every x
+chunk is reused by all BLOCK_N rows, and the accumulator stays in fp32
+registers. No split-K (no second pass, no atomics): BLOCK_N is small enough
+that the grid fills the GPU several times over.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    m = tl.arange(0, BLOCK_M)
+    m_ok = m < M
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        w = tl.load(w_ptr + n[:, None] * stride_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + m[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+# (block_n, block_k, num_warps, num_stages) by K, from scripts/bench_gemv.py's sweep.
+DEFAULT_CONFIG = (8, 512, 4, 3)
+CONFIGS: dict[int, tuple[int, int, int, int]] = {}
+MAX_M = 8
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, config=None) -> torch.Tensor:
+    """x: [M, K] (M <= 8, rows contiguous), w: [N, K] contiguous -> [M, N] in x's dtype."""
+    m, k = x.shape
+    n = w.shape[0]
+    if m > MAX_M or w.shape[1] != k or w.stride(1) != 1 or x.stride(1) != 1:
+        raise ValueError(f"gemv: x {tuple(x.shape)} and w {tuple(w.shape)} do not fit (M <= {MAX_M}, contiguous K)")
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    bn, bk, warps, stages = config or CONFIGS.get(k, DEFAULT_CONFIG)
+    _gemv_kernel[(triton.cdiv(n, bn),)](
+        x, w, b if b is not None else w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
+        HAS_BIAS=b is not None, BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=warps, num_stages=stages)
+    return out
