@@ -37,9 +37,16 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, st
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-# (block_n, block_k, num_warps, num_stages) by K, from scripts/bench_gemv.py's sweep.
-DEFAULT_CONFIG = (8, 512, 4, 3)
-CONFIGS: dict[int, tuple[int, int, int, int]] = {}
+# (block_n, block_k, num_warps, num_stages) by weight shape (N, K): the best of
+# `bench_gemv --sweep` on an H100 (2026-11-24) for Llama-3.1-8B's layers at TP=1.
+DEFAULT_CONFIG = (4, 1024, 4, 3)
+CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {
+    (6144, 4096): (16, 1024, 4, 1),  # qkv
+    (4096, 4096): (4, 1024, 4, 3),  # o
+    (28672, 4096): (4, 1024, 4, 3),  # gate_up
+    (4096, 14336): (4, 1024, 4, 1),  # down
+    (128256, 4096): (4, 1024, 4, 2),  # lm_head
+}
 MAX_M = 8
 
 
@@ -50,7 +57,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, config
     if m > MAX_M or w.shape[1] != k or w.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError(f"gemv: x {tuple(x.shape)} and w {tuple(w.shape)} do not fit (M <= {MAX_M}, contiguous K)")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    bn, bk, warps, stages = config or CONFIGS.get(k, DEFAULT_CONFIG)
+    bn, bk, warps, stages = config or CONFIGS.get((n, k), DEFAULT_CONFIG)
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x, w, b if b is not None else w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
         HAS_BIAS=b is not None, BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=bn, BLOCK_K=bk,

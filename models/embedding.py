@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ziggurat.kernels.matmul import linear
 from ziggurat.topology.distributed import all_reduce, gather_last_dim_to_first_rank, tp
 
 
@@ -45,6 +46,6 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Full-vocabulary logits on rank 0 (None elsewhere)."""
-        local = F.linear(hidden, self.weight)
+        local = linear(hidden, self.weight)
         full = gather_last_dim_to_first_rank(local)
         return None if full is None else full[..., : self.vocab_size]

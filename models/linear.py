@@ -14,9 +14,9 @@ check).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ziggurat.kernels.matmul import linear
 from ziggurat.topology.distributed import all_reduce, shard_range, tp
 
 
@@ -60,7 +60,7 @@ class ColumnParallelLinear(nn.Module):
         param.data[offset : offset + local].copy_(src.read(0, start, local))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -133,5 +133,5 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(src.read())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(F.linear(x, self.weight))
+        y = all_reduce(linear(x, self.weight))
         return y + self.bias if self.bias is not None else y

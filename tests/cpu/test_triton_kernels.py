@@ -144,6 +144,20 @@ def test_store_kv_skips_padding():
     assert torch.equal(kc.nan_to_num(7.0), kc2.nan_to_num(7.0)) and torch.equal(vc.nan_to_num(7.0), vc2.nan_to_num(7.0))
 
 
+@pytest.mark.parametrize("m", [1, 2, 3])
+@pytest.mark.parametrize("n,k,config", [(37, 300, (8, 128, 4, 1)), (64, 256, (4, 128, 4, 1)), (5, 40, None)])
+def test_gemv(m, n, k, config):
+    from ziggurat.kernels.gemv_triton import gemv
+
+    g = torch.Generator().manual_seed(n * m)
+    x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    x, w, b = x.to(DEV), w.to(DEV), b.to(DEV)
+    assert rel_err(gemv(x, w, config=config), x @ w.T) < 1e-5
+    assert rel_err(gemv(x, w, b, config=config), x @ w.T + b) < 1e-5
+    with pytest.raises(ValueError, match="gemv"):
+        gemv(torch.randn(9, k, device=DEV), w)
+
+
 @pytest.mark.parametrize("hq,hk,d", [(4, 2, 32), (3, 1, 16), (8, 8, 64)])
 def test_rotary_store_kv_fused(hq, hk, d):
     """The fused kernel equals rotary then store: rotated q/k returned, rotated k

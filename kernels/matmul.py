@@ -1,0 +1,30 @@
+"""y = x W^T (+ b) for the model's linear layers.
+
+Skinny inputs (a decode step of one or two sequences) go to the Triton GEMV
+(kernels/gemv_triton.py): measured on an H100 (scripts/bench_gemv.py,
+BENCHMARKS.md) it streams the Llama-3.1-8B weights 5-10% faster than
+cuBLAS at M <= 2 and needs no split-K reduce kernel. Every other shape, and
+every non-CUDA tensor, is torch's (cuBLAS) matmul. ZIGGURAT_GEMV=cublas
+turns the Triton GEMV off (A/B runs).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ziggurat.kernels.backend import use_triton
+
+GEMV_MAX_M = 2  # beyond this cuBLAS's tensor-core kernels win (bench_gemv: M=4 is 10-25% slower in Triton)
+_GEMV_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    if (x.dim() == 2 and x.shape[0] <= GEMV_MAX_M and x.dtype in _GEMV_DTYPES and w.is_contiguous()
+            and x.stride(1) == 1 and use_triton(x) and os.environ.get("ZIGGURAT_GEMV", "triton") != "cublas"):
+        from ziggurat.kernels.gemv_triton import gemv
+
+        return gemv(x, w, b)
+    return F.linear(x, w, b)
