@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ziggurat.actors.core.scheduler import RequestUpdate
+from ziggurat.actors.core.scheduler import StepUpdates
 from ziggurat.sampling_params import SamplingParams
 
 
@@ -47,7 +47,7 @@ class TokenBatch:
     replica: int
     epoch: str  # the ingress incarnation this numbering belongs to
     seq: int  # per (replica, ingress epoch), from 0: the ingress applies batches in this order
-    updates: list[RequestUpdate] = field(default_factory=list)
+    updates: StepUpdates = field(default_factory=StepUpdates)  # iterate for RequestUpdates
 
 
 @dataclass

@@ -22,7 +22,7 @@ import ray
 from ziggurat.actors.core.engine import EngineCore
 from ziggurat.actors.core.ledger import UsageEvent
 from ziggurat.actors.core.request import RequestStatus, prompt_error
-from ziggurat.actors.core.scheduler import RequestUpdate
+from ziggurat.actors.core.scheduler import RequestUpdate, StepUpdates
 from ziggurat.actors.messages import ReplicaStats, SubmitRequest, SubmitResult, TokenBatch
 from ziggurat.config import EngineConfig
 from ziggurat.models.step import StepInput
@@ -212,35 +212,54 @@ class SchedulerLoop:
         self._publish(updates)
         return len(updates)
 
-    def _publish(self, updates) -> None:
-        """Meter finished requests and send one TokenBatch per ingress."""
-        by_ingress: dict[str, TokenBatch] = {}
+    def _publish(self, updates: StepUpdates) -> None:
+        """Meter finished requests and send one TokenBatch per ingress (the
+        step's columns split by ingress; RequestUpdate objects are built by
+        the ingress that reads them)."""
+        ids = updates.request_ids
+        if not ids:
+            return
         now = time.time()
+        live, routes = self.live, self.routes
+        self.generation_tokens += sum(1 for t in updates.token_ids if t >= 0)
+        for rid, o in zip(ids, updates.num_output_tokens):
+            if o == 1:  # first token: time to first token for metering
+                entry = live.get(rid)
+                if entry is not None and entry[2] is None:
+                    entry[2] = now
         with self.wakeup:  # epochs and numbering change under this lock (register_ingress)
-            for u in updates:
-                self.generation_tokens += len(u.new_token_ids)
-                live = self.live.get(u.request_id)
-                if live is not None and live[2] is None:
-                    live[2] = now
-                ingress = self.routes.get(u.request_id)
-                if u.finish_reason is not None:
-                    self.routes.pop(u.request_id, None)
-                    self.prompt_tokens += u.num_prompt_tokens
-                    self.cached_tokens += u.num_cached_tokens
-                    self._meter(u.request_id, u.num_prompt_tokens, u.num_cached_tokens, u.num_output_tokens,
-                                "error" if u.finish_reason == "error" else u.finish_reason)
-                if ingress is None:
-                    continue
-                if ingress not in by_ingress:
-                    by_ingress[ingress] = TokenBatch(self.replica, self.epochs.get(ingress, ""), self.seq[ingress])
-                    self.seq[ingress] += 1
-                by_ingress[ingress].updates.append(u)
-        for ingress, batch in by_ingress.items():
+            groups: dict[str, list[int]] = {}
+            for i, rid in enumerate(ids):
+                ingress = routes.get(rid)
+                if ingress is not None:
+                    g = groups.get(ingress)
+                    if g is None:
+                        g = groups[ingress] = []
+                    g.append(i)
+            for rid, (reason, _) in updates.finished.items():
+                routes.pop(rid, None)
+                i = ids.index(rid)
+                p, c, o = updates.num_prompt_tokens[i], updates.num_cached_tokens[i], updates.num_output_tokens[i]
+                entry = live.get(rid)
+                if entry is not None and entry[2] is None and o > 0:
+                    entry[2] = now
+                self.prompt_tokens += p
+                self.cached_tokens += c
+                self._meter(rid, p, c, o, reason)
+            batches = []
+            for ingress, idx in groups.items():
+                part = updates if len(idx) == len(ids) else updates.take(idx)
+                batches.append((ingress, TokenBatch(self.replica, self.epochs.get(ingress, ""), self.seq[ingress], part)))
+                self.seq[ingress] += 1
+        for ingress, batch in batches:
             self.send_batch(ingress, batch)
 
     def _fail(self, request_ids: list[str], counts: dict[str, tuple[int, int, int]]) -> None:
         """End requests with finish_reason "error": tell their ingress, meter them."""
-        self._publish([RequestUpdate(rid, [], [], "error", None, *counts[rid]) for rid in request_ids])
+        ups = StepUpdates()
+        for rid in request_ids:
+            ups.append(RequestUpdate(rid, [], [], "error", None, *counts[rid]))
+        self._publish(ups)
 
     def fail_all(self, status: str = "error", aborted=()) -> None:
         """The engine cannot go on (a worker failed, or shutdown): end every live

@@ -36,13 +36,14 @@ class NullWorker:
         for c in step.cached_requests:
             self.computed[c.req_id] = c.num_computed_tokens
         out = StepOutput()
+        computed, known = self.computed, self.known
         for rid, n in step.num_scheduled_tokens.items():
-            self.computed[rid] += n
-            if self.computed[rid] == self.known[rid]:
-                self.known[rid] += 1
+            c = computed[rid] = computed[rid] + n
+            if c == known[rid]:
+                k = known[rid] = c + 1
                 out.req_ids.append(rid)
-                out.token_ids.append((hash(rid) + self.known[rid] * 7919) % self.vocab)
-                out.logprobs.append(None)
+                out.token_ids.append((hash(rid) + k * 7919) % self.vocab)
+        out.logprobs = [None] * len(out.req_ids)
         return out if self.rank == 0 else None
 
     # Nothing runs asynchronously here: the "handle" is the output itself.

@@ -287,6 +287,13 @@ class ModelRunner:
                          [rids[i] for i in sampling.tolist()], int(n.max()), np.asarray(dst, dtype=np.int64),
                          np.asarray(src, dtype=np.int64), feed_from)
 
+    def _advance(self, step: StepInput) -> None:
+        """After a step is prepared: each request's computed count moves past its
+        scheduled tokens (the scheduler sends the count only with new blocks)."""
+        reqs = self.requests
+        for rid, n in step.num_scheduled_tokens.items():
+            reqs[rid].num_computed += n
+
     def _apply_table_diff(self) -> None:
         if self._table_diff:
             d = np.concatenate(self._table_diff, axis=1)
@@ -350,6 +357,7 @@ class ModelRunner:
         if any(r.pending and r.params.needs_penalties for r in map(self.requests.get, step.num_scheduled_tokens)):
             self._resolve_pending()
         hs = self._prepare(step)
+        self._advance(step)
         hidden = self._forward(hs)
         reqs = hs.sample_req_ids
         if not reqs:

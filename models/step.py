@@ -1,9 +1,10 @@
 """The typed messages between a scheduler and its workers, one pair per step.
 
 The scheduler sends a diff: new requests in full, requests the workers
-already hold as what changed (new blocks). Workers keep each request's token
-ids themselves (rank 0 samples and broadcasts), so a running request costs a
-few integers per step, not its whole history.
+already hold only when they got new KV blocks. Workers keep each request's
+token ids and computed count themselves (rank 0 samples and broadcasts; a
+scheduled request advances by its scheduled tokens), so a running request
+costs its id and a token count per step, not its whole history.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ class NewRequestData:
 
 @dataclass
 class CachedRequestData:
+    """A running request that got new KV blocks this step."""
+
     req_id: str
     new_block_ids: list[int]
-    num_computed_tokens: int
+    num_computed_tokens: int  # before this step (the workers' own count must agree)
 
 
 @dataclass

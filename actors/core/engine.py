@@ -12,7 +12,7 @@ import itertools
 from ziggurat.actors.core.executor import make_executor
 from ziggurat.actors.core.kv_manager import KVCacheManager
 from ziggurat.actors.core.request import Request, RequestStatus, prompt_error
-from ziggurat.actors.core.scheduler import RequestUpdate, Scheduler, SchedulerConfig
+from ziggurat.actors.core.scheduler import Scheduler, SchedulerConfig, StepUpdates
 from ziggurat.config import ConfigError, EngineConfig
 from ziggurat.models.config import ModelConfig
 from ziggurat.sampling_params import SamplingParams
@@ -48,7 +48,8 @@ class EngineCore:
         self.max_model_len = min(max_len, num_blocks * config.block_size)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv,
+            tuple(self.model_config.eos_token_ids),
         )
         self._ids = itertools.count()
         self._inflight = None  # (StepInput, executor handle) submitted, outputs not yet applied
@@ -85,7 +86,7 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished or self._inflight is not None
 
-    def step(self) -> list[RequestUpdate]:
+    def step(self) -> StepUpdates:
         """One step, with the next one already scheduled and submitted before
         this one's tokens are awaited (async scheduling): the workers never
         wait for the scheduler. Requests sampling in a running step count its
@@ -94,7 +95,7 @@ class EngineCore:
             if self._inflight is None:
                 self._inflight = self._submit(self.scheduler.schedule())
                 if self._inflight is None:
-                    return []
+                    return StepUpdates()
             step, handle = self._inflight
             self._inflight = self._submit(self.scheduler.schedule()) if self.async_scheduling else None
             out = self.executor.wait(handle)

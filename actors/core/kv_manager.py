@@ -124,6 +124,18 @@ class KVCacheManager:
             self._cache_full_blocks(st, token_ids, min(total, len(token_ids)) // bs)
         return [b.block_id for b in hits] + [b.block_id for b in new]
 
+    def fast_limits(self, request_id: str) -> tuple[int, int]:
+        """(slots held, known length from which a full block waits for the prefix
+        cache): while a request's computed + new tokens stay within the first
+        and min(that, its known tokens) under the second, allocate_slots has
+        nothing to do (its decode fast path). The scheduler checks this for the
+        whole batch at once."""
+        st = self._reqs.get(request_id)
+        if st is None:
+            return 0, 0
+        bs = self.block_size
+        return len(st.blocks) * bs, (st.num_cached + 1) * bs if self.enable_prefix_caching else 1 << 62
+
     def free(self, request_id: str) -> None:
         st = self._reqs.pop(request_id, None)
         if st is not None:

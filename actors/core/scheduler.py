@@ -18,10 +18,13 @@ token's KV before attending, layer by layer).
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from ziggurat.actors.core.kv_manager import KVCacheManager
 from ziggurat.actors.core.request import Request, RequestStatus
+from ziggurat.actors.core.running import RunningSet
 from ziggurat.models.step import CachedRequestData, Logprobs, NewRequestData, StepInput, StepOutput
 
 
@@ -46,12 +49,63 @@ class RequestUpdate:
     num_output_tokens: int
 
 
+@dataclass(slots=True)
+class StepUpdates:
+    """One step's RequestUpdates as columns: cheap to build for a whole batch,
+    to split per ingress and to pickle. Iterating yields RequestUpdate objects
+    (built by whoever reads them, not by the scheduler's step)."""
+
+    request_ids: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # -1: no new token (an error/abort update)
+    num_prompt_tokens: list[int] = field(default_factory=list)
+    num_cached_tokens: list[int] = field(default_factory=list)
+    num_output_tokens: list[int] = field(default_factory=list)
+    finished: dict[str, tuple[str, int | str | None]] = field(default_factory=dict)  # id -> (reason, stop_reason)
+    logprobs: dict[str, Logprobs] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    def __iter__(self):
+        fin, lps = self.finished, self.logprobs
+        for rid, t, p, c, o in zip(self.request_ids, self.token_ids, self.num_prompt_tokens, self.num_cached_tokens,
+                                   self.num_output_tokens):
+            f = fin.get(rid)
+            lp = lps.get(rid) if lps else None
+            yield RequestUpdate(rid, [t] if t >= 0 else [], [lp] if lp is not None else [],
+                                f[0] if f else None, f[1] if f else None, p, c, o)
+
+    def append(self, u: RequestUpdate) -> None:
+        if len(u.new_token_ids) > 1:
+            raise ValueError("a step update carries at most one token")
+        self.request_ids.append(u.request_id)
+        self.token_ids.append(u.new_token_ids[0] if u.new_token_ids else -1)
+        self.num_prompt_tokens.append(u.num_prompt_tokens)
+        self.num_cached_tokens.append(u.num_cached_tokens)
+        self.num_output_tokens.append(u.num_output_tokens)
+        if u.finish_reason is not None:
+            self.finished[u.request_id] = (u.finish_reason, u.stop_reason)
+        if u.new_logprobs:
+            self.logprobs[u.request_id] = u.new_logprobs[0]
+
+    def take(self, idx: list[int]) -> "StepUpdates":
+        """The entries at `idx` (in that order)."""
+        ids = [self.request_ids[i] for i in idx]
+        return StepUpdates(ids, [self.token_ids[i] for i in idx], [self.num_prompt_tokens[i] for i in idx],
+                           [self.num_cached_tokens[i] for i in idx], [self.num_output_tokens[i] for i in idx],
+                           {r: self.finished[r] for r in ids if r in self.finished} if self.finished else {},
+                           {r: self.logprobs[r] for r in ids if r in self.logprobs} if self.logprobs else {})
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, default_eos_token_ids: tuple[int, ...] = ()):
         self.config = config
         self.kv = kv
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.running = RunningSet()  # admission order; counters as columns
+        # Requests ending on these ids get the vectorized stop check.
+        self.default_eos = tuple(default_eos_token_ids)
+        self._eos = np.asarray(self.default_eos, dtype=np.int64)
         self.requests: dict[str, Request] = {}
         self._forget: list[str] = []  # ids the workers must drop at the next step
         self.num_preemptions = 0
@@ -69,18 +123,21 @@ class Scheduler:
 
     def finish_requests(self, request_ids, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> list[Request]:
         """Finish requests from outside (abort, client gone, stop string seen)."""
-        done = []
+        done, drop, seen = [], [], set()
         for rid in request_ids:
             req = self.requests.get(rid)
-            if req is None or req.finished:
+            if req is None or req.finished or rid in seen:
                 continue
+            seen.add(rid)
             if req.status == RequestStatus.RUNNING:
-                self.running.remove(req)
+                drop.append(self.running.index(req))
             else:
                 self.waiting.remove(req)
+            done.append(req)
+        self.running.remove(drop)  # one compaction for the lot
+        for req in done:
             req.status = status
             self._release(req)
-            done.append(req)
         return done
 
     def forget_later(self, request_ids: list[str]) -> None:
@@ -104,29 +161,7 @@ class Scheduler:
     def schedule(self) -> StepInput:
         step = StepInput(finished_req_ids=self._forget)
         self._forget = []
-        budget = self.config.max_num_batched_tokens
-        preempted = False
-
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            n = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
-            if n == 0 or req.num_pending and self._done_when_pending_arrive(req):
-                i += 1  # nothing to run until its pending token arrives, or it ends then
-                continue
-            new_blocks = self._allocate(req, n)
-            while new_blocks is None:
-                victim = self.running.pop()  # lowest priority: admitted last
-                self._preempt(victim, step)
-                preempted = True
-                if victim is req:
-                    break
-                new_blocks = self._allocate(req, n)
-            if new_blocks is None:
-                break
-            self._add_to_step(step, req, n, new_blocks)
-            budget -= n
-            i += 1
+        budget, preempted = self._schedule_running(step, self.config.max_num_batched_tokens)
 
         # Admit waiting requests only if nobody had to be preempted: the cache
         # is under pressure, and admitting would preempt someone next step.
@@ -140,41 +175,85 @@ class Scheduler:
             if new_blocks is None:
                 break
             self.waiting.popleft()
-            self.running.append(req)
             req.status = RequestStatus.RUNNING
             req.num_computed_tokens = num_hit
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_hit
-            self._add_to_step(step, req, n, new_blocks)
+            self._add_new_to_step(step, req, n)
+            self.running.append(req, self.kv.fast_limits(req.request_id), self.default_eos)
             budget -= n
         return step
 
-    def _allocate(self, req: Request, n: int):
-        return self.kv.allocate_slots(
-            req.request_id, req.all_token_ids, req.num_computed_tokens, n, (), req.cache_extra_keys, req.num_pending
-        )
+    def _schedule_running(self, step: StepInput, budget: int) -> tuple[int, bool]:
+        """Spend the budget on running requests in admission order: each runs
+        its known-but-uncomputed tokens (a decode: one), as far as the budget
+        goes. Array operations for the batch; Python only for requests that
+        need KV blocks (or a full block cached), and for preemption when the
+        cache has no room: the last admitted request is freed, then the next."""
+        rs = self.running
+        m = len(rs)
+        if m == 0:
+            return budget, False
+        c, k, p = rs.computed[:m].copy(), rs.known[:m], rs.pending[:m]  # c: as before this step
+        want = k + p - c
+        # Nothing to run until its pending token arrives, or it ends then.
+        ends = (p > 0) & ((rs.out[:m] + p >= rs.max_out[:m]) | (k + p >= self.config.max_model_len))
+        want[ends] = 0
+        n = np.minimum(want, np.maximum(budget - (np.cumsum(want) - want), 0))
+        total = c + n
+        slow = np.flatnonzero((n > 0) & ((total > rs.kv_cap[:m]) | (np.minimum(total, k) >= rs.kv_cache_lim[:m])))
+        new_blocks: dict[int, list[int]] = {}
+        preempted = False
+        for i in slow.tolist():
+            if i >= len(rs):
+                break  # preempted below, with everything after it
+            req = rs.reqs[i]
+            blocks = self._allocate(req, int(n[i]), int(c[i]), int(p[i]))
+            while blocks is None:
+                victim = rs.pop()  # lowest priority: admitted last
+                self._preempt(victim, step)
+                preempted = True
+                if victim is req:
+                    break
+                blocks = self._allocate(req, int(n[i]), int(c[i]), int(p[i]))
+            if blocks is None:
+                break
+            new_blocks[i] = blocks
+            rs.kv_cap[i], rs.kv_cache_lim[i] = self.kv.fast_limits(req.request_id)
+        m = len(rs)
+        n, c = n[:m], c[:m]
+        ran = n > 0
+        new_c = c + n
+        # A request whose known tokens are all computed after this step samples
+        # one: pending until the step's output arrives.
+        rs.pending[:m] += ran & (new_c == rs.known[:m] + rs.pending[:m])
+        rs.computed[:m] = new_c
+        sel = np.flatnonzero(ran)
+        ids = rs.ids
+        sched_ids = ids[:m] if len(sel) == m else [ids[i] for i in sel.tolist()]
+        step.num_scheduled_tokens.update(zip(sched_ids, n[sel].tolist()))
+        for i, blocks in new_blocks.items():
+            if blocks and i < m:
+                step.cached_requests.append(CachedRequestData(ids[i], list(blocks), int(c[i])))
+        return budget - int(n.sum()), preempted
 
-    def _done_when_pending_arrive(self, req: Request) -> bool:
-        """Whether the request reaches a length limit with its pending tokens
-        (no need to run it further; it finishes when they arrive)."""
-        return (req.num_output_tokens + req.num_pending >= req.max_tokens
-                or req.num_tokens + req.num_pending >= self.config.max_model_len)
+    def _allocate(self, req: Request, n: int, computed: int, pending: int):
+        return self.kv.allocate_slots(req.request_id, req.all_token_ids, computed, n, (), req.cache_extra_keys, pending)
 
-    def _add_to_step(self, step: StepInput, req: Request, n: int, new_blocks: list[int]) -> None:
-        if req.in_workers:
-            step.cached_requests.append(CachedRequestData(req.request_id, list(new_blocks), req.num_computed_tokens))
-        else:
-            step.new_requests.append(
-                NewRequestData(
-                    req_id=req.request_id,
-                    prompt_token_ids=req.prompt_token_ids,
-                    output_token_ids=list(req.output_token_ids),
-                    sampling_params=req.sampling_params,
-                    block_ids=list(self.kv.get_block_ids(req.request_id)),
-                    num_computed_tokens=req.num_computed_tokens,
-                )
+    def _add_new_to_step(self, step: StepInput, req: Request, n: int) -> None:
+        """An admitted request: sent to the workers whole (it is new to them,
+        or resumes after preemption)."""
+        step.new_requests.append(
+            NewRequestData(
+                req_id=req.request_id,
+                prompt_token_ids=req.prompt_token_ids,
+                output_token_ids=list(req.output_token_ids),
+                sampling_params=req.sampling_params,
+                block_ids=list(self.kv.get_block_ids(req.request_id)),
+                num_computed_tokens=req.num_computed_tokens,
             )
-            req.in_workers = True
+        )
+        req.in_workers = True
         step.num_scheduled_tokens[req.request_id] = n
         # Computed as of the end of this step; the sampled token (if any)
         # arrives with the step's output and is pending until then.
@@ -196,26 +275,67 @@ class Scheduler:
 
     # -- after the step --------------------------------------------------------
 
-    def update_from_output(self, step: StepInput, out: StepOutput) -> list[RequestUpdate]:
-        # Hot path (every request, every step): plain attribute access, no properties.
-        updates = []
-        requests, running = self.requests, RequestStatus.RUNNING
-        for rid, token, lp in zip(out.req_ids, out.token_ids, out.logprobs):
-            req = requests.get(rid)
-            if req is None or req.status is not running or req.num_pending == 0:
-                continue  # aborted, preempted, or finished while the step ran
-            req.num_pending -= 1
-            req.append_token(token, lp)
-            end = self._check_stop(req, token)
+    def update_from_output(self, step: StepInput, out: StepOutput) -> StepUpdates:
+        """Take one step's sampled tokens: append them, find the requests that
+        stop, free those. Columns for the batch; Python for the few that may stop."""
+        rs = self.running
+        ups = StepUpdates()
+        if not out.req_ids:
+            return ups
+        pos = rs.pos
+        idx = np.fromiter((pos.get(r, -1) for r in out.req_ids), dtype=np.int64, count=len(out.req_ids))
+        toks = np.asarray(out.token_ids, dtype=np.int64)
+        # Requests gone (finished, aborted, preempted while the step ran) or
+        # with no token expected drop their entry.
+        keep = idx >= 0
+        keep[keep] = rs.pending[idx[keep]] > 0
+        if not keep.all():
+            entries = np.flatnonzero(keep)
+            idx, toks = idx[keep], toks[keep]
+        else:
+            entries = None
+        if not len(idx):
+            return ups
+        rs.pending[idx] -= 1
+        rs.known[idx] += 1
+        rs.out[idx] += 1
+        ii, tok_list = idx.tolist(), toks.tolist()
+        reqs = rs.reqs
+        sel = [reqs[i] for i in ii]
+        for r, t in zip(sel, tok_list):
+            r.all_token_ids.append(t)
+            r.output_token_ids.append(t)
+        lps = out.logprobs
+        if any(lp is not None for lp in lps):
+            for j, r in enumerate(sel):
+                lp = lps[j if entries is None else int(entries[j])]
+                if lp is not None:
+                    r.output_logprobs.append(lp)
+                    ups.logprobs[r.request_id] = lp
+        # Who may stop: at the length limit, or past min_tokens with an
+        # end-of-sequence id (or a stop-id request): checked exactly in Python.
+        n_out = rs.out[idx]
+        maybe = (n_out >= rs.max_out[idx]) | (rs.known[idx] >= self.config.max_model_len)
+        maybe |= (n_out >= rs.min_tokens[idx]) & (rs.py_stop[idx] | np.isin(toks, self._eos))
+        done = []
+        for j in np.flatnonzero(maybe).tolist():
+            req = sel[j]
+            end = self._check_stop(req, tok_list[j])
             if end is not None:
+                done.append((ii[j], req, end))
+        ids = rs.ids
+        ups.request_ids = [ids[i] for i in ii]
+        ups.token_ids = tok_list
+        ups.num_prompt_tokens = rs.prompt[idx].tolist()
+        ups.num_cached_tokens = rs.cached[idx].tolist()
+        ups.num_output_tokens = n_out.tolist()
+        if done:
+            rs.remove([i for i, _, _ in done])
+            for _, req, end in done:
                 req.status = end
-                self.running.remove(req)
+                ups.finished[req.request_id] = (end.value, req.stop_reason)
                 self._release(req)
-            updates.append(RequestUpdate(
-                rid, [token], [lp] if lp is not None else [], end.value if end is not None else None,
-                req.stop_reason, len(req.prompt_token_ids), max(req.num_cached_tokens, 0),
-                len(req.output_token_ids)))
-        return updates
+        return ups
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
         """The status the request ends with after `token`, or None to go on."""

@@ -79,8 +79,7 @@ class FakeRunner(ModelRunner):
                 if self.kv_tok[s] != r.token_ids[p] or self.kv_pos[s] != p:
                     raise AssertionError(f"garbage KV read: {rid} pos {p} slot {s}: "
                                          f"has ({self.kv_tok[s]},{self.kv_pos[s]}) want ({r.token_ids[p]},{p})")
-        for rid, n in step.num_scheduled_tokens.items():
-            self.requests[rid].num_computed += n
+        self._advance(step)
         out = StepOutput()
         for rid in reqs:
             r = self.requests[rid]

@@ -1,0 +1,123 @@
+"""The running batch: requests in admission order, their per-step counters as numpy columns.
+
+A decode step touches every running request twice (schedule one token, take
+one token back), so those two passes are array operations over columns
+here, and Python runs only for the few requests that need something else
+(a new KV block, a stop check, a finish, a preemption). See Scheduler.
+
+While a request is in the set, the set's columns hold its `num_computed_tokens`
+and `num_pending`; the Request's own fields are written back when it leaves
+(pop/remove), and read in on append.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ziggurat.actors.core.request import Request
+
+_INT_COLS = (
+    "computed",  # tokens whose KV is computed (or scheduled in a step in flight)
+    "known",  # len(all_token_ids): prompt + output ids known on the host
+    "pending",  # tokens sampled by steps in flight, ids not known yet
+    "out",  # len(output_token_ids)
+    "max_out",  # the output length at which the request ends
+    "min_tokens",  # no stop check before this many outputs
+    "prompt",  # prompt length
+    "cached",  # prefix-cache hit at first scheduling
+    "kv_cap",  # slots its KV blocks hold
+    "kv_cache_lim",  # known length at which a full block must be offered to the prefix cache
+)
+# True where the stop check needs Python every token (stop_token_ids, or an
+# end-of-sequence set other than the scheduler's default).
+_BOOL_COLS = ("py_stop",)
+
+
+class RunningSet:
+    def __init__(self, capacity: int = 64):
+        self.reqs: list[Request] = []
+        self.ids: list[str] = []
+        self.pos: dict[str, int] = {}
+        self._cap = capacity
+        for c in _INT_COLS:
+            setattr(self, c, np.zeros(capacity, dtype=np.int64))
+        for c in _BOOL_COLS:
+            setattr(self, c, np.zeros(capacity, dtype=bool))
+
+    def __len__(self) -> int:
+        return len(self.reqs)
+
+    def __iter__(self):
+        return iter(self.reqs)
+
+    def __contains__(self, req: Request) -> bool:
+        i = self.pos.get(req.request_id)
+        return i is not None and self.reqs[i] is req
+
+    def _grow(self) -> None:
+        self._cap *= 2
+        for c in _INT_COLS + _BOOL_COLS:
+            old = getattr(self, c)
+            new = np.zeros(self._cap, dtype=old.dtype)
+            new[: len(old)] = old
+            setattr(self, c, new)
+
+    def append(self, req: Request, kv_limits: tuple[int, int], default_eos: tuple[int, ...]) -> None:
+        i = len(self.reqs)
+        if i == self._cap:
+            self._grow()
+        p = req.sampling_params
+        self.reqs.append(req)
+        self.ids.append(req.request_id)
+        self.pos[req.request_id] = i
+        self.computed[i] = req.num_computed_tokens
+        self.known[i] = len(req.all_token_ids)
+        self.pending[i] = req.num_pending
+        self.out[i] = len(req.output_token_ids)
+        self.max_out[i] = req.max_tokens
+        self.min_tokens[i] = p.min_tokens
+        self.prompt[i] = len(req.prompt_token_ids)
+        self.cached[i] = max(req.num_cached_tokens, 0)
+        self.kv_cap[i], self.kv_cache_lim[i] = kv_limits
+        self.py_stop[i] = bool(p.stop_token_ids) or (not p.ignore_eos and tuple(req.eos_token_ids) != default_eos)
+
+    def _write_back(self, i: int) -> None:
+        r = self.reqs[i]
+        r.num_computed_tokens = int(self.computed[i])
+        r.num_pending = int(self.pending[i])
+
+    def pop(self) -> Request:
+        """The last admitted request (the preemption victim), its counters written back."""
+        i = len(self.reqs) - 1
+        self._write_back(i)
+        del self.pos[self.ids[i]]
+        self.ids.pop()
+        return self.reqs.pop()
+
+    def remove(self, indices) -> list[Request]:
+        """Remove the requests at `indices` (counters written back), keeping the order of the rest."""
+        drop = sorted(set(int(i) for i in indices))
+        if not drop:
+            return []
+        for i in drop:
+            self._write_back(i)
+        gone = [self.reqs[i] for i in drop]
+        m = len(self.reqs)
+        keep = np.ones(m, dtype=bool)
+        keep[drop] = False
+        k = int(keep.sum())
+        for c in _INT_COLS + _BOOL_COLS:
+            col = getattr(self, c)
+            col[:k] = col[:m][keep]
+        dropset = set(drop)
+        self.reqs = [r for i, r in enumerate(self.reqs) if i not in dropset]
+        self.ids = [r.request_id for r in self.reqs]
+        self.pos = {rid: i for i, rid in enumerate(self.ids)}
+        return gone
+
+    def index(self, req: Request) -> int:
+        return self.pos[req.request_id]
+
+    def counters(self, i: int) -> tuple[int, int]:
+        """(num_computed_tokens, num_pending) of request i."""
+        return int(self.computed[i]), int(self.pending[i])
