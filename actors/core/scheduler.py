@@ -306,7 +306,7 @@ class Scheduler:
             r.all_token_ids.append(t)
             r.output_token_ids.append(t)
         lps = out.logprobs
-        if any(lp is not None for lp in lps):
+        if lps.count(None) != len(lps):
             for j, r in enumerate(sel):
                 lp = lps[j if entries is None else int(entries[j])]
                 if lp is not None:
