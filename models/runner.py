@@ -19,7 +19,7 @@ from ziggurat.kernels.attention import AttentionMetadata
 from ziggurat.models.config import ModelConfig
 from ziggurat.models.loader import load_weights
 from ziggurat.models.registry import model_class
-from ziggurat.models.sampler import Sampler, SamplingBatch
+from ziggurat.models.sampler import SAMPLING_COLUMNS, Sampler, SamplingBatch, plain_greedy, sampling_row
 from ziggurat.models.staging import Staging
 from ziggurat.models.step import Logprobs, NewRequestData, StepInput, StepOutput
 from ziggurat.sampling_params import SamplingParams
@@ -101,6 +101,11 @@ class ModelRunner:
         self.device_table = torch.zeros(64, width, dtype=torch.int32, device=device)
         self._table_diff: list[np.ndarray] = []  # [row, col, block] triples not yet on the device
         self.free_rows = list(range(63, -1, -1))
+        # Sampling parameters, one row per live request (same rows as the block
+        # table), on the device: written when a request arrives, gathered by
+        # row index each step; never rebuilt from the requests' params.
+        self.param_table = torch.zeros(64, len(SAMPLING_COLUMNS), dtype=torch.float32, device=device)
+        self._param_diff: dict[int, list[float]] = {}  # row -> values not yet on the device
         self.staging = Staging(device)
         self.graphs = None  # DecodeGraphs once captured
         self._stepped = False
@@ -207,6 +212,7 @@ class ModelRunner:
                 row=self._take_row(),
             )
             self._append_blocks(r, new.block_ids)
+            self._param_diff[r.row] = sampling_row(new.sampling_params)  # a reused row is overwritten
         for c in step.cached_requests:
             r = self.requests[c.req_id]
             self._append_blocks(r, c.new_block_ids)
@@ -217,6 +223,7 @@ class ModelRunner:
             old = self.block_table.shape[0]
             self.block_table = np.concatenate([self.block_table, np.zeros_like(self.block_table)])
             self.device_table = torch.cat([self.device_table, torch.zeros_like(self.device_table)])
+            self.param_table = torch.cat([self.param_table, torch.zeros_like(self.param_table)])
             self.free_rows.extend(range(2 * old - 1, old - 1, -1))
         return self.free_rows.pop()
 
@@ -416,8 +423,24 @@ class ModelRunner:
         prompts = [r.token_ids[: r.prompt_len] if r.params.needs_penalties else () for r in rs]
         outputs = [r.token_ids[r.prompt_len :] if r.params.needs_penalties
                    else range(len(r.token_ids) + len(r.pending) - r.prompt_len) for r in rs]
-        batch = SamplingBatch.build([r.params for r in rs], prompts, outputs, self.cfg.vocab_size, self.device)
+        params = [r.params for r in rs]
+        rows = None
+        if not all(map(plain_greedy, params)):  # the per-row parameter columns are read
+            self._apply_param_diff()
+            (rows,) = self.staging.upload(np.fromiter((r.row for r in rs), dtype=np.int64, count=len(rs)))
+        batch = SamplingBatch.build(params, prompts, outputs, self.cfg.vocab_size, self.device,
+                                    param_table=self.param_table, param_rows=rows)
         return self.sampler(logits, batch, self.generator)
+
+    def _apply_param_diff(self) -> None:
+        """New requests' sampling parameters into their rows of the device table (one small copy)."""
+        if self._param_diff:
+            rows = torch.tensor(list(self._param_diff), dtype=torch.long)
+            vals = torch.tensor(list(self._param_diff.values()), dtype=torch.float32)
+            self._param_diff = {}
+            if self.device.type == "cuda":
+                rows, vals = rows.pin_memory(), vals.pin_memory()
+            self.param_table[rows.to(self.device, non_blocking=True)] = vals.to(self.device, non_blocking=True)
 
     @staticmethod
     def _step_output(reqs: list[str], token_ids: list[int], s, logprobs_k: list) -> StepOutput:

@@ -28,7 +28,20 @@ from ziggurat.kernels.sampling import (
 )
 from ziggurat.sampling_params import SamplingParams
 
-__all__ = ["SamplingBatch", "SamplerOutput", "Sampler", "mix_seed"]
+__all__ = ["SamplingBatch", "SamplerOutput", "Sampler", "mix_seed", "SAMPLING_COLUMNS", "sampling_row", "plain_greedy"]
+
+# The per-row parameters the sampler reads on the device, in column order (top_k is exact in fp32: k < 2^24).
+SAMPLING_COLUMNS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                    "top_k")
+
+
+def sampling_row(p: SamplingParams) -> list[float]:
+    return [float(getattr(p, c)) for c in SAMPLING_COLUMNS]
+
+
+def plain_greedy(p: SamplingParams) -> bool:
+    """Argmax alone: no per-row parameter is read."""
+    return p.temperature == 0.0 and not p.needs_penalties
 
 _M64 = (1 << 64) - 1
 
@@ -92,7 +105,12 @@ class SamplingBatch:
         output_ids: list[list[int]],
         vocab_size: int,
         device: torch.device | str,
+        param_table: torch.Tensor | None = None,
+        param_rows: torch.Tensor | None = None,
     ) -> "SamplingBatch":
+        """param_table/param_rows: the parameters already on the device (a
+        [rows, len(SAMPLING_COLUMNS)] table and each sampled row's index into
+        it), gathered there instead of copied from `params`."""
         device = torch.device(device)
         V = vocab_size
         B = len(params)
@@ -149,10 +167,11 @@ class SamplingBatch:
         if all_greedy and not needs_penalties:
             vecs = [None] * 7  # argmax alone: no per-row parameter is read
         else:
-            # One host->device copy for all per-row parameters (top_k is exact in fp32: k < 2^24).
-            host = torch.tensor([[p.temperature, p.top_p, p.min_p, p.presence_penalty, p.frequency_penalty,
-                                  p.repetition_penalty, p.top_k] for p in params], dtype=torch.float32)
-            dev = host.t().contiguous().to(device, non_blocking=True)
+            if param_rows is not None:
+                dev = param_table.index_select(0, param_rows).t()
+            else:  # one host->device copy for all per-row parameters
+                host = torch.tensor([sampling_row(p) for p in params], dtype=torch.float32)
+                dev = host.t().contiguous().to(device, non_blocking=True)
             vecs = [dev[0], dev[1], dev[2], dev[3], dev[4], dev[5], dev[6].long()]
         temperature, top_p, min_p, presence, frequency, repetition, top_k = vecs
         return SamplingBatch(

@@ -68,6 +68,21 @@ def test_seeded_sampling_is_independent_of_batch(llm):
     assert other_seed != alone
 
 
+def test_sampling_parameters_follow_reused_worker_rows(llm):
+    """The workers keep sampling parameters in a per-row device table written
+    when a request arrives: rows freed by random-sampling requests and reused
+    by greedy ones (in a batch that also samples randomly) must read the new
+    request's parameters, not the old one's."""
+    prompts = random_prompts(8, 1000, 5, 20, seed=9)
+    hot = SamplingParams(temperature=5.0, top_k=3, max_tokens=3, ignore_eos=True)
+    greedy_alone = tokens(llm.generate(prompts[:4], GREEDY))
+    llm.generate(prompts[4:], hot)  # fills rows with temperature 5
+    mixed = llm.generate(prompts[:4] + prompts[4:5], [GREEDY] * 4 + [hot])
+    assert tokens(mixed[:4]) == greedy_alone
+    runner = llm.engine.executor.worker.runner
+    assert runner.param_table.shape[1] == 7 and not runner._param_diff
+
+
 def test_n_samples_differ_and_share_the_prompt_cache(llm):
     p = random_prompts(1, 1000, 40, 40, seed=6)[0]
     out = llm.generate([p], SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=12, ignore_eos=True))[0]

@@ -49,6 +49,8 @@ class FakeRunner(ModelRunner):
         self._table_diff = []
         self.staging = Staging(self.device)
         self.free_rows = list(range(3, -1, -1))
+        self.param_table = torch.zeros(4, 7)
+        self._param_diff = {}
         self.kv_tok = np.full(num_blocks * block_size, -1, dtype=np.int64)
         self.kv_pos = np.full(num_blocks * block_size, -1, dtype=np.int64)
         self.num_blocks = num_blocks
