@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from ziggurat.kernels.backend import use_triton
+
 __all__ = [
+    "gumbel_sample",
     "apply_penalties",
     "apply_temperature",
     "apply_top_k_top_p_min_p",
@@ -133,3 +136,29 @@ def sample(probs: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """
     tiny = torch.finfo(q.dtype).tiny
     return (probs / q.clamp_min(tiny)).argmax(dim=-1)
+
+
+def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """Temperature + draw in one pass (Gumbel-max): a sample of softmax(logits / T)
+    per row, argmax where T = 0. seeds: int64 [B], one per row and step; the
+    draw of a row depends only on its seed and its logits. Triton on GPUs
+    (kernels/sampling_triton.py); gumbel_sample_ref has the same distribution
+    (not the same random stream)."""
+    if use_triton(logits):
+        from ziggurat.kernels.sampling_triton import gumbel_sample as triton_gumbel_sample
+
+        return triton_gumbel_sample(logits, temperature, seeds)
+    return gumbel_sample_ref(logits, temperature, seeds)
+
+
+def gumbel_sample_ref(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    x = logits.float()
+    u = torch.empty_like(x)
+    for i, s in enumerate(seeds.tolist()):
+        g = torch.Generator(device=x.device).manual_seed(s & ((1 << 63) - 1))
+        u[i] = torch.rand(x.shape[1], generator=g, device=x.device, dtype=x.dtype)
+    t = temperature.float().unsqueeze(1)
+    greedy = t <= 0
+    scores = torch.where(greedy, x, x / torch.where(greedy, torch.ones_like(t), t) - torch.log(-torch.log(u)))
+    scores = torch.where(x == float("-inf"), x, scores)
+    return scores.argmax(dim=-1)

@@ -89,7 +89,7 @@ class ModelRunner:
         load_weights(self.model, cfg.path)
         self.model.eval()
         self.load_seconds = time.perf_counter() - t0
-        self.sampler = Sampler()
+        self.sampler = Sampler(seed)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.requests: dict[str, _RunnerRequest] = {}
         self.num_blocks = 0

@@ -7,10 +7,16 @@ randomness.
 
 Order (vLLM v1): raw logprobs -> penalties -> min_tokens mask -> greedy argmax
 -> temperature -> top-k / top-p / min-p -> softmax -> exponential race.
+On GPUs (Triton) the last steps are one kernel: temperature (when no filter
+needs it first) and the draw by Gumbel-max, which samples the same
+distribution as the exponential race in one read of the logits
+(kernels/sampling_triton.py); greedy rows of a mixed batch take the argmax
+in the same pass.
 
-Reproducibility: a seeded row's Exp(1) noise comes from a fresh generator
-seeded with `mix_seed(seed, step)`, so its token depends only on its seed,
-its step and its own logits, never on the rest of the batch.
+Reproducibility: a seeded row's randomness comes from a stream keyed by
+`mix_seed(seed, step)` (a torch generator on CPU, Philox in the kernel), so
+its token depends only on its seed, its step and its own logits, never on
+the rest of the batch.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ziggurat.kernels.backend import use_triton
 from ziggurat.kernels.sampling import (
     apply_penalties,
     apply_temperature,
     apply_top_k_top_p_min_p,
+    gumbel_sample,
     mask_tokens,
     sample,
 )
@@ -224,6 +232,11 @@ class SamplerOutput:
 
 
 class Sampler(torch.nn.Module):
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.seed = seed
+        self._draws = 0  # steps with random rows so far: keys unseeded rows' Philox streams
+
     def forward(
         self,
         logits: torch.Tensor,
@@ -247,6 +260,22 @@ class Sampler(torch.nn.Module):
 
         if batch.all_greedy:
             token_ids = logits.argmax(dim=-1)
+        elif use_triton(logits):
+            # Temperature and the draw in one Triton pass (Gumbel-max; greedy
+            # rows take the argmax). With filters, temperature goes first.
+            temperature = batch.temperature
+            if batch.needs_filters:
+                if batch.needs_temperature:
+                    logits = apply_temperature(logits, batch.temperature)
+                logits = apply_top_k_top_p_min_p(
+                    logits,
+                    batch.top_k if batch.needs_top_k else None,
+                    batch.top_p if batch.needs_top_p else None,
+                    batch.min_p if batch.needs_min_p else None,
+                    max_top_k=batch.max_top_k,
+                )
+                temperature = (~batch.is_greedy).float()  # 1 = already scaled, 0 = argmax
+            token_ids = gumbel_sample(logits, temperature, self._row_seeds(batch, logits.device))
         else:
             greedy_ids = None if batch.all_random else logits.argmax(dim=-1)
             if batch.needs_temperature:
@@ -275,6 +304,18 @@ class Sampler(torch.nn.Module):
             top = raw_logprobs.topk(k, dim=-1)
             out.topk_logprobs, out.topk_ids = top.values, top.indices
         return out
+
+    def _row_seeds(self, batch: SamplingBatch, device) -> torch.Tensor:
+        """int64 [B]: a seeded row's mix_seed(seed, step); other rows a fresh
+        stream per (sampler seed, draw, row)."""
+        self._draws += 1
+        base = mix_seed(self.seed, self._draws)
+        seeds = [mix_seed(s, st) if s is not None else mix_seed(base, i)
+                 for i, (s, st) in enumerate(zip(batch.seeds, batch.steps))]
+        host = torch.tensor(seeds, dtype=torch.int64)
+        if host.device != torch.device(device) and torch.device(device).type == "cuda":
+            host = host.pin_memory()
+        return host.to(device, non_blocking=True)
 
     @staticmethod
     def _draw_q(

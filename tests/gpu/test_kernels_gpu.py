@@ -124,6 +124,31 @@ def test_gemv(m, n, k):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gumbel_sample_large_vocab(dtype):
+    """At Llama 3's vocabulary: greedy rows exact, a top-k-filtered row never
+    leaves its k tokens, and draws of a fixed row follow softmax(x / T)."""
+    from ziggurat.kernels.sampling_triton import gumbel_sample
+
+    v = 128256
+    logits = torch.randn(64, v, device="cuda").to(dtype)
+    t = torch.full((64,), 0.7, device="cuda")
+    t[::2] = 0
+    seeds = torch.arange(64, device="cuda", dtype=torch.int64) * 7 + 1
+    got = gumbel_sample(logits, t, seeds)
+    assert torch.equal(got[::2], logits[::2].float().argmax(1))
+    kth = logits.float().topk(5, dim=1).values[:, -1:]
+    filtered = torch.where(logits.float() >= kth, logits.float(), float("-inf"))
+    for s in range(20):
+        d = gumbel_sample(filtered, t, seeds + 1000 * s)
+        assert bool((filtered.gather(1, d.unsqueeze(1)) > float("-inf")).all())
+    x = torch.randn(200, device="cuda") * 2
+    many = gumbel_sample(x.repeat(20000, 1).to(dtype), torch.full((20000,), 0.7, device="cuda"),
+                         torch.arange(20000, device="cuda", dtype=torch.int64) * 7919)
+    freq = torch.bincount(many, minlength=200).float() / 20000
+    assert 0.5 * (freq - torch.softmax(x.to(dtype).float() / 0.7, 0)).abs().sum() < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_silu_and_mul(dtype):
     from ziggurat.kernels.activation import silu_and_mul_ref
 
