@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU work: kernel tests, then the benchmarks.
 # Run from the repo root on the GPU machine with the .device bundle carried:
-#     bash scripts/gpu_suite.sh [tests] [gemv] [attention] [bench] [offline] [serving] [control]
+#     bash scripts/gpu_suite.sh [tests] [gemv] [sampling] [attention] [bench] [offline] [serving] [control]
 # Logs and JSON land in $OUT (or ./gpu-out when OUT is unset).
 set -o pipefail
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
@@ -18,6 +18,10 @@ fi
 if want gemv; then
   timeout ${GEMV_S:-300} python -m ziggurat.scripts.bench_gemv ${GEMV_ARGS:-} --json "$OUT/gemv.json" 2>&1 \
     | tee "$OUT/gemv.log"
+fi
+if want sampling; then
+  timeout ${SAMPLING_S:-120} python -m ziggurat.scripts.bench_sampling ${SAMPLING_ARGS:-} --json "$OUT/sampling.json" 2>&1 \
+    | tee "$OUT/sampling.log"
 fi
 if want attention; then
   timeout ${ATTN_S:-200} python -m ziggurat.scripts.bench_attention ${ATTN_ARGS:-} --json "$OUT/attention.json" 2>&1 \
