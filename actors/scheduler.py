@@ -346,6 +346,13 @@ class SchedulerActor:
         self.loop = SchedulerLoop(self.engine, replica, self._send, max_waiting or 4 * config.max_num_seqs, gpu_type)
         self._stop = False
         self.failed = False
+        # TokenBatches leave through their own thread, in order: the loop only
+        # queues them, so a step never waits on Ray's task submission.
+        self._outq: collections.deque = collections.deque()
+        self._sender_stop = False
+        self._out_cv = threading.Condition()
+        self._sender = threading.Thread(target=self._send_loop, name=f"tokens-{replica}", daemon=True)
+        self._sender.start()
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{replica}", daemon=True)
         self._thread.start()
         self._flusher = threading.Thread(target=self._flush_usage, name=f"usage-{replica}", daemon=True)
@@ -372,10 +379,27 @@ class SchedulerActor:
                     return
 
     def _send(self, ingress_id: str, batch: TokenBatch) -> None:
-        handle = self.ingresses.get(ingress_id)
-        if handle is None:
-            handle = self.ingresses[ingress_id] = ray.get_actor(ingress_id)
-        handle.push_tokens.remote(batch)  # fire and forget: one call per ingress per step
+        with self._out_cv:
+            self._outq.append((ingress_id, batch))
+            self._out_cv.notify()
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._out_cv:
+                while not self._outq and not self._sender_stop:
+                    self._out_cv.wait(0.1)
+                if not self._outq:
+                    return  # stopping, and everything went out
+                items = list(self._outq)
+                self._outq.clear()
+            for ingress_id, batch in items:
+                try:
+                    handle = self.ingresses.get(ingress_id)
+                    if handle is None:
+                        handle = self.ingresses[ingress_id] = ray.get_actor(ingress_id)
+                    handle.push_tokens.remote(batch)  # fire and forget: one call per ingress per step
+                except Exception as e:  # an ingress gone for good: its streams are aborted on re-registration
+                    log.warning("tokens for ingress %s not delivered: %s", ingress_id, type(e).__name__)
 
     def _run(self) -> None:
         last_report = 0.0
@@ -430,5 +454,9 @@ class SchedulerActor:
         self._thread.join(timeout=5)
         if not self.failed:
             self.loop.fail_all("aborted")  # requests cut off by shutdown are metered too
+        with self._out_cv:
+            self._sender_stop = True
+            self._out_cv.notify()
+        self._sender.join(timeout=5)
         self._flusher.join(timeout=12)
         self.engine.shutdown()
