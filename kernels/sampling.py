@@ -138,24 +138,27 @@ def sample(probs: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (probs / q.clamp_min(tiny)).argmax(dim=-1)
 
 
-def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, base_seed: int,
+                  row_seeds: torch.Tensor | None = None) -> torch.Tensor:
     """Temperature + draw in one pass (Gumbel-max): a sample of softmax(logits / T)
-    per row, argmax where T = 0. seeds: int64 [B], one per row and step; the
-    draw of a row depends only on its seed and its logits. Triton on GPUs
-    (kernels/sampling_triton.py); gumbel_sample_ref has the same distribution
-    (not the same random stream)."""
+    per row, argmax where T = 0. Row i's randomness is keyed by base_seed + i,
+    or by row_seeds[i] where that is >= 0 (int64 [B]); a row's draw depends
+    only on its key and its logits. Triton on GPUs (kernels/sampling_triton.py);
+    gumbel_sample_ref has the same distribution (not the same random stream)."""
     if use_triton(logits):
         from ziggurat.kernels.sampling_triton import gumbel_sample as triton_gumbel_sample
 
-        return triton_gumbel_sample(logits, temperature, seeds)
-    return gumbel_sample_ref(logits, temperature, seeds)
+        return triton_gumbel_sample(logits, temperature, base_seed, row_seeds)
+    return gumbel_sample_ref(logits, temperature, base_seed, row_seeds)
 
 
-def gumbel_sample_ref(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+def gumbel_sample_ref(logits: torch.Tensor, temperature: torch.Tensor, base_seed: int,
+                      row_seeds: torch.Tensor | None = None) -> torch.Tensor:
     x = logits.float()
+    keys = row_seeds.tolist() if row_seeds is not None else [-1] * x.shape[0]
     u = torch.empty_like(x)
-    for i, s in enumerate(seeds.tolist()):
-        g = torch.Generator(device=x.device).manual_seed(s & ((1 << 63) - 1))
+    for i, k in enumerate(keys):
+        g = torch.Generator(device=x.device).manual_seed((k if k >= 0 else base_seed + i) & ((1 << 63) - 1))
         u[i] = torch.rand(x.shape[1], generator=g, device=x.device, dtype=x.dtype)
     t = temperature.float().unsqueeze(1)
     greedy = t <= 0

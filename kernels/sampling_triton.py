@@ -21,39 +21,55 @@ import triton.language as tl
 
 
 @triton.jit
-def _gumbel_argmax_kernel(logits_ptr, temp_ptr, seed_ptr, score_ptr, idx_ptr, stride_l, V, split_len,
-                          SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+def _gumbel_slice(logits_ptr, row_off, c, end, u, greedy, inv_t, best, best_i):
+    ok = c < end
+    x = tl.load(logits_ptr + row_off + c, mask=ok, other=float("-inf")).to(tl.float32)
+    g = -tl.log(-tl.log(u))  # u = 0 gives -inf: that token loses this draw
+    s = tl.where(greedy, x, x * inv_t + g)
+    s = tl.where(ok & (x > float("-inf")), s, float("-inf"))
+    m = tl.max(s, 0)
+    i = tl.argmax(s, 0).to(tl.int64) + tl.min(c, 0)
+    better = m > best
+    return tl.where(better, m, best), tl.where(better, i, best_i)
+
+
+@triton.jit
+def _gumbel_argmax_kernel(logits_ptr, temp_ptr, seed_ptr, score_ptr, idx_ptr, stride_l, V, split_len, base_seed,
+                          HAS_ROW_SEEDS: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     sp = tl.program_id(1)
     t = tl.load(temp_ptr + row).to(tl.float32)
-    seed = tl.load(seed_ptr + row)
+    # A row's Philox key: its own seed where given (>= 0), else base + row.
+    seed = base_seed + row
+    if HAS_ROW_SEEDS:
+        s = tl.load(seed_ptr + row)
+        seed = tl.where(s >= 0, s, seed)
     greedy = t <= 0.0
     inv_t = tl.where(greedy, 1.0, 1.0 / tl.where(greedy, 1.0, t))
     start = sp * split_len
     end = tl.minimum(start + split_len, V)
+    row_off = row.to(tl.int64) * stride_l
     best = tl.full([], float("-inf"), tl.float32)
     best_i = tl.full([], 0, tl.int64)
+    Q: tl.constexpr = BLOCK // 4
+    k = tl.arange(0, Q)
     for c0 in range(start, end, BLOCK):
-        c = c0 + tl.arange(0, BLOCK)
-        ok = c < end
-        x = tl.load(logits_ptr + row * stride_l + c, mask=ok, other=float("-inf")).to(tl.float32)
-        u = tl.rand(seed, c)
-        g = -tl.log(-tl.log(u))  # u = 0 gives -inf: that token loses this draw
-        s = tl.where(greedy, x, x * inv_t + g)
-        s = tl.where(ok & (x > float("-inf")), s, float("-inf"))
-        m = tl.max(s, 0)
-        i = tl.argmax(s, 0).to(tl.int64) + c0
-        better = m > best
-        best_i = tl.where(better, i, best_i)
-        best = tl.where(better, m, best)
+        # One Philox call gives four uniforms; token c0 + j*Q + k takes lane j
+        # of counter c0/4 + k (c0 is a multiple of BLOCK in every split layout).
+        u0, u1, u2, u3 = tl.rand4x(seed, c0 // 4 + k)
+        best, best_i = _gumbel_slice(logits_ptr, row_off, c0 + k, end, u0, greedy, inv_t, best, best_i)
+        best, best_i = _gumbel_slice(logits_ptr, row_off, c0 + Q + k, end, u1, greedy, inv_t, best, best_i)
+        best, best_i = _gumbel_slice(logits_ptr, row_off, c0 + 2 * Q + k, end, u2, greedy, inv_t, best, best_i)
+        best, best_i = _gumbel_slice(logits_ptr, row_off, c0 + 3 * Q + k, end, u3, greedy, inv_t, best, best_i)
     tl.store(score_ptr + row * SPLITS + sp, best)
     tl.store(idx_ptr + row * SPLITS + sp, best_i)
 
 
-def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
-                  splits: int | None = None) -> torch.Tensor:
+def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, base_seed: int,
+                  row_seeds: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
     """logits [B, V] (any float dtype, rows contiguous), temperature [B] (0 = greedy),
-    seeds int64 [B] -> token ids int64 [B]."""
+    base_seed: row i draws from Philox key base_seed + i, unless row_seeds
+    (int64 [B]) gives it a key >= 0. Returns token ids int64 [B]."""
     b, v = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -66,8 +82,9 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.
     score = torch.empty(b, splits, dtype=torch.float32, device=logits.device)
     idx = torch.empty(b, splits, dtype=torch.int64, device=logits.device)
     if b:
-        _gumbel_argmax_kernel[(b, splits)](logits, temperature, seeds, score, idx, logits.stride(0), v, split_len,
-                                           SPLITS=splits, BLOCK=block)
+        _gumbel_argmax_kernel[(b, splits)](logits, temperature, row_seeds if row_seeds is not None else idx,
+                                           score, idx, logits.stride(0), v, split_len, base_seed,
+                                           HAS_ROW_SEEDS=row_seeds is not None, SPLITS=splits, BLOCK=block)
     if splits == 1:
         return idx[:, 0]
     return idx.gather(1, score.argmax(dim=1, keepdim=True)).squeeze(1)

@@ -243,6 +243,7 @@ class Sampler(torch.nn.Module):
         batch: SamplingBatch,
         generator: torch.Generator | None = None,
     ) -> SamplerOutput:
+        model_logits = logits  # the kernel path reads them as they come (bf16): no fp32 copy
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if batch.max_logprobs >= 0 else None
 
@@ -264,6 +265,8 @@ class Sampler(torch.nn.Module):
             # Temperature and the draw in one Triton pass (Gumbel-max; greedy
             # rows take the argmax). With filters, temperature goes first.
             temperature = batch.temperature
+            if not (batch.needs_penalties or batch.min_tokens_mask is not None or batch.needs_filters):
+                logits = model_logits
             if batch.needs_filters:
                 if batch.needs_temperature:
                     logits = apply_temperature(logits, batch.temperature)
@@ -275,7 +278,7 @@ class Sampler(torch.nn.Module):
                     max_top_k=batch.max_top_k,
                 )
                 temperature = (~batch.is_greedy).float()  # 1 = already scaled, 0 = argmax
-            token_ids = gumbel_sample(logits, temperature, self._row_seeds(batch, logits.device))
+            token_ids = gumbel_sample(logits, temperature, *self._row_seeds(batch, logits.device))
         else:
             greedy_ids = None if batch.all_random else logits.argmax(dim=-1)
             if batch.needs_temperature:
@@ -305,17 +308,18 @@ class Sampler(torch.nn.Module):
             out.topk_logprobs, out.topk_ids = top.values, top.indices
         return out
 
-    def _row_seeds(self, batch: SamplingBatch, device) -> torch.Tensor:
-        """int64 [B]: a seeded row's mix_seed(seed, step); other rows a fresh
-        stream per (sampler seed, draw, row)."""
+    def _row_seeds(self, batch: SamplingBatch, device) -> tuple[int, torch.Tensor | None]:
+        """(base, row keys): unseeded row i draws from Philox key base + i, a
+        fresh base per call; a seeded random row from mix_seed(seed, step)
+        (row keys, int64 [B], -1 elsewhere; None when no row is seeded)."""
         self._draws += 1
-        base = mix_seed(self.seed, self._draws)
-        seeds = [mix_seed(s, st) if s is not None else mix_seed(base, i)
-                 for i, (s, st) in enumerate(zip(batch.seeds, batch.steps))]
-        host = torch.tensor(seeds, dtype=torch.int64)
-        if host.device != torch.device(device) and torch.device(device).type == "cuda":
-            host = host.pin_memory()
-        return host.to(device, non_blocking=True)
+        base = (mix_seed(self.seed, self._draws) | (1 << 40)) & ((1 << 62) - 1)  # always an int64 kernel argument
+        if not batch.seeded_rows:
+            return base, None
+        keys = [-1] * batch.batch_size
+        for i in batch.seeded_rows:
+            keys[i] = mix_seed(batch.seeds[i], batch.steps[i])
+        return base, torch.tensor(keys, dtype=torch.int64).to(device, non_blocking=True)
 
     @staticmethod
     def _draw_q(

@@ -161,15 +161,17 @@ def test_gumbel_sample(splits):
     t = torch.full((b,), 0.8, device=DEV)
     t[:7] = 0
     seeds = (torch.arange(b, dtype=torch.int64) * 1_000_003 + 11).to(DEV)
-    got = gumbel_sample(logits, t, seeds, splits=splits).cpu()
+    seeds[::3] = -1  # these rows take base + row
+    got = gumbel_sample(logits, t, 1 << 41, seeds, splits=splits).cpu()
     assert (got[:7] == x.argmax()).all()
     p = torch.softmax(x / 0.8, 0)
-    for draws in (got[7:], gumbel_sample_ref(logits.cpu(), t.cpu(), seeds.cpu())[7:]):
+    for draws in (got[7:], gumbel_sample_ref(logits.cpu(), t.cpu(), 1 << 41, seeds.cpu())[7:]):
         freq = torch.bincount(draws, minlength=v).float() / len(draws)
         assert freq[3] == 0 and freq[17] == 0
         assert 0.5 * (freq - p).abs().sum() < 0.045
-    again = gumbel_sample(logits[:50].flip(0).contiguous(), t[:50].flip(0), seeds[:50].flip(0), splits=2).cpu()
-    assert torch.equal(again.flip(0), got[:50])
+    keyed = torch.where(seeds >= 0, seeds, (1 << 41) + torch.arange(b, device=DEV))[:50]
+    again = gumbel_sample(logits[:50].flip(0).contiguous(), t[:50].flip(0), 5, keyed.flip(0), splits=2).cpu()
+    assert torch.equal(again.flip(0), got[:50])  # a row's key, not its place or the split, decides
 
 
 def test_sampler_triton_path(monkeypatch):
