@@ -33,7 +33,7 @@ def _gumbel_slice(logits_ptr, row_off, c, end, u, greedy, inv_t, best, best_i):
     return tl.where(better, m, best), tl.where(better, i, best_i)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["base_seed"])  # a new key every step must not mean a new compile
 def _gumbel_argmax_kernel(logits_ptr, temp_ptr, seed_ptr, score_ptr, idx_ptr, stride_l, V, split_len, base_seed,
                           HAS_ROW_SEEDS: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
