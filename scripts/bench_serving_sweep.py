@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--input-len", type=int, default=1024)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                    help="the per-step token budget, for the deployment and the offline peer alike")
     ap.add_argument("--device", default=None)
     ap.add_argument("--offline-peer", action="store_true",
                     help="after the sweep, run the same random workload through the offline engine (LLM) in this "
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     dep = Deployment(DeploymentSpec(model=args.model, served_model_name="m", port=port, tensor_parallel_size=args.tp,
                                     dtype=args.dtype, max_model_len=args.max_model_len, device=args.device,
-                                    ingresses=args.ingresses))
+                                    ingresses=args.ingresses, max_num_batched_tokens=args.max_num_batched_tokens))
     startup = time.perf_counter() - t
     print(f"deployment up in {startup:.0f}s: {dep.info}", flush=True)
     machine = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -83,6 +85,7 @@ def main(argv=None) -> int:
         dep.shutdown()
         ray.shutdown()
     summary = dict(bench="serving-sweep", machine=machine, model=args.model, tp=args.tp, dtype=args.dtype,
+                   max_num_batched_tokens=args.max_num_batched_tokens, ingresses=args.ingresses,
                    input_len=args.input_len, output_len=args.output_len, num_prompts=args.num_prompts,
                    startup_s=startup, date=time.strftime("%Y-%m-%d"), runs=rows)
     sat = next((r for r in rows if r["rate"] == "inf"), None)
@@ -105,8 +108,9 @@ def offline_peer(args, vocab: int, sat: dict) -> dict:
 
     rng = random.Random(7)  # prompts none of the online runs used
     prompts = [[rng.randrange(min(vocab, 10000)) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
+    # The same engine settings as the deployment: the difference is HTTP + Ray alone.
     llm = LLM(args.model, tensor_parallel_size=args.tp, dtype=args.dtype, max_model_len=args.max_model_len,
-              **({"device": args.device} if args.device else {}))
+              max_num_batched_tokens=args.max_num_batched_tokens, **({"device": args.device} if args.device else {}))
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[:2], params)  # warm-up, as the online run had
     t = time.perf_counter()
