@@ -19,7 +19,14 @@ from ziggurat.kernels.attention import AttentionMetadata
 from ziggurat.models.config import ModelConfig
 from ziggurat.models.loader import load_weights
 from ziggurat.models.registry import model_class
-from ziggurat.models.sampler import SAMPLING_COLUMNS, Sampler, SamplingBatch, plain_greedy, sampling_row
+from ziggurat.models.sampler import (
+    SAMPLING_COLUMNS,
+    PenaltyState,
+    Sampler,
+    SamplingBatch,
+    plain_greedy,
+    sampling_row,
+)
 from ziggurat.models.staging import Staging
 from ziggurat.models.step import Logprobs, NewRequestData, StepInput, StepOutput
 from ziggurat.sampling_params import SamplingParams
@@ -72,6 +79,7 @@ class _RunnerRequest:
     params: SamplingParams
     num_computed: int
     row: int  # its row in ModelRunner.block_table
+    pslot: int = -1  # its slot in ModelRunner.penalties (rank 0, penalty requests only)
     # Tokens sampled by steps still in flight, oldest first: (step handle, its
     # row there). Their values are on the GPU only. The engine runs at most one
     # step ahead, so a request has at most two.
@@ -106,6 +114,7 @@ class ModelRunner:
         # row index each step; never rebuilt from the requests' params.
         self.param_table = torch.zeros(64, len(SAMPLING_COLUMNS), dtype=torch.float32, device=device)
         self._param_diff: dict[int, list[float]] = {}  # row -> values not yet on the device
+        self.penalties = PenaltyState(cfg.vocab_size, device)  # device tables, grown on first use
         self.staging = Staging(device)
         self.graphs = None  # DecodeGraphs once captured
         self._stepped = False
@@ -202,6 +211,8 @@ class ModelRunner:
             r = self.requests.pop(rid, None)
             if r is not None:
                 self.free_rows.append(r.row)
+                if r.pslot >= 0:
+                    self.penalties.release(r.pslot)
         for new in step.new_requests:
             r = self.requests[new.req_id] = _RunnerRequest(
                 prompt_len=len(new.prompt_token_ids),
@@ -213,6 +224,8 @@ class ModelRunner:
             )
             self._append_blocks(r, new.block_ids)
             self._param_diff[r.row] = sampling_row(new.sampling_params)  # a reused row is overwritten
+            if new.sampling_params.needs_penalties and self.tp.rank == 0:
+                r.pslot = self.penalties.add(new.prompt_token_ids, new.output_token_ids)
         for c in step.cached_requests:
             r = self.requests[c.req_id]
             self._append_blocks(r, c.new_block_ids)
@@ -360,9 +373,6 @@ class ModelRunner:
         self._update_states(step)
         if step.is_empty:
             return _InFlight.empty()
-        # Penalties read the whole output history on the host: settle first.
-        if any(r.pending and r.params.needs_penalties for r in map(self.requests.get, step.num_scheduled_tokens)):
-            self._resolve_pending()
         hs = self._prepare(step)
         self._advance(step)
         hidden = self._forward(hs)
@@ -393,11 +403,6 @@ class ModelRunner:
         self._resolve(handle)
         return handle.output if self.tp.rank == 0 else None
 
-    def _resolve_pending(self) -> None:
-        for r in self.requests.values():
-            while r.pending:
-                self._resolve(r.pending[0][0])
-
     def _resolve(self, h: _InFlight) -> None:
         if h.resolved:
             return
@@ -417,20 +422,27 @@ class ModelRunner:
     def _sample(self, logits: torch.Tensor, reqs: list[str]):
         """SamplerOutput for the sampling rows, on the device (no host sync)."""
         rs = [self.requests[rid] for rid in reqs]
-        # Token histories matter only to penalties (their rows are settled, no
-        # token pending); other rows pass ranges of the right length (the
-        # sampler needs just the output count, pending token included).
-        prompts = [r.token_ids[: r.prompt_len] if r.params.needs_penalties else () for r in rs]
-        outputs = [r.token_ids[r.prompt_len :] if r.params.needs_penalties
-                   else range(len(r.token_ids) + len(r.pending) - r.prompt_len) for r in rs]
+        # The sampler reads only output counts from these (min_tokens, seeded
+        # steps): the pending token counts; penalties come from device tables.
+        outputs = [range(len(r.token_ids) + len(r.pending) - r.prompt_len) for r in rs]
         params = [r.params for r in rs]
-        rows = None
+        rows = pen = None
         if not all(map(plain_greedy, params)):  # the per-row parameter columns are read
             self._apply_param_diff()
             (rows,) = self.staging.upload(np.fromiter((r.row for r in rs), dtype=np.int64, count=len(rs)))
-        batch = SamplingBatch.build(params, prompts, outputs, self.cfg.vocab_size, self.device,
-                                    param_table=self.param_table, param_rows=rows)
-        return self.sampler(logits, batch, self.generator)
+        pen_rows = [i for i, r in enumerate(rs) if r.pslot >= 0]
+        if pen_rows:
+            # Rows without penalties read slot 0: their penalties are neutral.
+            slots, pen_idx, pen_slots = self.staging.upload(
+                np.fromiter((max(r.pslot, 0) for r in rs), dtype=np.int64, count=len(rs)),
+                np.asarray(pen_rows, dtype=np.int64), np.asarray([rs[i].pslot for i in pen_rows], dtype=np.int64))
+            pen = self.penalties.gather(slots)
+        batch = SamplingBatch.build(params, [()] * len(rs), outputs, self.cfg.vocab_size, self.device,
+                                    param_table=self.param_table, param_rows=rows, penalty_tensors=pen)
+        out = self.sampler(logits, batch, self.generator)
+        if pen_rows:
+            self.penalties.bump(pen_slots, out.token_ids.index_select(0, pen_idx))
+        return out
 
     def _apply_param_diff(self) -> None:
         """New requests' sampling parameters into their rows of the device table (one small copy)."""

@@ -36,7 +36,8 @@ from ziggurat.kernels.sampling import (
 )
 from ziggurat.sampling_params import SamplingParams
 
-__all__ = ["SamplingBatch", "SamplerOutput", "Sampler", "mix_seed", "SAMPLING_COLUMNS", "sampling_row", "plain_greedy"]
+__all__ = ["SamplingBatch", "SamplerOutput", "Sampler", "mix_seed", "SAMPLING_COLUMNS", "sampling_row", "plain_greedy",
+           "PenaltyState"]
 
 # The per-row parameters the sampler reads on the device, in column order (top_k is exact in fp32: k < 2^24).
 SAMPLING_COLUMNS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
@@ -115,10 +116,13 @@ class SamplingBatch:
         device: torch.device | str,
         param_table: torch.Tensor | None = None,
         param_rows: torch.Tensor | None = None,
+        penalty_tensors: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> "SamplingBatch":
         """param_table/param_rows: the parameters already on the device (a
         [rows, len(SAMPLING_COLUMNS)] table and each sampled row's index into
-        it), gathered there instead of copied from `params`."""
+        it), gathered there instead of copied from `params`.
+        penalty_tensors: (prompt mask, output counts), [B, V] each, already on
+        the device (PenaltyState); then only the lengths of output_ids are read."""
         device = torch.device(device)
         V = vocab_size
         B = len(params)
@@ -134,7 +138,9 @@ class SamplingBatch:
         needs_penalties = any(p.needs_penalties for p in params)
 
         prompt_mask = output_counts = None
-        if needs_penalties:
+        if needs_penalties and penalty_tensors is not None:
+            prompt_mask, output_counts = penalty_tensors
+        elif needs_penalties:
             prompt_mask = torch.zeros(B, V, dtype=torch.bool, device=device)
             output_counts = torch.zeros(B, V, dtype=torch.int32, device=device)
             p_rows: list[int] = []
@@ -337,3 +343,63 @@ class Sampler(torch.nn.Module):
             g.manual_seed(mix_seed(batch.seeds[i], batch.steps[i]))
             q[i] = torch.empty(V, dtype=probs.dtype, device=probs.device).exponential_(generator=g)
         return q
+
+
+class PenaltyState:
+    """Prompt-token masks and output-token counts of the requests that use
+    penalties, one slot each, on the device. A slot is written once when its
+    request arrives (prompt ids, and output ids when it resumes after
+    preemption); each step's sampled tokens bump the counts on the GPU
+    (`bump`), so penalties never rebuild [B, V] tensors from token lists and
+    never wait for a token still in flight."""
+
+    def __init__(self, vocab_size: int, device: torch.device | str):
+        self.vocab, self.device = vocab_size, torch.device(device)
+        self.prompt = torch.zeros(0, vocab_size, dtype=torch.bool, device=self.device)
+        self.counts = torch.zeros(0, vocab_size, dtype=torch.int32, device=self.device)
+        self.free: list[int] = []
+        self._init: dict[int, tuple[list[int], list[int]]] = {}  # slot -> (prompt ids, output ids) to write
+
+    def add(self, prompt_ids, output_ids) -> int:
+        if not self.free:
+            n = self.prompt.shape[0]
+            grow = max(4, n)
+            self.prompt = torch.cat([self.prompt, self.prompt.new_zeros(grow, self.vocab)])
+            self.counts = torch.cat([self.counts, self.counts.new_zeros(grow, self.vocab)])
+            self.free.extend(range(n + grow - 1, n - 1, -1))
+        slot = self.free.pop()
+        self._init[slot] = (list(prompt_ids), list(output_ids))  # a reused slot's last writer wins
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
+
+    def flush(self) -> None:
+        """Write the slots added since the last flush (one copy of their ids)."""
+        if not self._init:
+            return
+        init, self._init = self._init, {}
+        slots = torch.tensor(list(init), dtype=torch.long).to(self.device, non_blocking=True)
+        self.prompt[slots] = False
+        self.counts[slots] = 0
+        for table, which in ((self.prompt, 0), (self.counts, 1)):
+            rows = [s for s, ids in init.items() for t in ids[which] if 0 <= t < self.vocab]
+            cols = [t for ids in init.values() for t in ids[which] if 0 <= t < self.vocab]
+            if not cols:
+                continue
+            r = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+            c = torch.tensor(cols, dtype=torch.long).to(self.device, non_blocking=True)
+            if which == 0:
+                table[r, c] = True
+            else:
+                table.index_put_((r, c), torch.ones_like(c, dtype=torch.int32), accumulate=True)
+
+    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt mask bool [B, V], output counts int32 [B, V]) for the given slots."""
+        self.flush()
+        return self.prompt.index_select(0, slots), self.counts.index_select(0, slots)
+
+    def bump(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Count the tokens just sampled for these slots (on the device, in stream order)."""
+        self.flush()  # a slot's initial write must come first
+        self.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)

@@ -135,6 +135,31 @@ def test_greedy_generation_matches_transformers(model_factory, arch, kw):
         assert o.outputs[0].finish_reason == "length"
 
 
+def test_repetition_penalty_generation_matches_transformers(model_factory):
+    """Greedy with repetition_penalty against HF generate: the workers keep the
+    prompt mask and output counts on the device (PenaltyState) and bump them
+    with each step's sampled tokens; async steps, a small cache (preempted
+    requests resume with their outputs counted) and penalty-free neighbours."""
+    path = model_factory("llama")
+    hf = hf_model(path)
+    hf.generation_config.eos_token_id = None
+    llm = LLM(path, num_kv_blocks=10, max_num_batched_tokens=32)
+    vocab = llm.engine.model_config.vocab_size
+    prompts = prompts_for(vocab, seed=3)[1:]  # 7, 45, 70 tokens: 16 blocks by the end, 10 in the cache
+    params = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, repetition_penalty=r)
+              for r in (1.3, 1.0, 2.0)]
+    outs = llm.generate(prompts, params)
+    for p, sp, o in zip(prompts, params, outs):
+        ids = torch.tensor([p])  # an explicit mask: HF would take prompt ids equal to pad_token_id for padding
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
+                          pad_token_id=0, repetition_penalty=sp.repetition_penalty)[0, len(p):].tolist()
+        assert o.outputs[0].token_ids == ref
+    assert llm.engine.scheduler.num_preemptions > 0
+    llm.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=1))  # carries the last finished ids over
+    runner = llm.engine.executor.worker.runner
+    assert sorted(runner.penalties.free) == list(range(runner.penalties.prompt.shape[0]))  # every slot released
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_logits_close(model_factory, dtype):
     path = model_factory("qwen3", dtype=dtype)

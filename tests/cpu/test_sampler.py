@@ -434,3 +434,34 @@ def test_logprobs_from_raw_logits():
     b0 = SamplingBatch.build([SamplingParams(logprobs=0)], [[]], [[]], V, "cpu")
     o0 = Sampler()(logits[:1], b0, generator=gen)
     assert o0.topk_ids.shape == (1, 0) and o0.logprobs.shape == (1,) and int(o0.ranks[0]) >= 1
+
+
+def test_penalty_state_equals_tensors_built_from_token_lists():
+    """PenaltyState (device tables written once per request, bumped per step)
+    gives the prompt mask and output counts SamplingBatch.build makes from the
+    full token lists: slot reuse, growth, out-of-range ids included."""
+    from ziggurat.models.sampler import PenaltyState
+
+    V = 40
+    g = torch.Generator().manual_seed(0)
+    ps = PenaltyState(V, "cpu")
+    hist = {}
+    for k in range(7):  # grows past its first 4 slots
+        prompt = torch.randint(0, V, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist() + [V + 3]
+        outs = torch.randint(0, V, (k,), generator=g).tolist()
+        hist[ps.add(prompt, outs)] = (prompt, outs)
+    ps.release(2)
+    prompt2 = [1, 1, 5]
+    del hist[2]
+    hist[ps.add(prompt2, [7])] = (prompt2, [7])  # reuses slot 2
+    for _ in range(5):
+        slots = sorted(hist)
+        toks = torch.randint(0, V, (len(slots),), generator=g)
+        ps.bump(torch.tensor(slots), toks)
+        for s_, t in zip(slots, toks.tolist()):
+            hist[s_][1].append(t)
+    slots = sorted(hist)
+    mask, counts = ps.gather(torch.tensor(slots))
+    ref = SamplingBatch.build([SamplingParams(repetition_penalty=1.2)] * len(slots), [hist[s_][0] for s_ in slots],
+                              [hist[s_][1] for s_ in slots], V, "cpu")
+    assert torch.equal(mask, ref.prompt_mask) and torch.equal(counts, ref.output_counts)
