@@ -188,3 +188,27 @@ def test_greedy_optimized_equals_reference_128_steps(model_factory, monkeypatch)
         monkeypatch.setenv("ZIGGURAT_KERNELS", "auto")
         got = [o.outputs[0].token_ids for o in LLM(path, num_kv_blocks=128).generate(prompts, params)]
         assert got == ref
+
+
+def test_penalties_and_mixed_sampling_on_the_gpu_path(model_factory, monkeypatch):
+    """Greedy rows with repetition/frequency/presence penalties (device
+    penalty tables, counts bumped on the GPU, async steps) give the reference
+    path's tokens, while random rows share their batches (Triton sampler); a
+    seeded random row repeats itself across runs and batch mixes."""
+    from ziggurat import LLM, SamplingParams
+
+    path = model_factory("llama")
+    prompts = [list(range(3, 60)), [5, 6, 7, 8, 9] * 9, [11, 12], list(range(100, 140))]
+    greedy = [SamplingParams(temperature=0, max_tokens=64, ignore_eos=True, repetition_penalty=1.5),
+              SamplingParams(temperature=0, max_tokens=64, ignore_eos=True, frequency_penalty=0.7,
+                             presence_penalty=0.3)]
+    hot = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=64, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.8, seed=42, max_tokens=32, ignore_eos=True)
+    monkeypatch.setenv("ZIGGURAT_KERNELS", "torch")
+    ref = [o.outputs[0].token_ids for o in LLM(path, num_kv_blocks=128).generate(prompts[:2], greedy)]
+    monkeypatch.setenv("ZIGGURAT_KERNELS", "auto")
+    llm = LLM(path, num_kv_blocks=128)
+    outs = llm.generate(prompts, greedy + [hot, seeded])
+    assert [o.outputs[0].token_ids for o in outs[:2]] == ref
+    again = llm.generate([prompts[1], prompts[3]], [hot, seeded])
+    assert again[1].outputs[0].token_ids == outs[3].outputs[0].token_ids
