@@ -73,6 +73,9 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, base_seed: in
     b, v = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
+    temperature = temperature.contiguous()  # the kernel reads element `row`
+    if row_seeds is not None:
+        row_seeds = row_seeds.contiguous()
     block = 2048
     if splits is None:
         sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 4

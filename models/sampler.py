@@ -182,7 +182,7 @@ class SamplingBatch:
             vecs = [None] * 7  # argmax alone: no per-row parameter is read
         else:
             if param_rows is not None:
-                dev = param_table.index_select(0, param_rows).t()
+                dev = param_table.index_select(0, param_rows).t().contiguous()  # each column contiguous
             else:  # one host->device copy for all per-row parameters
                 host = torch.tensor([sampling_row(p) for p in params], dtype=torch.float32)
                 dev = host.t().contiguous().to(device, non_blocking=True)
@@ -269,22 +269,22 @@ class Sampler(torch.nn.Module):
             token_ids = logits.argmax(dim=-1)
         elif use_triton(logits):
             # Temperature and the draw in one Triton pass (Gumbel-max; greedy
-            # rows take the argmax). With filters, temperature goes first.
-            temperature = batch.temperature
+            # rows take the argmax). Filters (which need the scaled logits)
+            # only mask entries: the kernel always scales a row the same way,
+            # so a seeded row's draw never depends on what else is in the batch.
             if not (batch.needs_penalties or batch.min_tokens_mask is not None or batch.needs_filters):
                 logits = model_logits
-            if batch.needs_filters:
-                if batch.needs_temperature:
-                    logits = apply_temperature(logits, batch.temperature)
-                logits = apply_top_k_top_p_min_p(
-                    logits,
+            elif batch.needs_filters:
+                scaled = apply_temperature(logits, batch.temperature) if batch.needs_temperature else logits
+                kept = apply_top_k_top_p_min_p(
+                    scaled,
                     batch.top_k if batch.needs_top_k else None,
                     batch.top_p if batch.needs_top_p else None,
                     batch.min_p if batch.needs_min_p else None,
                     max_top_k=batch.max_top_k,
                 )
-                temperature = (~batch.is_greedy).float()  # 1 = already scaled, 0 = argmax
-            token_ids = gumbel_sample(logits, temperature, *self._row_seeds(batch, logits.device))
+                logits = logits.masked_fill(kept == float("-inf"), float("-inf"))
+            token_ids = gumbel_sample(logits, batch.temperature, *self._row_seeds(batch, logits.device))
         else:
             greedy_ids = None if batch.all_random else logits.argmax(dim=-1)
             if batch.needs_temperature:

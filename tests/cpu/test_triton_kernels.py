@@ -199,6 +199,37 @@ def test_sampler_triton_path(monkeypatch):
     assert {draw([2], s)[0] for _ in range(40)} <= top3
 
 
+def test_sampler_triton_path_with_device_parameter_table(monkeypatch):
+    """As the runner calls it: parameters gathered from the per-row device
+    table (a strided gather, made contiguous), greedy rows mixed with T=1 rows
+    and no filter: greedy rows stay exact argmax; a seeded row draws the same
+    token whether or not a filtered row shares its batch."""
+    from ziggurat.models.sampler import Sampler, SamplingBatch, sampling_row
+    from ziggurat.sampling_params import SamplingParams
+
+    monkeypatch.setenv("ZIGGURAT_KERNELS", "triton")
+    g = torch.Generator().manual_seed(1)
+    v = 64
+    logits = torch.randn(8, v, generator=g).to(DEV)
+    ps = [SamplingParams(temperature=1.0) if i % 2 == 0 else SamplingParams(temperature=0) for i in range(8)]
+    ps[4] = SamplingParams(temperature=0.9, seed=11)
+    table = torch.tensor([sampling_row(p) for p in ps] + [sampling_row(SamplingParams(top_p=0.5))],
+                         dtype=torch.float32).to(DEV)
+
+    def draw(rows, sampler):
+        b = SamplingBatch.build([ps[i] if i < 8 else SamplingParams(top_p=0.5) for i in rows], [()] * len(rows),
+                                [()] * len(rows), v, DEV, param_table=table,
+                                param_rows=torch.tensor(rows, device=DEV))
+        return sampler(logits[[min(i, 7) for i in rows]], b).token_ids.cpu().tolist()
+
+    s = Sampler(seed=3)
+    for _ in range(5):
+        got = draw(list(range(8)), s)
+        assert [got[i] for i in (1, 3, 5, 7)] == [int(logits[i].argmax()) for i in (1, 3, 5, 7)]
+    alone = draw([4], s)[0]
+    assert draw([4, 8], s)[0] == alone and draw([0, 4, 1], s)[1] == alone
+
+
 @pytest.mark.parametrize("m", [1, 2, 3])
 @pytest.mark.parametrize("n,k,config", [(37, 300, (8, 128, 4, 1)), (64, 256, (4, 128, 4, 1)), (5, 40, None)])
 def test_gemv(m, n, k, config):

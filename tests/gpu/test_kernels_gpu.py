@@ -212,3 +212,20 @@ def test_penalties_and_mixed_sampling_on_the_gpu_path(model_factory, monkeypatch
     assert [o.outputs[0].token_ids for o in outs[:2]] == ref
     again = llm.generate([prompts[1], prompts[3]], [hot, seeded])
     assert again[1].outputs[0].token_ids == outs[3].outputs[0].token_ids
+
+
+def test_unfiltered_random_rows_next_to_greedy_rows(model_factory, monkeypatch):
+    """The OpenAI default (temperature 1, no top-k/top-p) mixed with greedy
+    requests, parameters from the device table: greedy rows equal the
+    reference path's tokens."""
+    from ziggurat import LLM, SamplingParams
+
+    path = model_factory("llama")
+    prompts = [list(range(3, 60)), [5, 6, 7, 8, 9] * 9, [11, 12], list(range(100, 140)), [7] * 30, [9, 8, 7]]
+    greedy = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    hot = SamplingParams(temperature=1.0, max_tokens=48, ignore_eos=True)
+    monkeypatch.setenv("ZIGGURAT_KERNELS", "torch")
+    ref = [o.outputs[0].token_ids for o in LLM(path, num_kv_blocks=128).generate(prompts[1::2], greedy)]
+    monkeypatch.setenv("ZIGGURAT_KERNELS", "auto")
+    outs = LLM(path, num_kv_blocks=128).generate(prompts, [hot, greedy] * 3)
+    assert [o.outputs[0].token_ids for o in outs[1::2]] == ref
