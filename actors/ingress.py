@@ -31,9 +31,14 @@ class IngressActor:
     """Restartable: a restarted ingress binds the same port, numbers its token
     batches under a fresh epoch, and re-registers with every scheduler."""
 
-    def __init__(self, config: IngressConfig, ingress_id: str, router, schedulers: list, meter=None):
+    def __init__(self, config: IngressConfig, ingress_id: str, router: str, schedulers: list[str],
+                 meter: str | None = None):
+        """router, schedulers, meter: actor names (looked up here, also after a restart)."""
         import uvicorn
 
+        router = ray.get_actor(router)
+        schedulers = [ray.get_actor(name) for name in schedulers]
+        meter = ray.get_actor(meter) if meter is not None else None
         self.config = config
         epoch = uuid.uuid4().hex
         self.client = EngineClient(ingress_id, router, schedulers, epoch)

@@ -109,8 +109,12 @@ class Deployment:
         tag = uuid.uuid4().hex[:8]
         self.groups, self.workers, self.schedulers = [], [], []
         self.db = spec.db or str(cache_dir() / "tenancy.db")
-        self.meter = MeterActor.remote(self.db)
-        self.router = RouterActor.remote(spec.replicas)
+        # Named, so a (restartable) ingress takes names, not handles: Ray cannot
+        # rebuild an actor whose constructor arguments are references (ray#53727).
+        self.meter_name, self.router_name = f"ziggurat-meter-{tag}", f"ziggurat-router-{tag}"
+        self.meter = MeterActor.options(name=self.meter_name).remote(self.db)
+        self.router = RouterActor.options(name=self.router_name).remote(spec.replicas)
+        self.scheduler_names: list[str] = []
         try:
             for r in range(spec.replicas):
                 pg = create_replica_group(spec.tensor_parallel_size, use_gpu, name=f"ziggurat-{tag}-replica{r}")
@@ -119,7 +123,8 @@ class Deployment:
                 ws = [WorkerActor.options(scheduling_strategy=bundle_strategy(pg, rank), **opts).remote(cfg, rank, spec.worker_cls)
                       for rank in range(spec.tensor_parallel_size)]
                 self.workers.append(ws)
-                self.schedulers.append(SchedulerActor.options(num_cpus=0).remote(
+                self.scheduler_names.append(f"ziggurat-scheduler-{tag}-{r}")
+                self.schedulers.append(SchedulerActor.options(num_cpus=0, name=self.scheduler_names[-1]).remote(
                     cfg, ws, r, self.router, spec.max_waiting, self.meter))
             infos = ray.get([s.info.remote() for s in self.schedulers])
             self.info = infos
@@ -141,7 +146,7 @@ class Deployment:
                 # Ingresses share the port of this (the driver's) node.
                 here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
                 self.ingresses.append(IngressActor.options(name=ingress_id, scheduling_strategy=here).remote(
-                    icfg, ingress_id, self.router, self.schedulers, self.meter))
+                    icfg, ingress_id, self.router_name, self.scheduler_names, self.meter_name))
             self.ingress = self.ingresses[0]
             ray.get([ing.url.remote() for ing in self.ingresses])  # all listening
             self.url = ray.get(self.ingress.url.remote())
