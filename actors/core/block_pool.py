@@ -51,14 +51,25 @@ def _encode(obj, out: bytearray) -> None:
         raise TypeError(f"unhashable extra key of type {type(obj).__name__}: {obj!r}")
 
 
+_TOKEN_STRUCTS: dict[int, struct.Struct] = {}  # block length -> "<I{n}q" (compiled once)
+_NO_EXTRA = b"t" + struct.pack("<I", 0)  # _encode(()) : the common case, precomputed
+
+
 def hash_block_tokens(parent_hash: bytes, token_ids: Sequence[int], extra_keys: tuple = ()) -> bytes:
     """sha256 over (parent hash, token ids, extra keys); stable across processes
     (unlike Python's hash()). Every field is length-prefixed, so the encoding is
     injective."""
+    n = len(token_ids)
+    st = _TOKEN_STRUCTS.get(n)
+    if st is None:
+        st = _TOKEN_STRUCTS[n] = struct.Struct(f"<I{n}q")
     buf = bytearray(struct.pack("<I", len(parent_hash)))
     buf += parent_hash
-    buf += struct.pack(f"<I{len(token_ids)}q", len(token_ids), *token_ids)
-    _encode(tuple(extra_keys), buf)
+    buf += st.pack(n, *token_ids)
+    if extra_keys:
+        _encode(tuple(extra_keys), buf)
+    else:
+        buf += _NO_EXTRA
     return hashlib.sha256(buf).digest()
 
 

@@ -13,6 +13,11 @@ recomputed. Requests scheduled in a step are never preempted in that step,
 so blocks registered in the prefix cache at allocation always hold their KV
 by the time a later reader's attention runs (the forward stores every
 token's KV before attending, layer by layer).
+
+The running batch's per-request counters live in numpy columns
+(actors/core/running.py), so a step over hundreds of decoding requests is a
+few array operations; Python runs per request only where something happens
+to it (a new KV block, a possible stop, preemption, admission).
 """
 
 from __future__ import annotations
