@@ -16,8 +16,7 @@ from ziggurat.models.step import StepInput, StepOutput
 class NullWorker:
     def __init__(self, config: EngineConfig, rank: int = 0, init_method: str | None = None, max_model_len: int = 0):
         self.config, self.rank = config, rank
-        self.known: dict[str, int] = {}  # request id -> tokens known (prompt + generated)
-        self.computed: dict[str, int] = {}
+        self.state: dict[str, list[int]] = {}  # request id -> [tokens known (prompt + generated), tokens computed]
         self.vocab = 1000
 
     def determine_num_blocks(self) -> int:
@@ -27,23 +26,23 @@ class NullWorker:
         pass
 
     def execute(self, step: StepInput) -> StepOutput | None:
+        state = self.state
         for rid in step.finished_req_ids:
-            self.known.pop(rid, None)
-            self.computed.pop(rid, None)
+            state.pop(rid, None)
         for r in step.new_requests:
-            self.known[r.req_id] = len(r.prompt_token_ids) + len(r.output_token_ids)
-            self.computed[r.req_id] = r.num_computed_tokens
+            state[r.req_id] = [len(r.prompt_token_ids) + len(r.output_token_ids), r.num_computed_tokens]
         for c in step.cached_requests:
-            self.computed[c.req_id] = c.num_computed_tokens
+            state[c.req_id][1] = c.num_computed_tokens
         out = StepOutput()
-        computed, known = self.computed, self.known
+        ids, toks = out.req_ids, out.token_ids
         for rid, n in step.num_scheduled_tokens.items():
-            c = computed[rid] = computed[rid] + n
-            if c == known[rid]:
-                k = known[rid] = c + 1
-                out.req_ids.append(rid)
-                out.token_ids.append((hash(rid) + k * 7919) % self.vocab)
-        out.logprobs = [None] * len(out.req_ids)
+            st = state[rid]
+            st[1] += n
+            if st[1] == st[0]:  # every known token computed: "sample" the next one
+                st[0] += 1
+                ids.append(rid)
+                toks.append((hash(rid) + st[0] * 7919) % self.vocab)
+        out.logprobs = [None] * len(ids)
         return out if self.rank == 0 else None
 
     # Nothing runs asynchronously here: the "handle" is the output itself.
