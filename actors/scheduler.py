@@ -240,9 +240,6 @@ class SchedulerLoop:
                 routes.pop(rid, None)
                 i = ids.index(rid)
                 p, c, o = updates.num_prompt_tokens[i], updates.num_cached_tokens[i], updates.num_output_tokens[i]
-                entry = live.get(rid)
-                if entry is not None and entry[2] is None and o > 0:
-                    entry[2] = now
                 self.prompt_tokens += p
                 self.cached_tokens += c
                 self._meter(rid, p, c, o, reason)

@@ -1,4 +1,4 @@
-"""Triton versions of the small per-token ops: KV store, (fused add +) RMSNorm, rotary.
+"""Triton versions of the small per-token ops: KV store (alone or with rotary), (fused add +) RMSNorm, SiLU-mul.
 
 Each program handles one token row; shapes and strides are checked by the
 wrappers, which mirror the reference functions' signatures exactly.
@@ -74,46 +74,6 @@ def rms_norm(x, weight, eps: float, residual=None):
     if residual is None:
         return out.view(shape)
     return out.view(shape), res_out.view(shape)
-
-
-@triton.jit
-def _rotary_kernel(x_ptr, out_ptr, pos_ptr, cache_ptr, stride_xt, stride_xh, stride_ot, stride_oh, stride_c,
-                   H: tl.constexpr, H_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
-    t = tl.program_id(0)
-    pos = tl.load(pos_ptr + t)
-    j = tl.arange(0, HALF_PAD)
-    h = tl.arange(0, H_PAD)
-    jm = j < HALF
-    m = (h < H)[:, None] & jm[None, :]
-    cos = tl.load(cache_ptr + pos * stride_c + j, mask=jm, other=0.0)
-    sin = tl.load(cache_ptr + pos * stride_c + HALF + j, mask=jm, other=0.0)
-    base = x_ptr + t * stride_xt + h[:, None] * stride_xh + j[None, :]
-    x1 = tl.load(base, mask=m, other=0.0)
-    x2 = tl.load(base + HALF, mask=m, other=0.0)
-    cos = cos.to(x1.dtype)[None, :]
-    sin = sin.to(x1.dtype)[None, :]
-    o = out_ptr + t * stride_ot + h[:, None] * stride_oh + j[None, :]
-    tl.store(o, x1 * cos - x2 * sin, mask=m)
-    tl.store(o + HALF, x2 * cos + x1 * sin, mask=m)
-
-
-def _rotate(x, positions, cos_sin_cache):
-    t, h, d = x.shape
-    if x.stride(2) != 1:
-        raise ValueError("rotary input must be contiguous in head_dim")
-    out = torch.empty((t, h, d), dtype=x.dtype, device=x.device)
-    half = d // 2
-    _rotary_kernel[(t,)](x, out, positions, cos_sin_cache, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-                         cos_sin_cache.stride(0), H=h, H_PAD=triton.next_power_of_2(h), HALF=half,
-                         HALF_PAD=triton.next_power_of_2(half))
-    return out
-
-
-def apply_rotary(q, k, positions, cos_sin_cache):
-    """q: [T, Hq, D], k: [T, Hk, D] -> rotated copies (rotate-half layout)."""
-    if cos_sin_cache.shape[1] != q.shape[2]:
-        raise ValueError(f"cos/sin cache width {cos_sin_cache.shape[1]} != head_dim {q.shape[2]}")
-    return _rotate(q, positions, cos_sin_cache), _rotate(k, positions, cos_sin_cache)
 
 
 @triton.jit

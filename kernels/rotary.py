@@ -2,24 +2,14 @@
 
 cos_sin_cache: [max_positions, rotary_dim] float32, cos in the first half of
 the last dim, sin in the second; row p holds position p.
+
+The model applies it fused with the KV store (kernels/kv_cache.py::
+rotary_store_kv, one Triton kernel per layer); this is the reference.
 """
 
 from __future__ import annotations
 
 import torch
-
-from ziggurat.kernels.backend import use_triton
-
-
-def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: [T, Hq, D], k: [T, Hk, D], positions: [T]. Returns rotated (q, k)."""
-    if use_triton(q):
-        from ziggurat.kernels.elementwise_triton import apply_rotary as triton_rotary
-
-        return triton_rotary(q, k, positions, cos_sin_cache)
-    return apply_rotary_ref(q, k, positions, cos_sin_cache)
 
 
 def apply_rotary_ref(q, k, positions, cos_sin_cache):

@@ -15,6 +15,8 @@ argmax does).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -65,6 +67,11 @@ def _gumbel_argmax_kernel(logits_ptr, temp_ptr, seed_ptr, score_ptr, idx_ptr, st
     tl.store(idx_ptr + row * SPLITS + sp, best_i)
 
 
+@functools.cache
+def _sm_count(device_index: int | None) -> int:
+    return torch.cuda.get_device_properties(device_index or 0).multi_processor_count
+
+
 def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, base_seed: int,
                   row_seeds: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
     """logits [B, V] (any float dtype, rows contiguous), temperature [B] (0 = greedy),
@@ -78,7 +85,7 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, base_seed: in
         row_seeds = row_seeds.contiguous()
     block = 2048
     if splits is None:
-        sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 4
+        sms = _sm_count(logits.device.index) if logits.is_cuda else 4
         splits = max(1, min(triton.cdiv(v, 8 * block), triton.cdiv(2 * sms, max(b, 1))))
     split_len = triton.cdiv(triton.cdiv(v, splits), block) * block
     splits = triton.cdiv(v, split_len)

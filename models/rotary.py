@@ -7,8 +7,6 @@ import math
 import torch
 from torch import nn
 
-from ziggurat.kernels.rotary import apply_rotary
-
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -42,6 +40,4 @@ class RotaryEmbedding(nn.Module):
         inv_freq = rope_inv_freq(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
-
-    def forward(self, positions, q, k):
-        return apply_rotary(q, k, positions, self.cos_sin_cache)
+        # Applied by the attention layer with the KV store (kernels/kv_cache.py::rotary_store_kv).

@@ -249,8 +249,10 @@ class Sampler(torch.nn.Module):
         batch: SamplingBatch,
         generator: torch.Generator | None = None,
     ) -> SamplerOutput:
-        model_logits = logits  # the kernel path reads them as they come (bf16): no fp32 copy
-        logits = logits.float()
+        kernel = not batch.all_greedy and use_triton(logits)
+        edited = batch.needs_penalties or batch.min_tokens_mask is not None or batch.needs_filters
+        if not kernel or edited or batch.max_logprobs >= 0:
+            logits = logits.float()  # else the kernel reads the model's logits as they are (bf16)
         raw_logprobs = logits.log_softmax(dim=-1) if batch.max_logprobs >= 0 else None
 
         if batch.needs_penalties:
@@ -267,36 +269,21 @@ class Sampler(torch.nn.Module):
 
         if batch.all_greedy:
             token_ids = logits.argmax(dim=-1)
-        elif use_triton(logits):
+        elif kernel:
             # Temperature and the draw in one Triton pass (Gumbel-max; greedy
             # rows take the argmax). Filters (which need the scaled logits)
             # only mask entries: the kernel always scales a row the same way,
             # so a seeded row's draw never depends on what else is in the batch.
-            if not (batch.needs_penalties or batch.min_tokens_mask is not None or batch.needs_filters):
-                logits = model_logits
-            elif batch.needs_filters:
+            if batch.needs_filters:
                 scaled = apply_temperature(logits, batch.temperature) if batch.needs_temperature else logits
-                kept = apply_top_k_top_p_min_p(
-                    scaled,
-                    batch.top_k if batch.needs_top_k else None,
-                    batch.top_p if batch.needs_top_p else None,
-                    batch.min_p if batch.needs_min_p else None,
-                    max_top_k=batch.max_top_k,
-                )
-                logits = logits.masked_fill(kept == float("-inf"), float("-inf"))
+                logits = logits.masked_fill(self._filter(scaled, batch) == float("-inf"), float("-inf"))
             token_ids = gumbel_sample(logits, batch.temperature, *self._row_seeds(batch, logits.device))
         else:
             greedy_ids = None if batch.all_random else logits.argmax(dim=-1)
             if batch.needs_temperature:
                 logits = apply_temperature(logits, batch.temperature)
             if batch.needs_filters:
-                logits = apply_top_k_top_p_min_p(
-                    logits,
-                    batch.top_k if batch.needs_top_k else None,
-                    batch.top_p if batch.needs_top_p else None,
-                    batch.min_p if batch.needs_min_p else None,
-                    max_top_k=batch.max_top_k,
-                )
+                logits = self._filter(logits, batch)
             probs = logits.softmax(dim=-1)
             q = self._draw_q(probs, batch, generator)
             token_ids = sample(probs, q)
@@ -313,6 +300,17 @@ class Sampler(torch.nn.Module):
             top = raw_logprobs.topk(k, dim=-1)
             out.topk_logprobs, out.topk_ids = top.values, top.indices
         return out
+
+    @staticmethod
+    def _filter(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Top-k / top-p / min-p for the rows that ask (filtered entries -inf)."""
+        return apply_top_k_top_p_min_p(
+            logits,
+            batch.top_k if batch.needs_top_k else None,
+            batch.top_p if batch.needs_top_p else None,
+            batch.min_p if batch.needs_min_p else None,
+            max_top_k=batch.max_top_k,
+        )
 
     def _row_seeds(self, batch: SamplingBatch, device) -> tuple[int, torch.Tensor | None]:
         """(base, row keys): unseeded row i draws from Philox key base + i, a

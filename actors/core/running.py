@@ -47,13 +47,6 @@ class RunningSet:
     def __len__(self) -> int:
         return len(self.reqs)
 
-    def __iter__(self):
-        return iter(self.reqs)
-
-    def __contains__(self, req: Request) -> bool:
-        i = self.pos.get(req.request_id)
-        return i is not None and self.reqs[i] is req
-
     def _grow(self) -> None:
         self._cap *= 2
         for c in _INT_COLS + _BOOL_COLS:
@@ -117,7 +110,3 @@ class RunningSet:
 
     def index(self, req: Request) -> int:
         return self.pos[req.request_id]
-
-    def counters(self, i: int) -> tuple[int, int]:
-        """(num_computed_tokens, num_pending) of request i."""
-        return int(self.computed[i]), int(self.pending[i])

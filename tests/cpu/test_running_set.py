@@ -26,7 +26,7 @@ def test_columns_follow_appends_pops_and_removes():
     assert gone == [reqs[1], reqs[4]] and reqs[4].num_computed_tokens == 112
     assert rs.ids == ["r0", "r2", "r3", "r5"] and rs.pos == {"r0": 0, "r2": 1, "r3": 2, "r5": 3}
     assert list(rs.computed[:4]) == [100, 106, 109, 115] and list(rs.max_out[:4]) == [50, 52, 53, 55]
-    assert reqs[2] in rs and reqs[1] not in rs and rs.counters(1) == (106, 0)
+    assert rs.reqs[rs.pos["r2"]] is reqs[2] and "r1" not in rs.pos and (rs.computed[1], rs.pending[1]) == (106, 0)
 
 
 def test_stop_ids_and_foreign_eos_take_the_python_stop_check():

@@ -103,7 +103,7 @@ def test_rms_norm_and_fused_add(n):
 
 
 @pytest.mark.parametrize("hq,hk,d", [(4, 2, 32), (3, 1, 16), (8, 8, 64)])
-def test_rotary(hq, hk, d):
+def test_rotary_llama3_scaling(hq, hk, d):
     from ziggurat.models.rotary import RotaryEmbedding
 
     g = torch.Generator().manual_seed(d)
@@ -114,7 +114,9 @@ def test_rotary(hq, hk, d):
     q = qkv[:, : hq * d].view(6, hq, d)
     k = qkv[:, hq * d : (hq + hk) * d].view(6, hk, d)
     pos = torch.tensor([0, 1, 5, 63, 64, 511], device=DEV)
-    q1, k1 = ET.apply_rotary(q, k, pos, cache)
+    kc, vc = (torch.zeros(4, 16, hk, d, device=DEV) for _ in range(2))
+    no_store = torch.full((6,), -1, device=DEV)  # rotation alone (the store is tested below)
+    q1, k1 = ET.rotary_store_kv(q, k, k, pos, cache, kc, vc, no_store)
     q2, k2 = rotary.apply_rotary_ref(q, k, pos, cache)
     assert rel_err(q1, q2) < 1e-6 and rel_err(k1, k2) < 1e-6
 
