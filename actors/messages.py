@@ -63,7 +63,8 @@ class ReplicaStats:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     generation_tokens: int = 0
-    step_seconds_total: float = 0.0
+    step_seconds_total: float = 0.0  # in engine.step(): schedule, launch, wait for the workers, update
+    busy_seconds_total: float = 0.0  # in loop iterations that ran a step (adds the inbox and sending tokens)
     # Per tenant: requests, prompt/cached/completion tokens of finished requests
     # (the engine's own counts, for reconciliation with the ledger).
     tenant_totals: dict = field(default_factory=dict)

@@ -111,6 +111,7 @@ class SchedulerLoop:
         self.epochs: dict[str, str] = {}  # ingress id -> its current incarnation
         self.steps = 0
         self.step_seconds = 0.0
+        self.busy_seconds = 0.0
         self.prompt_tokens = self.cached_tokens = self.generation_tokens = 0
         self.num_pending = 0  # submitted, not yet taken into the engine
         self.seq: dict[str, int] = collections.defaultdict(int)  # next TokenBatch number per ingress (epoch)
@@ -202,14 +203,16 @@ class SchedulerLoop:
         with self.wakeup:
             if not self.inbox and not self.engine.has_unfinished():
                 self.wakeup.wait(idle_timeout)
+            t0 = time.perf_counter()
             self._drain_inbox()
         if not self.engine.has_unfinished():
             return 0
-        t0 = time.perf_counter()
+        t1 = time.perf_counter()
         updates = self.engine.step()
-        self.step_seconds += time.perf_counter() - t0
+        self.step_seconds += time.perf_counter() - t1
         self.steps += 1
         self._publish(updates)
+        self.busy_seconds += time.perf_counter() - t0
         return len(updates)
 
     def _publish(self, updates: StepUpdates) -> None:
@@ -291,6 +294,7 @@ class SchedulerLoop:
             cached_tokens=self.cached_tokens,
             generation_tokens=self.generation_tokens,
             step_seconds_total=self.step_seconds,
+            busy_seconds_total=self.busy_seconds,
             tenant_totals={t: dict(v) for t, v in list(self.tenant_totals.items())},
             unacked_usage_events=len(self.outbox),
         )

@@ -81,7 +81,7 @@ class DeploymentSpec:
     def engine_config(self) -> EngineConfig:
         names = {f.name for f in fields(EngineConfig)}
         kw = {k: getattr(self, k) for k in names if hasattr(self, k) and k != "extra"}
-        return EngineConfig(**kw)
+        return EngineConfig(**kw, extra=dict(self.extra))
 
 
 class Deployment:

@@ -44,7 +44,8 @@ class _HostStep:
     qsl: np.ndarray  # [B+1] query start offsets
     rows: np.ndarray  # [B] block-table row of each request
     sample_rows: np.ndarray  # token index of each sampling request's last token
-    sample_req_ids: list[str]
+    sample_reqs: list["_RunnerRequest"]  # the requests that sample, in batch order
+    sample_slots: np.ndarray  # and their slots
     max_query_len: int
     # Tokens whose id is still on the GPU (sampled by the step in flight):
     # feed_dst[i] (token index here) takes feed_from's sampled row feed_src[i].
@@ -57,7 +58,8 @@ class _HostStep:
 class _InFlight:
     """A launched step: its sampled ids on the GPU, on their way to the host."""
 
-    req_ids: list[str]
+    reqs: list["_RunnerRequest"]
+    slots: np.ndarray
     tokens: torch.Tensor | None  # [S] int64 on the device (every rank)
     host: torch.Tensor | None  # [S] pinned copy, filled asynchronously
     event: object  # torch.cuda.Event marking the copy's end (None on CPU)
@@ -68,7 +70,7 @@ class _InFlight:
 
     @staticmethod
     def empty() -> "_InFlight":
-        return _InFlight([], None, None, None, output=StepOutput(), resolved=True)
+        return _InFlight([], np.zeros(0, dtype=np.int32), None, None, None, output=StepOutput(), resolved=True)
 
 
 @dataclass
@@ -78,7 +80,7 @@ class _RunnerRequest:
     num_blocks: int  # block ids in this request's row of the block table
     params: SamplingParams
     num_computed: int
-    row: int  # its row in ModelRunner.block_table
+    row: int  # its row in ModelRunner.block_table: its slot (models/step.py)
     pslot: int = -1  # its slot in ModelRunner.penalties (rank 0, penalty requests only)
     # Tokens sampled by steps still in flight, oldest first: (step handle, its
     # row there). Their values are on the GPU only. The engine runs at most one
@@ -99,16 +101,15 @@ class ModelRunner:
         self.load_seconds = time.perf_counter() - t0
         self.sampler = Sampler(seed)
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.requests: dict[str, _RunnerRequest] = {}
+        self.requests: dict[int, _RunnerRequest] = {}  # by slot
         self.num_blocks = 0
-        # Persistent block table, one row per live request, max_model_len wide:
+        # Persistent block table, one row per slot, max_model_len wide:
         # a host copy and its device mirror, which each step updates with just
         # the block ids that step appended (the diff), never rebuilt.
         width = (max_model_len + block_size - 1) // block_size
         self.block_table = np.zeros((64, width), dtype=np.int32)
         self.device_table = torch.zeros(64, width, dtype=torch.int32, device=device)
         self._table_diff: list[np.ndarray] = []  # [row, col, block] triples not yet on the device
-        self.free_rows = list(range(63, -1, -1))
         # Sampling parameters, one row per live request (same rows as the block
         # table), on the device: written when a request arrives, gathered by
         # row index each step; never rebuilt from the requests' params.
@@ -167,16 +168,17 @@ class ModelRunner:
         if self.num_blocks < 5:
             return
         params = SamplingParams(max_tokens=1)
-        # (request, prompt length, block ids, tokens already computed, tokens to run)
+        # (request, prompt length, block ids, tokens already computed, tokens to run), in slots 0-2
         seqs = [("warmup-prompt", 2 * bs, [0, 1], 0, 2 * bs), ("warmup-chunk", bs + 2, [2, 3], bs, 2),
                 ("warmup-decode", 6, [4], 5, 1)]
-        step = StepInput(new_requests=[NewRequestData(rid, [0] * n, [], params, blocks, done)
-                                       for rid, n, blocks, done, _ in seqs],
-                         num_scheduled_tokens={rid: run for rid, _, _, _, run in seqs})
+        step = StepInput(new_requests=[NewRequestData(rid, slot, [0] * n, [], params, blocks, done)
+                                       for slot, (rid, n, blocks, done, _) in enumerate(seqs)],
+                         slots=np.arange(len(seqs), dtype=np.int32),
+                         num_tokens=np.asarray([run for *_, run in seqs], dtype=np.int32))
         self._update_states(step)
         ids, pos, meta, _ = self._eager_inputs(self._prepare(step))
         self.model(ids, pos, meta)
-        self._update_states(StepInput(finished_req_ids=[rid for rid, *_ in seqs]))
+        self._update_states(StepInput(finished_slots=list(range(len(seqs)))))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -207,38 +209,43 @@ class ModelRunner:
     # -- one step -----------------------------------------------------------------
 
     def _update_states(self, step: StepInput) -> None:
-        for rid in step.finished_req_ids:
-            r = self.requests.pop(rid, None)
-            if r is not None:
-                self.free_rows.append(r.row)
-                if r.pslot >= 0:
-                    self.penalties.release(r.pslot)
+        for slot in step.finished_slots:
+            r = self.requests.pop(slot, None)
+            if r is not None and r.pslot >= 0:
+                self.penalties.release(r.pslot)
         for new in step.new_requests:
-            r = self.requests[new.req_id] = _RunnerRequest(
+            if new.slot in self.requests:
+                raise RuntimeError(f"request {new.req_id}: slot {new.slot} is still held")
+            self._ensure_rows(new.slot + 1)
+            r = self.requests[new.slot] = _RunnerRequest(
                 prompt_len=len(new.prompt_token_ids),
                 token_ids=list(new.prompt_token_ids) + list(new.output_token_ids),
                 num_blocks=0,
                 params=new.sampling_params,
                 num_computed=new.num_computed_tokens,
-                row=self._take_row(),
+                row=new.slot,
             )
             self._append_blocks(r, new.block_ids)
             self._param_diff[r.row] = sampling_row(new.sampling_params)  # a reused row is overwritten
             if new.sampling_params.needs_penalties and self.tp.rank == 0:
                 r.pslot = self.penalties.add(new.prompt_token_ids, new.output_token_ids)
         for c in step.cached_requests:
-            r = self.requests[c.req_id]
+            r = self.requests[c.slot]
             self._append_blocks(r, c.new_block_ids)
             r.num_computed = c.num_computed_tokens
 
-    def _take_row(self) -> int:
-        if not self.free_rows:  # grow the table (rare: doubles)
-            old = self.block_table.shape[0]
-            self.block_table = np.concatenate([self.block_table, np.zeros_like(self.block_table)])
-            self.device_table = torch.cat([self.device_table, torch.zeros_like(self.device_table)])
-            self.param_table = torch.cat([self.param_table, torch.zeros_like(self.param_table)])
-            self.free_rows.extend(range(2 * old - 1, old - 1, -1))
-        return self.free_rows.pop()
+    def _ensure_rows(self, n: int) -> None:
+        """Tables at least n rows tall (grown by doubling; rare: slots are reused)."""
+        old = self.block_table.shape[0]
+        if n <= old:
+            return
+        new = max(2 * old, n)
+        self.block_table = np.concatenate([self.block_table, np.zeros((new - old, self.block_table.shape[1]),
+                                                                      dtype=self.block_table.dtype)])
+        self.device_table = torch.cat([self.device_table, self.device_table.new_zeros(new - old,
+                                                                                       self.device_table.shape[1])])
+        self.param_table = torch.cat([self.param_table, self.param_table.new_zeros(new - old,
+                                                                                   self.param_table.shape[1])])
 
     def _append_blocks(self, r: "_RunnerRequest", block_ids: list[int]) -> None:
         if block_ids:
@@ -255,28 +262,28 @@ class ModelRunner:
             slot(p)    = block_table[row, p // block_size] * block_size + p % block_size
         """
         bs = self.block_size
-        rids = list(step.num_scheduled_tokens)
-        reqs = [self.requests[rid] for rid in rids]
-        n = np.fromiter(step.num_scheduled_tokens.values(), dtype=np.int64, count=len(rids))
-        start = np.fromiter((r.num_computed for r in reqs), dtype=np.int64, count=len(rids))
+        slots = step.slots.tolist()
+        reqs = [self.requests[s] for s in slots]
+        n = step.num_tokens.astype(np.int64)
+        start = np.fromiter((r.num_computed for r in reqs), dtype=np.int64, count=len(slots))
         end = start + n
-        rows = np.fromiter((r.row for r in reqs), dtype=np.int64, count=len(rids))
-        qsl = np.zeros(len(rids) + 1, dtype=np.int64)
+        rows = step.slots.astype(np.int64)
+        qsl = np.zeros(len(slots) + 1, dtype=np.int64)
         np.cumsum(n, out=qsl[1:])
         total = int(qsl[-1])
         positions = np.arange(total, dtype=np.int64) - np.repeat(qsl[:-1] - start, n)
-        held = np.fromiter((r.num_blocks for r in reqs), dtype=np.int64, count=len(rids))
+        held = np.fromiter((r.num_blocks for r in reqs), dtype=np.int64, count=len(slots))
         if (end > held * bs).any():  # a scheduler/worker desync would read another request's blocks
-            bad = rids[int(np.argmax(end > held * bs))]
-            raise RuntimeError(f"request {bad}: positions beyond its {self.requests[bad].num_blocks} KV blocks")
+            bad = slots[int(np.argmax(end > held * bs))]
+            raise RuntimeError(f"slot {bad}: positions beyond its {self.requests[bad].num_blocks} KV blocks")
         tok_rows = np.repeat(rows, n)
-        slots = self.block_table[tok_rows, positions // bs].astype(np.int64) * bs + positions % bs
-        have = np.fromiter((len(r.token_ids) for r in reqs), dtype=np.int64, count=len(rids))
-        pend = np.fromiter((len(r.pending) for r in reqs), dtype=np.int64, count=len(rids))
+        kv_slots = self.block_table[tok_rows, positions // bs].astype(np.int64) * bs + positions % bs
+        have = np.fromiter((len(r.token_ids) for r in reqs), dtype=np.int64, count=len(slots))
+        pend = np.fromiter((len(r.pending) for r in reqs), dtype=np.int64, count=len(slots))
         known = have + pend
         if (end > known).any():
-            bad = rids[int(np.argmax(end > known))]
-            raise RuntimeError(f"request {bad}: scheduled past its known tokens")
+            bad = slots[int(np.argmax(end > known))]
+            raise RuntimeError(f"slot {bad}: scheduled past its known tokens")
         # Pending tokens (sampled by a step in flight) can only be the last
         # ones scheduled: their ids are filled in on the GPU from that step's
         # output, never waited for here. Placeholders (0) hold their places.
@@ -303,16 +310,16 @@ class ModelRunner:
                 src.append(row)
         # Requests whose known tokens are all computed after this step sample.
         sampling = np.nonzero(end == known)[0]
-        return _HostStep(ids, positions, slots, end, qsl, rows, qsl[1:][sampling] - 1,
-                         [rids[i] for i in sampling.tolist()], int(n.max()), np.asarray(dst, dtype=np.int64),
-                         np.asarray(src, dtype=np.int64), feed_from)
+        return _HostStep(ids, positions, kv_slots, end, qsl, rows, qsl[1:][sampling] - 1,
+                         [reqs[i] for i in sampling.tolist()], step.slots[sampling], int(n.max()),
+                         np.asarray(dst, dtype=np.int64), np.asarray(src, dtype=np.int64), feed_from)
 
     def _advance(self, step: StepInput) -> None:
         """After a step is prepared: each request's computed count moves past its
         scheduled tokens (the scheduler sends the count only with new blocks)."""
         reqs = self.requests
-        for rid, n in step.num_scheduled_tokens.items():
-            reqs[rid].num_computed += n
+        for slot, n in step.scheduled():
+            reqs[slot].num_computed += n
 
     def _apply_table_diff(self) -> None:
         if self._table_diff:
@@ -376,7 +383,7 @@ class ModelRunner:
         hs = self._prepare(step)
         self._advance(step)
         hidden = self._forward(hs)
-        reqs = hs.sample_req_ids
+        reqs = hs.sample_reqs
         if not reqs:
             return _InFlight.empty()
         logits = self.model.compute_logits(hidden)
@@ -392,10 +399,10 @@ class ModelRunner:
             event.record()
         else:
             host, event = tokens, None
-        handle = _InFlight(list(reqs), tokens, host, event, sampled,
-                           [self.requests[rid].params.logprobs for rid in reqs] if sampled is not None else [])
-        for i, rid in enumerate(reqs):
-            self.requests[rid].pending.append((handle, i))
+        handle = _InFlight(reqs, hs.sample_slots, tokens, host, event, sampled,
+                           [r.params.logprobs for r in reqs] if sampled is not None else [])
+        for i, r in enumerate(reqs):
+            r.pending.append((handle, i))
         return handle
 
     def wait(self, handle: _InFlight) -> StepOutput | None:
@@ -409,19 +416,18 @@ class ModelRunner:
         if h.event is not None:
             h.event.synchronize()
         token_ids = h.host.tolist()
-        for rid, t in zip(h.req_ids, token_ids):
-            r = self.requests.get(rid)  # gone if finished or preempted meanwhile
-            if r is not None and r.pending and r.pending[0][0] is h:
+        for r, t in zip(h.reqs, token_ids):
+            if r.pending and r.pending[0][0] is h:  # (a request finished or preempted meanwhile is just dropped)
                 r.token_ids.append(t)
                 r.pending.pop(0)
         if self.tp.rank == 0:
-            h.output = self._step_output(h.req_ids, token_ids, h.sampled, h.logprobs_k)
+            h.output = self._step_output(h.slots, token_ids, h.sampled, h.logprobs_k)
+        h.reqs = []
         h.tokens = h.sampled = None  # free the device tensors
         h.resolved = True
 
-    def _sample(self, logits: torch.Tensor, reqs: list[str]):
+    def _sample(self, logits: torch.Tensor, rs: list[_RunnerRequest]):
         """SamplerOutput for the sampling rows, on the device (no host sync)."""
-        rs = [self.requests[rid] for rid in reqs]
         # The sampler reads only output counts from these (min_tokens, seeded
         # steps): the pending token counts; penalties come from device tables.
         outputs = [range(len(r.token_ids) + len(r.pending) - r.prompt_len) for r in rs]
@@ -455,9 +461,10 @@ class ModelRunner:
             self.param_table[rows.to(self.device, non_blocking=True)] = vals.to(self.device, non_blocking=True)
 
     @staticmethod
-    def _step_output(reqs: list[str], token_ids: list[int], s, logprobs_k: list) -> StepOutput:
-        lps: list[Logprobs | None] = [None] * len(reqs)
+    def _step_output(slots: np.ndarray, token_ids: list[int], s, logprobs_k: list) -> StepOutput:
+        lps: list[Logprobs | None] | None = None
         if s is not None and s.logprobs is not None:
+            lps = [None] * len(slots)
             lp, ranks = s.logprobs.tolist(), s.ranks.tolist()
             top_ids = s.topk_ids.tolist() if s.topk_ids is not None else None
             top_lps = s.topk_logprobs.tolist() if s.topk_logprobs is not None else None
@@ -471,4 +478,4 @@ class ModelRunner:
                     top_ids=top_ids[i][:k] if top_ids else [],
                     top_logprobs=top_lps[i][:k] if top_lps else [],
                 )
-        return StepOutput(req_ids=list(reqs), token_ids=token_ids, logprobs=lps)
+        return StepOutput(slots, np.asarray(token_ids, dtype=np.int32), lps)

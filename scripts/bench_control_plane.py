@@ -1,13 +1,21 @@
 """Control-plane ceiling: the whole HTTP -> router -> scheduler -> workers ->
 HTTP path with a zero-cost executor (NullWorker) in the workers.
 
-    python -m ziggurat.scripts.bench_control_plane [--concurrency 256] [--tp 1] [--json out.json]
+    python -m ziggurat.scripts.bench_control_plane [--concurrency 256] [--tp 1] [--step-us 0] [--json out.json]
 
 Reports streamed tokens/s at N concurrent streams, and per-step
 orchestration cost from the scheduler's own counters: `engine step` =
 schedule + compiled-graph round trip to every rank + update; `loop
-iteration` = wall time / steps while busy (adds sending the per-step
-TokenBatch and draining the inbox).
+iteration` = time per step of the scheduler loop while it has work (adds
+draining the inbox and handing the step's TokenBatches to the sender).
+
+--step-us T makes every step occupy a simulated device for T us (the
+NullWorker launches it and returns, like a GPU step; see
+models/null_worker.py). The loop iteration minus T is then what the
+control plane adds to a model step of that length: with async scheduling
+the scheduler plans step N+1 while step N "runs", so only what does not
+overlap shows. With T = 0 nothing can overlap and the loop iteration is
+the control plane's whole serial cost per step.
 """
 
 from __future__ import annotations
@@ -74,6 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--ingresses", type=int, default=1, help="HTTP actors sharing the port")
+    ap.add_argument("--step-us", type=float, default=0.0, help="simulated device time per step (0: zero-cost)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     in_process_us = engine_only(args.concurrency)
@@ -90,7 +99,8 @@ def main(argv=None) -> int:
     dep = Deployment(DeploymentSpec(
         model=str(default_model_dir()), served_model_name="null", port=port, tensor_parallel_size=args.tp,
         worker_cls="ziggurat.models.null_worker:NullWorker", num_kv_blocks=1 << 16, max_num_seqs=args.concurrency,
-        max_waiting=4 * args.num_prompts, device="cpu", ingresses=args.ingresses))
+        max_waiting=4 * args.num_prompts, device="cpu", ingresses=args.ingresses,
+        extra={"null_step_us": args.step_us}))
     try:
         sched = dep.schedulers[0]
         cfg = BenchConfig(base_url=dep.url, model="null", num_prompts=args.num_prompts, request_rate=math.inf,
@@ -106,19 +116,21 @@ def main(argv=None) -> int:
         ray.shutdown()
     steps = after.steps - before.steps
     step_us = (after.step_seconds_total - before.step_seconds_total) / max(steps, 1) * 1e6
+    loop_us = (after.busy_seconds_total - before.busy_seconds_total) / max(steps, 1) * 1e6
     result = dict(
         bench="control-plane", concurrency=args.concurrency, tp=args.tp, ingresses=args.ingresses, cpus=os.cpu_count(),
         completed=m["completed"], failed=m["failed"], output_tokens=m["total_output_tokens"],
         streamed_tok_s=m["output_throughput"], request_throughput=m["request_throughput"],
-        steps=steps, engine_step_us=step_us, loop_iteration_us=m["duration"] / max(steps, 1) * 1e6,
+        steps=steps, simulated_step_us=args.step_us, engine_step_us=step_us, loop_iteration_us=loop_us,
+        added_per_step_us=loop_us - args.step_us, wall_per_step_us=m["duration"] / max(steps, 1) * 1e6,
         tokens_per_step=m["total_output_tokens"] / max(steps, 1),
         engine_only_step_us=in_process_us, itl_p50_ms=m.get("median_itl_ms"), ttft_p50_ms=m.get("median_ttft_ms"), wall_s=wall,
         date=time.strftime("%Y-%m-%d"),
     )
-    print(f"\nconcurrency {args.concurrency}, TP {args.tp}, {result['cpus']} CPUs")
+    print(f"\nconcurrency {args.concurrency}, TP {args.tp}, {result['cpus']} CPUs, simulated step {args.step_us:.0f} us")
     print(f"  streamed tokens/s          {result['streamed_tok_s']:10.0f}")
     print(f"  engine step (sched+graph)  {step_us:10.0f} us")
-    print(f"  loop iteration (busy)      {result['loop_iteration_us']:10.0f} us")
+    print(f"  loop iteration (busy)      {loop_us:10.0f} us  (added to the step: {loop_us - args.step_us:.0f} us)")
     print(f"  tokens per step            {result['tokens_per_step']:10.1f}")
     print(f"  engine step, no Ray, {args.concurrency} decoding: {in_process_us:6.0f} us")
     emit(result, args.json)

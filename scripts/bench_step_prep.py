@@ -22,6 +22,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None)
     ap.add_argument("--requests", type=int, default=256)
     args = ap.parse_args(argv)
+    import numpy as np
     import torch
 
     from ziggurat.models.config import ModelConfig
@@ -37,11 +38,10 @@ def main(argv=None) -> int:
     cfg = ModelConfig.from_dir(args.model)
     n = args.requests
     r = ModelRunner(cfg, torch.device("cpu"), 16, 2048)
-    step = StepInput()
+    step = StepInput(slots=np.arange(n, dtype=np.int32), num_tokens=np.ones(n, dtype=np.int32))
     for i in range(n):
-        step.new_requests.append(NewRequestData(f"r{i}", list(range(1000)), [], SamplingParams(),
+        step.new_requests.append(NewRequestData(f"r{i}", i, list(range(1000)), [], SamplingParams(),
                                                 list(range(i * 70, i * 70 + 63)), 999))
-        step.num_scheduled_tokens[f"r{i}"] = 1
     r._update_states(step)
 
     def timed(fn, reps):
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
             fn()
         return (time.perf_counter() - t) / reps * 1e6
 
-    rs = [r.requests[f"r{i}"] for i in range(n)]
+    rs = [r.requests[i] for i in range(n)]
     res = {
         "bench": "step-prep", "requests": n, "date": time.strftime("%Y-%m-%d"),
         "prepare_us": timed(lambda: r._eager_inputs(r._prepare(step)), 50),

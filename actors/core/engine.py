@@ -104,8 +104,9 @@ class EngineCore:
             # may never have been written: end every request and forget all
             # cached prefixes, so nothing can ever read that KV.
             if self._inflight is not None:  # the dropped next step's forget list still has to reach workers
-                self.scheduler.forget_later(self._inflight[0].finished_req_ids)
+                self.scheduler.step_dropped(self._inflight[0])
             self._inflight = None
+            self.scheduler.steps_abandoned()
             aborted = self.abort(list(self.scheduler.requests))
             self.kv.reset_prefix_cache()
             raise StepFailed(aborted) from e
@@ -113,7 +114,7 @@ class EngineCore:
 
     def _submit(self, step):
         if step.is_empty:
-            self.scheduler.forget_later(step.finished_req_ids)
+            self.scheduler.step_dropped(step)
             return None
         return step, self.executor.execute_async(step)
 

@@ -65,6 +65,7 @@ class Request:
     # Whether the workers hold this request's state (sent as new, not since
     # finished or preempted).
     in_workers: bool = False
+    slot: int = -1  # its slot in the workers while in_workers (models/step.py)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

@@ -7,10 +7,14 @@ here, and Python runs only for the few requests that need something else
 
 While a request is in the set, the set's columns hold its `num_computed_tokens`
 and `num_pending`; the Request's own fields are written back when it leaves
-(pop/remove), and read in on append.
+(pop/remove), and read in on append. `slot_pos` maps a worker slot (see
+models/step.py) to its request's position, so a step's output (slots and
+tokens) finds its rows with one gather.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 import numpy as np
 
@@ -27,6 +31,7 @@ _INT_COLS = (
     "cached",  # prefix-cache hit at first scheduling
     "kv_cap",  # slots its KV blocks hold
     "kv_cache_lim",  # known length at which a full block must be offered to the prefix cache
+    "slot",  # the request's slot in the workers
 )
 # True where the stop check needs Python every token (stop_token_ids, or an
 # end-of-sequence set other than the scheduler's default).
@@ -43,6 +48,7 @@ class RunningSet:
             setattr(self, c, np.zeros(capacity, dtype=np.int64))
         for c in _BOOL_COLS:
             setattr(self, c, np.zeros(capacity, dtype=bool))
+        self.slot_pos = np.full(capacity, -1, dtype=np.int64)  # slot -> position, -1: not running
 
     def __len__(self) -> int:
         return len(self.reqs)
@@ -72,6 +78,12 @@ class RunningSet:
         self.prompt[i] = len(req.prompt_token_ids)
         self.cached[i] = max(req.num_cached_tokens, 0)
         self.kv_cap[i], self.kv_cache_lim[i] = kv_limits
+        self.slot[i] = req.slot
+        if req.slot >= len(self.slot_pos):
+            grown = np.full(max(2 * len(self.slot_pos), req.slot + 1), -1, dtype=np.int64)
+            grown[: len(self.slot_pos)] = self.slot_pos
+            self.slot_pos = grown
+        self.slot_pos[req.slot] = i
         self.py_stop[i] = bool(p.stop_token_ids) or (not p.ignore_eos and tuple(req.eos_token_ids) != default_eos)
 
     def _write_back(self, i: int) -> None:
@@ -84,6 +96,7 @@ class RunningSet:
         i = len(self.reqs) - 1
         self._write_back(i)
         del self.pos[self.ids[i]]
+        self.slot_pos[self.slot[i]] = -1
         self.ids.pop()
         return self.reqs.pop()
 
@@ -99,9 +112,11 @@ class RunningSet:
         keep = np.ones(m, dtype=bool)
         keep[drop] = False
         k = int(keep.sum())
+        self.slot_pos[self.slot[drop]] = -1
         for c in _INT_COLS + _BOOL_COLS:
             col = getattr(self, c)
             col[:k] = col[:m][keep]
+        self.slot_pos[self.slot[:k]] = np.arange(k)
         dropset = set(drop)
         self.reqs = [r for i, r in enumerate(self.reqs) if i not in dropset]
         self.ids = [r.request_id for r in self.reqs]
@@ -110,3 +125,35 @@ class RunningSet:
 
     def index(self, req: Request) -> int:
         return self.pos[req.request_id]
+
+
+class SlotPool:
+    """Hands out worker slots. A freed slot may still appear in the output of
+    steps already scheduled (they run while the scheduler works), so it is
+    handed out again only once every step scheduled before it was freed has
+    had its output applied (`done`): a late token can never be taken for the
+    slot's next request."""
+
+    def __init__(self) -> None:
+        self._free: list[int] = []
+        self._cooling: deque[tuple[int, int]] = deque()  # (steps scheduled when freed, slot)
+        self._next = 0
+        self.scheduled = 0  # steps scheduled so far
+        self.done = 0  # steps below this id have had their output applied (or were dropped)
+
+    def take(self) -> int:
+        cool = self._cooling
+        while cool and cool[0][0] <= self.done:
+            self._free.append(cool.popleft()[1])
+        if self._free:
+            return self._free.pop()
+        self._next += 1
+        return self._next - 1
+
+    def release(self, slot: int) -> None:
+        self._cooling.append((self.scheduled, slot))
+
+    @property
+    def num_issued(self) -> int:
+        """Slots ever created (the workers' tables are at least this tall)."""
+        return self._next

@@ -29,7 +29,7 @@ import numpy as np
 
 from ziggurat.actors.core.kv_manager import KVCacheManager
 from ziggurat.actors.core.request import Request, RequestStatus
-from ziggurat.actors.core.running import RunningSet
+from ziggurat.actors.core.running import RunningSet, SlotPool
 from ziggurat.models.step import CachedRequestData, Logprobs, NewRequestData, StepInput, StepOutput
 
 
@@ -112,7 +112,8 @@ class Scheduler:
         self.default_eos = tuple(default_eos_token_ids)
         self._eos = np.asarray(self.default_eos, dtype=np.int64)
         self.requests: dict[str, Request] = {}
-        self._forget: list[str] = []  # ids the workers must drop at the next step
+        self._forget: list[int] = []  # slots the workers must free at the next step
+        self.slots = SlotPool()
         self.num_preemptions = 0
 
     # -- admission -----------------------------------------------------------
@@ -145,9 +146,14 @@ class Scheduler:
             self._release(req)
         return done
 
-    def forget_later(self, request_ids: list[str]) -> None:
-        """Ids a step could not carry (it was empty): send them with the next."""
-        self._forget.extend(request_ids)
+    def step_dropped(self, step: StepInput) -> None:
+        """A scheduled step that never reaches the workers (it was empty, or
+        the engine failed): its slots to free go with the next one."""
+        self._forget.extend(step.finished_slots)
+
+    def steps_abandoned(self) -> None:
+        """No output will come for any step scheduled so far (the engine failed)."""
+        self.slots.done = self.slots.scheduled
 
     @property
     def has_unfinished(self) -> bool:
@@ -164,9 +170,11 @@ class Scheduler:
     # -- one step --------------------------------------------------------------
 
     def schedule(self) -> StepInput:
-        step = StepInput(finished_req_ids=self._forget)
+        step = StepInput(finished_slots=self._forget, step_id=self.slots.scheduled)
+        self.slots.scheduled += 1
         self._forget = []
         budget, preempted = self._schedule_running(step, self.config.max_num_batched_tokens)
+        new_slots, new_n = [], []
 
         # Admit waiting requests only if nobody had to be preempted: the cache
         # is under pressure, and admitting would preempt someone next step.
@@ -186,7 +194,12 @@ class Scheduler:
                 req.num_cached_tokens = num_hit
             self._add_new_to_step(step, req, n)
             self.running.append(req, self.kv.fast_limits(req.request_id), self.default_eos)
+            new_slots.append(req.slot)
+            new_n.append(n)
             budget -= n
+        if new_slots:
+            step.slots = np.concatenate([step.slots, np.asarray(new_slots, dtype=np.int32)])
+            step.num_tokens = np.concatenate([step.num_tokens, np.asarray(new_n, dtype=np.int32)])
         return step
 
     def _schedule_running(self, step: StepInput, budget: int) -> tuple[int, bool]:
@@ -233,13 +246,13 @@ class Scheduler:
         # one: pending until the step's output arrives.
         rs.pending[:m] += ran & (new_c == rs.known[:m] + rs.pending[:m])
         rs.computed[:m] = new_c
-        sel = np.flatnonzero(ran)
-        ids = rs.ids
-        sched_ids = ids[:m] if len(sel) == m else [ids[i] for i in sel.tolist()]
-        step.num_scheduled_tokens.update(zip(sched_ids, n[sel].tolist()))
+        if ran.all():
+            step.slots, step.num_tokens = rs.slot[:m].astype(np.int32), n.astype(np.int32)
+        else:
+            step.slots, step.num_tokens = rs.slot[:m][ran].astype(np.int32), n[ran].astype(np.int32)
         for i, blocks in new_blocks.items():
             if blocks and i < m:
-                step.cached_requests.append(CachedRequestData(ids[i], list(blocks), int(c[i])))
+                step.cached_requests.append(CachedRequestData(int(rs.slot[i]), list(blocks), int(c[i])))
         return budget - int(n.sum()), preempted
 
     def _allocate(self, req: Request, n: int, computed: int, pending: int):
@@ -247,10 +260,13 @@ class Scheduler:
 
     def _add_new_to_step(self, step: StepInput, req: Request, n: int) -> None:
         """An admitted request: sent to the workers whole (it is new to them,
-        or resumes after preemption)."""
+        or resumes after preemption), in a fresh slot. The caller adds its
+        slot and `n` to the step's batch."""
+        req.slot = self.slots.take()
         step.new_requests.append(
             NewRequestData(
                 req_id=req.request_id,
+                slot=req.slot,
                 prompt_token_ids=req.prompt_token_ids,
                 output_token_ids=list(req.output_token_ids),
                 sampling_params=req.sampling_params,
@@ -259,7 +275,6 @@ class Scheduler:
             )
         )
         req.in_workers = True
-        step.num_scheduled_tokens[req.request_id] = n
         # Computed as of the end of this step; the sampled token (if any)
         # arrives with the step's output and is pending until then.
         req.num_computed_tokens += n
@@ -274,8 +289,8 @@ class Scheduler:
         req.num_preemptions += 1
         self.num_preemptions += 1
         if req.in_workers:
-            step.finished_req_ids.append(req.request_id)
-            req.in_workers = False
+            step.finished_slots.append(req.slot)
+            self._free_slot(req)
         self.waiting.appendleft(req)
 
     # -- after the step --------------------------------------------------------
@@ -285,11 +300,11 @@ class Scheduler:
         stop, free those. Columns for the batch; Python for the few that may stop."""
         rs = self.running
         ups = StepUpdates()
-        if not out.req_ids:
+        self.slots.done = step.step_id + 1  # steps are applied in order
+        if not len(out.slots):
             return ups
-        pos = rs.pos
-        idx = np.fromiter((pos.get(r, -1) for r in out.req_ids), dtype=np.int64, count=len(out.req_ids))
-        toks = np.asarray(out.token_ids, dtype=np.int64)
+        idx = rs.slot_pos[out.slots]  # -1: the slot's request is gone (its slot not reused yet: SlotPool)
+        toks = out.token_ids.astype(np.int64)
         # Requests gone (finished, aborted, preempted while the step ran) or
         # with no token expected drop their entry.
         keep = idx >= 0
@@ -311,7 +326,7 @@ class Scheduler:
             r.all_token_ids.append(t)
             r.output_token_ids.append(t)
         lps = out.logprobs
-        if lps.count(None) != len(lps):
+        if lps is not None and lps.count(None) != len(lps):
             for j, r in enumerate(sel):
                 lp = lps[j if entries is None else int(entries[j])]
                 if lp is not None:
@@ -321,7 +336,9 @@ class Scheduler:
         # end-of-sequence id (or a stop-id request): checked exactly in Python.
         n_out = rs.out[idx]
         maybe = (n_out >= rs.max_out[idx]) | (rs.known[idx] >= self.config.max_model_len)
-        maybe |= (n_out >= rs.min_tokens[idx]) & (rs.py_stop[idx] | np.isin(toks, self._eos))
+        eos = self._eos
+        eos_hit = (toks == eos[0]) if len(eos) == 1 else (toks[:, None] == eos).any(1)  # np.isin is slow here
+        maybe |= (n_out >= rs.min_tokens[idx]) & (rs.py_stop[idx] | eos_hit)
         done = []
         for j in np.flatnonzero(maybe).tolist():
             req = sel[j]
@@ -359,6 +376,10 @@ class Scheduler:
     def _release(self, req: Request) -> None:
         self.kv.free(req.request_id)
         if req.in_workers:
-            self._forget.append(req.request_id)
-            req.in_workers = False
+            self._forget.append(req.slot)
+            self._free_slot(req)
         del self.requests[req.request_id]
+
+    def _free_slot(self, req: Request) -> None:
+        self.slots.release(req.slot)
+        req.slot, req.in_workers = -1, False

@@ -48,22 +48,25 @@ class FakeRunner(ModelRunner):
         self.device_table = torch.from_numpy(self.block_table.copy())
         self._table_diff = []
         self.staging = Staging(self.device)
-        self.free_rows = list(range(3, -1, -1))
         self.param_table = torch.zeros(4, 7)
         self._param_diff = {}
         self.kv_tok = np.full(num_blocks * block_size, -1, dtype=np.int64)
         self.kv_pos = np.full(num_blocks * block_size, -1, dtype=np.int64)
         self.num_blocks = num_blocks
+        self.recent_freed, self.slot_bound = [], 0
 
     def execute(self, step):
         self._update_states(step)
-        rows_live = [r.row for r in self.requests.values()]
-        assert len(set(rows_live)) == len(rows_live), "two live requests share a row"
-        assert len(rows_live) + len(self.free_rows) == self.block_table.shape[0], "row leak"
+        assert all(r.row == s for s, r in self.requests.items())
+        # Slots are reused: none is ever above what was held at once plus what
+        # was freed in the last few steps (a freed slot cools while steps that
+        # may carry it are in flight).
+        self.recent_freed = (self.recent_freed + [len(step.finished_slots)])[-3:]
+        self.slot_bound = max(self.slot_bound, len(self.requests) + sum(self.recent_freed))
+        assert max(self.requests, default=-1) < self.slot_bound, "slots are not reused"
         if step.is_empty:
             return StepOutput()
         hs = self._prepare(step)
-        reqs = hs.sample_req_ids
         slots = hs.slots
         assert (slots >= 0).all() and (slots < self.num_blocks * self.block_size).all()
         self.kv_tok[slots] = hs.ids
@@ -72,7 +75,7 @@ class FakeRunner(ModelRunner):
         self._apply_table_diff()
         bt = self.device_table[torch.from_numpy(hs.rows)].numpy()
         bs = self.block_size
-        for i, rid in enumerate(step.num_scheduled_tokens):
+        for i, rid in enumerate(step.slots.tolist()):
             r = self.requests[rid]
             L = int(hs.seq_lens[i])
             assert (L + bs - 1) // bs <= r.num_blocks, (rid, L, r.num_blocks)
@@ -82,15 +85,12 @@ class FakeRunner(ModelRunner):
                     raise AssertionError(f"garbage KV read: {rid} pos {p} slot {s}: "
                                          f"has ({self.kv_tok[s]},{self.kv_pos[s]}) want ({r.token_ids[p]},{p})")
         self._advance(step)
-        out = StepOutput()
-        for rid in reqs:
-            r = self.requests[rid]
+        toks = []
+        for r in hs.sample_reqs:
             t = next_token(r.token_ids)
             r.token_ids.append(t)
-            out.req_ids.append(rid)
-            out.token_ids.append(t)
-            out.logprobs.append(None)
-        return out
+            toks.append(t)
+        return StepOutput(hs.sample_slots, np.asarray(toks, dtype=np.int32))
 
 
 class Exec:
@@ -149,7 +149,7 @@ def run(prompts, params, *, async_, blocks, budget, caching, mml=None, aborts=No
     eng.add_request([20, 21], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True), request_id="flush")
     while eng.has_unfinished():
         eng.step()
-    stale = set(eng.executor.r.requests) - {"flush"} - set(eng.scheduler._forget)
+    stale = set(eng.executor.r.requests) - set(eng.scheduler._forget)
     assert not stale, f"worker holds stale requests {stale}"
     assert eng.kv.num_free_blocks == blocks
     return eng, outs, fins

@@ -8,6 +8,7 @@ prompts whose prefix comes from another request's cached blocks.
 from __future__ import annotations
 
 import pytest
+import numpy as np
 import torch
 
 from ziggurat import LLM, SamplingParams
@@ -57,6 +58,7 @@ class Driver:
         self.runner.allocate_kv_cache(num_blocks)
         self.kv = KVCacheManager(num_blocks, BLOCK, enable_prefix_caching=prefix_caching)
         self.computed: dict[str, int] = {}
+        self.slot: dict[str, int] = {}
 
     def step(self, chunks: dict[str, tuple[list[int], int]]) -> dict[str, torch.Tensor]:
         """chunks: rid -> (all prompt ids, tokens to run now). Returns rid -> logits [n, V]."""
@@ -65,26 +67,27 @@ class Driver:
             if rid not in self.computed:
                 hit, num_hit = self.kv.get_computed_blocks(rid, ids)
                 new = self.kv.allocate_slots(rid, ids, num_hit, n, hit)
-                step.new_requests.append(
-                    NewRequestData(rid, ids, [], SamplingParams(temperature=0), self.kv.get_block_ids(rid), num_hit)
-                )
+                self.slot[rid] = len(self.slot)
+                step.new_requests.append(NewRequestData(rid, self.slot[rid], ids, [], SamplingParams(temperature=0),
+                                                        self.kv.get_block_ids(rid), num_hit))
                 self.computed[rid] = num_hit
             else:
                 new = self.kv.allocate_slots(rid, ids, self.computed[rid], n)
-                step.cached_requests.append(CachedRequestData(rid, new, self.computed[rid]))
+                step.cached_requests.append(CachedRequestData(self.slot[rid], new, self.computed[rid]))
             assert new is not None
-            step.num_scheduled_tokens[rid] = n
+        step.slots = np.asarray([self.slot[rid] for rid in chunks], dtype=np.int32)
+        step.num_tokens = np.asarray([n for _, n in chunks.values()], dtype=np.int32)
         r = self.runner
         r._update_states(step)
         input_ids, pos, meta, _ = r._eager_inputs(r._prepare(step))
         with torch.inference_mode():
             logits = r.model.compute_logits(r.model(input_ids, pos, meta)).float()
         out, at = {}, 0
-        for rid, n in step.num_scheduled_tokens.items():
+        for rid, (_, n) in chunks.items():
             out[rid] = logits[at : at + n]
             at += n
             self.computed[rid] += n
-            r.requests[rid].num_computed = self.computed[rid]
+            r.requests[self.slot[rid]].num_computed = self.computed[rid]
         return out
 
 

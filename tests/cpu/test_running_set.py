@@ -1,14 +1,22 @@
-"""RunningSet (the scheduler's columns) and StepUpdates (a step's updates as columns)."""
+"""RunningSet (the scheduler's columns), worker slots, the step messages'
+wire form, and StepUpdates (a step's updates as columns)."""
 
+import pickle
+
+import numpy as np
+
+from ziggurat.actors.core.kv_manager import KVCacheManager
 from ziggurat.actors.core.request import Request
-from ziggurat.actors.core.running import RunningSet
-from ziggurat.actors.core.scheduler import RequestUpdate, StepUpdates
+from ziggurat.actors.core.running import RunningSet, SlotPool
+from ziggurat.actors.core.scheduler import RequestUpdate, Scheduler, SchedulerConfig, StepUpdates
+from ziggurat.models.step import CachedRequestData, Logprobs, NewRequestData, StepInput, StepOutput
 from ziggurat.sampling_params import SamplingParams
 
 
 def _req(i: int, **kw) -> Request:
     r = Request(f"r{i}", list(range(10 + i)), SamplingParams(max_tokens=50 + i, **kw), eos_token_ids=(2,))
     r.num_computed_tokens, r.num_pending = 3 * i, i % 2
+    r.slot = 100 + 10 * i  # past the initial slot_pos: it grows
     return r
 
 
@@ -27,6 +35,8 @@ def test_columns_follow_appends_pops_and_removes():
     assert rs.ids == ["r0", "r2", "r3", "r5"] and rs.pos == {"r0": 0, "r2": 1, "r3": 2, "r5": 3}
     assert list(rs.computed[:4]) == [100, 106, 109, 115] and list(rs.max_out[:4]) == [50, 52, 53, 55]
     assert rs.reqs[rs.pos["r2"]] is reqs[2] and "r1" not in rs.pos and (rs.computed[1], rs.pending[1]) == (106, 0)
+    # slot -> position follows every move; the slots of the removed map to -1
+    assert [int(rs.slot_pos[100 + 10 * i]) for i in range(7)] == [0, -1, 1, 2, -1, 3, -1]
 
 
 def test_stop_ids_and_foreign_eos_take_the_python_stop_check():
@@ -49,3 +59,63 @@ def test_step_updates_round_trip():
     assert list(s) == us and len(s) == 3
     assert list(s.take([2, 0])) == [us[2], us[0]]
     assert s.take([0]).finished == {} and s.take([1]).finished == {"b": ("error", None)}
+
+
+def test_slot_pool_reuses_a_slot_only_after_the_steps_that_may_carry_it():
+    pool = SlotPool()
+    a, b = pool.take(), pool.take()
+    assert (a, b) == (0, 1)
+    pool.scheduled = 5  # steps 0-4 scheduled; 0-2 applied
+    pool.done = 3
+    pool.release(a)  # steps 3 and 4 may still carry a token for slot a
+    assert pool.take() == 2  # a fresh slot, not a
+    pool.done = 4
+    assert pool.take() == 3
+    pool.done = 5
+    assert pool.take() == a and pool.num_issued == 4
+
+
+def _scheduler(**kw) -> Scheduler:
+    cfg = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256)
+    return Scheduler(cfg, KVCacheManager(64, 16), default_eos_token_ids=(2,))
+
+
+def test_a_late_token_for_an_aborted_request_never_reaches_the_slots_next_owner():
+    """Async scheduling: step B is planned while step A runs. r0 is aborted
+    between them and r1 admitted; r1 must not get r0's slot while A's output
+    (which holds a token for r0's slot) is still to be applied."""
+    s = _scheduler()
+    s.add_request(Request("r0", [5] * 20, SamplingParams(max_tokens=10, ignore_eos=True)))
+    step_a = s.schedule()
+    (slot0,) = step_a.slots.tolist()
+    s.finish_requests(["r0"])
+    s.add_request(Request("r1", [6] * 20, SamplingParams(max_tokens=10, ignore_eos=True)))
+    step_b = s.schedule()
+    assert step_b.finished_slots == [slot0]
+    (slot1,) = step_b.slots.tolist()
+    assert slot1 != slot0
+    ups = s.update_from_output(step_a, StepOutput(np.array([slot0], np.int32), np.array([77], np.int32)))
+    assert len(ups) == 0  # dropped: nobody holds slot0
+    ups = s.update_from_output(step_b, StepOutput(np.array([slot1], np.int32), np.array([9], np.int32)))
+    assert ups.request_ids == ["r1"] and ups.token_ids == [9]
+    # Every step that could carry slot0 is applied: the next admission takes it.
+    s.add_request(Request("r2", [7] * 20, SamplingParams(max_tokens=10, ignore_eos=True)))
+    step_c = s.schedule()
+    assert s.requests["r2"].slot == slot0 and slot0 in step_c.slots.tolist()
+
+
+def test_step_messages_pickle_as_a_few_byte_strings():
+    sp = SamplingParams(max_tokens=3)
+    step = StepInput([NewRequestData("a", 3, [1, 2], [], sp, [4], 0)], [CachedRequestData(1, [9], 32)],
+                     np.arange(256, dtype=np.int32), np.ones(256, dtype=np.int32), [5, 6], step_id=12)
+    back = pickle.loads(pickle.dumps(step))
+    assert back.new_requests == step.new_requests and back.cached_requests == step.cached_requests
+    assert back.slots.tolist() == list(range(256)) and back.total_tokens == 256
+    assert (back.finished_slots, back.step_id) == ([5, 6], 12)
+    assert list(back.scheduled())[:2] == [(0, 1), (1, 1)]
+    decode = StepInput(slots=np.arange(256, dtype=np.int32), num_tokens=np.ones(256, dtype=np.int32))
+    assert len(pickle.dumps(decode)) < 2 * 256 * 4 + 300  # the arrays' bytes plus a small frame
+    out = StepOutput(np.array([3, 1], np.int32), np.array([10, 11], np.int32), [None, Logprobs(11, -0.5, 1, [11], [-0.5])])
+    back = pickle.loads(pickle.dumps(out))
+    assert back.slots.tolist() == [3, 1] and back.token_ids.tolist() == [10, 11] and back.logprobs == out.logprobs
+    assert pickle.loads(pickle.dumps(StepOutput())).logprobs is None and len(StepOutput()) == 0
