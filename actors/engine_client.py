@@ -29,10 +29,14 @@ class EngineClient:
         self.held: dict[int, dict[int, TokenBatch]] = {}  # batches that arrived early
 
     # Called from Ray's thread.
-    def push_tokens(self, batch: TokenBatch) -> None:
-        self.loop.call_soon_threadsafe(self._dispatch, batch)
+    def push_tokens(self, batches: list[TokenBatch]) -> None:
+        self.loop.call_soon_threadsafe(self._dispatch, batches)
 
-    def _dispatch(self, batch: TokenBatch) -> None:
+    def _dispatch(self, batches: list[TokenBatch]) -> None:
+        for batch in batches:
+            self._apply(batch)
+
+    def _apply(self, batch: TokenBatch) -> None:
         # Ray may run concurrent push_tokens calls out of order: apply each
         # replica's batches strictly by sequence number.
         if batch.epoch != self.epoch:

@@ -22,6 +22,7 @@ from ziggurat.actors.engine_client import EngineClient
 from ziggurat.actors.gatekeeper import Gatekeeper
 from ziggurat.actors.messages import TokenBatch
 from ziggurat.actors.openai_server import IngressConfig, OpenAIServer
+from ziggurat.startup import freeze_startup_heap
 
 __all__ = ["IngressActor", "IngressConfig"]
 
@@ -78,6 +79,7 @@ class IngressActor:
             time.sleep(0.02)
         if not self.uvicorn.started:
             raise RuntimeError(f"ingress could not listen on {config.host}:{config.port}")
+        freeze_startup_heap()
 
     def url(self) -> str:
         return f"http://{self.config.host}:{self.port}"
@@ -88,8 +90,9 @@ class IngressActor:
     def is_open(self) -> bool:
         return self.gate.open
 
-    def push_tokens(self, batch: TokenBatch) -> None:
-        self.client.push_tokens(batch)
+    def push_tokens(self, batches: list[TokenBatch]) -> None:
+        """One scheduler's TokenBatches for this ingress, oldest first (one or more steps)."""
+        self.client.push_tokens(batches)
 
     def shutdown(self) -> None:
         self.uvicorn.should_exit = True

@@ -65,6 +65,11 @@ class ReplicaStats:
     generation_tokens: int = 0
     step_seconds_total: float = 0.0  # in engine.step(): schedule, launch, wait for the workers, update
     busy_seconds_total: float = 0.0  # in loop iterations that ran a step (adds the inbox and sending tokens)
+    # Where step time goes, summed: schedule, launch, wait (for the workers), update, publish (tokens out).
+    phase_seconds: dict = field(default_factory=dict)
+    # The scheduler process's garbage-collector pauses, per generation (seconds, count).
+    gc_seconds: list = field(default_factory=list)
+    gc_collections: list = field(default_factory=list)
     # Per tenant: requests, prompt/cached/completion tokens of finished requests
     # (the engine's own counts, for reconciliation with the ledger).
     tenant_totals: dict = field(default_factory=dict)

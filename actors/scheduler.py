@@ -26,6 +26,7 @@ from ziggurat.actors.core.scheduler import RequestUpdate, StepUpdates
 from ziggurat.actors.messages import ReplicaStats, SubmitRequest, SubmitResult, TokenBatch
 from ziggurat.config import EngineConfig
 from ziggurat.models.step import StepInput
+from ziggurat.startup import GCPauses, freeze_startup_heap
 
 log = logging.getLogger("ziggurat.scheduler")
 
@@ -112,6 +113,8 @@ class SchedulerLoop:
         self.steps = 0
         self.step_seconds = 0.0
         self.busy_seconds = 0.0
+        self.publish_seconds = 0.0
+        self.gc = None  # GCPauses, in the actor
         self.prompt_tokens = self.cached_tokens = self.generation_tokens = 0
         self.num_pending = 0  # submitted, not yet taken into the engine
         self.seq: dict[str, int] = collections.defaultdict(int)  # next TokenBatch number per ingress (epoch)
@@ -211,8 +214,11 @@ class SchedulerLoop:
         updates = self.engine.step()
         self.step_seconds += time.perf_counter() - t1
         self.steps += 1
+        t2 = time.perf_counter()
         self._publish(updates)
-        self.busy_seconds += time.perf_counter() - t0
+        t3 = time.perf_counter()
+        self.publish_seconds += t3 - t2
+        self.busy_seconds += t3 - t0
         return len(updates)
 
     def _publish(self, updates: StepUpdates) -> None:
@@ -295,6 +301,9 @@ class SchedulerLoop:
             generation_tokens=self.generation_tokens,
             step_seconds_total=self.step_seconds,
             busy_seconds_total=self.busy_seconds,
+            phase_seconds={**self.engine.seconds, "publish": self.publish_seconds},
+            gc_seconds=list(self.gc.seconds) if self.gc is not None else [],
+            gc_collections=list(self.gc.count) if self.gc is not None else [],
             tenant_totals={t: dict(v) for t, v in list(self.tenant_totals.items())},
             unacked_usage_events=len(self.outbox),
         )
@@ -345,6 +354,8 @@ class SchedulerActor:
         self.router, self.meter = router, meter
         gpu_type = gpu["name"] if config.device != "cpu" and gpu["count"] else "cpu"
         self.loop = SchedulerLoop(self.engine, replica, self._send, max_waiting or 4 * config.max_num_seqs, gpu_type)
+        freeze_startup_heap()  # the block pool alone is num_blocks objects; a full collection would walk them all
+        self.loop.gc = GCPauses()
         self._stop = False
         self.failed = False
         # TokenBatches leave through their own thread, in order: the loop only
@@ -393,12 +404,17 @@ class SchedulerActor:
                     return  # stopping, and everything went out
                 items = list(self._outq)
                 self._outq.clear()
+            # One call per ingress per pass: the steps queued while the last
+            # pass was sending travel together (a call costs more than a step's tokens).
+            per_ingress: dict[str, list[TokenBatch]] = {}
             for ingress_id, batch in items:
+                per_ingress.setdefault(ingress_id, []).append(batch)
+            for ingress_id, batches in per_ingress.items():
                 try:
                     handle = self.ingresses.get(ingress_id)
                     if handle is None:
                         handle = self.ingresses[ingress_id] = ray.get_actor(ingress_id)
-                    handle.push_tokens.remote(batch)  # fire and forget: one call per ingress per step
+                    handle.push_tokens.remote(batches)  # fire and forget
                 except Exception as e:  # an ingress gone for good: its streams are aborted on re-registration
                     log.warning("tokens for ingress %s not delivered: %s", ingress_id, type(e).__name__)
 

@@ -13,6 +13,7 @@ import socket
 import ray
 
 from ziggurat.config import EngineConfig
+from ziggurat.startup import freeze_startup_heap
 
 
 def load_object(spec: str):
@@ -46,6 +47,7 @@ class WorkerActor:
 
     def initialize_cache(self, num_blocks: int) -> None:
         self.worker.initialize_cache(num_blocks)
+        freeze_startup_heap()  # the model and cache bookkeeping live as long as this actor
 
     def execute(self, step):
         return self.worker.execute(step)

@@ -63,7 +63,7 @@ class NullWorker:
 
     def execute_async(self, step: StepInput):
         out = self.execute(step)
-        if self.step_s <= 0:
+        if self.step_s <= 0 or step.is_empty:  # an empty step (a pipeline flush) launches nothing
             return out, 0.0
         self._free_at = max(time.perf_counter(), self._free_at) + self.step_s
         return out, self._free_at

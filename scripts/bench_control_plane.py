@@ -117,12 +117,15 @@ def main(argv=None) -> int:
     steps = after.steps - before.steps
     step_us = (after.step_seconds_total - before.step_seconds_total) / max(steps, 1) * 1e6
     loop_us = (after.busy_seconds_total - before.busy_seconds_total) / max(steps, 1) * 1e6
+    phases = {k: (v - before.phase_seconds.get(k, 0.0)) / max(steps, 1) * 1e6 for k, v in after.phase_seconds.items()}
     result = dict(
         bench="control-plane", concurrency=args.concurrency, tp=args.tp, ingresses=args.ingresses, cpus=os.cpu_count(),
         completed=m["completed"], failed=m["failed"], output_tokens=m["total_output_tokens"],
         streamed_tok_s=m["output_throughput"], request_throughput=m["request_throughput"],
         steps=steps, simulated_step_us=args.step_us, engine_step_us=step_us, loop_iteration_us=loop_us,
-        added_per_step_us=loop_us - args.step_us, wall_per_step_us=m["duration"] / max(steps, 1) * 1e6,
+        added_per_step_us=loop_us - args.step_us, phase_us=phases,
+        scheduler_gc_ms=[(a - b) * 1e3 for a, b in zip(after.gc_seconds, before.gc_seconds)],
+        scheduler_gc_collections=[a - b for a, b in zip(after.gc_collections, before.gc_collections)], wall_per_step_us=m["duration"] / max(steps, 1) * 1e6,
         tokens_per_step=m["total_output_tokens"] / max(steps, 1),
         engine_only_step_us=in_process_us, itl_p50_ms=m.get("median_itl_ms"), ttft_p50_ms=m.get("median_ttft_ms"), wall_s=wall,
         date=time.strftime("%Y-%m-%d"),
@@ -131,6 +134,9 @@ def main(argv=None) -> int:
     print(f"  streamed tokens/s          {result['streamed_tok_s']:10.0f}")
     print(f"  engine step (sched+graph)  {step_us:10.0f} us")
     print(f"  loop iteration (busy)      {loop_us:10.0f} us  (added to the step: {loop_us - args.step_us:.0f} us)")
+    print("  per step: " + ", ".join(f"{k} {v:.0f} us" for k, v in phases.items()))
+    print(f"  scheduler GC pauses (gen 0/1/2): {result['scheduler_gc_collections']} collections, "
+          + "/".join(f"{x:.1f}" for x in result["scheduler_gc_ms"]) + " ms")
     print(f"  tokens per step            {result['tokens_per_step']:10.1f}")
     print(f"  engine step, no Ray, {args.concurrency} decoding: {in_process_us:6.0f} us")
     emit(result, args.json)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 
 from ziggurat.actors.core.executor import make_executor
 from ziggurat.actors.core.kv_manager import KVCacheManager
@@ -55,6 +56,8 @@ class EngineCore:
         self._inflight = None  # (StepInput, executor handle) submitted, outputs not yet applied
         # Only worth it when the executor runs a step while the scheduler works.
         self.async_scheduling = config.async_scheduling and getattr(self.executor, "overlaps", True)
+        # Seconds spent in each part of step(), summed (the control-plane benchmark reports them).
+        self.seconds = {"schedule": 0.0, "launch": 0.0, "wait": 0.0, "update": 0.0}
 
     def add_request(
         self,
@@ -91,14 +94,17 @@ class EngineCore:
         this one's tokens are awaited (async scheduling): the workers never
         wait for the scheduler. Requests sampling in a running step count its
         token as pending; see Scheduler."""
+        sec = self.seconds
         try:
             if self._inflight is None:
-                self._inflight = self._submit(self.scheduler.schedule())
+                self._inflight = self._plan()
                 if self._inflight is None:
                     return StepUpdates()
             step, handle = self._inflight
-            self._inflight = self._submit(self.scheduler.schedule()) if self.async_scheduling else None
+            self._inflight = self._plan() if self.async_scheduling else None
+            t = time.perf_counter()
             out = self.executor.wait(handle)
+            sec["wait"] += time.perf_counter() - t
         except BaseException as e:
             # Blocks entered in the prefix cache when these steps were scheduled
             # may never have been written: end every request and forget all
@@ -110,13 +116,23 @@ class EngineCore:
             aborted = self.abort(list(self.scheduler.requests))
             self.kv.reset_prefix_cache()
             raise StepFailed(aborted) from e
-        return self.scheduler.update_from_output(step, out)
+        t = time.perf_counter()
+        updates = self.scheduler.update_from_output(step, out)
+        sec["update"] += time.perf_counter() - t
+        return updates
 
-    def _submit(self, step):
+    def _plan(self):
+        """Schedule the next step and launch it: (step, executor handle), or None if it is empty."""
+        t0 = time.perf_counter()
+        step = self.scheduler.schedule()
+        t1 = time.perf_counter()
+        self.seconds["schedule"] += t1 - t0
         if step.is_empty:
             self.scheduler.step_dropped(step)
             return None
-        return step, self.executor.execute_async(step)
+        handle = self.executor.execute_async(step)
+        self.seconds["launch"] += time.perf_counter() - t1
+        return step, handle
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -13,6 +13,7 @@ import socket
 import traceback
 
 from ziggurat.config import EngineConfig
+from ziggurat.startup import freeze_startup_heap
 from ziggurat.models.step import StepInput, StepOutput
 
 
@@ -68,6 +69,8 @@ def _worker_main(config: EngineConfig, rank: int, init_method: str, max_model_le
             if method == "shutdown":
                 break
             result = getattr(worker, method)(arg) if arg is not None else getattr(worker, method)()
+            if method == "initialize_cache":
+                freeze_startup_heap()  # this process is the worker's own: its start-up heap lives as long
             if rank == 0 or method != "execute":
                 conn.send(("ok", result))
     except (EOFError, KeyboardInterrupt):
