@@ -4,6 +4,10 @@ It asks the Router once per request, submits to the chosen replica's
 Scheduler, receives that scheduler's per-step TokenBatches (applied strictly
 in sequence order, per replica and ingress incarnation) and hands each
 request's updates to its asyncio queue; aborts go back the same way.
+
+Submissions made in one turn of the event loop travel to a scheduler as one
+call (a burst of arrivals costs the scheduler a few actor calls, not one
+each: every call it serves takes its process's GIL from the step loop).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class EngineClient:
         self.replica_of: dict[str, int] = {}
         self.next_seq: dict[int, int] = {}  # per replica: the next TokenBatch to apply
         self.held: dict[int, dict[int, TokenBatch]] = {}  # batches that arrived early
+        self._outgoing: dict[int, list[tuple[SubmitRequest, asyncio.Future]]] = {}  # per replica, this turn's
 
     # Called from Ray's thread.
     def push_tokens(self, batches: list[TokenBatch]) -> None:
@@ -62,25 +67,54 @@ class EngineClient:
             if replica is None:
                 raise APIError(503, "no healthy replica is available", "service_unavailable", code="no_replica")
             try:
-                submitted = []
+                futures = []
                 for rid, ids, params, index in children:
                     self.queues[rid] = (queue, index)
                     self.replica_of[rid] = replica
-                    res = await _await(self.schedulers[replica].submit.remote(
-                        SubmitRequest(rid, ids, params, self.ingress_id, cache_extra_keys, **meta,
-                                      bill_prompt=index % n_per_prompt == 0)))
-                    if not res.ok:
-                        self.forget([rid])
-                        self.abort(submitted, "error")
-                        if res.code == "unavailable":
-                            raise _ReplicaDown()
-                        raise _submit_error(res)
-                    submitted.append(rid)
+                    futures.append(self._send(replica, SubmitRequest(
+                        rid, ids, params, self.ingress_id, cache_extra_keys, **meta,
+                        bill_prompt=index % n_per_prompt == 0)))
+                results = await asyncio.gather(*futures)
+                refused = next((res for res in results if not res.ok), None)
+                if refused is not None:  # all or none: the accepted siblings end as errors
+                    self.forget([c[0] for c, res in zip(children, results) if not res.ok])
+                    self.abort([c[0] for c, res in zip(children, results) if res.ok], "error")
+                    if refused.code == "unavailable":
+                        raise _ReplicaDown()
+                    raise _submit_error(refused)
                 return replica
             except (ray.exceptions.RayActorError, _ReplicaDown):
                 self.forget([c[0] for c in children])
                 await _await(self.router.mark_unhealthy.remote(replica))
         raise APIError(503, "no healthy replica is available", "service_unavailable", code="no_replica")
+
+    def _send(self, replica: int, req: SubmitRequest) -> asyncio.Future:
+        """Queue a submission; this turn's go to the replica in one submit_batch call."""
+        fut = asyncio.get_running_loop().create_future()
+        queued = self._outgoing.setdefault(replica, [])
+        queued.append((req, fut))
+        if len(queued) == 1:
+            asyncio.get_running_loop().call_soon(self._flush, replica)
+        return fut
+
+    def _flush(self, replica: int) -> None:
+        batch = self._outgoing.pop(replica, [])
+        if batch:
+            asyncio.ensure_future(self._deliver(self.schedulers[replica].submit_batch.remote([r for r, _ in batch]),
+                                                [f for _, f in batch]))
+
+    @staticmethod
+    async def _deliver(ref, futures: list[asyncio.Future]) -> None:
+        try:
+            results = await _await(ref)
+        except BaseException as e:  # the replica died: every submission of the call fails alike
+            for f in futures:
+                if not f.done():
+                    f.set_exception(e)
+            return
+        for f, res in zip(futures, results):
+            if not f.done():
+                f.set_result(res)
 
     def abort(self, request_ids: list[str], reason: str = "aborted") -> None:
         by_replica: dict[int, list[str]] = {}

@@ -115,6 +115,7 @@ class SchedulerLoop:
         self.busy_seconds = 0.0
         self.publish_seconds = 0.0
         self.gc = None  # GCPauses, in the actor
+        self.iteration_seconds: collections.deque = collections.deque(maxlen=1 << 16)  # recent busy iterations
         self.prompt_tokens = self.cached_tokens = self.generation_tokens = 0
         self.num_pending = 0  # submitted, not yet taken into the engine
         self.seq: dict[str, int] = collections.defaultdict(int)  # next TokenBatch number per ingress (epoch)
@@ -219,6 +220,7 @@ class SchedulerLoop:
         t3 = time.perf_counter()
         self.publish_seconds += t3 - t2
         self.busy_seconds += t3 - t0
+        self.iteration_seconds.append(t3 - t0)
         return len(updates)
 
     def _publish(self, updates: StepUpdates) -> None:
@@ -459,11 +461,19 @@ class SchedulerActor:
             return SubmitResult(False, f"replica {self.loop.replica} is out of service", "unavailable")
         return self.loop.submit(req)
 
+    def submit_batch(self, reqs: list[SubmitRequest]) -> list[SubmitResult]:
+        """Several submissions in one call (an ingress sends each event-loop turn's together)."""
+        return [self.submit(r) for r in reqs]
+
     def abort(self, request_ids: list[str], reason: str = "aborted") -> None:
         self.loop.abort(request_ids, reason)
 
     def stats(self) -> ReplicaStats:
         return self.loop.stats()
+
+    def recent_iterations(self) -> list[float]:
+        """Durations (s) of the latest busy loop iterations, oldest first (benchmarks)."""
+        return list(self.loop.iteration_seconds)
 
     def shutdown(self) -> None:
         self._stop_deadline = time.monotonic() + 10  # give the Meter a chance at what is left

@@ -111,19 +111,25 @@ def main(argv=None) -> int:
         m = asyncio.run(run_benchmark(cfg))
         wall = time.perf_counter() - t0
         after = ray.get(sched.stats.remote())
+        iters = ray.get(sched.recent_iterations.remote())
     finally:
         dep.shutdown()
         ray.shutdown()
     steps = after.steps - before.steps
     step_us = (after.step_seconds_total - before.step_seconds_total) / max(steps, 1) * 1e6
     loop_us = (after.busy_seconds_total - before.busy_seconds_total) / max(steps, 1) * 1e6
+    # This run's iterations (the deque's tail): the median shows the steady state,
+    # the mean adds the bursts (a wave of arrivals, a slow admission step).
+    iters = sorted(iters[-steps:]) if steps else [0.0]
+    pct = {f"p{q}": iters[min(len(iters) - 1, int(q / 100 * len(iters)))] * 1e6 for q in (50, 90, 99)}
     phases = {k: (v - before.phase_seconds.get(k, 0.0)) / max(steps, 1) * 1e6 for k, v in after.phase_seconds.items()}
     result = dict(
         bench="control-plane", concurrency=args.concurrency, tp=args.tp, ingresses=args.ingresses, cpus=os.cpu_count(),
         completed=m["completed"], failed=m["failed"], output_tokens=m["total_output_tokens"],
         streamed_tok_s=m["output_throughput"], request_throughput=m["request_throughput"],
         steps=steps, simulated_step_us=args.step_us, engine_step_us=step_us, loop_iteration_us=loop_us,
-        added_per_step_us=loop_us - args.step_us, phase_us=phases,
+        added_per_step_us=loop_us - args.step_us, phase_us=phases, loop_iteration_pct_us=pct,
+        added_per_step_p50_us=pct["p50"] - args.step_us,
         scheduler_gc_ms=[(a - b) * 1e3 for a, b in zip(after.gc_seconds, before.gc_seconds)],
         scheduler_gc_collections=[a - b for a, b in zip(after.gc_collections, before.gc_collections)], wall_per_step_us=m["duration"] / max(steps, 1) * 1e6,
         tokens_per_step=m["total_output_tokens"] / max(steps, 1),
@@ -134,6 +140,7 @@ def main(argv=None) -> int:
     print(f"  streamed tokens/s          {result['streamed_tok_s']:10.0f}")
     print(f"  engine step (sched+graph)  {step_us:10.0f} us")
     print(f"  loop iteration (busy)      {loop_us:10.0f} us  (added to the step: {loop_us - args.step_us:.0f} us)")
+    print("  loop iteration percentiles: " + ", ".join(f"{k} {v:.0f} us" for k, v in pct.items()))
     print("  per step: " + ", ".join(f"{k} {v:.0f} us" for k, v in phases.items()))
     print(f"  scheduler GC pauses (gen 0/1/2): {result['scheduler_gc_collections']} collections, "
           + "/".join(f"{x:.1f}" for x in result["scheduler_gc_ms"]) + " ms")

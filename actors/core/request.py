@@ -20,6 +20,9 @@ def prompt_error(token_ids, max_model_len: int, vocab_size: int) -> tuple[str, s
     if n >= max_model_len:
         return (f"prompt: {n} tokens leave no room to generate within max_model_len={max_model_len}",
                 "context_length_exceeded")
+    # The common case in C loops (a scheduler checks every submission); the slow scan names the culprit.
+    if set(map(type, token_ids)) <= {int} and min(token_ids) >= 0 and max(token_ids) < vocab_size:
+        return None
     bad = next((t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab_size), None)
     if bad is not None:
         return f"prompt: token id {bad!r} is outside the vocabulary [0, {vocab_size})", "invalid"
