@@ -200,6 +200,22 @@ def test_two_replicas_tp2_queue_full_and_unhealthy(ray_cluster, llama_dir, dep):
         assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
         limited = next(r for r in asyncio.run(burst(24, 64)) if r.status_code == 429)
         assert limited.headers["retry-after"] == "1" and limited.json()["error"]["type"] == "rate_limit_error"
+        # n=2 into full queues: a request whose second sample is refused gets its
+        # 429 and its accepted first sample ends too (all or none), so nothing is left behind.
+        async def burst_n2(n):
+            async with httpx.AsyncClient(timeout=60) as http:
+                return await asyncio.gather(*[http.post(d.url + "/v1/completions", json={
+                    "model": "tiny", "prompt": f"q{i}", "max_tokens": 32, "n": 2, "ignore_eos": True})
+                    for i in range(n)])
+        codes = [r.status_code for r in asyncio.run(burst_n2(12))]
+        assert 429 in codes and set(codes) <= {200, 429}
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            st = ray.get([s.stats.remote() for s in d.schedulers])
+            if all(x.num_running == 0 and x.num_waiting == 0 and x.num_free_blocks == x.num_blocks for x in st):
+                break
+            time.sleep(0.2)
+        assert all(x.num_running == 0 and x.num_waiting == 0 and x.num_free_blocks == x.num_blocks for x in st), st
         steps = [s.steps for s in ray.get([s.stats.remote() for s in d.schedulers])]
         assert all(s > 0 for s in steps)
         # Replicas gone -> 503.
