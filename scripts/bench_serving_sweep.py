@@ -77,9 +77,14 @@ def main(argv=None) -> int:
                               random_input_len=args.input_len, random_output_len=args.output_len,
                               vocab_size=min(vocab, 10000), warmup_requests=2 if not rows else 0,
                               seed=1000 + len(rows))  # fresh prompts per rate: no prefix-cache hits across runs
+            before = ray.get(dep.schedulers[0].stats.remote())
             m = asyncio.run(run_benchmark(cfg))
+            after = ray.get(dep.schedulers[0].stats.remote())
             print(f"\n== request rate {rate} ==\n" + format_table(m), flush=True)
             m.pop("config", None)
+            m["scheduler"] = sched = step_phases(before, after)
+            print("replica 0, per step: " + ", ".join(f"{k} {v:.0f} us" for k, v in sched["phase_us"].items())
+                  + f"; loop iteration {sched['loop_iteration_us']:.0f} us over {sched['steps']} steps", flush=True)
             rows.append(dict(rate=rate, **m))
     finally:
         dep.shutdown()
@@ -98,6 +103,15 @@ def main(argv=None) -> int:
         print(" ".join(f"{r.get(k):>15.2f}" if isinstance(r.get(k), float) else f"{str(r.get(k)):>15}" for k in keys))
     emit(summary, args.json)
     return 0
+
+
+def step_phases(before, after) -> dict:
+    """Where a replica's steps spent their time between two ReplicaStats: `wait`
+    is waiting for the workers (the GPU step, less what host work overlapped)."""
+    steps = max(after.steps - before.steps, 1)
+    return {"steps": after.steps - before.steps,
+            "loop_iteration_us": (after.busy_seconds_total - before.busy_seconds_total) / steps * 1e6,
+            "phase_us": {k: (v - before.phase_seconds.get(k, 0.0)) / steps * 1e6 for k, v in after.phase_seconds.items()}}
 
 
 def offline_peer(args, vocab: int, sat: dict) -> dict:
