@@ -99,9 +99,17 @@ class EngineClient:
 
     def _flush(self, replica: int) -> None:
         batch = self._outgoing.pop(replica, [])
-        if batch:
-            asyncio.ensure_future(self._deliver(self.schedulers[replica].submit_batch.remote([r for r, _ in batch]),
-                                                [f for _, f in batch]))
+        if not batch:
+            return
+        futures = [f for _, f in batch]
+        try:
+            ref = self.schedulers[replica].submit_batch.remote([r for r, _ in batch])
+        except BaseException as e:  # could not even be sent (serialization, Ray shutting down)
+            for f in futures:
+                if not f.done():
+                    f.set_exception(e)
+            return
+        asyncio.ensure_future(self._deliver(ref, futures))
 
     @staticmethod
     async def _deliver(ref, futures: list[asyncio.Future]) -> None:
@@ -141,4 +149,6 @@ def _submit_error(res) -> APIError:
         return APIError(429, res.error, "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
     if res.code == "context_length_exceeded":
         return bad(res.error, "messages", "context_length_exceeded")
+    if res.code == "internal":
+        return APIError(500, res.error, "internal_error", code="internal")
     return bad(res.error)

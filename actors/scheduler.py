@@ -462,8 +462,18 @@ class SchedulerActor:
         return self.loop.submit(req)
 
     def submit_batch(self, reqs: list[SubmitRequest]) -> list[SubmitResult]:
-        """Several submissions in one call (an ingress sends each event-loop turn's together)."""
-        return [self.submit(r) for r in reqs]
+        """Several submissions in one call (an ingress sends each event-loop turn's
+        together). Each gets its own result: one that fails does not take the
+        ones already accepted down with it (they would run with nobody told)."""
+        out = []
+        for r in reqs:
+            try:
+                out.append(self.submit(r))
+            except Exception as e:
+                log.exception("submission %s failed", getattr(r, "request_id", "?"))
+                out.append(SubmitResult(False, f"the server could not take the request ({type(e).__name__})",
+                                        "internal"))
+        return out
 
     def abort(self, request_ids: list[str], reason: str = "aborted") -> None:
         self.loop.abort(request_ids, reason)

@@ -109,11 +109,11 @@ class EngineCore:
             # Blocks entered in the prefix cache when these steps were scheduled
             # may never have been written: end every request and forget all
             # cached prefixes, so nothing can ever read that KV.
-            if self._inflight is not None:  # the dropped next step's forget list still has to reach workers
-                self.scheduler.step_dropped(self._inflight[0])
             self._inflight = None
-            self.scheduler.steps_abandoned()
             aborted = self.abort(list(self.scheduler.requests))
+            # Steps scheduled (or half-scheduled) but never applied, and their
+            # slot frees, are gone: the next step frees every slot in the workers.
+            self.scheduler.steps_abandoned()
             self.kv.reset_prefix_cache()
             raise StepFailed(aborted) from e
         t = time.perf_counter()

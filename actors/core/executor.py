@@ -99,6 +99,7 @@ class MultiprocExecutor:
             self.procs.append(p)
         for c in self.conns:
             self._recv(c)
+        self._sent = self._read = 0  # step calls made / replies read
 
     def _recv(self, conn):
         try:
@@ -123,14 +124,24 @@ class MultiprocExecutor:
     def execute(self, step: StepInput) -> StepOutput:
         return self.wait(self.execute_async(step))
 
-    def execute_async(self, step: StepInput):
-        # Workers run steps in the order sent; rank 0 answers each in order.
+    def execute_async(self, step: StepInput) -> int:
+        # Workers run steps in the order sent; rank 0 answers each in order, so
+        # the k-th reply belongs to call k.
         for c in self.conns:
             c.send(("execute", step))
-        return None
+        self._sent += 1
+        return self._sent - 1
 
-    def wait(self, handle) -> StepOutput:
-        return self._recv(self.conns[0])
+    def wait(self, handle: int) -> StepOutput:
+        """Call `handle`'s output. Replies to earlier calls nobody waited for
+        (the engine dropped them after a failure) are read and discarded."""
+        if handle < self._read:
+            raise WorkerError(f"the reply to step call {handle} was already consumed")
+        while True:
+            out = self._recv(self.conns[0])
+            self._read += 1
+            if self._read - 1 == handle:
+                return out
 
     def shutdown(self) -> None:
         for c in self.conns:

@@ -152,8 +152,12 @@ class Scheduler:
         self._forget.extend(step.finished_slots)
 
     def steps_abandoned(self) -> None:
-        """No output will come for any step scheduled so far (the engine failed)."""
+        """No output will be applied for any step scheduled so far (the engine
+        failed, after ending every request). Steps that never reached the
+        workers took their slot frees with them, so the next step frees every
+        slot ever issued (workers ignore slots they do not hold)."""
         self.slots.done = self.slots.scheduled
+        self._forget = list(range(self.slots.num_issued))
 
     @property
     def has_unfinished(self) -> bool:

@@ -192,6 +192,76 @@ def test_failed_step_never_leaves_unwritten_blocks_in_the_prefix_cache(llama_dir
     assert tokens([out]) == tokens(LLM(llama_dir, num_kv_blocks=64).generate([p], GREEDY))
 
 
+@pytest.mark.parametrize("async_", [False, True])
+def test_a_launch_that_fails_loses_no_slot_free(llama_dir, async_):
+    """The step that fails to launch carries the slot of a request that just
+    finished; after the failure the workers must still be told to free it
+    before the slot holds someone else (they refuse a held slot)."""
+    from ziggurat.actors.core.engine import StepFailed
+
+    llm = LLM(llama_dir, num_kv_blocks=64)
+    llm.engine.async_scheduling = async_
+    ex = llm.engine.executor
+    real, calls = ex.execute_async, [0]
+
+    def flaky(step):
+        calls[0] += 1
+        if step.finished_slots and calls[0] < 100:
+            calls[0] = 100  # fail once
+            raise KeyboardInterrupt
+        return real(step)
+
+    ex.execute_async = flaky
+    short, long = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), GREEDY
+    with pytest.raises(StepFailed):
+        llm.generate([[5, 6, 7], [5, 6, 8]], [short, long])
+    assert calls[0] == 100
+    prompts = random_prompts(3, 1000, 4, 20, seed=5)
+    got = llm.generate(prompts, GREEDY)
+    assert tokens(got) == tokens(LLM(llama_dir, num_kv_blocks=64).generate(prompts, GREEDY))
+    # The workers hold no slot but those whose free goes with the next step.
+    assert set(ex.worker.runner.requests) <= set(llm.engine.scheduler._forget)
+
+
+@pytest.mark.slow
+def test_replies_of_abandoned_steps_never_reach_new_requests(llama_dir):
+    """TP=2 in worker processes: a wait interrupted mid-run leaves replies in
+    the pipe; the next requests must get their own tokens, not those."""
+    from ziggurat.actors.core.engine import StepFailed
+
+    llm = LLM(llama_dir, num_kv_blocks=64, tensor_parallel_size=2)
+    eng, ex = llm.engine, llm.engine.executor
+    eng.async_scheduling = True
+    real, n = ex.wait, [0]
+
+    def interrupted(h):
+        n[0] += 1
+        if n[0] == 2:
+            raise KeyboardInterrupt
+        return real(h)
+
+    ex.wait = interrupted
+    for p in ([11, 12, 13], [14, 15, 16]):
+        eng.add_request(p, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    with pytest.raises(StepFailed):
+        for _ in range(5):
+            eng.step()
+    ex.wait = real
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    want = tokens(LLM(llama_dir, num_kv_blocks=64).generate(prompts, GREEDY))
+    try:
+        rids = [eng.add_request(p, GREEDY) for p in prompts]
+        got = {r: [] for r in rids}
+        for _ in range(200):  # bounded: stale replies used to stall the engine for good
+            for u in eng.step():
+                got[u.request_id] += u.new_token_ids
+            if not eng.has_unfinished():
+                break
+        assert not eng.has_unfinished() and [got[r] for r in rids] == want
+    finally:
+        llm.shutdown()
+
+
 def test_async_scheduling_gives_the_same_outputs(llama_dir):
     """Scheduling step N+1 before step N's tokens are known changes nothing a
     user sees: same tokens, finish reasons and stop handling, with a cache small

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ziggurat.actors.core.engine import EngineCore, StepFailed
-from ziggurat.actors.messages import SubmitRequest
+from ziggurat.actors.messages import SubmitRequest, SubmitResult
 from ziggurat.actors.scheduler import SchedulerLoop
 from ziggurat.config import EngineConfig
 from ziggurat.models.null_worker import NullWorker
@@ -106,3 +106,62 @@ def test_restarted_ingress_gets_fresh_numbering_and_orphans_are_aborted(loop):
         lp.run_once()
     new = [b for _, b in sent if b.epoch == "epoch-2"]
     assert [b.seq for b in new] == list(range(len(new)))
+
+
+def test_engine_client_batches_a_turns_submissions_and_fails_them_together():
+    """Submissions made in one event-loop turn reach a replica as one
+    submit_batch call; when that call cannot even be sent, every caller gets
+    the error (none waits forever)."""
+    import asyncio
+    import concurrent.futures
+
+    from ziggurat.actors.engine_client import EngineClient
+
+    class Ref:
+        def __init__(self, v):
+            self.v = v
+
+        def future(self):
+            f = concurrent.futures.Future()
+            f.set_result(self.v)
+            return f
+
+    class Method:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def remote(self, *a):
+            return self.fn(*a)
+
+    calls = []
+
+    class Router:
+        pick = Method(lambda hashes: Ref(0))
+        mark_unhealthy = Method(lambda r: Ref(None))
+
+    class Scheduler:
+        fail = False
+
+        def _batch(reqs):
+            calls.append([r.request_id for r in reqs])
+            if Scheduler.fail:
+                raise TypeError("cannot serialize argument")
+            return Ref([SubmitResult(True) for _ in reqs])
+
+        submit_batch = Method(_batch)
+        abort = Method(lambda ids, reason: None)
+
+    meta = dict(tenant="t", key_id="k", http_request_id="h", model="m")
+
+    async def main():
+        c = EngineClient("ing", Router(), [Scheduler()])
+        c.loop = asyncio.get_running_loop()
+        q = asyncio.Queue()
+        got = await asyncio.gather(*[c.submit([(f"r{i}", [1, 2], None, 0)], [], (), q, meta) for i in range(3)])
+        assert got == [0, 0, 0] and calls == [["r0", "r1", "r2"]]  # one call for the turn
+        Scheduler.fail = True
+        res = await asyncio.wait_for(asyncio.gather(
+            *[c.submit([(f"s{i}", [1, 2], None, 0)], [], (), q, meta) for i in range(2)], return_exceptions=True), 5)
+        assert all(isinstance(e, TypeError) for e in res), res
+
+    asyncio.run(main())
