@@ -40,7 +40,3 @@ class GCPauses:
             g = info["generation"]
             self.seconds[g] += time.perf_counter() - self._start
             self.count[g] += 1
-
-    def close(self) -> None:
-        if self._on_gc in gc.callbacks:
-            gc.callbacks.remove(self._on_gc)

@@ -99,23 +99,14 @@ class EngineClient:
 
     def _flush(self, replica: int) -> None:
         batch = self._outgoing.pop(replica, [])
-        if not batch:
-            return
+        if batch:
+            asyncio.ensure_future(self._deliver(replica, batch))
+
+    async def _deliver(self, replica: int, batch: list[tuple[SubmitRequest, asyncio.Future]]) -> None:
         futures = [f for _, f in batch]
         try:
-            ref = self.schedulers[replica].submit_batch.remote([r for r, _ in batch])
-        except BaseException as e:  # could not even be sent (serialization, Ray shutting down)
-            for f in futures:
-                if not f.done():
-                    f.set_exception(e)
-            return
-        asyncio.ensure_future(self._deliver(ref, futures))
-
-    @staticmethod
-    async def _deliver(ref, futures: list[asyncio.Future]) -> None:
-        try:
-            results = await _await(ref)
-        except BaseException as e:  # the replica died: every submission of the call fails alike
+            results = await _await(self.schedulers[replica].submit_batch.remote([r for r, _ in batch]))
+        except BaseException as e:  # not sent (serialization, Ray shutting down) or the replica died: all fail alike
             for f in futures:
                 if not f.done():
                     f.set_exception(e)

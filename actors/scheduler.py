@@ -232,7 +232,7 @@ class SchedulerLoop:
             return
         now = time.time()
         live, routes = self.live, self.routes
-        self.generation_tokens += sum(1 for t in updates.token_ids if t >= 0)
+        self.generation_tokens += len(ids) - updates.token_ids.count(-1)  # -1: an update without a token
         for rid, o in zip(ids, updates.num_output_tokens):
             if o == 1:  # first token: time to first token for metering
                 entry = live.get(rid)

@@ -65,10 +65,9 @@ class Request:
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling; -1 until then
     num_preemptions: int = 0
     stop_reason: int | str | None = None
-    # Whether the workers hold this request's state (sent as new, not since
-    # finished or preempted).
-    in_workers: bool = False
-    slot: int = -1  # its slot in the workers while in_workers (models/step.py)
+    # Its slot in the workers (models/step.py) while they hold its state (sent
+    # as new, not since finished or preempted); -1 otherwise.
+    slot: int = -1
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

@@ -8,8 +8,8 @@ here, and Python runs only for the few requests that need something else
 While a request is in the set, the set's columns hold its `num_computed_tokens`
 and `num_pending`; the Request's own fields are written back when it leaves
 (pop/remove), and read in on append. `slot_pos` maps a worker slot (see
-models/step.py) to its request's position, so a step's output (slots and
-tokens) finds its rows with one gather.
+models/step.py) to its request's position: a step's output (slots and
+tokens) finds its rows with one gather, and a request its own with `index`.
 """
 
 from __future__ import annotations
@@ -41,8 +41,6 @@ _BOOL_COLS = ("py_stop",)
 class RunningSet:
     def __init__(self, capacity: int = 64):
         self.reqs: list[Request] = []
-        self.ids: list[str] = []
-        self.pos: dict[str, int] = {}
         self._cap = capacity
         for c in _INT_COLS:
             setattr(self, c, np.zeros(capacity, dtype=np.int64))
@@ -67,8 +65,6 @@ class RunningSet:
             self._grow()
         p = req.sampling_params
         self.reqs.append(req)
-        self.ids.append(req.request_id)
-        self.pos[req.request_id] = i
         self.computed[i] = req.num_computed_tokens
         self.known[i] = len(req.all_token_ids)
         self.pending[i] = req.num_pending
@@ -95,9 +91,7 @@ class RunningSet:
         """The last admitted request (the preemption victim), its counters written back."""
         i = len(self.reqs) - 1
         self._write_back(i)
-        del self.pos[self.ids[i]]
         self.slot_pos[self.slot[i]] = -1
-        self.ids.pop()
         return self.reqs.pop()
 
     def remove(self, indices) -> list[Request]:
@@ -119,12 +113,11 @@ class RunningSet:
         self.slot_pos[self.slot[:k]] = np.arange(k)
         dropset = set(drop)
         self.reqs = [r for i, r in enumerate(self.reqs) if i not in dropset]
-        self.ids = [r.request_id for r in self.reqs]
-        self.pos = {rid: i for i, rid in enumerate(self.ids)}
         return gone
 
     def index(self, req: Request) -> int:
-        return self.pos[req.request_id]
+        """The position of a running request (its slot's)."""
+        return int(self.slot_pos[req.slot])
 
 
 class SlotPool:

@@ -278,7 +278,6 @@ class Scheduler:
                 num_computed_tokens=req.num_computed_tokens,
             )
         )
-        req.in_workers = True
         # Computed as of the end of this step; the sampled token (if any)
         # arrives with the step's output and is pending until then.
         req.num_computed_tokens += n
@@ -292,7 +291,7 @@ class Scheduler:
         req.num_pending = 0  # a token still in flight for it is dropped on arrival
         req.num_preemptions += 1
         self.num_preemptions += 1
-        if req.in_workers:
+        if req.slot >= 0:
             step.finished_slots.append(req.slot)
             self._free_slot(req)
         self.waiting.appendleft(req)
@@ -349,8 +348,7 @@ class Scheduler:
             end = self._check_stop(req, tok_list[j])
             if end is not None:
                 done.append((ii[j], req, end))
-        ids = rs.ids
-        ups.request_ids = [ids[i] for i in ii]
+        ups.request_ids = [r.request_id for r in sel]
         ups.token_ids = tok_list
         ups.num_prompt_tokens = rs.prompt[idx].tolist()
         ups.num_cached_tokens = rs.cached[idx].tolist()
@@ -379,11 +377,11 @@ class Scheduler:
 
     def _release(self, req: Request) -> None:
         self.kv.free(req.request_id)
-        if req.in_workers:
+        if req.slot >= 0:
             self._forget.append(req.slot)
             self._free_slot(req)
         del self.requests[req.request_id]
 
     def _free_slot(self, req: Request) -> None:
         self.slots.release(req.slot)
-        req.slot, req.in_workers = -1, False
+        req.slot = -1

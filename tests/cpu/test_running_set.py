@@ -32,9 +32,11 @@ def test_columns_follow_appends_pops_and_removes():
     assert last is reqs[6] and last.num_computed_tokens == 118  # written back on the way out
     gone = rs.remove([4, 1, 1])
     assert gone == [reqs[1], reqs[4]] and reqs[4].num_computed_tokens == 112
-    assert rs.ids == ["r0", "r2", "r3", "r5"] and rs.pos == {"r0": 0, "r2": 1, "r3": 2, "r5": 3}
+    assert [r.request_id for r in rs.reqs] == ["r0", "r2", "r3", "r5"]
+    assert [rs.index(reqs[i]) for i in (0, 2, 3, 5)] == [0, 1, 2, 3]
     assert list(rs.computed[:4]) == [100, 106, 109, 115] and list(rs.max_out[:4]) == [50, 52, 53, 55]
-    assert rs.reqs[rs.pos["r2"]] is reqs[2] and "r1" not in rs.pos and (rs.computed[1], rs.pending[1]) == (106, 0)
+    assert rs.reqs[rs.index(reqs[2])] is reqs[2] and rs.slot_pos[reqs[1].slot] == -1
+    assert (rs.computed[1], rs.pending[1]) == (106, 0)
     # slot -> position follows every move; the slots of the removed map to -1
     assert [int(rs.slot_pos[100 + 10 * i]) for i in range(7)] == [0, -1, 1, 2, -1, 3, -1]
 
