@@ -9,8 +9,8 @@ generate() runs the engine loop in this process until every request is done.
 
 from __future__ import annotations
 
-from ziggurat.actors.core.engine import EngineCore
-from ziggurat.actors.core.request import RequestStatus, prompt_error
+from ziggurat.actors.scheduler.engine import EngineCore
+from ziggurat.actors.scheduler.request import RequestStatus, prompt_error
 from ziggurat.config import EngineConfig
 from ziggurat.models.tokenizer import TextStream, Tokenizer
 from ziggurat.outputs import CompletionOutput, RequestOutput

@@ -140,7 +140,7 @@ def main(argv=None) -> int:
                         "observe each other's cache hits by timing")
     s.add_argument("--redact", default=None,
                    help="module:function applied to request logs before they are stored "
-                        "(e.g. ziggurat.actors.core.tenancy:redact_pii)")
+                        "(e.g. ziggurat.actors.meter.tenancy:redact_pii)")
     s.set_defaults(fn=_serve)
     from ziggurat.cluster.tenant_cli import add_tenant_commands
 
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "make-model":
-        from ziggurat.scripts.make_model import main as make_main
+        from ziggurat.models.maker import main as make_main
 
         return make_main(argv[1:])
     args = ap.parse_args(argv)

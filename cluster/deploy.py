@@ -36,7 +36,7 @@ def default_model_dir() -> Path:
     tokenizer and chat template, made on first use."""
     path = cache_dir() / "models" / "default-llama-tiny"
     if not (path / "config.json").is_file():
-        from ziggurat.scripts.make_model import make_model
+        from ziggurat.models.maker import make_model
 
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         make_model(tmp, arch="llama", preset="tiny", seed=0)
@@ -86,11 +86,11 @@ class DeploymentSpec:
 
 class Deployment:
     def __init__(self, spec: DeploymentSpec):
-        from ziggurat.actors.ingress import IngressActor, IngressConfig
-        from ziggurat.actors.meter import MeterActor
-        from ziggurat.actors.router import RouterActor
-        from ziggurat.actors.scheduler import SchedulerActor
-        from ziggurat.actors.worker import WorkerActor
+        from ziggurat.actors.ingress.actor import IngressActor, IngressConfig
+        from ziggurat.actors.meter.actor import MeterActor
+        from ziggurat.actors.router.actor import RouterActor
+        from ziggurat.actors.scheduler.actor import SchedulerActor
+        from ziggurat.actors.worker.actor import WorkerActor
         from ziggurat.topology.placement import bundle_strategy, create_replica_group
 
         if spec.model is None:

@@ -20,7 +20,7 @@ def _db(args) -> str:
 
 
 def _plane(args):
-    from ziggurat.actors.core.tenancy import TenantPlane
+    from ziggurat.actors.meter.tenancy import TenantPlane
 
     return TenantPlane(_db(args))
 
@@ -76,8 +76,8 @@ def keys_cmd(args) -> int:
 
 
 def usage_cmd(args) -> int:
-    from ziggurat.actors.admin import parse_time
-    from ziggurat.actors.core.ledger import to_csv
+    from ziggurat.actors.ingress.admin import parse_time
+    from ziggurat.actors.meter.ledger import to_csv
 
     rows = _plane(args).usage(args.tenant, parse_time(args.since, "since") or 0.0, parse_time(args.until, "until"),
                               args.by)

@@ -36,7 +36,7 @@ def engine_only(num_requests: int, steps: int = 200) -> float:
     requests, NullWorker in-process: the pure-Python scheduling cost, no Ray."""
     import random
 
-    from ziggurat.actors.core.engine import EngineCore
+    from ziggurat.actors.scheduler.engine import EngineCore
     from ziggurat.cluster.deploy import default_model_dir
     from ziggurat.config import EngineConfig
     from ziggurat.models.null_worker import NullWorker

@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     if args.smoke and not (args.model or args.make):
         args.make, args.dtype = "llama:tiny", "float32"
     if args.make:
-        from ziggurat.scripts.make_model import make_model
+        from ziggurat.models.maker import make_model
 
         arch, preset = args.make.split(":")
         args.model = str(make_model(tempfile.mkdtemp(prefix="bench-gpu-"), arch=arch, preset=preset, dtype=args.dtype,

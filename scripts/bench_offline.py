@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write results here too")
     args = ap.parse_args(argv)
     if args.make:
-        from ziggurat.scripts.make_model import make_model
+        from ziggurat.models.maker import make_model
 
         arch, preset = args.make.split(":")
         args.model = str(make_model(tempfile.mkdtemp(prefix="bench-model-"), arch=arch, preset=preset,

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     from ziggurat.scripts.bench_serving import BenchConfig, format_table, run_benchmark
 
     if args.make:
-        from ziggurat.scripts.make_model import make_model
+        from ziggurat.models.maker import make_model
 
         arch, preset = args.make.split(":")
         dev = "cuda" if torch.cuda.is_available() else "cpu"

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     from ziggurat.sampling_params import SamplingParams
 
     if args.model is None:
-        from ziggurat.scripts.make_model import make_model
+        from ziggurat.models.maker import make_model
 
         args.model = str(make_model(tempfile.mkdtemp(), arch="llama", preset="tiny"))
     cfg = ModelConfig.from_dir(args.model)

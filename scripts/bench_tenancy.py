@@ -25,7 +25,7 @@ from ziggurat.scripts.report import emit
 
 
 def events(n: int, tenants: list[str]):
-    from ziggurat.actors.core.ledger import UsageEvent
+    from ziggurat.actors.meter.ledger import UsageEvent
 
     now = time.time()
     return [UsageEvent(uuid.uuid4().hex, None, tenants[i % len(tenants)], None, "m", None, 0, "cpu", 100, 32, 50,
@@ -51,7 +51,7 @@ def bench_actor(meter, n: int, batch: int) -> float:
 
 
 async def bench_admission(meter, key: str, n: int) -> list[float]:
-    from ziggurat.actors.gatekeeper import Gatekeeper
+    from ziggurat.actors.ingress.gatekeeper import Gatekeeper
 
     gate = Gatekeeper(meter)
     await gate.start()
@@ -78,8 +78,8 @@ def main(argv=None) -> int:
 
     import ray
 
-    from ziggurat.actors.core.tenancy import TenantPlane
-    from ziggurat.actors.meter import MeterActor
+    from ziggurat.actors.meter.tenancy import TenantPlane
+    from ziggurat.actors.meter.actor import MeterActor
 
     db = args.db or tempfile.mkdtemp(prefix="bench-ledger-") + "/tenancy.db"
     plane = TenantPlane(db)

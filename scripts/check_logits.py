@@ -40,7 +40,7 @@ def main(argv=None) -> int:
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if args.make:
-        from ziggurat.scripts.make_model import make_model
+        from ziggurat.models.maker import make_model
 
         arch, preset = args.make.split(":")
         args.model = str(make_model(tempfile.mkdtemp(prefix="check-logits-"), arch=arch, preset=preset,

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     import torch
 
     if args.make:
-        from ziggurat.scripts.make_model import make_model
+        from ziggurat.models.maker import make_model
 
         arch, preset = args.make.split(":")
         args.model = str(make_model(tempfile.mkdtemp(prefix="tp-model-"), arch=arch, preset=preset,

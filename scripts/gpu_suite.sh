@@ -28,7 +28,7 @@ if want attention; then
     | tee "$OUT/attention.log"
 fi
 if [ ! -d "$MODEL8B" ] && { want bench || want serving; }; then
-  python -m ziggurat.scripts.make_model "$MODEL8B" --arch llama --preset llama-3.1-8b --dtype bfloat16 \
+  python -m ziggurat.models.maker "$MODEL8B" --arch llama --preset llama-3.1-8b --dtype bfloat16 \
     --device cuda 2>&1 | tail -3
 fi
 if want bench; then

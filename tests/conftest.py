@@ -10,7 +10,7 @@ import pytest
 # Keep the default model and ledger of deployments made by tests out of ~/.cache.
 os.environ.setdefault("ZIGGURAT_CACHE", tempfile.mkdtemp(prefix="ziggurat-test-cache-"))
 
-from ziggurat.scripts.make_model import make_model
+from ziggurat.models.maker import make_model
 
 
 @pytest.fixture(scope="session")

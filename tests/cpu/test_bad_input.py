@@ -141,7 +141,7 @@ def test_stream_cleanup_runs_when_the_client_leaves_before_the_headers():
     the request is aborted and its token reservation released."""
     import asyncio
 
-    from ziggurat.actors.openai_server import ClosingStream
+    from ziggurat.actors.ingress.server import ClosingStream
 
     started, closed = [], []
 

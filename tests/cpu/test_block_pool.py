@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from ziggurat.actors.core.block_pool import ROOT_HASH, BlockPool, hash_block_tokens
-from ziggurat.actors.core.kv_manager import KVCacheManager
+from ziggurat.actors.scheduler.block_pool import ROOT_HASH, BlockPool, hash_block_tokens
+from ziggurat.actors.scheduler.kv_manager import KVCacheManager
 
 BS = 4
 
@@ -49,7 +49,7 @@ def test_hash_is_chained_stable_and_keyed():
     assert hash_block_tokens(ROOT_HASH, (1,), ("a",)) != hash_block_tokens(ROOT_HASH, (1,), ("b",))
     assert hash_block_tokens(ROOT_HASH, (1,), (1,)) != hash_block_tokens(ROOT_HASH, (1,), ("1",))
     # Same value in another interpreter with another hash seed (not Python's hash()).
-    code = ("from ziggurat.actors.core.block_pool import hash_block_tokens as h;"
+    code = ("from ziggurat.actors.scheduler.block_pool import hash_block_tokens as h;"
             "print(h(b'', (1, 2, 3, 4), (7, 'salt')).hex())")
     env = dict(os.environ, PYTHONHASHSEED="12345")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

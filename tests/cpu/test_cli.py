@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from ziggurat.actors.core.ledger import UsageEvent
-from ziggurat.actors.core.tenancy import TenantPlane
+from ziggurat.actors.meter.ledger import UsageEvent
+from ziggurat.actors.meter.tenancy import TenantPlane
 from ziggurat.cluster.cli import main
 
 

@@ -173,7 +173,7 @@ def test_text_prompts_and_chat_template(llm):
 
 
 def test_failed_step_never_leaves_unwritten_blocks_in_the_prefix_cache(llama_dir):
-    from ziggurat.actors.core.engine import StepFailed
+    from ziggurat.actors.scheduler.engine import StepFailed
 
     llm = LLM(llama_dir, num_kv_blocks=64)
     p = random_prompts(1, 1000, 70, 70, seed=21)[0]
@@ -197,7 +197,7 @@ def test_a_launch_that_fails_loses_no_slot_free(llama_dir, async_):
     """The step that fails to launch carries the slot of a request that just
     finished; after the failure the workers must still be told to free it
     before the slot holds someone else (they refuse a held slot)."""
-    from ziggurat.actors.core.engine import StepFailed
+    from ziggurat.actors.scheduler.engine import StepFailed
 
     llm = LLM(llama_dir, num_kv_blocks=64)
     llm.engine.async_scheduling = async_
@@ -227,7 +227,7 @@ def test_a_launch_that_fails_loses_no_slot_free(llama_dir, async_):
 def test_replies_of_abandoned_steps_never_reach_new_requests(llama_dir):
     """TP=2 in worker processes: a wait interrupted mid-run leaves replies in
     the pipe; the next requests must get their own tokens, not those."""
-    from ziggurat.actors.core.engine import StepFailed
+    from ziggurat.actors.scheduler.engine import StepFailed
 
     llm = LLM(llama_dir, num_kv_blocks=64, tensor_parallel_size=2)
     eng, ex = llm.engine, llm.engine.executor

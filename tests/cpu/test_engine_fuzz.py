@@ -15,7 +15,7 @@ import random
 import numpy as np
 import torch
 
-from ziggurat.actors.core.engine import EngineCore
+from ziggurat.actors.scheduler.engine import EngineCore
 from ziggurat.config import EngineConfig
 from ziggurat.models.runner import ModelRunner
 from ziggurat.models.staging import Staging

@@ -1,4 +1,4 @@
-"""The random-weight HF checkpoint maker (ziggurat.scripts.make_model)."""
+"""The random-weight HF checkpoint maker (ziggurat.models.maker)."""
 
 from __future__ import annotations
 
@@ -324,7 +324,7 @@ def test_ids_past_the_tokenizer_have_zero_output_rows(tmp_path):
 
     from safetensors import safe_open
 
-    from ziggurat.scripts.make_model import make_model
+    from ziggurat.models.maker import make_model
 
     for arch, preset_vocab, tie in (("llama", 3000, False), ("qwen3", 3000, True)):
         out = make_model(tmp_path / arch, arch=arch, preset="tiny", overrides={"vocab_size": preset_vocab},

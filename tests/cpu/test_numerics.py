@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ziggurat import LLM, SamplingParams
-from ziggurat.actors.core.kv_manager import KVCacheManager
+from ziggurat.actors.scheduler.kv_manager import KVCacheManager
 from ziggurat.models.config import ModelConfig
 from ziggurat.models.runner import ModelRunner
 from ziggurat.models.step import CachedRequestData, NewRequestData, StepInput

@@ -5,10 +5,10 @@ import pickle
 
 import numpy as np
 
-from ziggurat.actors.core.kv_manager import KVCacheManager
-from ziggurat.actors.core.request import Request
-from ziggurat.actors.core.running import RunningSet, SlotPool
-from ziggurat.actors.core.scheduler import RequestUpdate, Scheduler, SchedulerConfig, StepUpdates
+from ziggurat.actors.scheduler.kv_manager import KVCacheManager
+from ziggurat.actors.scheduler.request import Request
+from ziggurat.actors.scheduler.running import RunningSet, SlotPool
+from ziggurat.actors.scheduler.scheduler import RequestUpdate, Scheduler, SchedulerConfig, StepUpdates
 from ziggurat.models.step import CachedRequestData, Logprobs, NewRequestData, StepInput, StepOutput
 from ziggurat.sampling_params import SamplingParams
 

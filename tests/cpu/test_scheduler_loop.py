@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from ziggurat.actors.core.engine import EngineCore, StepFailed
-from ziggurat.actors.messages import SubmitRequest, SubmitResult
-from ziggurat.actors.scheduler import SchedulerLoop
+from ziggurat.actors.scheduler.engine import EngineCore, StepFailed
+from ziggurat.actors.scheduler.messages import SubmitRequest, SubmitResult
+from ziggurat.actors.scheduler.actor import SchedulerLoop
 from ziggurat.config import EngineConfig
 from ziggurat.models.null_worker import NullWorker
 from ziggurat.sampling_params import SamplingParams
@@ -115,7 +115,7 @@ def test_engine_client_batches_a_turns_submissions_and_fails_them_together():
     import asyncio
     import concurrent.futures
 
-    from ziggurat.actors.engine_client import EngineClient
+    from ziggurat.actors.ingress.engine_client import EngineClient
 
     class Ref:
         def __init__(self, v):

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from ziggurat.actors.core.ledger import Ledger, Price, UsageEvent, month_start, to_csv
-from ziggurat.actors.core.quota import Limits, QuotaExceeded, QuotaTracker
-from ziggurat.actors.core.store import Store
-from ziggurat.actors.core.tenancy import TenantPlane
-from ziggurat.actors.core.tenants import KEY_PREFIX, Principal, TenantError, TenantStore, key_id_of, verify
+from ziggurat.actors.meter.ledger import Ledger, Price, UsageEvent, month_start, to_csv
+from ziggurat.actors.meter.quota import Limits, QuotaExceeded, QuotaTracker
+from ziggurat.actors.meter.store import Store
+from ziggurat.actors.meter.tenancy import TenantPlane
+from ziggurat.actors.meter.tenants import KEY_PREFIX, Principal, TenantError, TenantStore, key_id_of, verify
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pg import PgServer, PgUnavailable, find_bin_dir  # noqa: E402

@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from ziggurat.actors.core.store import Store
+from ziggurat.actors.meter.store import Store
 
 KEY_PREFIX = "zk-"
 

@@ -23,9 +23,9 @@ import hmac
 import logging
 import time
 
-from ziggurat.actors.core.quota import Admission, Limits, QuotaExceeded, QuotaTracker, retry_after_header
-from ziggurat.actors.core.tenants import Principal, key_id_of
-from ziggurat.actors.openai_protocol import APIError
+from ziggurat.actors.meter.quota import Admission, Limits, QuotaExceeded, QuotaTracker, retry_after_header
+from ziggurat.actors.meter.tenants import Principal, key_id_of
+from ziggurat.actors.ingress.protocol import APIError
 
 log = logging.getLogger("ziggurat.gatekeeper")
 

@@ -13,7 +13,7 @@ import socket
 import ray
 
 from ziggurat.config import EngineConfig
-from ziggurat.startup import freeze_startup_heap
+from ziggurat.actors.process import freeze_startup_heap
 
 
 def load_object(spec: str):

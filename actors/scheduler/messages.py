@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ziggurat.actors.core.scheduler import StepUpdates
+from ziggurat.actors.scheduler.scheduler import StepUpdates
 from ziggurat.sampling_params import SamplingParams
 
 

@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 import ray
 
-from ziggurat.actors.core.tenancy import TenantPlane
+from ziggurat.actors.meter.tenancy import TenantPlane
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=4)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import itertools
 import time
 
-from ziggurat.actors.core.executor import make_executor
-from ziggurat.actors.core.kv_manager import KVCacheManager
-from ziggurat.actors.core.request import Request, RequestStatus, prompt_error
-from ziggurat.actors.core.scheduler import Scheduler, SchedulerConfig, StepUpdates
+from ziggurat.actors.scheduler.executor import make_executor
+from ziggurat.actors.scheduler.kv_manager import KVCacheManager
+from ziggurat.actors.scheduler.request import Request, RequestStatus, prompt_error
+from ziggurat.actors.scheduler.scheduler import Scheduler, SchedulerConfig, StepUpdates
 from ziggurat.config import ConfigError, EngineConfig
 from ziggurat.models.config import ModelConfig
 from ziggurat.sampling_params import SamplingParams

@@ -18,7 +18,7 @@ from collections import deque
 
 import numpy as np
 
-from ziggurat.actors.core.request import Request
+from ziggurat.actors.scheduler.request import Request
 
 _INT_COLS = (
     "computed",  # tokens whose KV is computed (or scheduled in a step in flight)

@@ -10,9 +10,9 @@ import re
 import time
 from dataclasses import asdict
 
-from ziggurat.actors.core.ledger import Ledger, Price, UsageEvent, month_start
-from ziggurat.actors.core.store import Store
-from ziggurat.actors.core.tenants import Principal, TenantStore, key_id_of, verify
+from ziggurat.actors.meter.ledger import Ledger, Price, UsageEvent, month_start
+from ziggurat.actors.meter.store import Store
+from ziggurat.actors.meter.tenants import Principal, TenantStore, key_id_of, verify
 
 
 class TenantPlane:
@@ -90,7 +90,7 @@ _NUMBER = re.compile(r"\+?\d[\d\s().-]{7,}\d")
 
 
 def redact_pii(record):
-    """A redaction hook for request logs (`--redact ziggurat.actors.core.tenancy:redact_pii`):
+    """A redaction hook for request logs (`--redact ziggurat.actors.meter.tenancy:redact_pii`):
     replaces e-mail addresses and phone/card-like digit runs in every string."""
     if isinstance(record, str):
         return _NUMBER.sub("[NUMBER]", _EMAIL.sub("[EMAIL]", record))

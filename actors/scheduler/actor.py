@@ -19,14 +19,14 @@ import time
 
 import ray
 
-from ziggurat.actors.core.engine import EngineCore
-from ziggurat.actors.core.ledger import UsageEvent
-from ziggurat.actors.core.request import RequestStatus, prompt_error
-from ziggurat.actors.core.scheduler import RequestUpdate, StepUpdates
-from ziggurat.actors.messages import ReplicaStats, SubmitRequest, SubmitResult, TokenBatch
+from ziggurat.actors.scheduler.engine import EngineCore
+from ziggurat.actors.meter.ledger import UsageEvent
+from ziggurat.actors.scheduler.request import RequestStatus, prompt_error
+from ziggurat.actors.scheduler.scheduler import RequestUpdate, StepUpdates
+from ziggurat.actors.scheduler.messages import ReplicaStats, SubmitRequest, SubmitResult, TokenBatch
 from ziggurat.config import EngineConfig
 from ziggurat.models.step import StepInput
-from ziggurat.startup import GCPauses, freeze_startup_heap
+from ziggurat.actors.process import GCPauses, freeze_startup_heap
 
 log = logging.getLogger("ziggurat.scheduler")
 

@@ -25,8 +25,8 @@ from datetime import datetime, timezone
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from ziggurat.actors.core.ledger import to_csv
-from ziggurat.actors.openai_protocol import APIError, bad
+from ziggurat.actors.meter.ledger import to_csv
+from ziggurat.actors.ingress.protocol import APIError, bad
 
 
 async def _await(ref):

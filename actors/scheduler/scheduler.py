@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ziggurat.actors.core.kv_manager import KVCacheManager
-from ziggurat.actors.core.request import Request, RequestStatus
-from ziggurat.actors.core.running import RunningSet, SlotPool
+from ziggurat.actors.scheduler.kv_manager import KVCacheManager
+from ziggurat.actors.scheduler.request import Request, RequestStatus
+from ziggurat.actors.scheduler.running import RunningSet, SlotPool
 from ziggurat.models.step import CachedRequestData, Logprobs, NewRequestData, StepInput, StepOutput
 
 

@@ -18,11 +18,11 @@ import uuid
 
 import ray
 
-from ziggurat.actors.engine_client import EngineClient
-from ziggurat.actors.gatekeeper import Gatekeeper
-from ziggurat.actors.messages import TokenBatch
-from ziggurat.actors.openai_server import IngressConfig, OpenAIServer
-from ziggurat.startup import freeze_startup_heap
+from ziggurat.actors.ingress.engine_client import EngineClient
+from ziggurat.actors.ingress.gatekeeper import Gatekeeper
+from ziggurat.actors.scheduler.messages import TokenBatch
+from ziggurat.actors.ingress.server import IngressConfig, OpenAIServer
+from ziggurat.actors.process import freeze_startup_heap
 
 __all__ = ["IngressActor", "IngressConfig"]
 

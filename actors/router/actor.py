@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import ray
 
-from ziggurat.actors.core.router import Router
-from ziggurat.actors.messages import ReplicaStats
+from ziggurat.actors.router.policy import Router
+from ziggurat.actors.scheduler.messages import ReplicaStats
 
 
 @ray.remote(num_cpus=0)

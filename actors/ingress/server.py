@@ -24,11 +24,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from ziggurat.actors.admin import admin_routes
-from ziggurat.actors.core.block_pool import ROOT_HASH, hash_block_tokens
-from ziggurat.actors.engine_client import EngineClient
-from ziggurat.actors.gatekeeper import Gatekeeper, _await
-from ziggurat.actors.openai_protocol import (
+from ziggurat.actors.ingress.admin import admin_routes
+from ziggurat.actors.scheduler.block_pool import ROOT_HASH, hash_block_tokens
+from ziggurat.actors.ingress.engine_client import EngineClient
+from ziggurat.actors.ingress.gatekeeper import Gatekeeper, _await
+from ziggurat.actors.ingress.protocol import (
     APIError,
     ParsedRequest,
     bad,
@@ -39,7 +39,7 @@ from ziggurat.actors.openai_protocol import (
     parse_completion,
     usage,
 )
-from ziggurat.actors.worker import load_object
+from ziggurat.actors.worker.actor import load_object
 from ziggurat.models.tokenizer import TextStream, Tokenizer
 
 ROUTING_BLOCKS = 8  # prefix blocks whose hashes the router sees

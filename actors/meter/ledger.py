@@ -14,7 +14,7 @@ import io
 import time
 from dataclasses import astuple, dataclass, fields
 
-from ziggurat.actors.core.store import Store
+from ziggurat.actors.meter.store import Store
 
 STATUSES = ("stop", "length", "aborted", "client_disconnected", "error")
 

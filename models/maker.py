@@ -9,7 +9,7 @@ The directory holds ``config.json``, ``generation_config.json``, the weights
 This module runs at serve time, where transformers is absent: it imports only
 torch, safetensors, tokenizers and the standard library.
 
-    python -m ziggurat.scripts.make_model OUT --arch qwen3 --preset tiny \
+    python -m ziggurat.models.maker OUT --arch qwen3 --preset tiny \
         --dtype bfloat16 --no-tie --kv-heads 1 --shard-size 2GB --set num_hidden_layers=3
 """
 
@@ -747,7 +747,7 @@ def _parse_value(text: str) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ziggurat.scripts.make_model",
+    ap = argparse.ArgumentParser(prog="python -m ziggurat.models.maker",
                                  description="Write a random-weight HuggingFace-format causal LM.")
     ap.add_argument("out", help="output directory")
     ap.add_argument("--arch", choices=ARCHITECTURES, default="llama")

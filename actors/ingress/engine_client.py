@@ -16,9 +16,9 @@ import asyncio
 
 import ray
 
-from ziggurat.actors.gatekeeper import _await
-from ziggurat.actors.messages import SubmitRequest, TokenBatch
-from ziggurat.actors.openai_protocol import APIError, bad
+from ziggurat.actors.ingress.gatekeeper import _await
+from ziggurat.actors.scheduler.messages import SubmitRequest, TokenBatch
+from ziggurat.actors.ingress.protocol import APIError, bad
 
 
 class EngineClient:
