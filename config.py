@@ -1,4 +1,9 @@
-"""EngineConfig: every knob of one replica, validated in one place."""
+"""EngineConfig: every knob of one replica's engine, each defined once.
+
+Validated here; `ziggurat serve` and `ziggurat generate` make one flag per
+field (from the help below), the deployment spec nests it
+(cluster/spec.py), and `LLM(model, **fields)` takes the same names.
+"""
 
 from __future__ import annotations
 
@@ -10,30 +15,34 @@ class ConfigError(ValueError):
     pass
 
 
+def _opt(default, help: str, **meta):
+    return field(default=default, metadata={"help": help, **meta})
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str
-    dtype: str | None = None  # None: the checkpoint's torch_dtype
-    tensor_parallel_size: int = 1
-    device: str | None = None  # None: cuda if available, else cpu
-    block_size: int = 16
+    model: str = field(metadata={"help": "HF-format model directory"})
+    dtype: str | None = _opt(None, "weights and activations: float32, float16, bfloat16 (default: the checkpoint's)")
+    tensor_parallel_size: int = _opt(1, "GPUs (ranks) per replica", short="-tp")
+    device: str | None = _opt(None, "cuda or cpu (default: cuda if available)")
+    block_size: int = _opt(16, "tokens per KV-cache block (a power of two)")
     # KV cache size. GPU: sized from free memory (gpu_memory_utilization) unless
     # num_kv_blocks is given. CPU: num_kv_blocks, else kv_cache_bytes.
-    num_kv_blocks: int | None = None
-    kv_cache_bytes: int = 1 << 30
-    gpu_memory_utilization: float = 0.9
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192  # the per-step token budget (chunked prefill)
-    enable_prefix_caching: bool = True
+    num_kv_blocks: int | None = _opt(None, "KV-cache blocks per replica (default: sized from memory)")
+    kv_cache_bytes: int = _opt(1 << 30, "KV-cache bytes on a CPU, when num_kv_blocks is not given")
+    gpu_memory_utilization: float = _opt(0.9, "fraction of GPU memory for weights, activations and KV cache")
+    max_model_len: int | None = _opt(None, "context length (default: the model's max_position_embeddings)")
+    max_num_seqs: int = _opt(256, "requests in the running batch at most")
+    max_num_batched_tokens: int = _opt(8192, "the per-step token budget (chunked prefill)")
+    enable_prefix_caching: bool = _opt(True, "reuse the KV of cached prompt prefixes")
     # Schedule step N+1 while step N runs (its sampled tokens count as pending).
-    async_scheduling: bool = True
+    async_scheduling: bool = _opt(True, "schedule the next step while the current one runs")
     # CUDA graphs for decode steps of up to cuda_graph_max_batch sequences
     # (captured at start-up); enforce_eager turns them off.
-    enforce_eager: bool = False
-    cuda_graph_max_batch: int = 256
-    seed: int = 0
-    extra: dict = field(default_factory=dict)
+    enforce_eager: bool = _opt(False, "no CUDA graphs")
+    cuda_graph_max_batch: int = _opt(256, "largest decode batch captured as a CUDA graph")
+    seed: int = _opt(0, "the engine's base seed for unseeded sampling")
+    extra: dict = field(default_factory=dict, metadata={"help": "worker-specific settings", "cli": False})
 
     def __post_init__(self) -> None:
         if not Path(self.model).is_dir():
@@ -41,7 +50,7 @@ class EngineConfig:
         for name in ("tensor_parallel_size", "block_size", "max_num_seqs", "max_num_batched_tokens",
                      "cuda_graph_max_batch"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name}: must be a positive integer, got {v!r}")
         if self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size: must be a power of two, got {self.block_size}")
@@ -51,3 +60,5 @@ class EngineConfig:
             raise ConfigError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len: must be at least 2, got {self.max_model_len}")
+        if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ConfigError(f"device: must be cuda or cpu, got {self.device!r}")

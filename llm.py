@@ -10,10 +10,12 @@ generate() runs the engine loop in this process until every request is done.
 from __future__ import annotations
 
 from ziggurat.actors.scheduler.engine import EngineCore
-from ziggurat.actors.scheduler.request import RequestStatus, prompt_error
+from ziggurat.actors.scheduler.output_processor import RequestOutputs
+from ziggurat.actors.scheduler.request import RequestStatus
+from ziggurat.actors.scheduler.validation import RequestError
 from ziggurat.config import EngineConfig
-from ziggurat.models.tokenizer import TextStream, Tokenizer
-from ziggurat.outputs import CompletionOutput, RequestOutput
+from ziggurat.models.tokenizer import Tokenizer
+from ziggurat.outputs import RequestOutput
 from ziggurat.sampling_params import SamplingParams
 
 PromptType = str | list[int] | dict
@@ -54,56 +56,38 @@ class LLM:
         # Validate and tokenize everything before adding anything, so a bad
         # prompt leaves the engine untouched.
         encoded = [self._encode(p) for p in prompts]
-        for i, (ids, _) in enumerate(encoded):
-            err = prompt_error(ids, self.engine.max_model_len, self.engine.model_config.vocab_size)
-            if err is not None:
-                raise ValueError(f"prompt {i}: {err[0].removeprefix('prompt: ')}")
-        results: list[RequestOutput] = []
-        streams: dict[str, tuple[RequestOutput, CompletionOutput, TextStream, SamplingParams]] = {}
-        for (ids, text), params in zip(encoded, sampling_params):
-            rid = str(self._counter)
+        for i, ((ids, _), params) in enumerate(zip(encoded, sampling_params)):
+            try:
+                self.engine.check_request(ids, params)
+            except RequestError as e:
+                raise ValueError(f"prompt {i}: {e.message.removeprefix('prompt: ')}") from None
+        groups: list[RequestOutputs] = []
+        by_id: dict[str, tuple[RequestOutputs, int]] = {}  # engine request -> (its request, sample index)
+        for ids, params in ((ids, params) for (ids, _), params in zip(encoded, sampling_params)):
+            group = RequestOutputs(str(self._counter), [ids], params, self.tokenizer)
             self._counter += 1
-            ro = RequestOutput(request_id=rid, prompt=text, prompt_token_ids=ids)
-            results.append(ro)
-            for i in range(params.n):
-                child = params.for_child(i)
-                co = CompletionOutput(index=i, text="", token_ids=[], finish_reason=None,
-                                      logprobs=[] if params.logprobs is not None else None,
-                                      cumulative_logprob=0.0 if params.logprobs is not None else None)
-                ro.outputs.append(co)
-                stream = TextStream(self.tokenizer, ids, params.stop, params.skip_special_tokens,
-                                    params.include_stop_str_in_output)
-                cid = f"{rid}-{i}"
-                streams[cid] = (ro, co, stream, child)
-                self.engine.add_request(ids, child, request_id=cid)
+            groups.append(group)
+            for s in group.samples:
+                by_id[s.request_id] = (group, s.index)
+                self.engine.add_request(ids, s.params, request_id=s.request_id)
         try:
-            self._run(streams)
+            self._run(by_id)
         except BaseException:
-            self.engine.abort(list(streams))
+            self.engine.abort(list(by_id))
             raise
-        for ro in results:
-            ro.finished = True
-        return results
+        return [g.to_request_output(text) for g, (_, text) in zip(groups, encoded)]
 
-    def _run(self, streams) -> None:
-        pending = set(streams)
+    def _run(self, by_id: dict[str, tuple[RequestOutputs, int]]) -> None:
+        pending = set(by_id)
         while pending:
             for u in self.engine.step():
-                ro, co, stream, params = streams[u.request_id]
-                co.token_ids.extend(u.new_token_ids)
-                for lp in u.new_logprobs:
-                    co.logprobs.append({lp.token_id: lp.logprob, **dict(zip(lp.top_ids, lp.top_logprobs))})
-                    co.cumulative_logprob += lp.logprob
-                ro.num_cached_tokens = u.num_cached_tokens
-                co.text += stream.add(u.new_token_ids, final=u.finish_reason is not None)
-                if stream.stopped and u.finish_reason is None:
+                group, index = by_id[u.request_id]
+                delta = group.apply(index, u)
+                if delta is None:
+                    continue
+                if delta.stop_now:
                     self.engine.abort([u.request_id], RequestStatus.FINISHED_STOPPED)
-                    co.finish_reason, co.stop_reason = "stop", stream.stop_reason
-                elif u.finish_reason is not None:
-                    co.finish_reason, co.stop_reason = u.finish_reason, stream.stop_reason or u.stop_reason
-                    if stream.stopped:
-                        co.finish_reason = "stop"
-                if co.finish_reason is not None:
+                if delta.finished:
                     pending.discard(u.request_id)
 
     def _normalize_prompts(self, prompts) -> list:
@@ -126,13 +110,7 @@ class LLM:
         if isinstance(p, str):
             return self.tokenizer.encode(p), p
         if isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            vocab = self.engine.model_config.vocab_size
-            bad = [t for t in p if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {vocab})")
-            if not p:
-                raise ValueError("prompt: must contain at least one token")
-            return list(p), None
+            return list(p), None  # its ids are checked with the rest (validation.py)
         raise ValueError(f"prompt: expected a string or a list of token ids, got {type(p).__name__}")
 
     def shutdown(self) -> None:

@@ -1,4 +1,5 @@
-"""Process start-up hygiene for long-lived actors: the cyclic garbage collector.
+"""What every actor process shares: start-up hygiene (the cyclic garbage
+collector) and loading a user's object by name.
 
 A full (generation 2) collection walks every container object alive: with
 torch and Ray imported and a replica's block pool built that is ~270k objects,
@@ -12,6 +13,7 @@ as vLLM does); what is made later is collected as usual.
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import time
 
@@ -40,3 +42,11 @@ class GCPauses:
             g = info["generation"]
             self.seconds[g] += time.perf_counter() - self._start
             self.count[g] += 1
+
+
+def load_object(spec: str):
+    """'package.module:Name' -> the object (a worker class, a redaction hook)."""
+    mod, sep, name = spec.partition(":")
+    if not sep or not mod or not name:
+        raise ValueError(f"expected 'package.module:Name', got {spec!r}")
+    return getattr(importlib.import_module(mod), name)

@@ -10,30 +10,56 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 
 
-def _serve(args) -> int:
-    from ziggurat.cluster.deploy import Deployment, DeploymentSpec, ensure_ray
+def add_fields(parser: argparse.ArgumentParser, cls, skip=()) -> None:
+    """One flag per dataclass field that has help (and no cli=False): --field-name,
+    its type and help from the field, booleans as --x/--no-x. Defaults are left
+    to the dataclass (argparse.SUPPRESS), so they are stated once."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip or "help" not in f.metadata or f.metadata.get("cli") is False:
+            continue
+        names = ["--" + f.name.replace("_", "-")] + ([f.metadata["short"]] if "short" in f.metadata else [])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_ = f.metadata["help"] + (f" (default: {default})" if default not in (None, (), "") else "")
+        kind = str(f.type)
+        if kind == "bool":
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_)
+        else:
+            conv = int if kind.startswith("int") else float if kind.startswith("float") else str
+            parser.add_argument(*names, dest=f.name, type=conv, default=argparse.SUPPRESS, help=help_)
 
-    keys = tuple(args.api_key or ()) or tuple(k for k in os.environ.get("ZIGGURAT_API_KEYS", "").split(",") if k)
+
+def given(args, cls) -> dict:
+    """The flags of `cls`'s fields that were given on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+
+
+def _secret_list(name: str) -> tuple[str, ...]:
+    return tuple(k for k in os.environ.get(name, "").split(",") if k)
+
+
+def _serve(args) -> int:
+    from ziggurat.actors.ingress.server import IngressConfig
+    from ziggurat.cluster.deploy import Deployment, ensure_ray
+    from ziggurat.cluster.spec import DeploymentSpec
+    from ziggurat.config import EngineConfig
+
+    flat = {**given(args, EngineConfig), **given(args, IngressConfig), **given(args, DeploymentSpec)}
+    flat["api_keys"] = tuple(args.api_key or ()) or _secret_list("ZIGGURAT_API_KEYS")
+    flat["admin_key"] = args.admin_key or os.environ.get("ZIGGURAT_ADMIN_KEY")
     info = ensure_ray()
-    spec = DeploymentSpec(
-        model=args.model, served_model_name=args.served_model_name, tensor_parallel_size=args.tensor_parallel_size,
-        replicas=args.replicas, host=args.host, port=args.port, ingresses=args.ingresses, api_keys=keys,
-        device=args.device, dtype=args.dtype,
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
-        num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=not args.no_prefix_caching,
-        db=args.db, admin_key=args.admin_key or os.environ.get("ZIGGURAT_ADMIN_KEY"),
-        share_prefix_cache=args.share_prefix_cache, redact=args.redact,
-    )
-    if args.model is None:
+    if flat.get("model") is None:
         print("ziggurat: no --model given; serving the embedded default model (random weights, made on first use)")
-    dep = Deployment(spec)
-    print(f"ziggurat: serving '{dep.served_model_name}' ({args.replicas} replica(s), tensor parallel {args.tensor_parallel_size})")
+    dep = Deployment(DeploymentSpec.from_flat(**flat))
+    spec = dep.spec
+    print(f"ziggurat: serving '{dep.served_model_name}' ({spec.replicas} replica(s), "
+          f"tensor parallel {spec.engine.tensor_parallel_size})")
     print(f"  OpenAI API:     {dep.base_url}")
     if info.get("dashboard_url"):
         print(f"  Ray dashboard:  http://{info['dashboard_url']}")
@@ -103,8 +129,13 @@ def _complete(args) -> int:
 
 def _generate(args) -> int:
     from ziggurat import LLM, SamplingParams
+    from ziggurat.config import EngineConfig
 
-    llm = LLM(args.model, tensor_parallel_size=args.tensor_parallel_size)
+    kw = given(args, EngineConfig)
+    if kw.get("model") is None:
+        print("ziggurat generate: --model is required", file=sys.stderr)
+        return 2
+    llm = LLM(**kw)
     outs = llm.generate(args.prompts, SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature))
     for o in outs:
         print(json.dumps({"prompt": o.prompt, "text": o.outputs[0].text, "finish_reason": o.outputs[0].finish_reason}))
@@ -116,31 +147,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="ziggurat", description="LLM serving on Ray")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
+    from ziggurat.actors.ingress.server import IngressConfig
+    from ziggurat.cluster.spec import DeploymentSpec
+    from ziggurat.config import EngineConfig
+
     s = sub.add_parser("serve", help="deploy an OpenAI-compatible endpoint on Ray")
-    s.add_argument("--model", default=None, help="HF-format model directory (default: the embedded small model)")
-    s.add_argument("--served-model-name", default=None)
-    s.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    s.add_argument("--replicas", type=int, default=1)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--ingresses", type=int, default=1, help="HTTP actors sharing the port (scale HTTP/SSE over cores)")
+    add_fields(s.add_argument_group("engine (every replica)"), EngineConfig)
+    add_fields(s.add_argument_group("HTTP ingress"), IngressConfig)
+    add_fields(s.add_argument_group("deployment"), DeploymentSpec)
     s.add_argument("--api-key", action="append", help="require this API key (repeatable; or ZIGGURAT_API_KEYS=a,b)")
-    s.add_argument("--device", default=None, choices=[None, "cpu", "cuda"])
-    s.add_argument("--dtype", default=None)
-    s.add_argument("--max-model-len", type=int, default=None)
-    s.add_argument("--max-num-seqs", type=int, default=256)
-    s.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    s.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    s.add_argument("--num-kv-blocks", type=int, default=None)
-    s.add_argument("--no-prefix-caching", action="store_true")
-    s.add_argument("--db", default=os.environ.get("ZIGGURAT_DB"), help="ledger: SQLite path or postgresql:// URL")
     s.add_argument("--admin-key", default=None, help="enables the /admin API (or ZIGGURAT_ADMIN_KEY)")
-    s.add_argument("--share-prefix-cache", action="store_true",
-                   help="share cached prompt prefixes across tenants (a public system prompt); tenants can then "
-                        "observe each other's cache hits by timing")
-    s.add_argument("--redact", default=None,
-                   help="module:function applied to request logs before they are stored "
-                        "(e.g. ziggurat.actors.meter.tenancy:redact_pii)")
     s.set_defaults(fn=_serve)
     from ziggurat.cluster.tenant_cli import add_tenant_commands
 
@@ -158,8 +174,7 @@ def main(argv=None) -> int:
 
     g = sub.add_parser("generate", help="offline generation in this process")
     g.add_argument("prompts", nargs="+")
-    g.add_argument("--model", required=True)
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    add_fields(g.add_argument_group("engine"), EngineConfig)
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.set_defaults(fn=_generate)

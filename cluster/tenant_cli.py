@@ -8,15 +8,14 @@ live server.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
 
 def _db(args) -> str:
-    from ziggurat.cluster.deploy import cache_dir
+    from ziggurat.cluster.spec import ledger_url
 
-    return args.db or os.environ.get("ZIGGURAT_DB") or str(cache_dir() / "tenancy.db")
+    return ledger_url(args.db)
 
 
 def _plane(args):

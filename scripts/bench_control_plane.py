@@ -37,7 +37,7 @@ def engine_only(num_requests: int, steps: int = 200) -> float:
     import random
 
     from ziggurat.actors.scheduler.engine import EngineCore
-    from ziggurat.cluster.deploy import default_model_dir
+    from ziggurat.cluster.spec import default_model_dir
     from ziggurat.config import EngineConfig
     from ziggurat.models.null_worker import NullWorker
     from ziggurat.sampling_params import SamplingParams
@@ -89,14 +89,15 @@ def main(argv=None) -> int:
 
     import ray
 
-    from ziggurat.cluster.deploy import Deployment, DeploymentSpec, default_model_dir
+    from ziggurat.cluster.deploy import Deployment
+    from ziggurat.cluster.spec import DeploymentSpec, default_model_dir
     from ziggurat.scripts.bench_serving import BenchConfig, run_benchmark
 
     ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, logging_level="ERROR")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dep = Deployment(DeploymentSpec(
+    dep = Deployment(DeploymentSpec.from_flat(
         model=str(default_model_dir()), served_model_name="null", port=port, tensor_parallel_size=args.tp,
         worker_cls="ziggurat.models.null_worker:NullWorker", num_kv_blocks=1 << 16, max_num_seqs=args.concurrency,
         max_waiting=4 * args.num_prompts, device="cpu", ingresses=args.ingresses,

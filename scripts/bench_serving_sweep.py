@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     t = time.perf_counter()
-    dep = Deployment(DeploymentSpec(model=args.model, served_model_name="m", port=port, tensor_parallel_size=args.tp,
+    dep = Deployment(DeploymentSpec.from_flat(model=args.model, served_model_name="m", port=port, tensor_parallel_size=args.tp,
                                     dtype=args.dtype, max_model_len=args.max_model_len, device=args.device,
                                     ingresses=args.ingresses, max_num_batched_tokens=args.max_num_batched_tokens))
     startup = time.perf_counter() - t

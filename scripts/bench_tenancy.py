@@ -25,7 +25,7 @@ from ziggurat.scripts.report import emit
 
 
 def events(n: int, tenants: list[str]):
-    from ziggurat.actors.meter.ledger import UsageEvent
+    from ziggurat.actors.meter.messages import UsageEvent
 
     now = time.time()
     return [UsageEvent(uuid.uuid4().hex, None, tenants[i % len(tenants)], None, "m", None, 0, "cpu", 100, 32, 50,

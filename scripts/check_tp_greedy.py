@@ -34,7 +34,7 @@ def run(model: str, tp: int, dtype: str | None, prompts: list[str], max_tokens: 
     from ziggurat.cluster.deploy import Deployment, DeploymentSpec
     from ziggurat.models.config import ModelConfig
 
-    dep = Deployment(DeploymentSpec(model=model, served_model_name="m", port=_port(), tensor_parallel_size=tp,
+    dep = Deployment(DeploymentSpec.from_flat(model=model, served_model_name="m", port=_port(), tensor_parallel_size=tp,
                                     dtype=dtype, max_model_len=min(4096, ModelConfig.from_dir(model).max_position_embeddings),
                                     device=device))
     try:

@@ -18,11 +18,11 @@ import uuid
 
 import ray
 
-from ziggurat.actors.ingress.engine_client import EngineClient
 from ziggurat.actors.ingress.gatekeeper import Gatekeeper
-from ziggurat.actors.scheduler.messages import TokenBatch
+from ziggurat.actors.ingress.ray_client import RayEngineClient
 from ziggurat.actors.ingress.server import IngressConfig, OpenAIServer
 from ziggurat.actors.process import freeze_startup_heap
+from ziggurat.actors.scheduler.messages import ReplicaInfo, TokenBatch
 
 __all__ = ["IngressActor", "IngressConfig"]
 
@@ -32,9 +32,10 @@ class IngressActor:
     """Restartable: a restarted ingress binds the same port, numbers its token
     batches under a fresh epoch, and re-registers with every scheduler."""
 
-    def __init__(self, config: IngressConfig, ingress_id: str, router: str, schedulers: list[str],
-                 meter: str | None = None):
-        """router, schedulers, meter: actor names (looked up here, also after a restart)."""
+    def __init__(self, config: IngressConfig, replica: ReplicaInfo, ingress_id: str, router: str,
+                 schedulers: list[str], meter: str | None = None):
+        """replica: the limits all replicas hold; router, schedulers, meter: actor
+        names (looked up here, also after a restart)."""
         import uvicorn
 
         router = ray.get_actor(router)
@@ -42,9 +43,9 @@ class IngressActor:
         meter = ray.get_actor(meter) if meter is not None else None
         self.config = config
         epoch = uuid.uuid4().hex
-        self.client = EngineClient(ingress_id, router, schedulers, epoch)
+        self.client = RayEngineClient(ingress_id, router, schedulers, epoch)
         self.gate = Gatekeeper(meter, config.api_keys, config.share_prefix_cache)
-        self.server = OpenAIServer(config, self.client, self.gate, meter)
+        self.server = OpenAIServer(config, self.client, self.gate, replica, meter)
         me = ray.get_runtime_context().current_actor
         ray.get([s.register_ingress.remote(ingress_id, me, epoch) for s in schedulers])
         app = self.server.asgi
@@ -85,7 +86,7 @@ class IngressActor:
         return f"http://{self.config.host}:{self.port}"
 
     def requests_served(self) -> int:
-        return self.server.metrics["requests_total"].get(200, 0)
+        return self.server.http_requests.get(200, 0)
 
     def is_open(self) -> bool:
         return self.gate.open

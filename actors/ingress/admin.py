@@ -17,7 +17,6 @@ Every call goes to the Meter actor; no admin key configured = API disabled.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 from datetime import datetime, timezone
@@ -26,11 +25,8 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from ziggurat.actors.meter.ledger import to_csv
+from ziggurat.actors.ingress import refs
 from ziggurat.actors.ingress.protocol import APIError, bad
-
-
-async def _await(ref):
-    return await asyncio.wrap_future(ref.future())
 
 
 def parse_time(value: str | None, name: str) -> float | None:
@@ -78,18 +74,18 @@ def admin_routes(server) -> list[Route]:
     async def create_tenant(request):
         b = await body(request)
         name = b.pop("name", None)
-        return JSONResponse(await _await(meter.create_tenant.remote(name, **b)), status_code=201)
+        return JSONResponse(await refs.result(meter.create_tenant.remote(name, **b)), status_code=201)
 
     async def list_tenants(request):
-        return JSONResponse({"data": await _await(meter.list_tenants.remote())})
+        return JSONResponse({"data": await refs.result(meter.list_tenants.remote())})
 
     async def update_tenant(request):
-        return JSONResponse(await _await(meter.update_tenant.remote(request.path_params["tenant"], **await body(request))))
+        return JSONResponse(await refs.result(meter.update_tenant.remote(request.path_params["tenant"], **await body(request))))
 
     async def create_key(request):
         b = await body(request)
         days = b.pop("expires_in_days", None)
-        out = await _await(meter.create_key.remote(
+        out = await refs.result(meter.create_key.remote(
             b.pop("tenant", None), expires_in_s=days * 86400 if days else None, models=b.pop("models", None),
             requests_per_minute=b.pop("requests_per_minute", None), tokens_per_minute=b.pop("tokens_per_minute", None)))
         if b:
@@ -97,10 +93,10 @@ def admin_routes(server) -> list[Route]:
         return JSONResponse(out, status_code=201)
 
     async def list_keys(request):
-        return JSONResponse({"data": await _await(meter.list_keys.remote(request.query_params.get("tenant")))})
+        return JSONResponse({"data": await refs.result(meter.list_keys.remote(request.query_params.get("tenant")))})
 
     async def revoke_key(request):
-        ok = await _await(meter.revoke_key.remote(request.path_params["key_id"]))
+        ok = await refs.result(meter.revoke_key.remote(request.path_params["key_id"]))
         if not ok:
             raise APIError(404, "no such active key", code="not_found")
         return JSONResponse({"revoked": request.path_params["key_id"]})
@@ -111,12 +107,12 @@ def admin_routes(server) -> list[Route]:
             args = [float(b[k]) for k in ("input_per_mtok", "cached_input_per_mtok", "output_per_mtok")]
         except (KeyError, TypeError, ValueError):
             raise bad("prices need numeric input_per_mtok, cached_input_per_mtok and output_per_mtok") from None
-        await _await(meter.set_price.remote(request.path_params["model"], *args))
+        await refs.result(meter.set_price.remote(request.path_params["model"], *args))
         return JSONResponse({"model": request.path_params["model"], "updated": True})
 
     async def usage(request):
         q = request.query_params
-        rows = await _await(meter.usage.remote(q.get("tenant"), parse_time(q.get("since"), "since") or 0.0,
+        rows = await refs.result(meter.usage.remote(q.get("tenant"), parse_time(q.get("since"), "since") or 0.0,
                                                parse_time(q.get("until"), "until"), q.get("by")))
         if q.get("format") == "csv":
             return PlainTextResponse(to_csv(rows), media_type="text/csv")
@@ -126,7 +122,7 @@ def admin_routes(server) -> list[Route]:
         q = request.query_params
         if not q.get("tenant"):
             raise bad("'tenant' is required", "tenant")
-        return JSONResponse({"data": await _await(meter.logs.remote(q["tenant"], q.get("request_id")))})
+        return JSONResponse({"data": await refs.result(meter.logs.remote(q["tenant"], q.get("request_id")))})
 
     return [
         Route("/admin/tenants", guarded(create_tenant), methods=["POST"]),

@@ -1,40 +1,70 @@
-"""EngineClient: an ingress's side of the token path.
+"""EngineClient: an ingress's side of the token path, whatever carries it.
 
-It asks the Router once per request, submits to the chosen replica's
-Scheduler, receives that scheduler's per-step TokenBatches (applied strictly
-in sequence order, per replica and ingress incarnation) and hands each
-request's updates to its asyncio queue; aborts go back the same way.
+It picks a replica once per request, submits the request's samples to that
+replica's scheduler, receives the scheduler's per-step TokenBatches (applied
+strictly in sequence order, per replica and ingress incarnation) and hands
+each sample's updates to its request's asyncio queue; aborts go back the
+same way.
 
 Submissions made in one turn of the event loop travel to a scheduler as one
-call (a burst of arrivals costs the scheduler a few actor calls, not one
-each: every call it serves takes its process's GIL from the step loop).
+call (a burst of arrivals costs the scheduler a few calls, not one each:
+every call it serves takes its process's GIL from the step loop).
+
+The transport is a subclass's: ray_client.py (router and scheduler actors
+over Ray) or local_engine.py (one in-process SchedulerLoop, no Ray: the
+HTTP app's fast tests run on it).
 """
 
 from __future__ import annotations
 
 import asyncio
 
-import ray
-
-from ziggurat.actors.ingress.gatekeeper import _await
-from ziggurat.actors.scheduler.messages import SubmitRequest, TokenBatch
 from ziggurat.actors.ingress.protocol import APIError, bad
+from ziggurat.actors.scheduler.messages import ReplicaStats, SubmitRequest, SubmitResult, TokenBatch
+from ziggurat.actors.scheduler.output_processor import RequestOutputs
+
+
+class ReplicaDown(Exception):
+    """The chosen replica cannot take requests (dead or out of service): pick another."""
 
 
 class EngineClient:
     """Routes, submits, aborts and receives tokens for this ingress's requests."""
 
-    def __init__(self, ingress_id: str, router, schedulers: list, epoch: str = ""):
-        self.ingress_id, self.router, self.schedulers, self.epoch = ingress_id, router, schedulers, epoch
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.queues: dict[str, tuple[asyncio.Queue, int]] = {}
+    def __init__(self, ingress_id: str, epoch: str = ""):
+        self.ingress_id, self.epoch = ingress_id, epoch
+        self.loop: asyncio.AbstractEventLoop | None = None  # the event loop the queues belong to
+        self.queues: dict[str, tuple[asyncio.Queue, int]] = {}  # engine request -> (its queue, sample index)
         self.replica_of: dict[str, int] = {}
         self.next_seq: dict[int, int] = {}  # per replica: the next TokenBatch to apply
         self.held: dict[int, dict[int, TokenBatch]] = {}  # batches that arrived early
         self._outgoing: dict[int, list[tuple[SubmitRequest, asyncio.Future]]] = {}  # per replica, this turn's
 
-    # Called from Ray's thread.
+    # -- the transport: a subclass's ---------------------------------------------------------
+
+    async def pick(self, prefix_hashes: list[bytes]) -> int | None:
+        raise NotImplementedError
+
+    async def submit_batch(self, replica: int, reqs: list[SubmitRequest]) -> list[SubmitResult]:
+        """Raises ReplicaDown if the replica is gone."""
+        raise NotImplementedError
+
+    def send_abort(self, replica: int, request_ids: list[str], reason: str) -> None:
+        raise NotImplementedError
+
+    async def mark_unhealthy(self, replica: int) -> None:
+        raise NotImplementedError
+
+    async def healthy(self) -> list[int]:
+        raise NotImplementedError
+
+    async def replica_stats(self) -> list[ReplicaStats | BaseException]:
+        raise NotImplementedError
+
+    # -- tokens in -----------------------------------------------------------------------
+
     def push_tokens(self, batches: list[TokenBatch]) -> None:
+        """Called from the transport's thread."""
         self.loop.call_soon_threadsafe(self._dispatch, batches)
 
     def _dispatch(self, batches: list[TokenBatch]) -> None:
@@ -42,8 +72,7 @@ class EngineClient:
             self._apply(batch)
 
     def _apply(self, batch: TokenBatch) -> None:
-        # Ray may run concurrent push_tokens calls out of order: apply each
-        # replica's batches strictly by sequence number.
+        # Calls may arrive out of order: apply each replica's batches strictly by sequence number.
         if batch.epoch != self.epoch:
             return  # numbered for an earlier incarnation of this ingress
         replica = batch.replica
@@ -58,34 +87,38 @@ class EngineClient:
             expected += 1
         self.next_seq[replica] = expected
 
-    async def submit(self, children: list[tuple[str, list[int], object, int]], prefix_hashes, cache_extra_keys, queue,
-                     meta: dict, n_per_prompt: int = 1):
-        """children: (request id, prompt ids, params, child index); meta: tenant,
+    # -- requests out --------------------------------------------------------------------
+
+    async def submit(self, outputs: RequestOutputs, prefix_hashes, cache_extra_keys, queue, meta: dict,
+                     prompt_param: str = "prompt") -> int:
+        """Submit every sample of `outputs` to one replica, all or none; their
+        updates go to `queue` as (sample index, RequestUpdate). meta: tenant,
         key_id, http_request_id, model for metering. Raises APIError."""
-        for attempt in range(3):
-            replica = await _await(self.router.pick.remote(prefix_hashes))
+        samples, n = outputs.samples, outputs.params.n
+        for _attempt in range(3):
+            replica = await self.pick(prefix_hashes)
             if replica is None:
                 raise APIError(503, "no healthy replica is available", "service_unavailable", code="no_replica")
             try:
                 futures = []
-                for rid, ids, params, index in children:
-                    self.queues[rid] = (queue, index)
-                    self.replica_of[rid] = replica
+                for s in samples:
+                    self.queues[s.request_id] = (queue, s.index)
+                    self.replica_of[s.request_id] = replica
                     futures.append(self._send(replica, SubmitRequest(
-                        rid, ids, params, self.ingress_id, cache_extra_keys, **meta,
-                        bill_prompt=index % n_per_prompt == 0)))
+                        s.request_id, outputs.prompts[s.prompt_index], s.params, self.ingress_id, cache_extra_keys,
+                        **meta, bill_prompt=s.index % n == 0, prompt_param=prompt_param)))
                 results = await asyncio.gather(*futures)
                 refused = next((res for res in results if not res.ok), None)
                 if refused is not None:  # all or none: the accepted siblings end as errors
-                    self.forget([c[0] for c, res in zip(children, results) if not res.ok])
-                    self.abort([c[0] for c, res in zip(children, results) if res.ok], "error")
+                    self.forget([s.request_id for s, res in zip(samples, results) if not res.ok])
+                    self.abort([s.request_id for s, res in zip(samples, results) if res.ok], "error")
                     if refused.code == "unavailable":
-                        raise _ReplicaDown()
+                        raise ReplicaDown()
                     raise _submit_error(refused)
                 return replica
-            except (ray.exceptions.RayActorError, _ReplicaDown):
-                self.forget([c[0] for c in children])
-                await _await(self.router.mark_unhealthy.remote(replica))
+            except ReplicaDown:
+                self.forget([s.request_id for s in samples])
+                await self.mark_unhealthy(replica)
         raise APIError(503, "no healthy replica is available", "service_unavailable", code="no_replica")
 
     def _send(self, replica: int, req: SubmitRequest) -> asyncio.Future:
@@ -105,8 +138,8 @@ class EngineClient:
     async def _deliver(self, replica: int, batch: list[tuple[SubmitRequest, asyncio.Future]]) -> None:
         futures = [f for _, f in batch]
         try:
-            results = await _await(self.schedulers[replica].submit_batch.remote([r for r, _ in batch]))
-        except BaseException as e:  # not sent (serialization, Ray shutting down) or the replica died: all fail alike
+            results = await self.submit_batch(replica, [r for r, _ in batch])
+        except BaseException as e:  # not sent (serialization, shutting down) or the replica died: all fail alike
             for f in futures:
                 if not f.done():
                     f.set_exception(e)
@@ -122,7 +155,7 @@ class EngineClient:
             if rep is not None:
                 by_replica.setdefault(rep, []).append(rid)
         for rep, ids in by_replica.items():
-            self.schedulers[rep].abort.remote(ids, reason)
+            self.send_abort(rep, ids, reason)
         self.forget(request_ids)
 
     def forget(self, request_ids) -> None:
@@ -131,15 +164,9 @@ class EngineClient:
             self.replica_of.pop(rid, None)
 
 
-class _ReplicaDown(Exception):
-    pass
-
-
-def _submit_error(res) -> APIError:
+def _submit_error(res: SubmitResult) -> APIError:
     if res.code == "queue_full":
         return APIError(429, res.error, "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-    if res.code == "context_length_exceeded":
-        return bad(res.error, "messages", "context_length_exceeded")
     if res.code == "internal":
         return APIError(500, res.error, "internal_error", code="internal")
-    return bad(res.error)
+    return bad(res.error, res.param, res.code if res.code == "context_length_exceeded" else None)

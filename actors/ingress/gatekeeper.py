@@ -25,15 +25,12 @@ import time
 
 from ziggurat.actors.meter.quota import Admission, Limits, QuotaExceeded, QuotaTracker, retry_after_header
 from ziggurat.actors.meter.tenants import Principal, key_id_of
+from ziggurat.actors.ingress import refs
 from ziggurat.actors.ingress.protocol import APIError
 
 log = logging.getLogger("ziggurat.gatekeeper")
 
 DEFAULT_TENANT = "default"
-
-
-async def _await(ref):
-    return await asyncio.wrap_future(ref.future())
 
 
 class Gatekeeper:
@@ -57,7 +54,7 @@ class Gatekeeper:
 
     async def start(self) -> None:
         if self.meter is not None:
-            self._db_has_keys = (time.monotonic(), await _await(self.meter.has_keys.remote()))
+            self._db_has_keys = (time.monotonic(), await refs.result(self.meter.has_keys.remote()))
         if self._refresher is None:
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
 
@@ -72,10 +69,10 @@ class Gatekeeper:
     async def refresh_from_ledger(self) -> None:
         if self.meter is None:
             return
-        self._db_has_keys = (time.monotonic(), await _await(self.meter.has_keys.remote()))
+        self._db_has_keys = (time.monotonic(), await refs.result(self.meter.has_keys.remote()))
         tenants = list(self.quota.month)
         if tenants:
-            usage = await _await(self.meter.month_usage.remote(tenants))
+            usage = await refs.result(self.meter.month_usage.remote(tenants))
             for t, (tokens, spend) in usage.items():
                 self.quota.refresh_month(t, tokens, spend, self._inflight.get(t, 0))
 
@@ -86,7 +83,7 @@ class Gatekeeper:
         if authorization and authorization[:7].lower() == "bearer ":
             token = authorization[7:].strip()
         if self.meter is not None and time.monotonic() - self._db_has_keys[0] > self.ttl:
-            self._db_has_keys = (time.monotonic(), await _await(self.meter.has_keys.remote()))
+            self._db_has_keys = (time.monotonic(), await refs.result(self.meter.has_keys.remote()))
         if self.open:
             return Principal(DEFAULT_TENANT, None)
         if not token:
@@ -105,7 +102,7 @@ class Gatekeeper:
         # Valid keys are trusted for `ttl`; unknown ones are re-checked after 1 s
         # at most once per key, and the cache is bounded (LRU).
         if hit is None or now - hit[0] > (self.ttl if hit[1] is not None else 1.0):
-            principal, why = await _await(self.meter.authenticate.remote(token))
+            principal, why = await refs.result(self.meter.authenticate.remote(token))
             hit = (now, principal, why)
             self._principals[digest] = hit
             while len(self._principals) > self.max_cached_keys:
@@ -123,7 +120,7 @@ class Gatekeeper:
         if hit is None or time.monotonic() - hit[0] > self.ttl:
             rec = {}
             if self.meter is not None and tenant != DEFAULT_TENANT:
-                rec = await _await(self.meter.tenant_limits.remote(tenant)) or {}
+                rec = await refs.result(self.meter.tenant_limits.remote(tenant)) or {}
             lim = Limits(**{k: rec.get(k) for k in ("requests_per_minute", "tokens_per_minute",
                                                     "monthly_token_cap", "monthly_spend_cap")})
             hit = (time.monotonic(), lim, bool(rec.get("log_requests")))

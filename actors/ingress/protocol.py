@@ -43,7 +43,6 @@ class ParsedRequest:
     include_usage: bool
     logprobs: int | None  # top alternatives per token (None: no logprobs)
     chat_logprobs: bool = False
-    max_tokens_given: bool = True
     user: str | None = None
     messages: list = field(default_factory=list)
     cache_salt: str | None = None
@@ -100,14 +99,14 @@ def _sampling(body: dict, max_tokens: int | None, logprobs: int | None) -> Sampl
         raise bad(str(e)) from None
 
 
-def _max_tokens(body: dict, *names, default) -> tuple[int | None, bool]:
+def _max_tokens(body: dict, *names, default) -> int | None:
     for name in names:
         if body.get(name) is not None:
             v = _type(body, name, int)
             if v < 1:
                 raise bad(f"'{name}' must be at least 1, got {v}", name)
-            return v, True
-    return default, False
+            return v
+    return default
 
 
 def _stream_options(body: dict, stream: bool) -> bool:
@@ -146,7 +145,7 @@ def parse_completion(body: dict) -> ParsedRequest:
     if lp is not None and not 0 <= lp <= SamplingParams.MAX_LOGPROBS:
         raise bad(f"'logprobs' must be in [0, {SamplingParams.MAX_LOGPROBS}]", "logprobs")
     stream = bool(_type(body, "stream", bool, False))
-    max_tokens, given = _max_tokens(body, "max_tokens", default=16)
+    max_tokens = _max_tokens(body, "max_tokens", default=16)
     return ParsedRequest(
         kind="completion",
         model=_type(body, "model", str),
@@ -155,7 +154,6 @@ def parse_completion(body: dict) -> ParsedRequest:
         stream=stream,
         include_usage=_stream_options(body, stream),
         logprobs=lp,
-        max_tokens_given=given,
         user=_type(body, "user", str),
         cache_salt=_type(body, "cache_salt", str),
         raw=body,
@@ -200,7 +198,7 @@ def parse_chat(body: dict) -> ParsedRequest:
         raise bad(f"'top_logprobs' must be in [0, {SamplingParams.MAX_LOGPROBS}]", "top_logprobs")
     lp = (top or 0) if want_lp else None
     stream = bool(_type(body, "stream", bool, False))
-    max_tokens, given = _max_tokens(body, "max_completion_tokens", "max_tokens", default=None)
+    max_tokens = _max_tokens(body, "max_completion_tokens", "max_tokens", default=None)
     return ParsedRequest(
         kind="chat",
         model=_type(body, "model", str),
@@ -210,7 +208,6 @@ def parse_chat(body: dict) -> ParsedRequest:
         include_usage=_stream_options(body, stream),
         logprobs=lp,
         chat_logprobs=want_lp,
-        max_tokens_given=given,
         user=_type(body, "user", str),
         messages=msgs,
         cache_salt=_type(body, "cache_salt", str),

@@ -2,14 +2,20 @@
 
 Request path (see README):
   1. the Gatekeeper authenticates the key (constant time) and admits the
-     request against the tenant's quotas; the body is validated, the chat
-     template applied, the prompt tokenized, the request id assigned;
-  2. EngineClient: Router.pick once (prefix affinity / least load), then
-     Scheduler.submit on that replica;
-  3. tokens come back as one TokenBatch per scheduler step, are detokenized
-     incrementally, checked for stop strings and streamed as SSE (or
-     collected into one JSON response);
+     request against the tenant's quotas; the body is validated
+     (protocol.py), the chat template applied, the prompt tokenized and
+     checked against the replica's limits (actors/scheduler/validation.py);
+     the request id comes from RequestIdMiddleware;
+  2. the EngineClient picks a replica once, then submits every sample to
+     that replica's scheduler;
+  3. tokens come back as one TokenBatch per scheduler step; the shared
+     output processor (actors/scheduler/output_processor.py) detokenizes
+     them incrementally and applies stop strings, and this module writes
+     SSE chunks or one JSON response;
   4. a client that goes away aborts its request, freeing its KV blocks.
+
+The app runs over any EngineClient: ray_client.py in a deployment,
+local_engine.py (in-process, no Ray) in fast tests.
 """
 
 from __future__ import annotations
@@ -24,10 +30,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
+from ziggurat.actors import metrics
 from ziggurat.actors.ingress.admin import admin_routes
-from ziggurat.actors.scheduler.block_pool import ROOT_HASH, hash_block_tokens
 from ziggurat.actors.ingress.engine_client import EngineClient
-from ziggurat.actors.ingress.gatekeeper import Gatekeeper, _await
+from ziggurat.actors.ingress.gatekeeper import Gatekeeper
 from ziggurat.actors.ingress.protocol import (
     APIError,
     ParsedRequest,
@@ -39,42 +45,36 @@ from ziggurat.actors.ingress.protocol import (
     parse_completion,
     usage,
 )
-from ziggurat.actors.worker.actor import load_object
-from ziggurat.models.tokenizer import TextStream, Tokenizer
+from ziggurat.actors.process import load_object
+from ziggurat.actors.scheduler.block_pool import ROOT_HASH, hash_block_tokens
+from ziggurat.actors.scheduler.messages import ReplicaInfo
+from ziggurat.actors.scheduler.output_processor import Delta, RequestOutputs
+from ziggurat.actors.scheduler.validation import ModelLimits, RequestError, check_request
+from ziggurat.models.tokenizer import Tokenizer
 
 ROUTING_BLOCKS = 8  # prefix blocks whose hashes the router sees
 DEFAULT_RESERVATION = 1024  # tokens reserved for quota when a request sets no max_tokens
 
 
-@dataclass
+def _opt(default, help: str, **meta):
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
 class IngressConfig:
-    model_dir: str
-    served_model_name: str
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_keys: tuple[str, ...] = ()
-    block_size: int = 16
-    max_model_len: int = 2048
-    request_timeout_s: float = 600.0
-    admin_key: str | None = None
-    share_prefix_cache: bool = False  # opt-in: one prefix cache across tenants
-    redact: str | None = None  # "module:function" applied to request logs before storing
+    """The HTTP front door's settings (the CLI makes a flag of each that has help and no cli=False)."""
 
-
-@dataclass
-class _Child:
-    index: int
-    prompt_index: int
-    request_id: str
-    stream: TextStream
-    params: object
-    token_ids: list = field(default_factory=list)
-    logprobs: list = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    stop_reason: object = None
-    num_output_tokens: int = 0
-    num_cached_tokens: int = 0
+    served_model_name: str | None = _opt(None, "the model name clients ask for (default: the model directory's)")
+    host: str = _opt("127.0.0.1", "interface to listen on")
+    port: int = _opt(8000, "port to listen on (0: any free port)")
+    # Secrets: given by environment or file in the CLI (cluster/cli.py), never echoed.
+    api_keys: tuple[str, ...] = _opt((), "static API keys (the 'default' tenant)", cli=False)
+    admin_key: str | None = _opt(None, "enables the /admin API", cli=False)
+    request_timeout_s: float = _opt(600.0, "seconds a request may take before it is aborted")
+    share_prefix_cache: bool = _opt(False, "share cached prompt prefixes across tenants (a public system prompt); "
+                                           "tenants can then observe each other's cache hits by timing")
+    redact: str | None = _opt(None, "module:function applied to request logs before they are stored "
+                                    "(e.g. ziggurat.actors.meter.tenancy:redact_pii)")
 
 
 async def _disconnected(request: Request) -> None:
@@ -84,11 +84,15 @@ async def _disconnected(request: Request) -> None:
 
 
 class OpenAIServer:
-    def __init__(self, config: IngressConfig, client: EngineClient, gatekeeper: Gatekeeper, meter=None):
+    def __init__(self, config: IngressConfig, client: EngineClient, gatekeeper: Gatekeeper, replica: ReplicaInfo,
+                 meter=None):
+        """replica: the limits every replica can hold (the smallest max_model_len of the deployment)."""
         self.config, self.client, self.gate, self.meter = config, client, gatekeeper, meter
-        self.tokenizer = Tokenizer(config.model_dir)
+        self.replica = replica
+        self.limits = ModelLimits(replica.max_model_len, replica.vocab_size)
+        self.tokenizer = Tokenizer(replica.model)
         self.redact = load_object(config.redact) if config.redact else None
-        self.metrics = {"requests_total": {}, "prompt_tokens_total": 0, "generation_tokens_total": 0}
+        self.http_requests: dict[int, int] = {}  # status -> count
         self.app = Starlette(
             routes=[
                 Route("/v1/completions", self.completions, methods=["POST"]),
@@ -115,8 +119,7 @@ class OpenAIServer:
         return JSONResponse(APIError(405, f"{request.method} not allowed on {request.url.path}").body(), status_code=405)
 
     def _count(self, status: int) -> None:
-        m = self.metrics["requests_total"]
-        m[status] = m.get(status, 0) + 1
+        self.http_requests[status] = self.http_requests.get(status, 0) + 1
 
     async def _body(self, request: Request) -> dict:
         try:
@@ -137,51 +140,28 @@ class OpenAIServer:
         await self.gate.authenticate(request.headers.get("authorization"))
         return JSONResponse({"object": "list", "data": [{
             "id": self.config.served_model_name, "object": "model", "created": now(), "owned_by": "ziggurat",
-            "max_model_len": self.config.max_model_len}]})
+            "max_model_len": self.limits.max_model_len}]})
 
     async def health(self, request):
-        healthy = await _await(self.client.router.healthy.remote())
+        healthy = await self.client.healthy()
         if not healthy:
             return JSONResponse({"status": "unhealthy"}, status_code=503)
         return JSONResponse({"status": "ok", "replicas": len(healthy)})
 
     async def prometheus(self, request):
-        stats = await asyncio.gather(*[_await(s.stats.remote()) for s in self.client.schedulers], return_exceptions=True)
-        lines = []
-
-        def metric(name, kind, help_, samples):
-            lines.append(f"# HELP ziggurat_{name} {help_}")
-            lines.append(f"# TYPE ziggurat_{name} {kind}")
-            for labels, v in samples:
-                lab = ",".join(f'{k}="{val}"' for k, val in labels.items())
-                lines.append(f"ziggurat_{name}{{{lab}}} {v}" if lab else f"ziggurat_{name} {v}")
-
+        stats = await self.client.replica_stats()
         ok = [s for s in stats if not isinstance(s, BaseException)]
-        per = lambda attr: [({"replica": str(s.replica)}, getattr(s, attr)) for s in ok]  # noqa: E731
-        metric("num_requests_running", "gauge", "Requests in the running batch.", per("num_running"))
-        metric("num_requests_waiting", "gauge", "Requests queued for scheduling.", per("num_waiting"))
-        metric("kv_cache_usage", "gauge", "Fraction of KV blocks in use.", per("kv_usage"))
-        metric("kv_free_blocks", "gauge", "KV blocks not referenced by any request.", per("num_free_blocks"))
-        metric("kv_total_blocks", "gauge", "KV blocks in the cache.", per("num_blocks"))
-        metric("num_preemptions_total", "counter", "Requests preempted.", per("num_preemptions"))
-        metric("engine_steps_total", "counter", "Scheduler steps run.", per("steps"))
-        metric("prompt_tokens_total", "counter", "Prompt tokens of finished requests.", per("prompt_tokens"))
-        metric("cached_prompt_tokens_total", "counter", "Prompt tokens served from the prefix cache.", per("cached_tokens"))
-        metric("generation_tokens_total", "counter", "Generated tokens.", per("generation_tokens"))
-        metric("replicas_unreachable", "gauge", "Replicas that did not answer this scrape.", [({}, len(stats) - len(ok))])
-        metric("http_requests_total", "counter", "HTTP requests by status.",
-               [({"status": str(k)}, v) for k, v in sorted(self.metrics["requests_total"].items())])
-        metric("inflight_requests", "gauge", "Engine requests this ingress is waiting on.", [({}, len(self.client.queues))])
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+        samples = metrics.replica_samples(ok)
+        samples += [(metrics.UNREACHABLE, {}, len(stats) - len(ok)),
+                    (metrics.INFLIGHT, {}, len(self.client.queues))]
+        samples += [(metrics.HTTP_REQUESTS, {"status": str(k)}, v) for k, v in sorted(self.http_requests.items())]
+        return PlainTextResponse(metrics.render_prometheus(samples), media_type="text/plain; version=0.0.4")
 
     async def completions(self, request: Request):
         principal = await self.gate.authenticate(request.headers.get("authorization"))
         req = parse_completion(await self._body(request))
         self._check_model(req.model)
-        prompts = []
-        for i, p in enumerate(req.prompts):
-            ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
-            prompts.append(ids)
+        prompts = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in req.prompts]
         return await self._serve(request, principal, req, prompts, "cmpl")
 
     async def chat(self, request: Request):
@@ -198,117 +178,89 @@ class OpenAIServer:
 
     async def _serve(self, request: Request, principal, req: ParsedRequest, prompts: list[list[int]], prefix: str):
         request_id = request.scope["ziggurat.request_id"]
-        limit = self.config.max_model_len
         param = "messages" if req.kind == "chat" else "prompt"
         for ids in prompts:
-            if not ids:
-                raise bad("the prompt is empty", param)
-            need = len(ids) + (req.params.max_tokens if req.max_tokens_given else 1)
-            if need > limit:
-                raise bad(
-                    f"This model's maximum context length is {limit} tokens. However, you requested {need} tokens "
-                    f"({len(ids)} in the {param}, {need - len(ids)} for the completion). Please reduce the length.",
-                    param, "context_length_exceeded")
+            try:
+                check_request(ids, req.params, self.limits, param)
+            except RequestError as e:
+                raise bad(e.message, e.param, e.code if e.code == "context_length_exceeded" else None) from None
+        outputs = RequestOutputs(request_id, prompts, req.params, self.tokenizer)
         queue: asyncio.Queue = asyncio.Queue()
-        children: list[_Child] = []
-        submit = []
-        for pi, ids in enumerate(prompts):
-            for i in range(req.params.n):
-                p = req.params.for_child(i)
-                index = pi * req.params.n + i
-                rid = f"{request_id}-{index}"
-                children.append(_Child(index, pi, rid, TextStream(self.tokenizer, ids, p.stop, p.skip_special_tokens,
-                                                                  p.include_stop_str_in_output), p))
-                submit.append((rid, ids, p, index))
-        # Reserve what the request may generate; without max_tokens, a bounded
-        # guess (the real count is settled when it ends).
-        room = limit - min(map(len, prompts))
-        max_new = req.params.max_tokens if req.params.max_tokens is not None else min(room, DEFAULT_RESERVATION)
-        adm = await self.gate.admit(principal, self.config.served_model_name, sum(map(len, prompts)),
-                                    max_new * len(children))
+        # Reserve what the request may generate (never more than the context
+        # leaves); without max_tokens, a bounded guess (settled when it ends).
+        room = self.limits.max_model_len - min(map(len, prompts))
+        max_new = min(room, req.params.max_tokens if req.params.max_tokens is not None else DEFAULT_RESERVATION)
+        adm = await self.gate.admit(principal, self.config.served_model_name, outputs.prompt_tokens,
+                                    max_new * len(outputs.samples))
         extra = (None, self.gate.cache_salt(principal, req.cache_salt))  # (lora id, cache salt)
         # One routing decision per HTTP request, by the first prompt's prefix.
         hashes, h = [], ROOT_HASH
-        bs = self.config.block_size
+        bs = self.replica.block_size
         for b in range(min(ROUTING_BLOCKS, len(prompts[0]) // bs)):
             h = hash_block_tokens(h, prompts[0][b * bs : (b + 1) * bs], extra)
             hashes.append(h)
         meta = dict(tenant=principal.tenant_id, key_id=principal.key_id, http_request_id=request_id,
                     model=self.config.served_model_name)
         try:
-            await self.client.submit(submit, hashes, extra, queue, meta, req.params.n)
+            await self.client.submit(outputs, hashes, extra, queue, meta, param)
         except BaseException:
             self.gate.release(adm, 0)
             raise
-        ctx = _RequestContext(principal, adm, req, prompts, request_id)
+        ctx = _RequestContext(principal, adm, req, outputs, queue, request_id)
         self._count(200)
-        created = now()
-        meta = dict(id=f"{prefix}-{request_id}", created=created, model=self.config.served_model_name)
-        ctx.body_meta = meta
+        meta = dict(id=f"{prefix}-{request_id}", created=now(), model=self.config.served_model_name)
         if req.stream:
-            return ClosingStream(self._stream(ctx, req, prompts, children, queue, meta),
-                                 on_close=lambda: self._finish(ctx, children, "client_disconnected"),
+            return ClosingStream(self._stream(ctx, meta), on_close=lambda: self._finish(ctx, "client_disconnected"),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        collect = asyncio.ensure_future(self._collect(children, queue))
+        collect = asyncio.ensure_future(self._collect(ctx))
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             done, _ = await asyncio.wait({collect, gone}, timeout=self.config.request_timeout_s,
                                          return_when=asyncio.FIRST_COMPLETED)
             if collect not in done:
                 reason = "client_disconnected" if gone in done else "aborted"
-                self._finish(ctx, children, reason)
+                self._finish(ctx, reason)
                 raise APIError(504 if reason == "aborted" else 499, "the request timed out" if reason == "aborted"
                                else "client closed the connection", "timeout_error")
             collect.result()
         finally:
             collect.cancel()
             gone.cancel()
-            self._finish(ctx, children, "aborted")
-        self._raise_if_failed(children)
-        body = self._full_response(req, prompts, children, meta)
+            self._finish(ctx, "aborted")
+        self._raise_if_failed(outputs.samples)
+        body = self._full_response(req, outputs, meta)
         self._log(ctx, body)
         return JSONResponse(body)
 
-    async def _next(self, children, queue) -> _Child:
-        index, u = await queue.get()
-        c = children[index]
-        c.token_ids.extend(u.new_token_ids)
-        for lp in u.new_logprobs:
-            c.logprobs.append(lp)
-        c.num_output_tokens, c.num_cached_tokens = u.num_output_tokens, u.num_cached_tokens
-        delta = c.stream.add(u.new_token_ids, final=u.finish_reason is not None)
-        c.text += delta
-        if c.stream.stopped and c.finish_reason is None:
-            c.finish_reason, c.stop_reason = "stop", c.stream.stop_reason
-            if u.finish_reason is None:
-                self.client.abort([c.request_id], "stop")
-        elif u.finish_reason is not None and c.finish_reason is None:
-            c.finish_reason, c.stop_reason = u.finish_reason, u.stop_reason
-        c._delta = delta
-        c._pending_lps = getattr(c, "_pending_lps", []) + list(u.new_logprobs)
-        return c
+    async def _next(self, ctx) -> Delta | None:
+        """The next update of any of the request's samples, applied (None: nothing new for that sample)."""
+        index, u = await ctx.queue.get()
+        delta = ctx.outputs.apply(index, u)
+        if delta is not None and delta.stop_now:
+            self.client.abort([delta.sample.request_id], "stop")
+        return delta
 
     @staticmethod
-    def _raise_if_failed(children) -> None:
-        if any(c.finish_reason == "error" for c in children):
+    def _raise_if_failed(samples) -> None:
+        if any(s.finish_reason == "error" for s in samples):
             raise APIError(503, "the replica serving this request failed; retry", "service_unavailable",
                            code="replica_failed", headers={"Retry-After": "1"})
 
-    async def _collect(self, children, queue) -> None:
-        while any(c.finish_reason is None for c in children):
-            await self._next(children, queue)
+    async def _collect(self, ctx) -> None:
+        while not ctx.outputs.finished:
+            await self._next(ctx)
 
-    def _finish(self, ctx, children, reason: str) -> None:
+    def _finish(self, ctx, reason: str) -> None:
         """Abort whatever is unfinished (client gone, timeout), drop routes and
         reconcile the token reservation with what was generated."""
         if ctx.finished:
             return
         ctx.finished = True
-        open_ids = [c.request_id for c in children if c.finish_reason is None]
+        open_ids = ctx.outputs.unfinished_ids()
         if open_ids:
             self.client.abort(open_ids, reason)
-        self.client.forget([c.request_id for c in children])
-        self.gate.release(ctx.admission, sum(map(len, ctx.prompts)) + sum(c.num_output_tokens for c in children))
+        self.client.forget([s.request_id for s in ctx.outputs.samples])
+        self.gate.release(ctx.admission, ctx.outputs.prompt_tokens + ctx.outputs.completion_tokens)
 
     def _log(self, ctx, response: dict) -> None:
         """Request/response log, only for tenants that turned it on; best effort,
@@ -325,26 +277,27 @@ class OpenAIServer:
         text = lambda i: tok.decode([i], skip_special_tokens=False)  # noqa: E731
         return [(text(lp.token_id), lp.logprob, [(text(a), b) for a, b in zip(lp.top_ids, lp.top_logprobs)]) for lp in lps]
 
-    def _usage(self, prompts, children) -> dict:
-        cached = sum(next(c.num_cached_tokens for c in children if c.prompt_index == i) for i in range(len(prompts)))
-        return usage(sum(map(len, prompts)), sum(c.num_output_tokens for c in children), cached)
+    @staticmethod
+    def _usage(outputs: RequestOutputs) -> dict:
+        return usage(outputs.prompt_tokens, outputs.completion_tokens, outputs.cached_tokens)
 
-    def _full_response(self, req, prompts, children, meta) -> dict:
+    def _full_response(self, req, outputs: RequestOutputs, meta) -> dict:
         choices = []
-        for c in children:
-            lps = self._lp_entries(c.logprobs) if req.logprobs is not None else None
+        for s in outputs.samples:
+            lps = self._lp_entries(s.logprobs) if req.logprobs is not None else None
             if req.kind == "chat":
-                choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+                choices.append({"index": s.index, "message": {"role": "assistant", "content": s.text},
                                 "logprobs": chat_logprobs(lps) if lps is not None else None,
-                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                                "finish_reason": s.finish_reason, "stop_reason": s.stop_reason})
             else:
-                choices.append({"index": c.index, "text": c.text,
+                choices.append({"index": s.index, "text": s.text,
                                 "logprobs": completion_logprobs(lps, 0) if lps is not None else None,
-                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                                "finish_reason": s.finish_reason, "stop_reason": s.stop_reason})
         obj = "chat.completion" if req.kind == "chat" else "text_completion"
-        return dict(meta, object=obj, choices=choices, usage=self._usage(prompts, children))
+        return dict(meta, object=obj, choices=choices, usage=self._usage(outputs))
 
-    async def _stream(self, ctx, req, prompts, children, queue, meta):
+    async def _stream(self, ctx, meta):
+        req, outputs = ctx.req, ctx.outputs
         chat = req.kind == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
         usage_field = {"usage": None} if req.include_usage else {}
@@ -354,46 +307,46 @@ class OpenAIServer:
 
         try:
             if chat:
-                yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None} for c in children])
-            offsets = {c.index: 0 for c in children}
-            done = set()
-            while len(done) < len(children):
-                c = await asyncio.wait_for(self._next(children, queue), self.config.request_timeout_s)
-                if c.index in done:
+                yield chunk([{"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None} for s in outputs.samples])
+            offsets = [0] * len(outputs.samples)  # text offsets, for completions' logprobs
+            pending_lps: list[list] = [[] for _ in outputs.samples]  # logprobs ride with the chunk carrying their text
+            while not outputs.finished:
+                d = await asyncio.wait_for(self._next(ctx), self.config.request_timeout_s)
+                if d is None:
                     continue
-                finished = c.finish_reason is not None
-                if not c._delta and not finished:
+                s = d.sample
+                pending_lps[s.index] += d.logprobs
+                if not d.text and not d.finished:
                     continue
-                self._raise_if_failed([c])
-                lps = self._lp_entries(c._pending_lps) if req.logprobs is not None else None
-                c._pending_lps = []  # logprobs ride with the chunk that carries their text
+                self._raise_if_failed([s])
+                lps = self._lp_entries(pending_lps[s.index]) if req.logprobs is not None else None
+                pending_lps[s.index] = []
                 if chat:
-                    choice = {"index": c.index, "delta": {"content": c._delta} if c._delta else {},
+                    choice = {"index": s.index, "delta": {"content": d.text} if d.text else {},
                               "logprobs": chat_logprobs(lps) if lps is not None else None}
                 else:
-                    choice = {"index": c.index, "text": c._delta,
-                              "logprobs": completion_logprobs(lps, offsets[c.index]) if lps is not None else None}
-                    offsets[c.index] += len(c._delta)
-                choice["finish_reason"] = c.finish_reason
-                if finished:
-                    choice["stop_reason"] = c.stop_reason
-                    done.add(c.index)
+                    choice = {"index": s.index, "text": d.text,
+                              "logprobs": completion_logprobs(lps, offsets[s.index]) if lps is not None else None}
+                    offsets[s.index] += len(d.text)
+                choice["finish_reason"] = s.finish_reason
+                if d.finished:
+                    choice["stop_reason"] = s.stop_reason
                 yield chunk([choice])
             if req.include_usage:
-                yield "data: " + json.dumps(dict(meta, object=obj, choices=[], usage=self._usage(prompts, children))) + "\n\n"
+                yield "data: " + json.dumps(dict(meta, object=obj, choices=[], usage=self._usage(outputs))) + "\n\n"
             yield "data: [DONE]\n\n"
-            self._log(ctx, {"choices": [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason}
-                                        for c in children], "usage": self._usage(prompts, children)})
+            self._log(ctx, {"choices": [{"index": s.index, "text": s.text, "finish_reason": s.finish_reason}
+                                        for s in outputs.samples], "usage": self._usage(outputs)})
         except (asyncio.CancelledError, GeneratorExit):
-            self._finish(ctx, children, "client_disconnected")
+            self._finish(ctx, "client_disconnected")
             raise
         except Exception as e:  # after headers are sent, errors travel in the stream
             err = e if isinstance(e, APIError) else APIError(500, f"internal error: {e}", "internal_error")
             yield "data: " + json.dumps(err.body()) + "\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            self._finish(ctx, children, "aborted")
+            self._finish(ctx, "aborted")
 
 
 class ClosingStream(StreamingResponse):
@@ -418,10 +371,10 @@ class _RequestContext:
     principal: object
     admission: object
     req: ParsedRequest
-    prompts: list
+    outputs: RequestOutputs
+    queue: asyncio.Queue
     request_id: str
     finished: bool = False
-    body_meta: dict | None = None
 
 
 class RequestIdMiddleware:

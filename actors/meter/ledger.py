@@ -14,29 +14,10 @@ import io
 import time
 from dataclasses import astuple, dataclass, fields
 
+from ziggurat.actors.meter.messages import UsageEvent
 from ziggurat.actors.meter.store import Store
 
 STATUSES = ("stop", "length", "aborted", "client_disconnected", "error")
-
-
-@dataclass(frozen=True)
-class UsageEvent:
-    request_id: str
-    http_request_id: str | None
-    tenant: str
-    key_id: str | None
-    model: str
-    lora: str | None
-    replica: int | None
-    gpu_type: str | None
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
-    status: str
-    arrived_at: float
-    finished_at: float
-    ttft_ms: float | None
-    duration_ms: float
 
 
 _COLUMNS = [f.name for f in fields(UsageEvent)]

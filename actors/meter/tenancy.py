@@ -10,7 +10,8 @@ import re
 import time
 from dataclasses import asdict
 
-from ziggurat.actors.meter.ledger import Ledger, Price, UsageEvent, month_start
+from ziggurat.actors.meter.ledger import Ledger, Price, month_start
+from ziggurat.actors.meter.messages import UsageEvent
 from ziggurat.actors.meter.store import Store
 from ziggurat.actors.meter.tenants import Principal, TenantStore, key_id_of, verify
 

@@ -1,7 +1,7 @@
 """EngineCore: one replica's loop. step() = schedule, execute, update.
 
     step = scheduler.schedule()          # which tokens of which requests run now
-    out  = executor.execute(step)        # forward + sample on the TP workers
+    out  = executor.wait(executor.execute_async(step))   # forward + sample on the TP workers
     return scheduler.update_from_output(step, out)   # append tokens, stop, free
 """
 
@@ -12,8 +12,10 @@ import time
 
 from ziggurat.actors.scheduler.executor import make_executor
 from ziggurat.actors.scheduler.kv_manager import KVCacheManager
-from ziggurat.actors.scheduler.request import Request, RequestStatus, prompt_error
-from ziggurat.actors.scheduler.scheduler import Scheduler, SchedulerConfig, StepUpdates
+from ziggurat.actors.scheduler.request import Request, RequestStatus
+from ziggurat.actors.scheduler.messages import StepUpdates
+from ziggurat.actors.scheduler.scheduler import Scheduler, SchedulerConfig
+from ziggurat.actors.scheduler.validation import ModelLimits, check_request
 from ziggurat.config import ConfigError, EngineConfig
 from ziggurat.models.config import ModelConfig
 from ziggurat.sampling_params import SamplingParams
@@ -30,7 +32,7 @@ class StepFailed(RuntimeError):
 class EngineCore:
     def __init__(self, config: EngineConfig, executor_factory=make_executor):
         """executor_factory(config, max_model_len) starts the workers: in-process,
-        one process per TP rank, or Ray worker actors (actors/scheduler.py)."""
+        one process per TP rank (executor.py), or Ray worker actors (compiled_graph.py)."""
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model, config.dtype)
         max_len = config.max_model_len or self.model_config.max_position_embeddings
@@ -47,6 +49,7 @@ class EngineCore:
         self.num_blocks = num_blocks
         # A lone request must always fit, or preemption could never make room.
         self.max_model_len = min(max_len, num_blocks * config.block_size)
+        self.limits = ModelLimits(self.max_model_len, self.model_config.vocab_size)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv,
@@ -66,10 +69,9 @@ class EngineCore:
         request_id: str | None = None,
         cache_extra_keys: tuple = (),
     ) -> str:
+        """Queue a request (RequestError if validation.py's rules refuse it)."""
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        err = prompt_error(prompt_token_ids, self.max_model_len, self.model_config.vocab_size)
-        if err is not None:
-            raise ValueError(err[0])
+        self.check_request(prompt_token_ids, params)
         if not params._eos_token_ids:
             params = params.clone(_eos_token_ids=tuple(self.model_config.eos_token_ids))
         self.scheduler.add_request(
@@ -82,6 +84,9 @@ class EngineCore:
             )
         )
         return rid
+
+    def check_request(self, prompt_token_ids, params: SamplingParams, param: str = "prompt") -> None:
+        check_request(prompt_token_ids, params, self.limits, param)
 
     def abort(self, request_ids, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> list[Request]:
         return self.scheduler.finish_requests(request_ids, status)

@@ -2,8 +2,8 @@
 
 InProcessExecutor runs the single TP rank in this process. MultiprocExecutor
 starts one process per TP rank (gloo on CPU, NCCL on GPU) and fans each step
-out over pipes; rank 0 answers with the sampled tokens. (The Ray actor stack
-drives Workers through compiled graphs instead; same Worker class.)
+out over pipes; rank 0 answers with the sampled tokens. (The scheduler actor
+drives Workers through compiled graphs instead: compiled_graph.py; same Worker class.)
 """
 
 from __future__ import annotations
@@ -32,9 +32,6 @@ class InProcessExecutor:
 
     def initialize_cache(self, num_blocks: int) -> None:
         self.worker.initialize_cache(num_blocks)
-
-    def execute(self, step: StepInput) -> StepOutput:
-        return self.worker.execute(step)
 
     def execute_async(self, step: StepInput):
         return self.worker.execute_async(step)
@@ -120,9 +117,6 @@ class MultiprocExecutor:
 
     def initialize_cache(self, num_blocks: int) -> None:
         self._call_all("initialize_cache", num_blocks)
-
-    def execute(self, step: StepInput) -> StepOutput:
-        return self.wait(self.execute_async(step))
 
     def execute_async(self, step: StepInput) -> int:
         # Workers run steps in the order sent; rank 0 answers each in order, so

@@ -1,18 +1,88 @@
-"""Typed messages at the actor boundaries above the workers.
+"""The typed messages of the scheduler's channels (every type that crosses its actor boundary).
 
-    Ingress --SubmitRequest--> Scheduler --TokenBatch (one per ingress per step)--> Ingress
-    Ingress --RouteQuery--> Router --> replica index
+    Ingress --SubmitRequest--> Scheduler --SubmitResult--> Ingress
+    Scheduler --TokenBatch (one per ingress per step, StepUpdates inside)--> Ingress
     Scheduler --ReplicaStats--> Router (periodically, off the token path)
+    Scheduler --ReplicaInfo--> launcher and ingress (once, at start-up)
 
-(Scheduler <-> Worker messages are models/step.py's StepInput/StepOutput.)
+The scheduler <-> worker channel is models/step.py (StepInput/StepOutput): it
+belongs to the worker layer, below this one. The scheduler -> meter channel
+is actors/meter/messages.py (UsageEvent).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ziggurat.actors.scheduler.scheduler import StepUpdates
+from ziggurat.models.step import Logprobs
 from ziggurat.sampling_params import SamplingParams
+
+# -- Scheduler -> Ingress: what each step did --------------------------------------------
+
+
+@dataclass(slots=True)
+class RequestUpdate:
+    """What one step did to one request, for the front end."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[Logprobs]
+    finish_reason: str | None
+    stop_reason: int | str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+
+
+@dataclass(slots=True)
+class StepUpdates:
+    """One step's RequestUpdates as columns: cheap to build for a whole batch,
+    to split per ingress and to pickle. Iterating yields RequestUpdate objects
+    (built by whoever reads them, not by the scheduler's step)."""
+
+    request_ids: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # -1: no new token (an error/abort update)
+    num_prompt_tokens: list[int] = field(default_factory=list)
+    num_cached_tokens: list[int] = field(default_factory=list)
+    num_output_tokens: list[int] = field(default_factory=list)
+    finished: dict[str, tuple[str, int | str | None]] = field(default_factory=dict)  # id -> (reason, stop_reason)
+    logprobs: dict[str, Logprobs] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    def __iter__(self):
+        fin, lps = self.finished, self.logprobs
+        for rid, t, p, c, o in zip(self.request_ids, self.token_ids, self.num_prompt_tokens, self.num_cached_tokens,
+                                   self.num_output_tokens):
+            f = fin.get(rid)
+            lp = lps.get(rid) if lps else None
+            yield RequestUpdate(rid, [t] if t >= 0 else [], [lp] if lp is not None else [],
+                                f[0] if f else None, f[1] if f else None, p, c, o)
+
+    def append(self, u: RequestUpdate) -> None:
+        if len(u.new_token_ids) > 1:
+            raise ValueError("a step update carries at most one token")
+        self.request_ids.append(u.request_id)
+        self.token_ids.append(u.new_token_ids[0] if u.new_token_ids else -1)
+        self.num_prompt_tokens.append(u.num_prompt_tokens)
+        self.num_cached_tokens.append(u.num_cached_tokens)
+        self.num_output_tokens.append(u.num_output_tokens)
+        if u.finish_reason is not None:
+            self.finished[u.request_id] = (u.finish_reason, u.stop_reason)
+        if u.new_logprobs:
+            self.logprobs[u.request_id] = u.new_logprobs[0]
+
+    def take(self, idx: list[int]) -> "StepUpdates":
+        """The entries at `idx` (in that order)."""
+        ids = [self.request_ids[i] for i in idx]
+        return StepUpdates(ids, [self.token_ids[i] for i in idx], [self.num_prompt_tokens[i] for i in idx],
+                           [self.num_cached_tokens[i] for i in idx], [self.num_output_tokens[i] for i in idx],
+                           {r: self.finished[r] for r in ids if r in self.finished} if self.finished else {},
+                           {r: self.logprobs[r] for r in ids if r in self.logprobs} if self.logprobs else {})
+
+
+# -- Ingress -> Scheduler ---------------------------------------------------------------
 
 
 @dataclass
@@ -30,14 +100,16 @@ class SubmitRequest:
     lora: str | None = None
     # n > 1: only the first child of a prompt bills the prompt (as OpenAI does).
     bill_prompt: bool = True
+    prompt_param: str = "prompt"  # the request field the prompt came from ("messages" for chat), for errors
 
 
 @dataclass
 class SubmitResult:
     ok: bool
     error: str | None = None
-    # "invalid" / "context_length_exceeded" (400), "queue_full" (429), "unavailable" (503)
+    # "invalid" / "context_length_exceeded" (400), "queue_full" (429), "unavailable" (503), "internal" (500)
     code: str | None = None
+    param: str | None = None  # the request field at fault (validation.py)
 
 
 @dataclass
@@ -48,6 +120,22 @@ class TokenBatch:
     epoch: str  # the ingress incarnation this numbering belongs to
     seq: int  # per (replica, ingress epoch), from 0: the ingress applies batches in this order
     updates: StepUpdates = field(default_factory=StepUpdates)  # iterate for RequestUpdates
+
+
+# -- Scheduler -> Router, launcher, ingress ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """What a replica turned out to be once its workers started."""
+
+    replica: int
+    model: str  # the model directory it serves (its tokenizer too)
+    max_model_len: int  # the configured length, capped by the KV cache (a lone request must fit)
+    vocab_size: int
+    block_size: int
+    num_blocks: int
+    placement: list | None = None  # per rank: node, GPU ids
 
 
 @dataclass

@@ -10,25 +10,6 @@ from ziggurat.models.step import Logprobs
 from ziggurat.sampling_params import SamplingParams
 
 
-def prompt_error(token_ids, max_model_len: int, vocab_size: int) -> tuple[str, str] | None:
-    """Why a prompt cannot be served, as (message, code), or None. The one
-    check every entry point uses (LLM, the engine, the scheduler actor's
-    submit); codes: "invalid", "context_length_exceeded"."""
-    n = len(token_ids)
-    if n == 0:
-        return "prompt: must contain at least one token", "invalid"
-    if n >= max_model_len:
-        return (f"prompt: {n} tokens leave no room to generate within max_model_len={max_model_len}",
-                "context_length_exceeded")
-    # The common case in C loops (a scheduler checks every submission); the slow scan names the culprit.
-    if set(map(type, token_ids)) <= {int} and min(token_ids) >= 0 and max(token_ids) < vocab_size:
-        return None
-    bad = next((t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab_size), None)
-    if bad is not None:
-        return f"prompt: token id {bad!r} is outside the vocabulary [0, {vocab_size})", "invalid"
-    return None
-
-
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -94,8 +75,3 @@ class Request:
     def finish_reason(self) -> str | None:
         return self.status.value if self.finished else None
 
-    def append_token(self, token_id: int, logprobs: Logprobs | None) -> None:
-        self.output_token_ids.append(token_id)
-        self.all_token_ids.append(token_id)
-        if logprobs is not None:
-            self.output_logprobs.append(logprobs)

@@ -15,7 +15,7 @@ by the time a later reader's attention runs (the forward stores every
 token's KV before attending, layer by layer).
 
 The running batch's per-request counters live in numpy columns
-(actors/core/running.py), so a step over hundreds of decoding requests is a
+(running.py), so a step over hundreds of decoding requests is a
 few array operations; Python runs per request only where something happens
 to it (a new KV block, a possible stop, preemption, admission).
 """
@@ -23,14 +23,15 @@ to it (a new KV block, a possible stop, preemption, admission).
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from ziggurat.actors.scheduler.kv_manager import KVCacheManager
+from ziggurat.actors.scheduler.messages import StepUpdates
 from ziggurat.actors.scheduler.request import Request, RequestStatus
 from ziggurat.actors.scheduler.running import RunningSet, SlotPool
-from ziggurat.models.step import CachedRequestData, Logprobs, NewRequestData, StepInput, StepOutput
+from ziggurat.models.step import CachedRequestData, NewRequestData, StepInput, StepOutput
 
 
 @dataclass(frozen=True)
@@ -38,68 +39,6 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
-
-
-@dataclass(slots=True)
-class RequestUpdate:
-    """What one step did to one request, for the front end."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_logprobs: list[Logprobs]
-    finish_reason: str | None
-    stop_reason: int | str | None
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    num_output_tokens: int
-
-
-@dataclass(slots=True)
-class StepUpdates:
-    """One step's RequestUpdates as columns: cheap to build for a whole batch,
-    to split per ingress and to pickle. Iterating yields RequestUpdate objects
-    (built by whoever reads them, not by the scheduler's step)."""
-
-    request_ids: list[str] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)  # -1: no new token (an error/abort update)
-    num_prompt_tokens: list[int] = field(default_factory=list)
-    num_cached_tokens: list[int] = field(default_factory=list)
-    num_output_tokens: list[int] = field(default_factory=list)
-    finished: dict[str, tuple[str, int | str | None]] = field(default_factory=dict)  # id -> (reason, stop_reason)
-    logprobs: dict[str, Logprobs] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.request_ids)
-
-    def __iter__(self):
-        fin, lps = self.finished, self.logprobs
-        for rid, t, p, c, o in zip(self.request_ids, self.token_ids, self.num_prompt_tokens, self.num_cached_tokens,
-                                   self.num_output_tokens):
-            f = fin.get(rid)
-            lp = lps.get(rid) if lps else None
-            yield RequestUpdate(rid, [t] if t >= 0 else [], [lp] if lp is not None else [],
-                                f[0] if f else None, f[1] if f else None, p, c, o)
-
-    def append(self, u: RequestUpdate) -> None:
-        if len(u.new_token_ids) > 1:
-            raise ValueError("a step update carries at most one token")
-        self.request_ids.append(u.request_id)
-        self.token_ids.append(u.new_token_ids[0] if u.new_token_ids else -1)
-        self.num_prompt_tokens.append(u.num_prompt_tokens)
-        self.num_cached_tokens.append(u.num_cached_tokens)
-        self.num_output_tokens.append(u.num_output_tokens)
-        if u.finish_reason is not None:
-            self.finished[u.request_id] = (u.finish_reason, u.stop_reason)
-        if u.new_logprobs:
-            self.logprobs[u.request_id] = u.new_logprobs[0]
-
-    def take(self, idx: list[int]) -> "StepUpdates":
-        """The entries at `idx` (in that order)."""
-        ids = [self.request_ids[i] for i in idx]
-        return StepUpdates(ids, [self.token_ids[i] for i in idx], [self.num_prompt_tokens[i] for i in idx],
-                           [self.num_cached_tokens[i] for i in idx], [self.num_output_tokens[i] for i in idx],
-                           {r: self.finished[r] for r in ids if r in self.finished} if self.finished else {},
-                           {r: self.logprobs[r] for r in ids if r in self.logprobs} if self.logprobs else {})
 
 
 class Scheduler:

@@ -7,19 +7,12 @@ calls setup/determine_num_blocks/initialize_cache once, then drives
 
 from __future__ import annotations
 
-import importlib
 import socket
 
 import ray
 
 from ziggurat.config import EngineConfig
-from ziggurat.actors.process import freeze_startup_heap
-
-
-def load_object(spec: str):
-    """'package.module:Name' -> the object."""
-    mod, _, name = spec.partition(":")
-    return getattr(importlib.import_module(mod), name)
+from ziggurat.actors.process import freeze_startup_heap, load_object
 
 
 @ray.remote
@@ -48,9 +41,6 @@ class WorkerActor:
     def initialize_cache(self, num_blocks: int) -> None:
         self.worker.initialize_cache(num_blocks)
         freeze_startup_heap()  # the model and cache bookkeeping live as long as this actor
-
-    def execute(self, step):
-        return self.worker.execute(step)
 
     def execute_pipelined(self, step):
         """Launch `step` and return the previous call's output (None on the

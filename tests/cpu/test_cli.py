@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from ziggurat.actors.meter.ledger import UsageEvent
+from ziggurat.actors.meter.messages import UsageEvent
 from ziggurat.actors.meter.tenancy import TenantPlane
 from ziggurat.cluster.cli import main
 

@@ -8,7 +8,8 @@ import numpy as np
 from ziggurat.actors.scheduler.kv_manager import KVCacheManager
 from ziggurat.actors.scheduler.request import Request
 from ziggurat.actors.scheduler.running import RunningSet, SlotPool
-from ziggurat.actors.scheduler.scheduler import RequestUpdate, Scheduler, SchedulerConfig, StepUpdates
+from ziggurat.actors.scheduler.messages import RequestUpdate, StepUpdates
+from ziggurat.actors.scheduler.scheduler import Scheduler, SchedulerConfig
 from ziggurat.models.step import CachedRequestData, Logprobs, NewRequestData, StepInput, StepOutput
 from ziggurat.sampling_params import SamplingParams
 

@@ -7,7 +7,7 @@ import pytest
 
 from ziggurat.actors.scheduler.engine import EngineCore, StepFailed
 from ziggurat.actors.scheduler.messages import SubmitRequest, SubmitResult
-from ziggurat.actors.scheduler.actor import SchedulerLoop
+from ziggurat.actors.scheduler.loop import SchedulerLoop
 from ziggurat.config import EngineConfig
 from ziggurat.models.null_worker import NullWorker
 from ziggurat.sampling_params import SamplingParams
@@ -66,16 +66,16 @@ def test_every_ending_is_metered_once(loop):
         lp.run_once()
     lp.abort(["b"], "client_disconnected")
     lp.run_once()
-    events = {e.request_id: e for e in lp.outbox}
+    events = {e.request_id: e for e in lp.usage.outbox}
     assert set(events) == {"a", "b", "c"}
     assert events["a"].status == "length" and events["a"].completion_tokens == 8
     assert events["b"].status == "client_disconnected" and 0 < events["b"].completion_tokens < 100
     assert events["c"].prompt_tokens == 0 and events["c"].completion_tokens == 8
-    assert lp.tenant_totals["t1"] == {"requests": 2, "prompt_tokens": 20, "cached_tokens": 0, "completion_tokens": 16}
+    assert lp.usage.tenant_totals["t1"] == {"requests": 2, "prompt_tokens": 20, "cached_tokens": 0, "completion_tokens": 16}
     # Batches to the ingress are numbered from 0 without gaps.
     assert [b.seq for _, b in sent] == list(range(len(sent))) and all(b.epoch == "epoch-1" for _, b in sent)
-    lp.ack_usage(2)
-    assert [e.request_id for e in lp.take_usage()] == [list(events)[2]]
+    lp.usage.ack(2)
+    assert [e.request_id for e in lp.usage.take()] == [list(events)[2]]
 
 
 def test_worker_failure_answers_and_meters_every_live_request(loop):
@@ -89,7 +89,7 @@ def test_worker_failure_answers_and_meters_every_live_request(loop):
         lp.run_once()
     lp.fail_all("error", e.value.requests)
     assert finishes(sent) == {"a": "error", "b": "error", "c": "error"}
-    assert sorted((ev.request_id, ev.status) for ev in lp.outbox) == [("a", "error"), ("b", "error"), ("c", "error")]
+    assert sorted((ev.request_id, ev.status) for ev in lp.usage.outbox) == [("a", "error"), ("b", "error"), ("c", "error")]
     assert lp.engine.kv.num_free_blocks == 256 and not lp.engine.has_unfinished()
 
 
@@ -100,7 +100,7 @@ def test_restarted_ingress_gets_fresh_numbering_and_orphans_are_aborted(loop):
         lp.run_once()
     lp.register_ingress("ing", "epoch-2")  # the ingress died and came back
     lp.run_once()
-    assert [ev.status for ev in lp.outbox] == ["client_disconnected"]
+    assert [ev.status for ev in lp.usage.outbox] == ["client_disconnected"]
     submit(lp, "b", "t1", max_tokens=3)
     while "b" not in finishes(sent):
         lp.run_once()
@@ -108,14 +108,21 @@ def test_restarted_ingress_gets_fresh_numbering_and_orphans_are_aborted(loop):
     assert [b.seq for b in new] == list(range(len(new)))
 
 
-def test_engine_client_batches_a_turns_submissions_and_fails_them_together():
+def test_engine_client_batches_a_turns_submissions_and_fails_them_together(llama_dir):
     """Submissions made in one event-loop turn reach a replica as one
     submit_batch call; when that call cannot even be sent, every caller gets
     the error (none waits forever)."""
     import asyncio
     import concurrent.futures
 
-    from ziggurat.actors.ingress.engine_client import EngineClient
+    from ziggurat.actors.ingress.ray_client import RayEngineClient
+    from ziggurat.actors.scheduler.output_processor import RequestOutputs
+    from ziggurat.models.tokenizer import Tokenizer
+
+    tok = Tokenizer(llama_dir)
+
+    def one(rid):  # a one-prompt, one-sample request
+        return RequestOutputs(rid, [[1, 2]], SamplingParams(), tok)
 
     class Ref:
         def __init__(self, v):
@@ -154,14 +161,14 @@ def test_engine_client_batches_a_turns_submissions_and_fails_them_together():
     meta = dict(tenant="t", key_id="k", http_request_id="h", model="m")
 
     async def main():
-        c = EngineClient("ing", Router(), [Scheduler()])
+        c = RayEngineClient("ing", Router(), [Scheduler()])
         c.loop = asyncio.get_running_loop()
         q = asyncio.Queue()
-        got = await asyncio.gather(*[c.submit([(f"r{i}", [1, 2], None, 0)], [], (), q, meta) for i in range(3)])
-        assert got == [0, 0, 0] and calls == [["r0", "r1", "r2"]]  # one call for the turn
+        got = await asyncio.gather(*[c.submit(one(f"r{i}"), [], (), q, meta) for i in range(3)])
+        assert got == [0, 0, 0] and calls == [["r0-0", "r1-0", "r2-0"]]  # one call for the turn
         Scheduler.fail = True
         res = await asyncio.wait_for(asyncio.gather(
-            *[c.submit([(f"s{i}", [1, 2], None, 0)], [], (), q, meta) for i in range(2)], return_exceptions=True), 5)
+            *[c.submit(one(f"s{i}"), [], (), q, meta) for i in range(2)], return_exceptions=True), 5)
         assert all(isinstance(e, TypeError) for e in res), res
 
     asyncio.run(main())

@@ -24,7 +24,7 @@ KEY = "sk-test-0123456789"
 
 @pytest.fixture(scope="module")
 def dep(ray_cluster, llama_dir):
-    d = Deployment(DeploymentSpec(model=str(llama_dir), served_model_name="tiny", port=free_port(),
+    d = Deployment(DeploymentSpec.from_flat(model=str(llama_dir), served_model_name="tiny", port=free_port(),
                                   api_keys=(KEY,), num_kv_blocks=512, max_num_batched_tokens=256, device="cpu"))
     yield d
     d.shutdown()
@@ -180,7 +180,7 @@ def test_abandoned_streams_free_everything(dep, client):
 
 @pytest.mark.slow
 def test_two_replicas_tp2_queue_full_and_unhealthy(ray_cluster, llama_dir, dep):
-    d = Deployment(DeploymentSpec(model=str(llama_dir), served_model_name="tiny", port=free_port(), replicas=2,
+    d = Deployment(DeploymentSpec.from_flat(model=str(llama_dir), served_model_name="tiny", port=free_port(), replicas=2,
                                   tensor_parallel_size=2, num_kv_blocks=256, max_num_seqs=2, max_waiting=2,
                                   device="cpu"))
     try:
@@ -229,7 +229,7 @@ def test_two_replicas_tp2_queue_full_and_unhealthy(ray_cluster, llama_dir, dep):
 
 
 def test_several_ingresses_share_the_port(ray_cluster, llama_dir):
-    d = Deployment(DeploymentSpec(model=str(llama_dir), served_model_name="tiny", port=free_port(), ingresses=2,
+    d = Deployment(DeploymentSpec.from_flat(model=str(llama_dir), served_model_name="tiny", port=free_port(), ingresses=2,
                                   num_kv_blocks=256, device="cpu"))
     try:
         async def burst():
@@ -261,4 +261,4 @@ def test_cli_chat_and_complete_stream_from_the_endpoint(dep, client, capsys):
 def test_port_in_use_is_refused(ray_cluster, llama_dir, dep):
     port = int(dep.url.rsplit(":", 1)[1])
     with pytest.raises(RuntimeError, match=f"cannot serve on 127.0.0.1:{port}"):
-        Deployment(DeploymentSpec(model=str(llama_dir), port=port, num_kv_blocks=64, device="cpu"))
+        Deployment(DeploymentSpec.from_flat(model=str(llama_dir), port=port, num_kv_blocks=64, device="cpu"))

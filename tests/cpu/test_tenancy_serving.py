@@ -27,7 +27,7 @@ ADMIN = "admin-secret-key-0001"
 @pytest.fixture(scope="module")
 def dep(ray_cluster, llama_dir, tmp_path_factory):
     db = tmp_path_factory.mktemp("ledger") / "tenancy.db"
-    d = Deployment(DeploymentSpec(model=str(llama_dir), served_model_name="tiny", port=free_port(), replicas=2,
+    d = Deployment(DeploymentSpec.from_flat(model=str(llama_dir), served_model_name="tiny", port=free_port(), replicas=2,
                                   num_kv_blocks=512, max_num_batched_tokens=256, device="cpu", db=str(db),
                                   admin_key=ADMIN, redact="ziggurat.actors.meter.tenancy:redact_pii"))
     yield d

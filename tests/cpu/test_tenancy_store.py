@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from ziggurat.actors.meter.ledger import Ledger, Price, UsageEvent, month_start, to_csv
+from ziggurat.actors.meter.ledger import Ledger, Price, month_start, to_csv
+from ziggurat.actors.meter.messages import UsageEvent
 from ziggurat.actors.meter.quota import Limits, QuotaExceeded, QuotaTracker
 from ziggurat.actors.meter.store import Store
 from ziggurat.actors.meter.tenancy import TenantPlane

@@ -1,0 +1,76 @@
+"""CompiledGraphExecutor: the engine's executor over Ray worker actors.
+
+The Ray-backed sibling of executor.py's InProcessExecutor and
+MultiprocExecutor (same four calls: determine_num_blocks, initialize_cache,
+execute_async, wait), used by the scheduler actor. A plain actor call costs
+~1 ms, a compiled-graph step ~150 us, so every step goes through one
+compiled graph fanning out to all TP ranks.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import ray
+
+from ziggurat.config import EngineConfig
+from ziggurat.models.step import StepInput
+
+
+class CompiledGraphExecutor:
+    """The engine's executor over Ray worker actors: setup with plain calls,
+    then every step through one compiled graph fanning out to all ranks.
+
+    Pipelined: a worker launches each step on the GPU and answers with the
+    previous step's output (WorkerActor.execute_pipelined), so while step N+1
+    runs, N's tokens travel back and the scheduler plans N+2. Call k's reply
+    therefore carries step k-1's output; waiting for the last step submitted
+    sends an empty step to flush it out."""
+
+    overlaps = True
+
+    def __init__(self, workers: list, config: EngineConfig, max_model_len: int):
+        from ray.dag import InputNode, MultiOutputNode
+
+        self.workers = workers
+        init_method = ray.get(workers[0].address.remote())
+        self.placement = ray.get([w.setup.remote(init_method, max_model_len) for w in workers])
+        self._num_blocks = min(ray.get([w.determine_num_blocks.remote() for w in workers]))
+        with InputNode() as step:
+            dag = MultiOutputNode([w.execute_pipelined.bind(step) for w in workers])
+        self._dag_def = dag
+        self.dag = None
+        self._refs: collections.deque = collections.deque()  # replies not read yet, in call order
+        self._submitted = 0  # calls made
+        self._read = 0  # replies read
+        self._outputs: dict[int, object] = {}  # call number -> its step's output, once a later reply brought it
+
+    def determine_num_blocks(self) -> int:
+        return self._num_blocks
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        ray.get([w.initialize_cache.remote(num_blocks) for w in self.workers])
+        self.dag = self._dag_def.experimental_compile()
+
+    def execute_async(self, step) -> int:
+        self._refs.append(self.dag.execute(step))  # returns at once; the workers run steps in order
+        self._submitted += 1
+        return self._submitted - 1
+
+    def wait(self, call: int):
+        while self._read <= call + 1:  # step `call`'s output rides on reply `call + 1`
+            if self._read == self._submitted:
+                self.execute_async(StepInput())  # flush: runs nothing, brings back the last step's output
+            ref = self._refs.popleft()
+            self._read += 1
+            out = ray.get(ref)[0]  # rank 0 returns the tokens
+            if self._read >= 2:
+                self._outputs[self._read - 2] = out
+        for stale in [k for k in self._outputs if k < call]:  # flushes and steps the engine dropped
+            del self._outputs[stale]
+        return self._outputs.pop(call)
+
+    def shutdown(self) -> None:
+        if self.dag is not None:
+            self.dag.teardown()
+            self.dag = None

@@ -1,0 +1,58 @@
+"""IngressStreams: which ingress reads each request's tokens, and the numbering of what is sent there.
+
+Each step's updates leave as one TokenBatch per ingress. Ray may deliver
+concurrent calls out of order, so batches are numbered per (replica, ingress
+incarnation) from 0 and the ingress applies them strictly in order. A
+restarted ingress registers under a new epoch: its numbering starts afresh
+and the streams it held before the restart (nobody reads them now) are
+returned for aborting.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from ziggurat.actors.scheduler.messages import StepUpdates, TokenBatch
+
+
+class IngressStreams:
+    def __init__(self, replica: int):
+        self.replica = replica
+        self.routes: dict[str, str] = {}  # request id -> ingress id
+        self.epochs: dict[str, str] = {}  # ingress id -> its current incarnation
+        self.seq: dict[str, int] = collections.defaultdict(int)  # next TokenBatch number per ingress
+
+    def register(self, ingress_id: str, epoch: str) -> list[str]:
+        """A (re)started ingress; returns the requests it held before, if this is a restart."""
+        if self.epochs.get(ingress_id) == epoch:
+            return []
+        orphans = []
+        if ingress_id in self.epochs:
+            orphans = [rid for rid, ing in self.routes.items() if ing == ingress_id]
+        self.epochs[ingress_id] = epoch
+        self.seq[ingress_id] = 0
+        return orphans
+
+    def add(self, request_id: str, ingress_id: str) -> None:
+        self.routes[request_id] = ingress_id
+
+    def drop(self, request_id: str) -> None:
+        self.routes.pop(request_id, None)
+
+    def split(self, updates: StepUpdates) -> list[tuple[str, TokenBatch]]:
+        """The step's columns split by ingress, each numbered next in its sequence."""
+        ids, routes = updates.request_ids, self.routes
+        groups: dict[str, list[int]] = {}
+        for i, rid in enumerate(ids):
+            ingress = routes.get(rid)
+            if ingress is not None:
+                g = groups.get(ingress)
+                if g is None:
+                    g = groups[ingress] = []
+                g.append(i)
+        batches = []
+        for ingress, idx in groups.items():
+            part = updates if len(idx) == len(ids) else updates.take(idx)
+            batches.append((ingress, TokenBatch(self.replica, self.epochs.get(ingress, ""), self.seq[ingress], part)))
+            self.seq[ingress] += 1
+        return batches

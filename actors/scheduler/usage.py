@@ -1,0 +1,71 @@
+"""UsageBook: a replica's metering, one usage event per request that reached it.
+
+A request is opened when the scheduler takes it and closed exactly once,
+however it ends (finished, stopped, aborted, failed); closing appends its
+UsageEvent to the outbox, where it stays until the Meter acknowledges it
+(the actor's flusher thread delivers it, retrying; the ledger ignores ids it
+already holds, so a retry never counts twice). The book also keeps this
+replica's own per-tenant totals, for reconciliation with the ledger.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass
+
+from ziggurat.actors.meter.messages import UsageEvent
+from ziggurat.actors.scheduler.messages import SubmitRequest
+
+
+@dataclass
+class _Open:
+    submit: SubmitRequest
+    arrived: float  # wall-clock time the scheduler took it
+    first_token: float | None = None
+
+
+class UsageBook:
+    def __init__(self, replica: int, gpu_type: str = "cpu"):
+        self.replica, self.gpu_type = replica, gpu_type
+        self.open: dict[str, _Open] = {}
+        self.outbox: collections.deque[UsageEvent] = collections.deque()
+        self.tenant_totals: dict[str, dict] = {}
+
+    def start(self, sub: SubmitRequest) -> None:
+        self.open[sub.request_id] = _Open(sub, time.time())
+
+    def first_token(self, request_id: str, now: float) -> None:
+        entry = self.open.get(request_id)
+        if entry is not None and entry.first_token is None:
+            entry.first_token = now
+
+    def close(self, rid: str, prompt: int, cached: int, completion: int, status: str) -> None:
+        """End a request's metering (a request already closed, or never opened, is ignored)."""
+        entry = self.open.pop(rid, None)
+        if entry is None:
+            return
+        sub = entry.submit
+        if not sub.bill_prompt:  # n > 1: only the first sample of a prompt bills the prompt
+            prompt = cached = 0
+        now = time.time()
+        self.outbox.append(UsageEvent(
+            request_id=rid, http_request_id=sub.http_request_id, tenant=sub.tenant, key_id=sub.key_id,
+            model=sub.model, lora=sub.lora, replica=self.replica, gpu_type=self.gpu_type, prompt_tokens=prompt,
+            cached_tokens=cached, completion_tokens=completion, status=status, arrived_at=entry.arrived,
+            finished_at=now, ttft_ms=(entry.first_token - entry.arrived) * 1e3 if entry.first_token else None,
+            duration_ms=(now - entry.arrived) * 1e3))
+        t = self.tenant_totals.setdefault(sub.tenant, {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0,
+                                                       "completion_tokens": 0})
+        t["requests"] += 1
+        t["prompt_tokens"] += prompt
+        t["cached_tokens"] += cached
+        t["completion_tokens"] += completion
+
+    def take(self, max_events: int = 512) -> list[UsageEvent]:
+        """The oldest unacknowledged events (they stay queued until `ack`)."""
+        return [self.outbox[i] for i in range(min(max_events, len(self.outbox)))]
+
+    def ack(self, n: int) -> None:
+        for _ in range(n):
+            self.outbox.popleft()
