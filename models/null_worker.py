@@ -26,7 +26,7 @@ from ziggurat.models.step import StepInput, StepOutput
 class NullWorker:
     def __init__(self, config: EngineConfig, rank: int = 0, init_method: str | None = None, max_model_len: int = 0):
         self.config, self.rank = config, rank
-        # Per slot: tokens known (prompt + generated) and tokens computed.
+        # Per row: tokens known (prompt + generated) and tokens computed.
         self.known = np.zeros(64, dtype=np.int64)
         self.computed = np.zeros(64, dtype=np.int64)
         self.vocab = 1000
@@ -39,20 +39,20 @@ class NullWorker:
     def initialize_cache(self, num_blocks: int) -> None:
         pass
 
-    def _ensure(self, slot: int) -> None:
-        if slot >= len(self.known):
-            n = max(2 * len(self.known), slot + 1)
+    def _ensure(self, row: int) -> None:
+        if row >= len(self.known):
+            n = max(2 * len(self.known), row + 1)
             self.known = np.concatenate([self.known, np.zeros(n - len(self.known), dtype=np.int64)])
             self.computed = np.concatenate([self.computed, np.zeros(n - len(self.computed), dtype=np.int64)])
 
     def execute(self, step: StepInput) -> StepOutput | None:
-        for r in step.new_requests:  # a freed slot needs no clearing: its next request overwrites it
-            self._ensure(r.slot)
-            self.known[r.slot] = len(r.prompt_token_ids) + len(r.output_token_ids)
-            self.computed[r.slot] = r.num_computed_tokens
+        for r in step.new_requests:  # a freed row needs no clearing: its next request overwrites it
+            self._ensure(r.row)
+            self.known[r.row] = len(r.prompt_token_ids) + len(r.output_token_ids)
+            self.computed[r.row] = r.num_computed_tokens
         for c in step.cached_requests:
-            self.computed[c.slot] = c.num_computed_tokens
-        s = step.slots
+            self.computed[c.row] = c.num_computed_tokens
+        s = step.rows
         if not len(s):
             return StepOutput() if self.rank == 0 else None
         self.computed[s] += step.num_tokens

@@ -39,13 +39,13 @@ class _HostStep:
 
     ids: np.ndarray  # [T] token ids
     positions: np.ndarray  # [T]
-    slots: np.ndarray  # [T] KV slot of each token
+    slot_mapping: np.ndarray  # [T] KV slot of each token (its position in the paged cache)
     seq_lens: np.ndarray  # [B] context length after this step
     qsl: np.ndarray  # [B+1] query start offsets
     rows: np.ndarray  # [B] block-table row of each request
-    sample_rows: np.ndarray  # token index of each sampling request's last token
+    sample_idx: np.ndarray  # token index of each sampling request's last token
     sample_reqs: list["_RunnerRequest"]  # the requests that sample, in batch order
-    sample_slots: np.ndarray  # and their slots
+    sample_rows: np.ndarray  # and their rows (models/step.py)
     max_query_len: int
     # Tokens whose id is still on the GPU (sampled by the step in flight):
     # feed_dst[i] (token index here) takes feed_from's sampled row feed_src[i].
@@ -59,7 +59,7 @@ class _InFlight:
     """A launched step: its sampled ids on the GPU, on their way to the host."""
 
     reqs: list["_RunnerRequest"]
-    slots: np.ndarray
+    rows: np.ndarray
     tokens: torch.Tensor | None  # [S] int64 on the device (every rank)
     host: torch.Tensor | None  # [S] pinned copy, filled asynchronously
     event: object  # torch.cuda.Event marking the copy's end (None on CPU)
@@ -80,8 +80,8 @@ class _RunnerRequest:
     num_blocks: int  # block ids in this request's row of the block table
     params: SamplingParams
     num_computed: int
-    row: int  # its row in ModelRunner.block_table: its slot (models/step.py)
-    pslot: int = -1  # its slot in ModelRunner.penalties (rank 0, penalty requests only)
+    row: int  # its row in every per-request table (models/step.py)
+    pen_index: int = -1  # its entry in ModelRunner.penalties (rank 0, penalty requests only)
     # Tokens sampled by steps still in flight, oldest first: (step handle, its
     # row there). Their values are on the GPU only. The engine runs at most one
     # step ahead, so a request has at most two.
@@ -101,9 +101,9 @@ class ModelRunner:
         self.load_seconds = time.perf_counter() - t0
         self.sampler = Sampler(seed)
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.requests: dict[int, _RunnerRequest] = {}  # by slot
+        self.requests: dict[int, _RunnerRequest] = {}  # by row
         self.num_blocks = 0
-        # Persistent block table, one row per slot, max_model_len wide:
+        # Persistent block table, one row per request row, max_model_len wide:
         # a host copy and its device mirror, which each step updates with just
         # the block ids that step appended (the diff), never rebuilt.
         width = (max_model_len + block_size - 1) // block_size
@@ -168,17 +168,17 @@ class ModelRunner:
         if self.num_blocks < 5:
             return
         params = SamplingParams(max_tokens=1)
-        # (request, prompt length, block ids, tokens already computed, tokens to run), in slots 0-2
+        # (request, prompt length, block ids, tokens already computed, tokens to run), in rows 0-2
         seqs = [("warmup-prompt", 2 * bs, [0, 1], 0, 2 * bs), ("warmup-chunk", bs + 2, [2, 3], bs, 2),
                 ("warmup-decode", 6, [4], 5, 1)]
-        step = StepInput(new_requests=[NewRequestData(rid, slot, [0] * n, [], params, blocks, done)
-                                       for slot, (rid, n, blocks, done, _) in enumerate(seqs)],
-                         slots=np.arange(len(seqs), dtype=np.int32),
+        step = StepInput(new_requests=[NewRequestData(rid, row, [0] * n, [], params, blocks, done)
+                                       for row, (rid, n, blocks, done, _) in enumerate(seqs)],
+                         rows=np.arange(len(seqs), dtype=np.int32),
                          num_tokens=np.asarray([run for *_, run in seqs], dtype=np.int32))
         self._update_states(step)
         ids, pos, meta, _ = self._eager_inputs(self._prepare(step))
         self.model(ids, pos, meta)
-        self._update_states(StepInput(finished_slots=list(range(len(seqs)))))
+        self._update_states(StepInput(finished_rows=list(range(len(seqs)))))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -209,33 +209,33 @@ class ModelRunner:
     # -- one step -----------------------------------------------------------------
 
     def _update_states(self, step: StepInput) -> None:
-        for slot in step.finished_slots:
-            r = self.requests.pop(slot, None)
-            if r is not None and r.pslot >= 0:
-                self.penalties.release(r.pslot)
+        for row in step.finished_rows:
+            r = self.requests.pop(row, None)
+            if r is not None and r.pen_index >= 0:
+                self.penalties.release(r.pen_index)
         for new in step.new_requests:
-            if new.slot in self.requests:
-                raise RuntimeError(f"request {new.req_id}: slot {new.slot} is still held")
-            self._ensure_rows(new.slot + 1)
-            r = self.requests[new.slot] = _RunnerRequest(
+            if new.row in self.requests:
+                raise RuntimeError(f"request {new.req_id}: row {new.row} is still held")
+            self._ensure_rows(new.row + 1)
+            r = self.requests[new.row] = _RunnerRequest(
                 prompt_len=len(new.prompt_token_ids),
                 token_ids=list(new.prompt_token_ids) + list(new.output_token_ids),
                 num_blocks=0,
                 params=new.sampling_params,
                 num_computed=new.num_computed_tokens,
-                row=new.slot,
+                row=new.row,
             )
             self._append_blocks(r, new.block_ids)
             self._param_diff[r.row] = sampling_row(new.sampling_params)  # a reused row is overwritten
             if new.sampling_params.needs_penalties and self.tp.rank == 0:
-                r.pslot = self.penalties.add(new.prompt_token_ids, new.output_token_ids)
+                r.pen_index = self.penalties.add(new.prompt_token_ids, new.output_token_ids)
         for c in step.cached_requests:
-            r = self.requests[c.slot]
+            r = self.requests[c.row]
             self._append_blocks(r, c.new_block_ids)
             r.num_computed = c.num_computed_tokens
 
     def _ensure_rows(self, n: int) -> None:
-        """Tables at least n rows tall (grown by doubling; rare: slots are reused)."""
+        """Tables at least n rows tall (grown by doubling; rare: rows are reused)."""
         old = self.block_table.shape[0]
         if n <= old:
             return
@@ -262,28 +262,28 @@ class ModelRunner:
             slot(p)    = block_table[row, p // block_size] * block_size + p % block_size
         """
         bs = self.block_size
-        slots = step.slots.tolist()
-        reqs = [self.requests[s] for s in slots]
+        batch = step.rows.tolist()
+        reqs = [self.requests[s] for s in batch]
         n = step.num_tokens.astype(np.int64)
-        start = np.fromiter((r.num_computed for r in reqs), dtype=np.int64, count=len(slots))
+        start = np.fromiter((r.num_computed for r in reqs), dtype=np.int64, count=len(batch))
         end = start + n
-        rows = step.slots.astype(np.int64)
-        qsl = np.zeros(len(slots) + 1, dtype=np.int64)
+        rows = step.rows.astype(np.int64)
+        qsl = np.zeros(len(batch) + 1, dtype=np.int64)
         np.cumsum(n, out=qsl[1:])
         total = int(qsl[-1])
         positions = np.arange(total, dtype=np.int64) - np.repeat(qsl[:-1] - start, n)
-        held = np.fromiter((r.num_blocks for r in reqs), dtype=np.int64, count=len(slots))
+        held = np.fromiter((r.num_blocks for r in reqs), dtype=np.int64, count=len(batch))
         if (end > held * bs).any():  # a scheduler/worker desync would read another request's blocks
-            bad = slots[int(np.argmax(end > held * bs))]
-            raise RuntimeError(f"slot {bad}: positions beyond its {self.requests[bad].num_blocks} KV blocks")
+            bad = batch[int(np.argmax(end > held * bs))]
+            raise RuntimeError(f"row {bad}: positions beyond its {self.requests[bad].num_blocks} KV blocks")
         tok_rows = np.repeat(rows, n)
         kv_slots = self.block_table[tok_rows, positions // bs].astype(np.int64) * bs + positions % bs
-        have = np.fromiter((len(r.token_ids) for r in reqs), dtype=np.int64, count=len(slots))
-        pend = np.fromiter((len(r.pending) for r in reqs), dtype=np.int64, count=len(slots))
+        have = np.fromiter((len(r.token_ids) for r in reqs), dtype=np.int64, count=len(batch))
+        pend = np.fromiter((len(r.pending) for r in reqs), dtype=np.int64, count=len(batch))
         known = have + pend
         if (end > known).any():
-            bad = slots[int(np.argmax(end > known))]
-            raise RuntimeError(f"slot {bad}: scheduled past its known tokens")
+            bad = batch[int(np.argmax(end > known))]
+            raise RuntimeError(f"row {bad}: scheduled past its known tokens")
         # Pending tokens (sampled by a step in flight) can only be the last
         # ones scheduled: their ids are filled in on the GPU from that step's
         # output, never waited for here. Placeholders (0) hold their places.
@@ -311,15 +311,15 @@ class ModelRunner:
         # Requests whose known tokens are all computed after this step sample.
         sampling = np.nonzero(end == known)[0]
         return _HostStep(ids, positions, kv_slots, end, qsl, rows, qsl[1:][sampling] - 1,
-                         [reqs[i] for i in sampling.tolist()], step.slots[sampling], int(n.max()),
+                         [reqs[i] for i in sampling.tolist()], step.rows[sampling], int(n.max()),
                          np.asarray(dst, dtype=np.int64), np.asarray(src, dtype=np.int64), feed_from)
 
     def _advance(self, step: StepInput) -> None:
         """After a step is prepared: each request's computed count moves past its
         scheduled tokens (the scheduler sends the count only with new blocks)."""
         reqs = self.requests
-        for slot, n in step.scheduled():
-            reqs[slot].num_computed += n
+        for row, n in step.scheduled():
+            reqs[row].num_computed += n
 
     def _apply_table_diff(self) -> None:
         if self._table_diff:
@@ -329,10 +329,10 @@ class ModelRunner:
             self.device_table[r, c] = blk.to(torch.int32)
 
     def _eager_inputs(self, hs: "_HostStep"):
-        """Device inputs for an eager forward: (ids, positions, metadata, sample_rows)."""
+        """Device inputs for an eager forward: (ids, positions, metadata, sample_idx)."""
         self._apply_table_diff()
-        ids, pos, slots, seq_lens, qsl, rows, sample_rows = self.staging.upload(
-            hs.ids, hs.positions, hs.slots, hs.seq_lens, hs.qsl, hs.rows, hs.sample_rows)
+        ids, pos, slots, seq_lens, qsl, rows, sample_idx = self.staging.upload(
+            hs.ids, hs.positions, hs.slot_mapping, hs.seq_lens, hs.qsl, hs.rows, hs.sample_idx)
         width = int((hs.seq_lens.max() + self.block_size - 1) // self.block_size)
         meta = AttentionMetadata(
             slot_mapping=slots,
@@ -344,7 +344,7 @@ class ModelRunner:
             max_query_len=hs.max_query_len,
             max_seq_len=int(hs.seq_lens.max()),
         )
-        return ids, pos, meta, sample_rows
+        return ids, pos, meta, sample_idx
 
     def _feedback(self, hs: "_HostStep"):
         """(token indices, ids) for the tokens the step in flight sampled, both on the device."""
@@ -358,14 +358,14 @@ class ModelRunner:
         captured graph replays it; anything else runs eagerly."""
         if hs.max_query_len == 1 and self.graphs is not None and len(hs.rows) <= self.graphs.max_batch:
             self._apply_table_diff()
-            return self.graphs.run(hs.ids, hs.positions, hs.slots, hs.seq_lens, hs.rows, self.device_table,
+            return self.graphs.run(hs.ids, hs.positions, hs.slot_mapping, hs.seq_lens, hs.rows, self.device_table,
                                    self._feedback(hs))
-        ids, pos, meta, sample_rows = self._eager_inputs(hs)
+        ids, pos, meta, sample_idx = self._eager_inputs(hs)
         fb = self._feedback(hs)
         if fb is not None:
             ids.index_copy_(0, *fb)
         hidden = self.model(ids, pos, meta)
-        return hidden if len(hs.sample_rows) == len(hs.ids) else hidden[sample_rows]
+        return hidden if len(hs.sample_idx) == len(hs.ids) else hidden[sample_idx]
 
     def execute(self, step: StepInput) -> StepOutput | None:
         """Run one step to the end. Returns the sampled tokens on rank 0, None on other ranks."""
@@ -399,7 +399,7 @@ class ModelRunner:
             event.record()
         else:
             host, event = tokens, None
-        handle = _InFlight(reqs, hs.sample_slots, tokens, host, event, sampled,
+        handle = _InFlight(reqs, hs.sample_rows, tokens, host, event, sampled,
                            [r.params.logprobs for r in reqs] if sampled is not None else [])
         for i, r in enumerate(reqs):
             r.pending.append((handle, i))
@@ -421,7 +421,7 @@ class ModelRunner:
                 r.token_ids.append(t)
                 r.pending.pop(0)
         if self.tp.rank == 0:
-            h.output = self._step_output(h.slots, token_ids, h.sampled, h.logprobs_k)
+            h.output = self._step_output(h.rows, token_ids, h.sampled, h.logprobs_k)
         h.reqs = []
         h.tokens = h.sampled = None  # free the device tensors
         h.resolved = True
@@ -436,18 +436,18 @@ class ModelRunner:
         if not all(map(plain_greedy, params)):  # the per-row parameter columns are read
             self._apply_param_diff()
             (rows,) = self.staging.upload(np.fromiter((r.row for r in rs), dtype=np.int64, count=len(rs)))
-        pen_rows = [i for i, r in enumerate(rs) if r.pslot >= 0]
+        pen_rows = [i for i, r in enumerate(rs) if r.pen_index >= 0]
         if pen_rows:
-            # Rows without penalties read slot 0: their penalties are neutral.
-            slots, pen_idx, pen_slots = self.staging.upload(
-                np.fromiter((max(r.pslot, 0) for r in rs), dtype=np.int64, count=len(rs)),
-                np.asarray(pen_rows, dtype=np.int64), np.asarray([rs[i].pslot for i in pen_rows], dtype=np.int64))
-            pen = self.penalties.gather(slots)
+            # Rows without penalties read entry 0: their penalties are neutral.
+            entries, pen_idx, pen_entries = self.staging.upload(
+                np.fromiter((max(r.pen_index, 0) for r in rs), dtype=np.int64, count=len(rs)),
+                np.asarray(pen_rows, dtype=np.int64), np.asarray([rs[i].pen_index for i in pen_rows], dtype=np.int64))
+            pen = self.penalties.gather(entries)
         batch = SamplingBatch.build(params, [()] * len(rs), outputs, self.cfg.vocab_size, self.device,
                                     param_table=self.param_table, param_rows=rows, penalty_tensors=pen)
         out = self.sampler(logits, batch, self.generator)
         if pen_rows:
-            self.penalties.bump(pen_slots, out.token_ids.index_select(0, pen_idx))
+            self.penalties.bump(pen_entries, out.token_ids.index_select(0, pen_idx))
         return out
 
     def _apply_param_diff(self) -> None:
@@ -461,10 +461,10 @@ class ModelRunner:
             self.param_table[rows.to(self.device, non_blocking=True)] = vals.to(self.device, non_blocking=True)
 
     @staticmethod
-    def _step_output(slots: np.ndarray, token_ids: list[int], s, logprobs_k: list) -> StepOutput:
+    def _step_output(rows: np.ndarray, token_ids: list[int], s, logprobs_k: list) -> StepOutput:
         lps: list[Logprobs | None] | None = None
         if s is not None and s.logprobs is not None:
-            lps = [None] * len(slots)
+            lps = [None] * len(rows)
             lp, ranks = s.logprobs.tolist(), s.ranks.tolist()
             top_ids = s.topk_ids.tolist() if s.topk_ids is not None else None
             top_lps = s.topk_logprobs.tolist() if s.topk_logprobs is not None else None
@@ -478,4 +478,4 @@ class ModelRunner:
                     top_ids=top_ids[i][:k] if top_ids else [],
                     top_logprobs=top_lps[i][:k] if top_lps else [],
                 )
-        return StepOutput(slots, np.asarray(token_ids, dtype=np.int32), lps)
+        return StepOutput(rows, np.asarray(token_ids, dtype=np.int32), lps)

@@ -345,7 +345,7 @@ class Sampler(torch.nn.Module):
 
 class PenaltyState:
     """Prompt-token masks and output-token counts of the requests that use
-    penalties, one slot each, on the device. A slot is written once when its
+    penalties, one entry (a row of its two tables) each, on the device. An entry is written once when its
     request arrives (prompt ids, and output ids when it resumes after
     preemption); each step's sampled tokens bump the counts on the GPU
     (`bump`), so penalties never rebuild [B, V] tensors from token lists and
@@ -356,7 +356,7 @@ class PenaltyState:
         self.prompt = torch.zeros(0, vocab_size, dtype=torch.bool, device=self.device)
         self.counts = torch.zeros(0, vocab_size, dtype=torch.int32, device=self.device)
         self.free: list[int] = []
-        self._init: dict[int, tuple[list[int], list[int]]] = {}  # slot -> (prompt ids, output ids) to write
+        self._init: dict[int, tuple[list[int], list[int]]] = {}  # entry -> (prompt ids, output ids) to write
 
     def add(self, prompt_ids, output_ids) -> int:
         if not self.free:
@@ -365,21 +365,21 @@ class PenaltyState:
             self.prompt = torch.cat([self.prompt, self.prompt.new_zeros(grow, self.vocab)])
             self.counts = torch.cat([self.counts, self.counts.new_zeros(grow, self.vocab)])
             self.free.extend(range(n + grow - 1, n - 1, -1))
-        slot = self.free.pop()
-        self._init[slot] = (list(prompt_ids), list(output_ids))  # a reused slot's last writer wins
-        return slot
+        entry = self.free.pop()
+        self._init[entry] = (list(prompt_ids), list(output_ids))  # a reused entry's last writer wins
+        return entry
 
-    def release(self, slot: int) -> None:
-        self.free.append(slot)
+    def release(self, entry: int) -> None:
+        self.free.append(entry)
 
     def flush(self) -> None:
-        """Write the slots added since the last flush (one copy of their ids)."""
+        """Write the entries added since the last flush (one copy of their ids)."""
         if not self._init:
             return
         init, self._init = self._init, {}
-        slots = torch.tensor(list(init), dtype=torch.long).to(self.device, non_blocking=True)
-        self.prompt[slots] = False
-        self.counts[slots] = 0
+        entries = torch.tensor(list(init), dtype=torch.long).to(self.device, non_blocking=True)
+        self.prompt[entries] = False
+        self.counts[entries] = 0
         for table, which in ((self.prompt, 0), (self.counts, 1)):
             rows = [s for s, ids in init.items() for t in ids[which] if 0 <= t < self.vocab]
             cols = [t for ids in init.values() for t in ids[which] if 0 <= t < self.vocab]
@@ -392,12 +392,12 @@ class PenaltyState:
             else:
                 table.index_put_((r, c), torch.ones_like(c, dtype=torch.int32), accumulate=True)
 
-    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt mask bool [B, V], output counts int32 [B, V]) for the given slots."""
+    def gather(self, entries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt mask bool [B, V], output counts int32 [B, V]) for the given entries."""
         self.flush()
-        return self.prompt.index_select(0, slots), self.counts.index_select(0, slots)
+        return self.prompt.index_select(0, entries), self.counts.index_select(0, entries)
 
-    def bump(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Count the tokens just sampled for these slots (on the device, in stream order)."""
-        self.flush()  # a slot's initial write must come first
-        self.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
+    def bump(self, entries: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Count the tokens just sampled for these entries (on the device, in stream order)."""
+        self.flush()  # a entry's initial write must come first
+        self.counts.index_put_((entries, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)

@@ -4,11 +4,11 @@ The scheduler sends a diff: new requests in full, requests the workers
 already hold only when they got new KV blocks. Workers keep each request's
 token ids and computed count themselves (rank 0 samples and broadcasts; a
 scheduled request advances by its scheduled tokens), so a running request
-costs a slot number and a token count per step, not its whole history.
+costs a row number and a token count per step, not its whole history.
 
-A running request is known to the workers by its *slot*: a small integer the
-scheduler assigns on admission (NewRequestData.slot) and takes back with
-`finished_slots`; it is the request's row in every per-request table a worker
+A running request is known to the workers by its *row*: a small integer the
+scheduler assigns on admission (NewRequestData.row) and takes back with
+`finished_rows`; it is the request's row in every per-request table a worker
 keeps (block table, sampling parameters). The per-step batch is therefore two
 int32 arrays, and both messages pickle as a few byte strings: no per-request
 Python objects cross the process boundary on a decode step.
@@ -30,7 +30,7 @@ def _ints(values=()) -> np.ndarray:
 @dataclass
 class NewRequestData:
     req_id: str
-    slot: int  # the request's row in the workers' tables until a finished_slots entry frees it
+    row: int  # the request's row in the workers' tables until a finished_rows entry frees it
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # non-empty when resuming after preemption
     sampling_params: SamplingParams
@@ -42,7 +42,7 @@ class NewRequestData:
 class CachedRequestData:
     """A running request that got new KV blocks this step."""
 
-    slot: int
+    row: int
     new_block_ids: list[int]
     num_computed_tokens: int  # before this step (the workers' own count must agree)
 
@@ -51,12 +51,12 @@ class CachedRequestData:
 class StepInput:
     new_requests: list[NewRequestData] = field(default_factory=list)
     cached_requests: list[CachedRequestData] = field(default_factory=list)
-    # The batch, in order: each request's slot and the tokens it runs this step.
-    slots: np.ndarray = field(default_factory=_ints)
+    # The batch, in order: each request's row and the tokens it runs this step.
+    rows: np.ndarray = field(default_factory=_ints)
     num_tokens: np.ndarray = field(default_factory=_ints)
-    # Slots the workers must free (finished, aborted or preempted requests),
-    # applied before this step's new requests take their slots.
-    finished_slots: list[int] = field(default_factory=list)
+    # Rows the workers must free (finished, aborted or preempted requests),
+    # applied before this step's new requests take their rows.
+    finished_rows: list[int] = field(default_factory=list)
     step_id: int = -1  # the scheduler's own count (workers ignore it)
 
     @property
@@ -65,19 +65,19 @@ class StepInput:
 
     @property
     def is_empty(self) -> bool:
-        return len(self.slots) == 0
+        return len(self.rows) == 0
 
     def scheduled(self):
-        """(slot, tokens) pairs in batch order."""
-        return zip(self.slots.tolist(), self.num_tokens.tolist())
+        """(row, tokens) pairs in batch order."""
+        return zip(self.rows.tolist(), self.num_tokens.tolist())
 
     def __reduce__(self):
-        return _step_input, (self.new_requests, self.cached_requests, _ints(self.slots).tobytes(),
-                             _ints(self.num_tokens).tobytes(), self.finished_slots, self.step_id)
+        return _step_input, (self.new_requests, self.cached_requests, _ints(self.rows).tobytes(),
+                             _ints(self.num_tokens).tobytes(), self.finished_rows, self.step_id)
 
 
-def _step_input(new, cached, slots: bytes, num_tokens: bytes, finished, step_id) -> StepInput:
-    return StepInput(new, cached, np.frombuffer(slots, dtype=np.int32), np.frombuffer(num_tokens, dtype=np.int32),
+def _step_input(new, cached, rows: bytes, num_tokens: bytes, finished, step_id) -> StepInput:
+    return StepInput(new, cached, np.frombuffer(rows, dtype=np.int32), np.frombuffer(num_tokens, dtype=np.int32),
                      finished, step_id)
 
 
@@ -94,20 +94,20 @@ class Logprobs:
 
 @dataclass
 class StepOutput:
-    # The slots that produced a token this step, in batch order (prefill
+    # The rows that produced a token this step, in batch order (prefill
     # chunks that did not reach the end of the known tokens produce none),
     # and their tokens.
-    slots: np.ndarray = field(default_factory=_ints)
+    rows: np.ndarray = field(default_factory=_ints)
     token_ids: np.ndarray = field(default_factory=_ints)
     # Per entry, or None when no request of the step asked for logprobs.
     logprobs: list[Logprobs | None] | None = None
 
     def __len__(self) -> int:
-        return len(self.slots)
+        return len(self.rows)
 
     def __reduce__(self):
-        return _step_output, (_ints(self.slots).tobytes(), _ints(self.token_ids).tobytes(), self.logprobs)
+        return _step_output, (_ints(self.rows).tobytes(), _ints(self.token_ids).tobytes(), self.logprobs)
 
 
-def _step_output(slots: bytes, token_ids: bytes, logprobs) -> StepOutput:
-    return StepOutput(np.frombuffer(slots, dtype=np.int32), np.frombuffer(token_ids, dtype=np.int32), logprobs)
+def _step_output(rows: bytes, token_ids: bytes, logprobs) -> StepOutput:
+    return StepOutput(np.frombuffer(rows, dtype=np.int32), np.frombuffer(token_ids, dtype=np.int32), logprobs)

@@ -2,7 +2,7 @@
 
     python -m ziggurat.scripts.bench_step_prep [--model DIR]
 
-Times ModelRunner._prepare (flat inputs, slot mapping, block tables) and
+Times ModelRunner._prepare (flat inputs, row mapping, block tables) and
 SamplingBatch.build as the runner calls it, for 256 running requests of
 1000 tokens (63 blocks each) decoding one token. These run on the worker
 before every forward, so on a GPU they are on the critical path.
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     cfg = ModelConfig.from_dir(args.model)
     n = args.requests
     r = ModelRunner(cfg, torch.device("cpu"), 16, 2048)
-    step = StepInput(slots=np.arange(n, dtype=np.int32), num_tokens=np.ones(n, dtype=np.int32))
+    step = StepInput(rows=np.arange(n, dtype=np.int32), num_tokens=np.ones(n, dtype=np.int32))
     for i in range(n):
         step.new_requests.append(NewRequestData(f"r{i}", i, list(range(1000)), [], SamplingParams(),
                                                 list(range(i * 70, i * 70 + 63)), 999))

@@ -1,5 +1,10 @@
-"""MeterActor: the tenant plane's single writer. A thin shell over TenantPlane;
-started with restarts enabled, so a killed Meter comes back on the same
+"""MeterActor: the serving path's door to the tenant plane, a thin shell over TenantPlane.
+
+Schedulers record usage events through it and ingresses authenticate keys
+and read limits through it. It is not the database's only writer: the
+`ziggurat tenants|keys|prices` commands (cluster/tenant_cli.py) write the
+same database directly, which SQLite in WAL mode and PostgreSQL allow.
+Started with restarts enabled, so a killed Meter comes back on the same
 durable store and producers simply retry unacknowledged events."""
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ wins unless it is much busier than the least-loaded replica. Load = queued +
 running requests (from the replicas' periodic reports plus picks made since)
 weighted by KV usage.
 
-The index is fed by what the router itself routed; schedulers' KV-cache
-events (exact residency, evictions) can feed `observe`/`forget` the same way.
+The index is fed by what the router itself routed (`observe`), so it is
+approximate: it does not see evictions.
 """
 
 from __future__ import annotations
@@ -71,10 +71,6 @@ class Router:
         while len(self.index) > self.max_entries:
             self.index.popitem(last=False)
 
-    def forget(self, hashes: list[bytes], replica: int) -> None:
-        for h in hashes:
-            if self.index.get(h) == replica:
-                del self.index[h]
 
     def report(self, replica: int, num_waiting: int, num_running: int, kv_usage: float) -> None:
         r = self.replicas[replica]

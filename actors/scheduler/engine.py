@@ -117,7 +117,7 @@ class EngineCore:
             self._inflight = None
             aborted = self.abort(list(self.scheduler.requests))
             # Steps scheduled (or half-scheduled) but never applied, and their
-            # slot frees, are gone: the next step frees every slot in the workers.
+            # row frees, are gone: the next step frees every row in the workers.
             self.scheduler.steps_abandoned()
             self.kv.reset_prefix_cache()
             raise StepFailed(aborted) from e

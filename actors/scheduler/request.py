@@ -46,9 +46,9 @@ class Request:
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling; -1 until then
     num_preemptions: int = 0
     stop_reason: int | str | None = None
-    # Its slot in the workers (models/step.py) while they hold its state (sent
+    # Its row in the workers (models/step.py) while they hold its state (sent
     # as new, not since finished or preempted); -1 otherwise.
-    slot: int = -1
+    row: int = -1
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

@@ -7,8 +7,8 @@ here, and Python runs only for the few requests that need something else
 
 While a request is in the set, the set's columns hold its `num_computed_tokens`
 and `num_pending`; the Request's own fields are written back when it leaves
-(pop/remove), and read in on append. `slot_pos` maps a worker slot (see
-models/step.py) to its request's position: a step's output (slots and
+(pop/remove), and read in on append. `row_pos` maps a worker row (see
+models/step.py) to its request's position: a step's output (rows and
 tokens) finds its rows with one gather, and a request its own with `index`.
 """
 
@@ -29,9 +29,9 @@ _INT_COLS = (
     "min_tokens",  # no stop check before this many outputs
     "prompt",  # prompt length
     "cached",  # prefix-cache hit at first scheduling
-    "kv_cap",  # slots its KV blocks hold
+    "kv_cap",  # rows its KV blocks hold
     "kv_cache_lim",  # known length at which a full block must be offered to the prefix cache
-    "slot",  # the request's slot in the workers
+    "row",  # the request's row in the workers
 )
 # True where the stop check needs Python every token (stop_token_ids, or an
 # end-of-sequence set other than the scheduler's default).
@@ -46,7 +46,7 @@ class RunningSet:
             setattr(self, c, np.zeros(capacity, dtype=np.int64))
         for c in _BOOL_COLS:
             setattr(self, c, np.zeros(capacity, dtype=bool))
-        self.slot_pos = np.full(capacity, -1, dtype=np.int64)  # slot -> position, -1: not running
+        self.row_pos = np.full(capacity, -1, dtype=np.int64)  # row -> position, -1: not running
 
     def __len__(self) -> int:
         return len(self.reqs)
@@ -74,12 +74,12 @@ class RunningSet:
         self.prompt[i] = len(req.prompt_token_ids)
         self.cached[i] = max(req.num_cached_tokens, 0)
         self.kv_cap[i], self.kv_cache_lim[i] = kv_limits
-        self.slot[i] = req.slot
-        if req.slot >= len(self.slot_pos):
-            grown = np.full(max(2 * len(self.slot_pos), req.slot + 1), -1, dtype=np.int64)
-            grown[: len(self.slot_pos)] = self.slot_pos
-            self.slot_pos = grown
-        self.slot_pos[req.slot] = i
+        self.row[i] = req.row
+        if req.row >= len(self.row_pos):
+            grown = np.full(max(2 * len(self.row_pos), req.row + 1), -1, dtype=np.int64)
+            grown[: len(self.row_pos)] = self.row_pos
+            self.row_pos = grown
+        self.row_pos[req.row] = i
         self.py_stop[i] = bool(p.stop_token_ids) or (not p.ignore_eos and tuple(req.eos_token_ids) != default_eos)
 
     def _write_back(self, i: int) -> None:
@@ -91,7 +91,7 @@ class RunningSet:
         """The last admitted request (the preemption victim), its counters written back."""
         i = len(self.reqs) - 1
         self._write_back(i)
-        self.slot_pos[self.slot[i]] = -1
+        self.row_pos[self.row[i]] = -1
         return self.reqs.pop()
 
     def remove(self, indices) -> list[Request]:
@@ -106,30 +106,30 @@ class RunningSet:
         keep = np.ones(m, dtype=bool)
         keep[drop] = False
         k = int(keep.sum())
-        self.slot_pos[self.slot[drop]] = -1
+        self.row_pos[self.row[drop]] = -1
         for c in _INT_COLS + _BOOL_COLS:
             col = getattr(self, c)
             col[:k] = col[:m][keep]
-        self.slot_pos[self.slot[:k]] = np.arange(k)
+        self.row_pos[self.row[:k]] = np.arange(k)
         dropset = set(drop)
         self.reqs = [r for i, r in enumerate(self.reqs) if i not in dropset]
         return gone
 
     def index(self, req: Request) -> int:
-        """The position of a running request (its slot's)."""
-        return int(self.slot_pos[req.slot])
+        """The position of a running request (its row's)."""
+        return int(self.row_pos[req.row])
 
 
-class SlotPool:
-    """Hands out worker slots. A freed slot may still appear in the output of
+class RowPool:
+    """Hands out worker rows. A freed row may still appear in the output of
     steps already scheduled (they run while the scheduler works), so it is
     handed out again only once every step scheduled before it was freed has
     had its output applied (`done`): a late token can never be taken for the
-    slot's next request."""
+    row's next request."""
 
     def __init__(self) -> None:
         self._free: list[int] = []
-        self._cooling: deque[tuple[int, int]] = deque()  # (steps scheduled when freed, slot)
+        self._cooling: deque[tuple[int, int]] = deque()  # (steps scheduled when freed, row)
         self._next = 0
         self.scheduled = 0  # steps scheduled so far
         self.done = 0  # steps below this id have had their output applied (or were dropped)
@@ -143,10 +143,10 @@ class SlotPool:
         self._next += 1
         return self._next - 1
 
-    def release(self, slot: int) -> None:
-        self._cooling.append((self.scheduled, slot))
+    def release(self, row: int) -> None:
+        self._cooling.append((self.scheduled, row))
 
     @property
     def num_issued(self) -> int:
-        """Slots ever created (the workers' tables are at least this tall)."""
+        """Rows ever created (the workers' tables are at least this tall)."""
         return self._next

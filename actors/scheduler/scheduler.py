@@ -30,7 +30,7 @@ import numpy as np
 from ziggurat.actors.scheduler.kv_manager import KVCacheManager
 from ziggurat.actors.scheduler.messages import StepUpdates
 from ziggurat.actors.scheduler.request import Request, RequestStatus
-from ziggurat.actors.scheduler.running import RunningSet, SlotPool
+from ziggurat.actors.scheduler.running import RunningSet, RowPool
 from ziggurat.models.step import CachedRequestData, NewRequestData, StepInput, StepOutput
 
 
@@ -51,8 +51,8 @@ class Scheduler:
         self.default_eos = tuple(default_eos_token_ids)
         self._eos = np.asarray(self.default_eos, dtype=np.int64)
         self.requests: dict[str, Request] = {}
-        self._forget: list[int] = []  # slots the workers must free at the next step
-        self.slots = SlotPool()
+        self._forget: list[int] = []  # rows the workers must free at the next step
+        self.rows = RowPool()
         self.num_preemptions = 0
 
     # -- admission -----------------------------------------------------------
@@ -87,16 +87,16 @@ class Scheduler:
 
     def step_dropped(self, step: StepInput) -> None:
         """A scheduled step that never reaches the workers (it was empty, or
-        the engine failed): its slots to free go with the next one."""
-        self._forget.extend(step.finished_slots)
+        the engine failed): its rows to free go with the next one."""
+        self._forget.extend(step.finished_rows)
 
     def steps_abandoned(self) -> None:
         """No output will be applied for any step scheduled so far (the engine
         failed, after ending every request). Steps that never reached the
-        workers took their slot frees with them, so the next step frees every
-        slot ever issued (workers ignore slots they do not hold)."""
-        self.slots.done = self.slots.scheduled
-        self._forget = list(range(self.slots.num_issued))
+        workers took their row frees with them, so the next step frees every
+        row ever issued (workers ignore rows they do not hold)."""
+        self.rows.done = self.rows.scheduled
+        self._forget = list(range(self.rows.num_issued))
 
     @property
     def has_unfinished(self) -> bool:
@@ -113,11 +113,11 @@ class Scheduler:
     # -- one step --------------------------------------------------------------
 
     def schedule(self) -> StepInput:
-        step = StepInput(finished_slots=self._forget, step_id=self.slots.scheduled)
-        self.slots.scheduled += 1
+        step = StepInput(finished_rows=self._forget, step_id=self.rows.scheduled)
+        self.rows.scheduled += 1
         self._forget = []
         budget, preempted = self._schedule_running(step, self.config.max_num_batched_tokens)
-        new_slots, new_n = [], []
+        new_rows, new_n = [], []
 
         # Admit waiting requests only if nobody had to be preempted: the cache
         # is under pressure, and admitting would preempt someone next step.
@@ -137,11 +137,11 @@ class Scheduler:
                 req.num_cached_tokens = num_hit
             self._add_new_to_step(step, req, n)
             self.running.append(req, self.kv.fast_limits(req.request_id), self.default_eos)
-            new_slots.append(req.slot)
+            new_rows.append(req.row)
             new_n.append(n)
             budget -= n
-        if new_slots:
-            step.slots = np.concatenate([step.slots, np.asarray(new_slots, dtype=np.int32)])
+        if new_rows:
+            step.rows = np.concatenate([step.rows, np.asarray(new_rows, dtype=np.int32)])
             step.num_tokens = np.concatenate([step.num_tokens, np.asarray(new_n, dtype=np.int32)])
         return step
 
@@ -190,12 +190,12 @@ class Scheduler:
         rs.pending[:m] += ran & (new_c == rs.known[:m] + rs.pending[:m])
         rs.computed[:m] = new_c
         if ran.all():
-            step.slots, step.num_tokens = rs.slot[:m].astype(np.int32), n.astype(np.int32)
+            step.rows, step.num_tokens = rs.row[:m].astype(np.int32), n.astype(np.int32)
         else:
-            step.slots, step.num_tokens = rs.slot[:m][ran].astype(np.int32), n[ran].astype(np.int32)
+            step.rows, step.num_tokens = rs.row[:m][ran].astype(np.int32), n[ran].astype(np.int32)
         for i, blocks in new_blocks.items():
             if blocks and i < m:
-                step.cached_requests.append(CachedRequestData(int(rs.slot[i]), list(blocks), int(c[i])))
+                step.cached_requests.append(CachedRequestData(int(rs.row[i]), list(blocks), int(c[i])))
         return budget - int(n.sum()), preempted
 
     def _allocate(self, req: Request, n: int, computed: int, pending: int):
@@ -203,13 +203,13 @@ class Scheduler:
 
     def _add_new_to_step(self, step: StepInput, req: Request, n: int) -> None:
         """An admitted request: sent to the workers whole (it is new to them,
-        or resumes after preemption), in a fresh slot. The caller adds its
-        slot and `n` to the step's batch."""
-        req.slot = self.slots.take()
+        or resumes after preemption), in a fresh row. The caller adds its
+        row and `n` to the step's batch."""
+        req.row = self.rows.take()
         step.new_requests.append(
             NewRequestData(
                 req_id=req.request_id,
-                slot=req.slot,
+                row=req.row,
                 prompt_token_ids=req.prompt_token_ids,
                 output_token_ids=list(req.output_token_ids),
                 sampling_params=req.sampling_params,
@@ -230,9 +230,9 @@ class Scheduler:
         req.num_pending = 0  # a token still in flight for it is dropped on arrival
         req.num_preemptions += 1
         self.num_preemptions += 1
-        if req.slot >= 0:
-            step.finished_slots.append(req.slot)
-            self._free_slot(req)
+        if req.row >= 0:
+            step.finished_rows.append(req.row)
+            self._free_row(req)
         self.waiting.appendleft(req)
 
     # -- after the step --------------------------------------------------------
@@ -242,10 +242,10 @@ class Scheduler:
         stop, free those. Columns for the batch; Python for the few that may stop."""
         rs = self.running
         ups = StepUpdates()
-        self.slots.done = step.step_id + 1  # steps are applied in order
-        if not len(out.slots):
+        self.rows.done = step.step_id + 1  # steps are applied in order
+        if not len(out.rows):
             return ups
-        idx = rs.slot_pos[out.slots]  # -1: the slot's request is gone (its slot not reused yet: SlotPool)
+        idx = rs.row_pos[out.rows]  # -1: the row's request is gone (its row not reused yet: RowPool)
         toks = out.token_ids.astype(np.int64)
         # Requests gone (finished, aborted, preempted while the step ran) or
         # with no token expected drop their entry.
@@ -316,11 +316,11 @@ class Scheduler:
 
     def _release(self, req: Request) -> None:
         self.kv.free(req.request_id)
-        if req.slot >= 0:
-            self._forget.append(req.slot)
-            self._free_slot(req)
+        if req.row >= 0:
+            self._forget.append(req.row)
+            self._free_row(req)
         del self.requests[req.request_id]
 
-    def _free_slot(self, req: Request) -> None:
-        self.slots.release(req.slot)
-        req.slot = -1
+    def _free_row(self, req: Request) -> None:
+        self.rows.release(req.row)
+        req.row = -1

@@ -193,10 +193,10 @@ def test_failed_step_never_leaves_unwritten_blocks_in_the_prefix_cache(llama_dir
 
 
 @pytest.mark.parametrize("async_", [False, True])
-def test_a_launch_that_fails_loses_no_slot_free(llama_dir, async_):
-    """The step that fails to launch carries the slot of a request that just
+def test_a_launch_that_fails_loses_no_row_free(llama_dir, async_):
+    """The step that fails to launch carries the row of a request that just
     finished; after the failure the workers must still be told to free it
-    before the slot holds someone else (they refuse a held slot)."""
+    before the row holds someone else (they refuse a held row)."""
     from ziggurat.actors.scheduler.engine import StepFailed
 
     llm = LLM(llama_dir, num_kv_blocks=64)
@@ -206,7 +206,7 @@ def test_a_launch_that_fails_loses_no_slot_free(llama_dir, async_):
 
     def flaky(step):
         calls[0] += 1
-        if step.finished_slots and calls[0] < 100:
+        if step.finished_rows and calls[0] < 100:
             calls[0] = 100  # fail once
             raise KeyboardInterrupt
         return real(step)
@@ -219,7 +219,7 @@ def test_a_launch_that_fails_loses_no_slot_free(llama_dir, async_):
     prompts = random_prompts(3, 1000, 4, 20, seed=5)
     got = llm.generate(prompts, GREEDY)
     assert tokens(got) == tokens(LLM(llama_dir, num_kv_blocks=64).generate(prompts, GREEDY))
-    # The workers hold no slot but those whose free goes with the next step.
+    # The workers hold no row but those whose free goes with the next step.
     assert set(ex.worker.runner.requests) <= set(llm.engine.scheduler._forget)
 
 

@@ -53,21 +53,21 @@ class FakeRunner(ModelRunner):
         self.kv_tok = np.full(num_blocks * block_size, -1, dtype=np.int64)
         self.kv_pos = np.full(num_blocks * block_size, -1, dtype=np.int64)
         self.num_blocks = num_blocks
-        self.recent_freed, self.slot_bound = [], 0
+        self.recent_freed, self.row_bound = [], 0
 
     def execute(self, step):
         self._update_states(step)
         assert all(r.row == s for s, r in self.requests.items())
-        # Slots are reused: none is ever above what was held at once plus what
-        # was freed in the last few steps (a freed slot cools while steps that
+        # Rows are reused: none is ever above what was held at once plus what
+        # was freed in the last few steps (a freed row cools while steps that
         # may carry it are in flight).
-        self.recent_freed = (self.recent_freed + [len(step.finished_slots)])[-3:]
-        self.slot_bound = max(self.slot_bound, len(self.requests) + sum(self.recent_freed))
-        assert max(self.requests, default=-1) < self.slot_bound, "slots are not reused"
+        self.recent_freed = (self.recent_freed + [len(step.finished_rows)])[-3:]
+        self.row_bound = max(self.row_bound, len(self.requests) + sum(self.recent_freed))
+        assert max(self.requests, default=-1) < self.row_bound, "rows are not reused"
         if step.is_empty:
             return StepOutput()
         hs = self._prepare(step)
-        slots = hs.slots
+        slots = hs.slot_mapping
         assert (slots >= 0).all() and (slots < self.num_blocks * self.block_size).all()
         self.kv_tok[slots] = hs.ids
         self.kv_pos[slots] = hs.positions
@@ -75,7 +75,7 @@ class FakeRunner(ModelRunner):
         self._apply_table_diff()
         bt = self.device_table[torch.from_numpy(hs.rows)].numpy()
         bs = self.block_size
-        for i, rid in enumerate(step.slots.tolist()):
+        for i, rid in enumerate(step.rows.tolist()):
             r = self.requests[rid]
             L = int(hs.seq_lens[i])
             assert (L + bs - 1) // bs <= r.num_blocks, (rid, L, r.num_blocks)
@@ -90,7 +90,7 @@ class FakeRunner(ModelRunner):
             t = next_token(r.token_ids)
             r.token_ids.append(t)
             toks.append(t)
-        return StepOutput(hs.sample_slots, np.asarray(toks, dtype=np.int32))
+        return StepOutput(hs.sample_rows, np.asarray(toks, dtype=np.int32))
 
 
 class Exec:

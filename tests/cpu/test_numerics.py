@@ -58,7 +58,7 @@ class Driver:
         self.runner.allocate_kv_cache(num_blocks)
         self.kv = KVCacheManager(num_blocks, BLOCK, enable_prefix_caching=prefix_caching)
         self.computed: dict[str, int] = {}
-        self.slot: dict[str, int] = {}
+        self.row: dict[str, int] = {}
 
     def step(self, chunks: dict[str, tuple[list[int], int]]) -> dict[str, torch.Tensor]:
         """chunks: rid -> (all prompt ids, tokens to run now). Returns rid -> logits [n, V]."""
@@ -67,15 +67,15 @@ class Driver:
             if rid not in self.computed:
                 hit, num_hit = self.kv.get_computed_blocks(rid, ids)
                 new = self.kv.allocate_slots(rid, ids, num_hit, n, hit)
-                self.slot[rid] = len(self.slot)
-                step.new_requests.append(NewRequestData(rid, self.slot[rid], ids, [], SamplingParams(temperature=0),
+                self.row[rid] = len(self.row)
+                step.new_requests.append(NewRequestData(rid, self.row[rid], ids, [], SamplingParams(temperature=0),
                                                         self.kv.get_block_ids(rid), num_hit))
                 self.computed[rid] = num_hit
             else:
                 new = self.kv.allocate_slots(rid, ids, self.computed[rid], n)
-                step.cached_requests.append(CachedRequestData(self.slot[rid], new, self.computed[rid]))
+                step.cached_requests.append(CachedRequestData(self.row[rid], new, self.computed[rid]))
             assert new is not None
-        step.slots = np.asarray([self.slot[rid] for rid in chunks], dtype=np.int32)
+        step.rows = np.asarray([self.row[rid] for rid in chunks], dtype=np.int32)
         step.num_tokens = np.asarray([n for _, n in chunks.values()], dtype=np.int32)
         r = self.runner
         r._update_states(step)
@@ -87,7 +87,7 @@ class Driver:
             out[rid] = logits[at : at + n]
             at += n
             self.computed[rid] += n
-            r.requests[self.slot[rid]].num_computed = self.computed[rid]
+            r.requests[self.row[rid]].num_computed = self.computed[rid]
         return out
 
 
@@ -160,7 +160,7 @@ def test_repetition_penalty_generation_matches_transformers(model_factory):
     assert llm.engine.scheduler.num_preemptions > 0
     llm.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=1))  # carries the last finished ids over
     runner = llm.engine.executor.worker.runner
-    assert sorted(runner.penalties.free) == list(range(runner.penalties.prompt.shape[0]))  # every slot released
+    assert sorted(runner.penalties.free) == list(range(runner.penalties.prompt.shape[0]))  # every row released
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

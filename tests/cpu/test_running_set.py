@@ -1,4 +1,4 @@
-"""RunningSet (the scheduler's columns), worker slots, the step messages'
+"""RunningSet (the scheduler's columns), worker rows, the step messages'
 wire form, and StepUpdates (a step's updates as columns)."""
 
 import pickle
@@ -7,7 +7,7 @@ import numpy as np
 
 from ziggurat.actors.scheduler.kv_manager import KVCacheManager
 from ziggurat.actors.scheduler.request import Request
-from ziggurat.actors.scheduler.running import RunningSet, SlotPool
+from ziggurat.actors.scheduler.running import RunningSet, RowPool
 from ziggurat.actors.scheduler.messages import RequestUpdate, StepUpdates
 from ziggurat.actors.scheduler.scheduler import Scheduler, SchedulerConfig
 from ziggurat.models.step import CachedRequestData, Logprobs, NewRequestData, StepInput, StepOutput
@@ -17,7 +17,7 @@ from ziggurat.sampling_params import SamplingParams
 def _req(i: int, **kw) -> Request:
     r = Request(f"r{i}", list(range(10 + i)), SamplingParams(max_tokens=50 + i, **kw), eos_token_ids=(2,))
     r.num_computed_tokens, r.num_pending = 3 * i, i % 2
-    r.slot = 100 + 10 * i  # past the initial slot_pos: it grows
+    r.row = 100 + 10 * i  # past the initial row_pos: it grows
     return r
 
 
@@ -36,10 +36,10 @@ def test_columns_follow_appends_pops_and_removes():
     assert [r.request_id for r in rs.reqs] == ["r0", "r2", "r3", "r5"]
     assert [rs.index(reqs[i]) for i in (0, 2, 3, 5)] == [0, 1, 2, 3]
     assert list(rs.computed[:4]) == [100, 106, 109, 115] and list(rs.max_out[:4]) == [50, 52, 53, 55]
-    assert rs.reqs[rs.index(reqs[2])] is reqs[2] and rs.slot_pos[reqs[1].slot] == -1
+    assert rs.reqs[rs.index(reqs[2])] is reqs[2] and rs.row_pos[reqs[1].row] == -1
     assert (rs.computed[1], rs.pending[1]) == (106, 0)
-    # slot -> position follows every move; the slots of the removed map to -1
-    assert [int(rs.slot_pos[100 + 10 * i]) for i in range(7)] == [0, -1, 1, 2, -1, 3, -1]
+    # row -> position follows every move; the rows of the removed map to -1
+    assert [int(rs.row_pos[100 + 10 * i]) for i in range(7)] == [0, -1, 1, 2, -1, 3, -1]
 
 
 def test_stop_ids_and_foreign_eos_take_the_python_stop_check():
@@ -64,14 +64,14 @@ def test_step_updates_round_trip():
     assert s.take([0]).finished == {} and s.take([1]).finished == {"b": ("error", None)}
 
 
-def test_slot_pool_reuses_a_slot_only_after_the_steps_that_may_carry_it():
-    pool = SlotPool()
+def test_row_pool_reuses_a_row_only_after_the_steps_that_may_carry_it():
+    pool = RowPool()
     a, b = pool.take(), pool.take()
     assert (a, b) == (0, 1)
     pool.scheduled = 5  # steps 0-4 scheduled; 0-2 applied
     pool.done = 3
-    pool.release(a)  # steps 3 and 4 may still carry a token for slot a
-    assert pool.take() == 2  # a fresh slot, not a
+    pool.release(a)  # steps 3 and 4 may still carry a token for row a
+    assert pool.take() == 2  # a fresh row, not a
     pool.done = 4
     assert pool.take() == 3
     pool.done = 5
@@ -83,19 +83,19 @@ def _scheduler(**kw) -> Scheduler:
     return Scheduler(cfg, KVCacheManager(64, 16), default_eos_token_ids=(2,))
 
 
-def test_a_late_token_for_an_aborted_request_never_reaches_the_slots_next_owner():
+def test_a_late_token_for_an_aborted_request_never_reaches_the_rows_next_owner():
     """Async scheduling: step B is planned while step A runs. r0 is aborted
-    between them and r1 admitted; r1 must not get r0's slot while A's output
-    (which holds a token for r0's slot) is still to be applied."""
+    between them and r1 admitted; r1 must not get r0's row while A's output
+    (which holds a token for r0's row) is still to be applied."""
     s = _scheduler()
     s.add_request(Request("r0", [5] * 20, SamplingParams(max_tokens=10, ignore_eos=True)))
     step_a = s.schedule()
-    (slot0,) = step_a.slots.tolist()
+    (slot0,) = step_a.rows.tolist()
     s.finish_requests(["r0"])
     s.add_request(Request("r1", [6] * 20, SamplingParams(max_tokens=10, ignore_eos=True)))
     step_b = s.schedule()
-    assert step_b.finished_slots == [slot0]
-    (slot1,) = step_b.slots.tolist()
+    assert step_b.finished_rows == [slot0]
+    (slot1,) = step_b.rows.tolist()
     assert slot1 != slot0
     ups = s.update_from_output(step_a, StepOutput(np.array([slot0], np.int32), np.array([77], np.int32)))
     assert len(ups) == 0  # dropped: nobody holds slot0
@@ -104,7 +104,7 @@ def test_a_late_token_for_an_aborted_request_never_reaches_the_slots_next_owner(
     # Every step that could carry slot0 is applied: the next admission takes it.
     s.add_request(Request("r2", [7] * 20, SamplingParams(max_tokens=10, ignore_eos=True)))
     step_c = s.schedule()
-    assert s.requests["r2"].slot == slot0 and slot0 in step_c.slots.tolist()
+    assert s.requests["r2"].row == slot0 and slot0 in step_c.rows.tolist()
 
 
 def test_step_messages_pickle_as_a_few_byte_strings():
@@ -113,12 +113,12 @@ def test_step_messages_pickle_as_a_few_byte_strings():
                      np.arange(256, dtype=np.int32), np.ones(256, dtype=np.int32), [5, 6], step_id=12)
     back = pickle.loads(pickle.dumps(step))
     assert back.new_requests == step.new_requests and back.cached_requests == step.cached_requests
-    assert back.slots.tolist() == list(range(256)) and back.total_tokens == 256
-    assert (back.finished_slots, back.step_id) == ([5, 6], 12)
+    assert back.rows.tolist() == list(range(256)) and back.total_tokens == 256
+    assert (back.finished_rows, back.step_id) == ([5, 6], 12)
     assert list(back.scheduled())[:2] == [(0, 1), (1, 1)]
-    decode = StepInput(slots=np.arange(256, dtype=np.int32), num_tokens=np.ones(256, dtype=np.int32))
+    decode = StepInput(rows=np.arange(256, dtype=np.int32), num_tokens=np.ones(256, dtype=np.int32))
     assert len(pickle.dumps(decode)) < 2 * 256 * 4 + 300  # the arrays' bytes plus a small frame
     out = StepOutput(np.array([3, 1], np.int32), np.array([10, 11], np.int32), [None, Logprobs(11, -0.5, 1, [11], [-0.5])])
     back = pickle.loads(pickle.dumps(out))
-    assert back.slots.tolist() == [3, 1] and back.token_ids.tolist() == [10, 11] and back.logprobs == out.logprobs
+    assert back.rows.tolist() == [3, 1] and back.token_ids.tolist() == [10, 11] and back.logprobs == out.logprobs
     assert pickle.loads(pickle.dumps(StepOutput())).logprobs is None and len(StepOutput()) == 0

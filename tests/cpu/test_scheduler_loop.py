@@ -186,14 +186,14 @@ def test_null_worker_simulates_a_device_step(llama_dir):
 
     w = NullWorker(EngineConfig(model=str(llama_dir), device="cpu", extra={"null_step_us": 20_000}))
     first = StepInput([NewRequestData("a", 0, [1, 2, 3], [], SamplingParams(), [0], 0)],
-                      slots=np.array([0], np.int32), num_tokens=np.array([3], np.int32))
+                      rows=np.array([0], np.int32), num_tokens=np.array([3], np.int32))
     t0 = time.perf_counter()
     h1 = w.execute_async(first)
-    h2 = w.execute_async(StepInput(slots=np.array([0], np.int32), num_tokens=np.array([1], np.int32)))
+    h2 = w.execute_async(StepInput(rows=np.array([0], np.int32), num_tokens=np.array([1], np.int32)))
     h3 = w.execute_async(StepInput())
     assert time.perf_counter() - t0 < 0.015  # launches do not wait
     out1 = w.wait(h1)
     assert 0.019 <= time.perf_counter() - t0
     out2 = w.wait(h2)
     assert 0.039 <= time.perf_counter() - t0  # the second ran after the first
-    assert out1.slots.tolist() == [0] and out2.slots.tolist() == [0] and len(w.wait(h3)) == 0
+    assert out1.rows.tolist() == [0] and out2.rows.tolist() == [0] and len(w.wait(h3)) == 0
