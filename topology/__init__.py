@@ -1,0 +1,3 @@
+"""What the hardware is and where things go: NVML GPU info, placement groups,
+TP process groups.
+"""

@@ -1,0 +1,3 @@
+"""Which replica serves a request: the policy (policy.py, prefix affinity
+against load) and its actor.
+"""

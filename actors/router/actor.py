@@ -1,4 +1,4 @@
-"""RouterActor: a thin shell around core.router.Router."""
+"""RouterActor: a thin shell around policy.Router."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""The Ray shell around one TP rank's worker (models/worker.py)."""
