@@ -106,6 +106,9 @@ class SamplingParams:
         lp = integer("logprobs", allow_none=True)
         if lp is not None and not 0 <= lp <= self.MAX_LOGPROBS:
             bad("logprobs", f"must be in [0, {self.MAX_LOGPROBS}], got {lp}")
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, f"must be a boolean, got {getattr(self, name)!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 bad("stop", f"stop strings must be non-empty strings, got {s!r}")

@@ -19,6 +19,7 @@ import uuid
 import ray
 
 from ziggurat.actors.ingress.gatekeeper import Gatekeeper
+from ziggurat.actors.ingress.http_protocol import DeadlineH11Protocol
 from ziggurat.actors.ingress.ray_client import RayEngineClient
 from ziggurat.actors.ingress.server import IngressConfig, OpenAIServer
 from ziggurat.actors.process import freeze_startup_heap
@@ -61,8 +62,9 @@ class IngressActor:
                 return
             await app(scope, receive, send)
 
-        ucfg = uvicorn.Config(asgi, host=config.host, port=config.port, loop="uvloop",
-                              log_level="warning", lifespan="on", timeout_keep_alive=30)
+        ucfg = uvicorn.Config(asgi, host=config.host, port=config.port, loop="uvloop", log_level="warning",
+                              lifespan="on", timeout_keep_alive=30,
+                              http=DeadlineH11Protocol.with_timeout(config.read_timeout_s))
         self.uvicorn = uvicorn.Server(ucfg)
         # SO_REUSEPORT: several ingress actors on one host share the port and
         # the kernel spreads connections across them.

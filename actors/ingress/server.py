@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
@@ -52,6 +54,8 @@ from ziggurat.actors.scheduler.output_processor import Delta, RequestOutputs
 from ziggurat.actors.scheduler.validation import ModelLimits, RequestError, check_request
 from ziggurat.models.tokenizer import Tokenizer
 
+log = logging.getLogger("ziggurat.ingress")
+
 ROUTING_BLOCKS = 8  # prefix blocks whose hashes the router sees
 DEFAULT_RESERVATION = 1024  # tokens reserved for quota when a request sets no max_tokens
 
@@ -71,6 +75,9 @@ class IngressConfig:
     api_keys: tuple[str, ...] = _opt((), "static API keys (the 'default' tenant)", cli=False)
     admin_key: str | None = _opt(None, "enables the /admin API", cli=False)
     request_timeout_s: float = _opt(600.0, "seconds a request may take before it is aborted")
+    read_timeout_s: float = _opt(15.0, "seconds a client may take to send a request head or body")
+    max_body_bytes: int = _opt(8 << 20, "largest request body accepted (bytes); larger is a 413")
+    tokenizer_threads: int = _opt(4, "threads that tokenize and apply chat templates (off the event loop)")
     share_prefix_cache: bool = _opt(False, "share cached prompt prefixes across tenants (a public system prompt); "
                                            "tenants can then observe each other's cache hits by timing")
     redact: str | None = _opt(None, "module:function applied to request logs before they are stored "
@@ -91,6 +98,10 @@ class OpenAIServer:
         self.replica = replica
         self.limits = ModelLimits(replica.max_model_len, replica.vocab_size)
         self.tokenizer = Tokenizer(replica.model)
+        self.pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="tokenize")
+        # No text longer than this (UTF-8 bytes) can fit the context: every token covers at most
+        # max_token_bytes of it. Checked before tokenizing, so a huge prompt costs nothing.
+        self.max_prompt_bytes = self.limits.max_model_len * self.tokenizer.max_token_bytes + 4096
         self.redact = load_object(config.redact) if config.redact else None
         self.http_requests: dict[int, int] = {}  # status -> count
         self.app = Starlette(
@@ -102,7 +113,8 @@ class OpenAIServer:
                 Route("/metrics", self.prometheus, methods=["GET"]),
                 *admin_routes(self),
             ],
-            exception_handlers={APIError: self._api_error, 404: self._not_found, 405: self._not_allowed},
+            exception_handlers={APIError: self._api_error, 404: self._not_found, 405: self._not_allowed,
+                                Exception: self._internal_error},
         )
         self.asgi = RequestIdMiddleware(self.app)
 
@@ -111,6 +123,13 @@ class OpenAIServer:
     async def _api_error(self, request, exc: APIError):
         self._count(exc.status)
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    async def _internal_error(self, request, exc):
+        """Anything unhandled: an OpenAI-shaped 500 (the connection stays usable; RequestIdMiddleware
+        swallows the re-raise starlette makes for logging, after logging it once)."""
+        self._count(500)
+        return JSONResponse(APIError(500, f"internal error ({type(exc).__name__})", "internal_error",
+                                     code="internal").body(), status_code=500)
 
     async def _not_found(self, request, exc):
         return JSONResponse(APIError(404, f"no route {request.url.path}", code="not_found").body(), status_code=404)
@@ -122,13 +141,51 @@ class OpenAIServer:
         self.http_requests[status] = self.http_requests.get(status, 0) + 1
 
     async def _body(self, request: Request) -> dict:
+        """The JSON body, read within the read timeout and the size limit; parsed off
+        the event loop when large; nesting too deep for the parser is a 400."""
+        limit = self.config.max_body_bytes
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > limit:
+            raise APIError(413, f"request body of {size} bytes exceeds the limit of {limit}", code="body_too_large")
+
+        async def read() -> bytes:
+            chunks, n = [], 0
+            async for chunk in request.stream():
+                n += len(chunk)
+                if n > limit:
+                    raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
+                chunks.append(chunk)
+            return b"".join(chunks)
+
         try:
-            body = await request.json()
+            raw = await asyncio.wait_for(read(), self.config.read_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {self.config.read_timeout_s:g} s",
+                           code="read_timeout") from None
+        try:
+            body = json.loads(raw) if len(raw) < 1 << 16 else await self._off_loop(json.loads, raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise bad("request body is not valid JSON") from None
+        except RecursionError:
+            raise bad("request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise bad("request body must be a JSON object")
         return body
+
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def _text_bytes(self, text: str, param: str) -> int:
+        """A prompt text's UTF-8 size (a lone surrogate is a 400), refused before
+        tokenizing if it cannot possibly fit the context."""
+        try:
+            n = len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise bad(f"'{param}' is not valid Unicode text (a lone surrogate)", param) from None
+        if n > self.max_prompt_bytes:
+            raise bad(f"{param}: {n} bytes of text cannot fit max_model_len={self.limits.max_model_len} tokens",
+                      param, "context_length_exceeded")
+        return n
 
     def _check_model(self, name: str | None) -> None:
         if name is not None and name != self.config.served_model_name:
@@ -161,15 +218,23 @@ class OpenAIServer:
         principal = await self.gate.authenticate(request.headers.get("authorization"))
         req = parse_completion(await self._body(request))
         self._check_model(req.model)
-        prompts = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in req.prompts]
+        texts = [p for p in req.prompts if isinstance(p, str)]
+        for p in texts:
+            self._text_bytes(p, "prompt")
+        encoded = iter(await self._off_loop(lambda: [self.tokenizer.encode(p) for p in texts]) if texts else [])
+        prompts = [next(encoded) if isinstance(p, str) else list(p) for p in req.prompts]
         return await self._serve(request, principal, req, prompts, "cmpl")
 
     async def chat(self, request: Request):
         principal = await self.gate.authenticate(request.headers.get("authorization"))
         req = parse_chat(await self._body(request))
         self._check_model(req.model)
+        total = sum(self._text_bytes(m["content"], "messages") for m in req.messages)
+        if total > self.max_prompt_bytes:
+            raise bad(f"messages: {total} bytes of text cannot fit max_model_len={self.limits.max_model_len} tokens",
+                      "messages", "context_length_exceeded")
         try:
-            ids = self.tokenizer.encode_chat(req.messages, add_generation_prompt=True)
+            ids = await self._off_loop(lambda: self.tokenizer.encode_chat(req.messages, add_generation_prompt=True))
         except Exception as e:  # template errors name the problem
             raise bad(f"chat template failed: {e}", "messages") from None
         return await self._serve(request, principal, req, [ids], "chatcmpl")
@@ -378,7 +443,10 @@ class _RequestContext:
 
 
 class RequestIdMiddleware:
-    """Assigns the server's request id and returns it as X-Request-Id on every response."""
+    """Assigns the server's request id and returns it as X-Request-Id on every
+    response. Outermost: an exception that escapes the app after its response
+    was sent (starlette re-raises what it answered with a 500) is logged here
+    and goes no further, so the connection and the actor carry on."""
 
     def __init__(self, app):
         self.app = app
@@ -388,11 +456,22 @@ class RequestIdMiddleware:
             return await self.app(scope, receive, send)
         rid = uuid.uuid4().hex
         scope["ziggurat.request_id"] = rid
+        started = False
 
         async def send_with_id(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message.setdefault("headers", [])
                 message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("request %s failed", rid)
+            if not started:
+                body = json.dumps(APIError(500, "internal error", "internal_error", code="internal").body()).encode()
+                await send({"type": "http.response.start", "status": 500,
+                            "headers": [(b"content-type", b"application/json"), (b"x-request-id", rid.encode())]})
+                await send({"type": "http.response.body", "body": body})

@@ -162,3 +162,113 @@ def test_health_and_models(app):
     health, models = run(fn)
     assert health.json() == {"status": "ok", "replicas": 1}
     assert models.json()["data"][0]["id"] == "tiny" and models.json()["data"][0]["max_model_len"] == MAX_LEN
+
+
+# -- hostile input (issue 12) ----------------------------------------------------------
+
+
+def _raw(run, path, content: bytes, headers=None):
+    async def fn(http):
+        return await http.post(path, content=content, headers={"content-type": "application/json", **(headers or {})})
+
+    return run(fn)
+
+
+def test_a_body_over_the_limit_is_a_413_at_once(app):
+    import time
+
+    run, server = app
+    t0 = time.perf_counter()
+    r = _raw(run, "/v1/completions", b'{"prompt": "' + b"x" * (50 << 20) + b'"}')
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    assert time.perf_counter() - t0 < 5  # the in-process transport still copies the 50 MB; a socket stops at the header
+    assert post(run, "/v1/completions", {"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_malformed_bodies_are_shaped_400s(app):
+    run, _ = app
+    deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = _raw(run, "/v1/completions", deep)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = _raw(run, "/v1/completions", b'{"prompt": "a\\ud800b", "max_tokens": 2}')
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = post(run, "/v1/completions", {"prompt": "hi", "skip_special_tokens": "yes"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "skip_special_tokens"
+    r = post(run, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 5_000_000}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    ids = [2**63 + 1] + [1] * 20
+    r = post(run, "/v1/completions", {"prompt": ids, "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_an_unhandled_exception_is_a_shaped_500_and_the_next_request_works(app, monkeypatch):
+    run, server = app
+
+    def boom(*a, **k):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(server.tokenizer, "encode", boom)
+    r = post(run, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error" and "x-request-id" in r.headers
+    monkeypatch.undo()
+    assert post(run, "/v1/completions", {"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_slow_clients_are_cut_off_after_the_read_timeout(llama_dir):
+    """A real socket (uvicorn with the deadline protocol): a request head or a
+    body that trickles in is cut off after read_timeout_s; others are served."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from ziggurat.actors.ingress.http_protocol import DeadlineH11Protocol
+
+    engine = EngineCore(EngineConfig(model=str(llama_dir), device="cpu", num_kv_blocks=64, max_model_len=MAX_LEN))
+    client = LocalEngineClient(engine)
+    cfg = IngressConfig(served_model_name="tiny", read_timeout_s=1.0)
+    server = OpenAIServer(cfg, client, Gatekeeper(None), client.info)
+
+    async def asgi(scope, receive, send):
+        if scope["type"] == "lifespan":
+            await receive()
+            client.loop = asyncio.get_running_loop()
+            client.start()
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await server.asgi(scope, receive, send)
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(asgi, log_level="warning", lifespan="on",
+                                       http=DeadlineH11Protocol.with_timeout(1.0)))
+    th = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    th.start()
+    try:
+        while not uv.started:
+            time.sleep(0.02)
+        slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+        for s in slow:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # and never the rest of the head
+        body_slow = socket.create_connection(("127.0.0.1", port))
+        body_slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 100\r\n\r\n{\"prompt\"")
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200  # served while the slow ones wait
+        t0 = time.monotonic()
+        for s in slow:
+            s.settimeout(5)
+            assert s.recv(100) == b""  # closed by the server
+        assert time.monotonic() - t0 < 3
+        body_slow.settimeout(5)
+        answer = body_slow.recv(1000)
+        assert b" 408 " in answer.split(b"\r\n")[0], answer[:200]
+    finally:
+        uv.should_exit = True
+        th.join(timeout=10)
+        client.stop()
+        engine.shutdown()
