@@ -10,7 +10,6 @@ epoch, so batch numbering starts afresh.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import threading
 import time
@@ -40,22 +39,21 @@ class IngressActor:
         import uvicorn
 
         router = ray.get_actor(router)
-        schedulers = [ray.get_actor(name) for name in schedulers]
         meter = ray.get_actor(meter) if meter is not None else None
         self.config = config
         epoch = uuid.uuid4().hex
-        self.client = RayEngineClient(ingress_id, router, schedulers, epoch)
+        me = ray.get_runtime_context().current_actor
+        self.client = RayEngineClient(ingress_id, router, schedulers, epoch, me)
         self.gate = Gatekeeper(meter, config.api_keys, config.share_prefix_cache)
         self.server = OpenAIServer(config, self.client, self.gate, replica, meter)
-        me = ray.get_runtime_context().current_actor
-        ray.get([s.register_ingress.remote(ingress_id, me, epoch) for s in schedulers])
+        for r in range(len(schedulers)):  # one being rebuilt now is attached when the supervisor says so
+            self.client.attach(r)
         app = self.server.asgi
 
         async def asgi(scope, receive, send):  # start background tasks on uvicorn's loop
             if scope["type"] == "lifespan":
                 await receive()
-                self.client.loop = asyncio.get_running_loop()  # before any TokenBatch can arrive
-                await self.gate.start()
+                await self.server.start()  # binds the engine client to this loop
                 await send({"type": "lifespan.startup.complete"})
                 await receive()
                 await send({"type": "lifespan.shutdown.complete"})
@@ -92,6 +90,20 @@ class IngressActor:
 
     def is_open(self) -> bool:
         return self.gate.open
+
+    def replica_failed(self, replica: int) -> None:
+        """The supervisor found the replica dead or failed: end our requests on it now."""
+        loop = self.client.loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self.client.replica_failed, replica)
+
+    def replica_rebuilt(self, replica: int) -> bool:
+        """The supervisor rebuilt the replica: register with its new scheduler."""
+        return self.client.attach(replica)
+
+    def health(self) -> dict:
+        return {"serving": bool(self.uvicorn.started), "inflight": len(self.client.queues),
+                "gaps_skipped": self.client.gaps_skipped}
 
     def push_tokens(self, batches: list[TokenBatch]) -> None:
         """One scheduler's TokenBatches for this ingress, oldest first (one or more steps)."""

@@ -18,10 +18,23 @@ HTTP app's fast tests run on it).
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 
 from ziggurat.actors.ingress.protocol import APIError, bad
-from ziggurat.actors.scheduler.messages import ReplicaStats, SubmitRequest, SubmitResult, TokenBatch
+from ziggurat.actors.scheduler.messages import (
+    UNKNOWN,
+    Registration,
+    ReplicaStats,
+    RequestUpdate,
+    SubmitRequest,
+    SubmitResult,
+    TokenBatch,
+)
 from ziggurat.actors.scheduler.output_processor import RequestOutputs
+
+
+log = logging.getLogger("ziggurat.ingress")
 
 
 class ReplicaDown(Exception):
@@ -39,6 +52,12 @@ class EngineClient:
         self.next_seq: dict[int, int] = {}  # per replica: the next TokenBatch to apply
         self.held: dict[int, dict[int, TokenBatch]] = {}  # batches that arrived early
         self._outgoing: dict[int, list[tuple[SubmitRequest, asyncio.Future]]] = {}  # per replica, this turn's
+        self.incarnation: dict[int, str] = {}  # replica -> the scheduler run this ingress registered with
+        self._early: list[TokenBatch] = []  # batches that came before the event loop was bound
+        self._gap_since: dict[int, float] = {}  # replica -> since when a later batch waits for a missing one
+        self.gap_timeout_s = 2.0
+        self.gaps_skipped = 0
+        self._rr = 0  # round robin, when the router cannot be asked
 
     # -- the transport: a subclass's ---------------------------------------------------------
 
@@ -61,11 +80,64 @@ class EngineClient:
     async def replica_stats(self) -> list[ReplicaStats | BaseException]:
         raise NotImplementedError
 
+    # -- replicas ------------------------------------------------------------------------
+
+    def attached(self, reg: Registration) -> None:
+        """This ingress (re)registered with a replica's scheduler: batches from that
+        run are numbered from `next_seq`; anything from an earlier run is stale."""
+        r = reg.replica
+        self.incarnation[r] = reg.incarnation
+        self.next_seq[r] = reg.next_seq
+        self.held[r] = {}
+        self._gap_since.pop(r, None)
+
+    def replica_failed(self, replica: int) -> list[str]:
+        """The replica died or failed: every request of ours on it ends now with an
+        "error" update (the server retries what streamed nothing, and meters what
+        its client received). Returns those requests."""
+        ids = [rid for rid, rep in self.replica_of.items() if rep == replica]
+        for rid in ids:
+            entry = self.queues.get(rid)
+            if entry is not None:
+                entry[0].put_nowait((entry[1], RequestUpdate(rid, [], [], "error", None, UNKNOWN, UNKNOWN, UNKNOWN)))
+            self.replica_of.pop(rid, None)
+        self.held.pop(replica, None)
+        return ids
+
     # -- tokens in -----------------------------------------------------------------------
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The event loop the request queues live on; batches that came earlier are applied now."""
+        self.loop = loop
+        early, self._early = self._early, []
+        if early:
+            loop.call_soon_threadsafe(self._dispatch, early)
 
     def push_tokens(self, batches: list[TokenBatch]) -> None:
         """Called from the transport's thread."""
-        self.loop.call_soon_threadsafe(self._dispatch, batches)
+        loop = self.loop
+        if loop is None:  # the HTTP server is not up yet: keep them (losing one would stall the sequence)
+            self._early.extend(batches)
+            return
+        loop.call_soon_threadsafe(self._dispatch, batches)
+
+    def check_gaps(self, now: float | None = None) -> None:
+        """Last resort against a lost batch: if a later batch has waited for a missing
+        one longer than gap_timeout_s, skip to it (the missing batch's requests then
+        end by their deadlines). Call periodically on the event loop."""
+        now = time.monotonic() if now is None else now
+        for replica, since in list(self._gap_since.items()):
+            held = self.held.get(replica)
+            if not held:
+                self._gap_since.pop(replica, None)
+            elif now - since > self.gap_timeout_s:
+                first = min(held)
+                log.warning("replica %d: token batches %d-%d never came; skipping to %d",
+                            replica, self.next_seq.get(replica, 0), first - 1, first)
+                self.gaps_skipped += 1
+                self.next_seq[replica] = first
+                self._gap_since.pop(replica, None)
+                self._drain(replica)
 
     def _dispatch(self, batches: list[TokenBatch]) -> None:
         for batch in batches:
@@ -76,8 +148,14 @@ class EngineClient:
         if batch.epoch != self.epoch:
             return  # numbered for an earlier incarnation of this ingress
         replica = batch.replica
-        held = self.held.setdefault(replica, {})
-        held[batch.seq] = batch
+        known = self.incarnation.get(replica)
+        if known is not None and batch.source != known:
+            return  # from a run of the replica that is gone
+        self.held.setdefault(replica, {})[batch.seq] = batch
+        self._drain(replica)
+
+    def _drain(self, replica: int) -> None:
+        held = self.held.get(replica, {})
         expected = self.next_seq.get(replica, 0)
         while expected in held:
             for u in held.pop(expected).updates:
@@ -86,6 +164,10 @@ class EngineClient:
                     entry[0].put_nowait((entry[1], u))
             expected += 1
         self.next_seq[replica] = expected
+        if held:
+            self._gap_since.setdefault(replica, time.monotonic())
+        else:
+            self._gap_since.pop(replica, None)
 
     # -- requests out --------------------------------------------------------------------
 
@@ -96,7 +178,7 @@ class EngineClient:
         key_id, http_request_id, model for metering. Raises APIError."""
         samples, n = outputs.samples, outputs.params.n
         for _attempt in range(3):
-            replica = await self.pick(prefix_hashes)
+            replica = await self._pick(prefix_hashes)
             if replica is None:
                 raise APIError(503, "no healthy replica is available", "service_unavailable", code="no_replica")
             try:
@@ -109,9 +191,9 @@ class EngineClient:
                         **meta, bill_prompt=s.index % n == 0, prompt_param=prompt_param)))
                 results = await asyncio.gather(*futures)
                 refused = next((res for res in results if not res.ok), None)
-                if refused is not None:  # all or none: the accepted siblings end as errors
+                if refused is not None:  # all or none: the accepted siblings end, unbilled
                     self.forget([s.request_id for s, res in zip(samples, results) if not res.ok])
-                    self.abort([s.request_id for s, res in zip(samples, results) if res.ok], "error")
+                    self.abort([s.request_id for s, res in zip(samples, results) if res.ok], "refused")
                     if refused.code == "unavailable":
                         raise ReplicaDown()
                     raise _submit_error(refused)
@@ -120,6 +202,23 @@ class EngineClient:
                 self.forget([s.request_id for s in samples])
                 await self.mark_unhealthy(replica)
         raise APIError(503, "no healthy replica is available", "service_unavailable", code="no_replica")
+
+    async def _pick(self, prefix_hashes) -> int | None:
+        """The router's choice; if the router cannot answer (restarting), round robin."""
+        try:
+            return await asyncio.wait_for(self.pick(prefix_hashes), 5.0)
+        except APIError:
+            raise
+        except Exception as e:
+            log.warning("router unavailable (%s); routing round robin", type(e).__name__)
+            n = self.num_replicas()
+            if not n:
+                return None
+            self._rr += 1
+            return self._rr % n
+
+    def num_replicas(self) -> int:
+        return 0
 
     def _send(self, replica: int, req: SubmitRequest) -> asyncio.Future:
         """Queue a submission; this turn's go to the replica in one submit_batch call."""

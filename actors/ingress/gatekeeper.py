@@ -131,12 +131,20 @@ class Gatekeeper:
         hit = self._limits.get(tenant)
         return bool(hit and hit[2])
 
-    async def admit(self, p: Principal, model: str, prompt_tokens: int, max_completion: int) -> Admission:
+    async def admit(self, p: Principal, model: str, prompt_tokens: int, max_completion: int,
+                    bounded: bool = True) -> Admission:
+        """bounded=False: the request set no max_tokens, so max_completion is a guess;
+        it is cut to what the tenant's and the key's minute windows allow, so a
+        tenant whose limit is below the guess is not refused for the guess."""
         if p.models is not None and model not in p.models:
             raise APIError(403, f"this API key may not use model '{model}'", "permission_error", "model",
                            "model_not_allowed")
         tenant_limits = await self.limits(p.tenant_id)
         key_limits = Limits(requests_per_minute=p.requests_per_minute, tokens_per_minute=p.tokens_per_minute)
+        if not bounded:
+            caps = [c for c in (tenant_limits.tokens_per_minute, key_limits.tokens_per_minute) if c]
+            if caps:
+                max_completion = max(0, min(max_completion, min(caps) - prompt_tokens))
         try:
             adm = self.quota.admit(p.tenant_id, p.key_id, tenant_limits, key_limits, prompt_tokens, max_completion)
         except QuotaExceeded as e:

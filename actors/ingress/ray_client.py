@@ -1,8 +1,13 @@
-"""RayEngineClient: the engine client over the router and scheduler actors (a deployment's)."""
+"""RayEngineClient: the engine client over the router and scheduler actors (a deployment's).
+
+Scheduler actors are looked up by name, so a replica the supervisor rebuilt
+(a new actor under the same name) is reached by attaching again (`attach`).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import ray
 
@@ -10,29 +15,70 @@ from ziggurat.actors.ingress import refs
 from ziggurat.actors.ingress.engine_client import EngineClient, ReplicaDown
 from ziggurat.actors.scheduler.messages import ReplicaStats, SubmitRequest, SubmitResult
 
+log = logging.getLogger("ziggurat.ingress")
+
 
 class RayEngineClient(EngineClient):
-    def __init__(self, ingress_id: str, router, schedulers: list, epoch: str = ""):
+    def __init__(self, ingress_id: str, router, scheduler_names: list[str], epoch: str = "", me=None):
+        """router: its handle (a restartable actor keeps its handle); me: this ingress's own handle."""
         super().__init__(ingress_id, epoch)
-        self.router, self.schedulers = router, schedulers
+        self.router, self.names, self.me = router, list(scheduler_names), me
+        self.schedulers: list = [None] * len(self.names)
+
+    def attach(self, replica: int, timeout_s: float = 30.0) -> bool:
+        """(Re)register with replica's current scheduler (blocking; call from an actor
+        thread). False if it cannot be reached now: it stays out until attached."""
+        try:
+            handle = ray.get_actor(self.names[replica])
+            reg = ray.get(handle.register_ingress.remote(self.ingress_id, self.me, self.epoch), timeout=timeout_s)
+        except Exception as e:
+            log.warning("replica %d not attached (%s)", replica, type(e).__name__)
+            return False
+        self.schedulers[replica] = handle
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.attached, reg)
+        else:
+            self.attached(reg)
+        return True
+
+    def num_replicas(self) -> int:
+        return len(self.names)
 
     async def pick(self, prefix_hashes: list[bytes]) -> int | None:
         return await refs.result(self.router.pick.remote(prefix_hashes))
 
     async def submit_batch(self, replica: int, reqs: list[SubmitRequest]) -> list[SubmitResult]:
+        handle = self.schedulers[replica]
+        if handle is None:
+            raise ReplicaDown()
         try:
-            return await refs.result(self.schedulers[replica].submit_batch.remote(reqs))
-        except ray.exceptions.RayActorError as e:
+            return await refs.result(handle.submit_batch.remote(reqs))
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
             raise ReplicaDown() from e
 
     def send_abort(self, replica: int, request_ids: list[str], reason: str) -> None:
-        self.schedulers[replica].abort.remote(request_ids, reason)
+        handle = self.schedulers[replica]
+        if handle is not None:
+            handle.abort.remote(request_ids, reason)
 
     async def mark_unhealthy(self, replica: int) -> None:
-        await refs.result(self.router.mark_unhealthy.remote(replica))
+        try:
+            await asyncio.wait_for(refs.result(self.router.mark_unhealthy.remote(replica)), 5.0)
+        except Exception as e:  # the router restarting: the supervisor tells it again
+            log.warning("router not told that replica %d is down (%s)", replica, type(e).__name__)
 
     async def healthy(self) -> list[int]:
-        return await refs.result(self.router.healthy.remote())
+        """The router's view; if the router cannot answer, the replicas that answer a stats call."""
+        try:
+            return await asyncio.wait_for(refs.result(self.router.healthy.remote()), 2.0)
+        except Exception:
+            stats = await self.replica_stats()
+            return [s.replica for s in stats if not isinstance(s, BaseException)]
 
     async def replica_stats(self) -> list[ReplicaStats | BaseException]:
-        return await asyncio.gather(*[refs.result(s.stats.remote()) for s in self.schedulers], return_exceptions=True)
+        async def one(handle):
+            if handle is None:
+                raise ReplicaDown()
+            return await asyncio.wait_for(refs.result(handle.stats.remote()), 2.0)
+
+        return await asyncio.gather(*[one(s) for s in self.schedulers], return_exceptions=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from ziggurat.actors import metrics
 from ziggurat.actors.ingress.admin import admin_routes
 from ziggurat.actors.ingress.engine_client import EngineClient
 from ziggurat.actors.ingress.gatekeeper import Gatekeeper
+from ziggurat.actors.ingress.usage_records import UsageRecords
 from ziggurat.actors.ingress.protocol import (
     APIError,
     ParsedRequest,
@@ -58,6 +60,7 @@ log = logging.getLogger("ziggurat.ingress")
 
 ROUTING_BLOCKS = 8  # prefix blocks whose hashes the router sees
 DEFAULT_RESERVATION = 1024  # tokens reserved for quota when a request sets no max_tokens
+MAX_ATTEMPTS = 3  # a request that streamed nothing is retried on another replica this many times in all
 
 
 def _opt(default, help: str, **meta):
@@ -99,6 +102,8 @@ class OpenAIServer:
         self.limits = ModelLimits(replica.max_model_len, replica.vocab_size)
         self.tokenizer = Tokenizer(replica.model)
         self.pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="tokenize")
+        self.records = UsageRecords(meter)  # failures on our side, metered here (usage_records.py)
+        self._tasks: list[asyncio.Task] = []
         # No text longer than this (UTF-8 bytes) can fit the context: every token covers at most
         # max_token_bytes of it. Checked before tokenizing, so a huge prompt costs nothing.
         self.max_prompt_bytes = self.limits.max_model_len * self.tokenizer.max_token_bytes + 4096
@@ -117,6 +122,18 @@ class OpenAIServer:
                                 Exception: self._internal_error},
         )
         self.asgi = RequestIdMiddleware(self.app)
+
+    async def start(self) -> None:
+        """Background work on the serving event loop: usage records out, the token-batch gap watchdog."""
+        self.client.bind(asyncio.get_running_loop())
+        await self.gate.start()
+        self._tasks.append(asyncio.ensure_future(self.records.run()))
+        self._tasks.append(asyncio.ensure_future(self._watch_gaps()))
+
+    async def _watch_gaps(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            self.client.check_gaps()
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -249,14 +266,13 @@ class OpenAIServer:
                 check_request(ids, req.params, self.limits, param)
             except RequestError as e:
                 raise bad(e.message, e.param, e.code if e.code == "context_length_exceeded" else None) from None
-        outputs = RequestOutputs(request_id, prompts, req.params, self.tokenizer)
-        queue: asyncio.Queue = asyncio.Queue()
         # Reserve what the request may generate (never more than the context
         # leaves); without max_tokens, a bounded guess (settled when it ends).
         room = self.limits.max_model_len - min(map(len, prompts))
         max_new = min(room, req.params.max_tokens if req.params.max_tokens is not None else DEFAULT_RESERVATION)
-        adm = await self.gate.admit(principal, self.config.served_model_name, outputs.prompt_tokens,
-                                    max_new * len(outputs.samples))
+        n_samples = len(prompts) * req.params.n
+        adm = await self.gate.admit(principal, self.config.served_model_name, sum(map(len, prompts)),
+                                    max_new * n_samples, bounded=req.params.max_tokens is not None)
         extra = (None, self.gate.cache_salt(principal, req.cache_salt))  # (lora id, cache salt)
         # One routing decision per HTTP request, by the first prompt's prefix.
         hashes, h = [], ROOT_HASH
@@ -266,36 +282,71 @@ class OpenAIServer:
             hashes.append(h)
         meta = dict(tenant=principal.tenant_id, key_id=principal.key_id, http_request_id=request_id,
                     model=self.config.served_model_name)
+        ctx = _RequestContext(principal, adm, req, None, None, request_id, prompts=prompts, submit=(hashes, extra, meta,
+                                                                                                 param))
         try:
-            await self.client.submit(outputs, hashes, extra, queue, meta, param)
+            await self._attempt(ctx)
         except BaseException:
             self.gate.release(adm, 0)
             raise
-        ctx = _RequestContext(principal, adm, req, outputs, queue, request_id)
         self._count(200)
-        meta = dict(id=f"{prefix}-{request_id}", created=now(), model=self.config.served_model_name)
+        body_meta = dict(id=f"{prefix}-{request_id}", created=now(), model=self.config.served_model_name)
         if req.stream:
-            return ClosingStream(self._stream(ctx, meta), on_close=lambda: self._finish(ctx, "client_disconnected"),
+            return ClosingStream(self._stream(ctx, body_meta),
+                                 on_close=lambda: self._finish(ctx, "client_disconnected"),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        collect = asyncio.ensure_future(self._collect(ctx))
         gone = asyncio.ensure_future(_disconnected(request))
         try:
-            done, _ = await asyncio.wait({collect, gone}, timeout=self.config.request_timeout_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if collect not in done:
-                reason = "client_disconnected" if gone in done else "aborted"
-                self._finish(ctx, reason)
-                raise APIError(504 if reason == "aborted" else 499, "the request timed out" if reason == "aborted"
-                               else "client closed the connection", "timeout_error")
-            collect.result()
+            while True:
+                collect = asyncio.ensure_future(self._collect(ctx))
+                try:
+                    done, _ = await asyncio.wait({collect, gone}, timeout=self.config.request_timeout_s,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    collect.cancel()
+                if collect not in done:
+                    reason = "client_disconnected" if gone in done else "aborted"
+                    self._finish(ctx, reason)
+                    raise APIError(504 if reason == "aborted" else 499, "the request timed out"
+                                   if reason == "aborted" else "client closed the connection", "timeout_error")
+                collect.result()
+                if not (ctx.outputs.failed and await self._retry(ctx)):
+                    break
         finally:
-            collect.cancel()
             gone.cancel()
             self._finish(ctx, "aborted")
-        self._raise_if_failed(outputs.samples)
-        body = self._full_response(req, outputs, meta)
+        self._raise_if_failed(ctx.outputs.samples)
+        for s in ctx.outputs.samples:
+            s.delivered = s.num_output_tokens
+        body = self._full_response(req, ctx.outputs, body_meta)
         self._log(ctx, body)
         return JSONResponse(body)
+
+    async def _attempt(self, ctx) -> None:
+        """Submit the request (all its samples) as attempt number ctx.attempts."""
+        hashes, extra, meta, param = ctx.submit
+        rid = ctx.request_id if ctx.attempts == 0 else f"{ctx.request_id}.r{ctx.attempts}"
+        ctx.outputs = RequestOutputs(rid, ctx.prompts, ctx.req.params, self.tokenizer)
+        ctx.queue = asyncio.Queue()
+        ctx.attempts += 1
+        ctx.recorded_failure = False
+        ctx.replica = await self.client.submit(ctx.outputs, hashes, extra, ctx.queue, meta, param)
+
+    async def _retry(self, ctx) -> bool:
+        """After a failure on our side: record what the failed attempt's client got
+        and, if it got nothing yet and attempts are left, submit again (another
+        replica: the failed one left routing). False: the failure stands."""
+        self.records.failed(ctx.outputs, ctx.submit[2], ctx.replica, ctx.arrived)
+        ctx.recorded_failure = True
+        self.client.abort(ctx.outputs.unfinished_ids(), "error")
+        self.client.forget([s.request_id for s in ctx.outputs.samples])
+        if ctx.sent_text or ctx.attempts >= MAX_ATTEMPTS:
+            return False
+        try:
+            await self._attempt(ctx)
+        except APIError:
+            return False
+        return True
 
     async def _next(self, ctx) -> Delta | None:
         """The next update of any of the request's samples, applied (None: nothing new for that sample)."""
@@ -321,6 +372,8 @@ class OpenAIServer:
         if ctx.finished:
             return
         ctx.finished = True
+        if ctx.outputs.failed and not ctx.recorded_failure:
+            self.records.failed(ctx.outputs, ctx.submit[2], ctx.replica, ctx.arrived)
         open_ids = ctx.outputs.unfinished_ids()
         if open_ids:
             self.client.abort(open_ids, reason)
@@ -381,10 +434,15 @@ class OpenAIServer:
                 if d is None:
                     continue
                 s = d.sample
+                if s.finish_reason == "error":
+                    if await self._retry(ctx):  # nothing reached the client yet: start over elsewhere
+                        outputs = ctx.outputs
+                        pending_lps = [[] for _ in outputs.samples]
+                        continue
+                    self._raise_if_failed([s])
                 pending_lps[s.index] += d.logprobs
                 if not d.text and not d.finished:
                     continue
-                self._raise_if_failed([s])
                 lps = self._lp_entries(pending_lps[s.index]) if req.logprobs is not None else None
                 pending_lps[s.index] = []
                 if chat:
@@ -397,6 +455,8 @@ class OpenAIServer:
                 choice["finish_reason"] = s.finish_reason
                 if d.finished:
                     choice["stop_reason"] = s.stop_reason
+                ctx.sent_text = ctx.sent_text or bool(d.text)
+                s.delivered = s.num_output_tokens
                 yield chunk([choice])
             if req.include_usage:
                 yield "data: " + json.dumps(dict(meta, object=obj, choices=[], usage=self._usage(outputs))) + "\n\n"
@@ -436,9 +496,16 @@ class _RequestContext:
     principal: object
     admission: object
     req: ParsedRequest
-    outputs: RequestOutputs
-    queue: asyncio.Queue
+    outputs: RequestOutputs | None  # the current attempt's
+    queue: asyncio.Queue | None
     request_id: str
+    prompts: list = field(default_factory=list)
+    submit: tuple = ()  # (prefix hashes, cache extra keys, metering meta, prompt param)
+    attempts: int = 0
+    replica: int | None = None
+    sent_text: bool = False  # some text reached the client (a failure can no longer be retried)
+    recorded_failure: bool = False
+    arrived: float = field(default_factory=time.time)
     finished: bool = False
 
 

@@ -17,14 +17,17 @@ from dataclasses import astuple, dataclass, fields
 from ziggurat.actors.meter.messages import UsageEvent
 from ziggurat.actors.meter.store import Store
 
-STATUSES = ("stop", "length", "aborted", "client_disconnected", "error")
+# "replica_failed": recorded by the ingress for a request cut off by a failure on
+# our side, with the tokens its client actually received; it supersedes the
+# scheduler's own "error" event for that request (if that one got through at all).
+STATUSES = ("stop", "length", "aborted", "client_disconnected", "error", "replica_failed")
 
 
 _COLUMNS = [f.name for f in fields(UsageEvent)]
-_INSERT = (
-    f"INSERT INTO usage_events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)}) "
-    "ON CONFLICT (request_id) DO NOTHING"
-)
+_VALUES = f"INSERT INTO usage_events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)}) "
+_INSERT = _VALUES + "ON CONFLICT (request_id) DO NOTHING"
+_SUPERSEDE = _VALUES + "ON CONFLICT (request_id) DO UPDATE SET " + ", ".join(
+    f"{c} = excluded.{c}" for c in _COLUMNS if c != "request_id") + " WHERE usage_events.status = 'error'"
 
 
 @dataclass(frozen=True)
@@ -42,11 +45,15 @@ class Ledger:
     # -- metering ----------------------------------------------------------------------
 
     def record(self, events: list[UsageEvent]) -> int:
-        """Durably store events (one transaction); returns how many were new."""
+        """Durably store events (one transaction each kind); returns how many were new
+        (or superseded an "error" event). A request id already held is ignored,
+        except that an ingress's "replica_failed" record replaces an "error" event."""
         for e in events:
             if e.status not in STATUSES:
                 raise ValueError(f"usage event {e.request_id}: unknown status {e.status!r}")
-        return self.store.executemany(_INSERT, [astuple(e) for e in events])
+        plain = [astuple(e) for e in events if e.status != "replica_failed"]
+        records = [astuple(e) for e in events if e.status == "replica_failed"]
+        return self.store.executemany(_INSERT, plain) + self.store.executemany(_SUPERSEDE, records)
 
     def events(self, tenant: str | None = None, since: float = 0.0, until: float | None = None) -> list[UsageEvent]:
         sql, params = self._where(tenant, since, until)

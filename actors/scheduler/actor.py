@@ -25,7 +25,15 @@ from ziggurat.actors.process import GCPauses, freeze_startup_heap
 from ziggurat.actors.scheduler.compiled_graph import CompiledGraphExecutor
 from ziggurat.actors.scheduler.engine import EngineCore
 from ziggurat.actors.scheduler.loop import SchedulerLoop
-from ziggurat.actors.scheduler.messages import ReplicaInfo, ReplicaStats, SubmitRequest, SubmitResult, TokenBatch
+from ziggurat.actors.scheduler.messages import (
+    Registration,
+    ReplicaHealth,
+    ReplicaInfo,
+    ReplicaStats,
+    SubmitRequest,
+    SubmitResult,
+    TokenBatch,
+)
 from ziggurat.config import EngineConfig
 
 log = logging.getLogger("ziggurat.scheduler")
@@ -130,12 +138,17 @@ class SchedulerActor:
 
     def info(self) -> ReplicaInfo:
         e = self.engine
-        return ReplicaInfo(self.loop.replica, e.config.model, e.max_model_len, e.model_config.vocab_size, e.config.block_size,
-                           e.num_blocks, getattr(e.executor, "placement", None))
+        return ReplicaInfo(self.loop.replica, e.config.model, e.max_model_len, e.model_config.vocab_size,
+                           e.config.block_size, e.num_blocks, getattr(e.executor, "placement", None),
+                           self.loop.incarnation)
 
-    def register_ingress(self, ingress_id: str, handle, epoch: str = "") -> None:
+    def register_ingress(self, ingress_id: str, handle, epoch: str = "") -> Registration:
         self.ingresses[ingress_id] = handle
-        self.loop.register_ingress(ingress_id, epoch)
+        return self.loop.register_ingress(ingress_id, epoch)
+
+    def health(self) -> ReplicaHealth:
+        """For the supervisor: answered from the actor's threads, so a stuck step shows as no progress."""
+        return self.loop.health(self.failed)
 
     def submit(self, req: SubmitRequest) -> SubmitResult:
         if self.failed or self._stop:

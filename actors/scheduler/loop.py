@@ -17,9 +17,12 @@ import collections
 import logging
 import threading
 import time
+import uuid
 
 from ziggurat.actors.scheduler.engine import EngineCore
 from ziggurat.actors.scheduler.messages import (
+    Registration,
+    ReplicaHealth,
     ReplicaStats,
     RequestUpdate,
     StepUpdates,
@@ -42,8 +45,10 @@ class SchedulerLoop:
         self.max_waiting = max_waiting
         self.inbox: collections.deque = collections.deque()
         self.wakeup = threading.Condition()  # guards the inbox and the streams' numbering
+        self.incarnation = uuid.uuid4().hex[:12]
         self.usage = UsageBook(replica, gpu_type)
-        self.streams = IngressStreams(replica)
+        self.streams = IngressStreams(replica, self.incarnation)
+        self.last_progress = time.monotonic()  # when the last step ended (or the loop went idle)
         self.num_pending = 0  # submitted, not yet taken into the engine
         # Counters for ReplicaStats.
         self.steps = 0
@@ -68,18 +73,26 @@ class SchedulerLoop:
         return SubmitResult(True)
 
     def abort(self, request_ids: list[str], reason: str = "aborted") -> None:
-        """reason: the status metered: aborted, client_disconnected, stop (a stop string), error."""
+        """reason: the status metered: aborted, client_disconnected, stop (a stop string), error;
+        or "refused" (its request was refused as a whole: no usage event)."""
         with self.wakeup:
             self.inbox.append(("abort", (list(request_ids), reason)))
             self.wakeup.notify()
 
-    def register_ingress(self, ingress_id: str, epoch: str) -> None:
-        """A (re)started ingress numbers its batches afresh; its old streams have no reader any more."""
+    def register_ingress(self, ingress_id: str, epoch: str) -> Registration:
+        """A (re)started ingress numbers its batches afresh; its old streams have no
+        reader any more. The answer says where this ingress's numbering stands."""
         with self.wakeup:
-            orphans = self.streams.register(ingress_id, epoch)
+            orphans, next_seq = self.streams.register(ingress_id, epoch)
             if orphans:
                 self.inbox.append(("abort", (orphans, "client_disconnected")))
                 self.wakeup.notify()
+        return Registration(self.replica, self.incarnation, next_seq)
+
+    def health(self, failed: bool = False) -> ReplicaHealth:
+        busy = self.engine.has_unfinished() or bool(self.inbox)
+        return ReplicaHealth(self.replica, self.incarnation, failed, busy,
+                             time.monotonic() - self.last_progress if busy else 0.0)
 
     # -- the loop thread -----------------------------------------------------------------
 
@@ -87,16 +100,19 @@ class SchedulerLoop:
         """One loop iteration; returns the number of updates sent."""
         with self.wakeup:
             if not self.inbox and not self.engine.has_unfinished():
+                self.last_progress = time.monotonic()
                 self.wakeup.wait(idle_timeout)
             t0 = time.perf_counter()
             self._drain_inbox()
         if not self.engine.has_unfinished():
+            self.last_progress = time.monotonic()
             return 0
         t1 = time.perf_counter()
         updates = self.engine.step()
         self.step_seconds += time.perf_counter() - t1
         self.steps += 1
         t2 = time.perf_counter()
+        self.last_progress = time.monotonic()
         self._publish(updates)
         t3 = time.perf_counter()
         self.publish_seconds += t3 - t2
@@ -122,6 +138,9 @@ class SchedulerLoop:
                 status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_ABORTED
                 for req in self.engine.abort(ids, status):
                     self.streams.drop(req.request_id)
+                    if reason == "refused":  # a sibling of a refused request: its client got an error, not a bill
+                        self.usage.discard(req.request_id)
+                        continue
                     self.usage.close(req.request_id, req.num_prompt_tokens, max(req.num_cached_tokens, 0),
                                      req.num_output_tokens, reason)
 

@@ -20,6 +20,9 @@ from ziggurat.sampling_params import SamplingParams
 # -- Scheduler -> Ingress: what each step did --------------------------------------------
 
 
+UNKNOWN = -1  # a count the sender does not know (an ingress's own failure update): keep the last one
+
+
 @dataclass(slots=True)
 class RequestUpdate:
     """What one step did to one request, for the front end."""
@@ -120,6 +123,7 @@ class TokenBatch:
     epoch: str  # the ingress incarnation this numbering belongs to
     seq: int  # per (replica, ingress epoch), from 0: the ingress applies batches in this order
     updates: StepUpdates = field(default_factory=StepUpdates)  # iterate for RequestUpdates
+    source: str = ""  # the scheduler incarnation that numbered it (a rebuilt replica numbers afresh)
 
 
 # -- Scheduler -> Router, launcher, ingress ------------------------------------------------
@@ -136,6 +140,27 @@ class ReplicaInfo:
     block_size: int
     num_blocks: int
     placement: list | None = None  # per rank: node, GPU ids
+    incarnation: str = ""  # this scheduler's run (a rebuilt replica has a new one)
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A scheduler's answer to an ingress's register_ingress: where its numbering stands."""
+
+    replica: int
+    incarnation: str
+    next_seq: int  # the number of the next TokenBatch this ingress will get from it
+
+
+@dataclass(frozen=True)
+class ReplicaHealth:
+    """A scheduler's answer to the supervisor's health check."""
+
+    replica: int
+    incarnation: str
+    failed: bool  # a step failed (a worker died, say): the replica must be rebuilt
+    busy: bool  # it has work in flight
+    seconds_since_progress: float  # since its last step ended (0 when idle)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ziggurat.actors.scheduler.messages import RequestUpdate
+from ziggurat.actors.scheduler.messages import UNKNOWN, RequestUpdate
 from ziggurat.models.step import Logprobs
 from ziggurat.models.tokenizer import TextStream, Tokenizer
 from ziggurat.outputs import CompletionOutput, RequestOutput
@@ -43,6 +43,7 @@ class Sample:
     stop_reason: int | str | None = None
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+    delivered: int = 0  # tokens whose text the caller has passed on (what a failure bills)
 
     @property
     def finished(self) -> bool:
@@ -81,6 +82,11 @@ class RequestOutputs:
     def unfinished_ids(self) -> list[str]:
         return [s.request_id for s in self.samples if not s.finished]
 
+    @property
+    def failed(self) -> bool:
+        """A sample ended through a failure on our side (finish reason "error")."""
+        return any(s.finish_reason == "error" for s in self.samples)
+
     def apply(self, index: int, u: RequestUpdate) -> Delta | None:
         """Apply one engine update to sample `index`; None once that sample has finished."""
         s = self.samples[index]
@@ -90,7 +96,8 @@ class RequestOutputs:
         s.logprobs.extend(u.new_logprobs)
         for lp in u.new_logprobs:
             s.cumulative_logprob += lp.logprob
-        s.num_output_tokens, s.num_cached_tokens = u.num_output_tokens, u.num_cached_tokens
+        if u.num_output_tokens != UNKNOWN:  # an ingress's own failure update knows no counts
+            s.num_output_tokens, s.num_cached_tokens = u.num_output_tokens, u.num_cached_tokens
         delta = s.stream.add(u.new_token_ids, final=u.finish_reason is not None)
         s.text += delta
         stop_now = False

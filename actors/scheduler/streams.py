@@ -16,22 +16,25 @@ from ziggurat.actors.scheduler.messages import StepUpdates, TokenBatch
 
 
 class IngressStreams:
-    def __init__(self, replica: int):
-        self.replica = replica
+    def __init__(self, replica: int, incarnation: str = ""):
+        self.replica, self.incarnation = replica, incarnation
         self.routes: dict[str, str] = {}  # request id -> ingress id
         self.epochs: dict[str, str] = {}  # ingress id -> its current incarnation
         self.seq: dict[str, int] = collections.defaultdict(int)  # next TokenBatch number per ingress
 
-    def register(self, ingress_id: str, epoch: str) -> list[str]:
-        """A (re)started ingress; returns the requests it held before, if this is a restart."""
+    def register(self, ingress_id: str, epoch: str) -> tuple[list[str], int]:
+        """A (re)started ingress: (the requests it held before, which nobody reads
+        now, and the number of the next batch it will get). The orphans' routes
+        are dropped here, so no update of theirs is ever numbered for the new
+        incarnation (a batch it could not place would stall its sequence)."""
         if self.epochs.get(ingress_id) == epoch:
-            return []
-        orphans = []
-        if ingress_id in self.epochs:
-            orphans = [rid for rid, ing in self.routes.items() if ing == ingress_id]
+            return [], self.seq[ingress_id]
+        orphans = [rid for rid, ing in self.routes.items() if ing == ingress_id]
+        for rid in orphans:
+            del self.routes[rid]
         self.epochs[ingress_id] = epoch
         self.seq[ingress_id] = 0
-        return orphans
+        return orphans, 0
 
     def add(self, request_id: str, ingress_id: str) -> None:
         self.routes[request_id] = ingress_id
@@ -53,6 +56,7 @@ class IngressStreams:
         batches = []
         for ingress, idx in groups.items():
             part = updates if len(idx) == len(ids) else updates.take(idx)
-            batches.append((ingress, TokenBatch(self.replica, self.epochs.get(ingress, ""), self.seq[ingress], part)))
+            batches.append((ingress, TokenBatch(self.replica, self.epochs.get(ingress, ""), self.seq[ingress], part,
+                                                self.incarnation)))
             self.seq[ingress] += 1
         return batches

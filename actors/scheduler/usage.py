@@ -62,6 +62,10 @@ class UsageBook:
         t["cached_tokens"] += cached
         t["completion_tokens"] += completion
 
+    def discard(self, rid: str) -> None:
+        """Forget a request without an event (it was refused as a whole: nobody is billed)."""
+        self.open.pop(rid, None)
+
     def take(self, max_events: int = 512) -> list[UsageEvent]:
         """The oldest unacknowledged events (they stay queued until `ack`)."""
         return [self.outbox[i] for i in range(min(max_events, len(self.outbox)))]

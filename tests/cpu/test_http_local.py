@@ -35,7 +35,7 @@ def app(llama_dir):
 
     def run(fn):
         async def main():
-            client.loop = asyncio.get_running_loop()
+            client.bind(asyncio.get_running_loop())
             transport = httpx.ASGITransport(app=server.asgi)
             async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
                 return await fn(http)
@@ -233,7 +233,7 @@ def test_slow_clients_are_cut_off_after_the_read_timeout(llama_dir):
     async def asgi(scope, receive, send):
         if scope["type"] == "lifespan":
             await receive()
-            client.loop = asyncio.get_running_loop()
+            client.bind(asyncio.get_running_loop())
             client.start()
             await send({"type": "lifespan.startup.complete"})
             await receive()

@@ -161,8 +161,9 @@ def test_engine_client_batches_a_turns_submissions_and_fails_them_together(llama
     meta = dict(tenant="t", key_id="k", http_request_id="h", model="m")
 
     async def main():
-        c = RayEngineClient("ing", Router(), [Scheduler()])
-        c.loop = asyncio.get_running_loop()
+        c = RayEngineClient("ing", Router(), ["scheduler-0"])
+        c.schedulers = [Scheduler()]
+        c.bind(asyncio.get_running_loop())
         q = asyncio.Queue()
         got = await asyncio.gather(*[c.submit(one(f"r{i}"), [], (), q, meta) for i in range(3)])
         assert got == [0, 0, 0] and calls == [["r0-0", "r1-0", "r2-0"]]  # one call for the turn
