@@ -47,10 +47,11 @@ def _secret_list(name: str) -> tuple[str, ...]:
 def _serve(args) -> int:
     from ziggurat.actors.ingress.server import IngressConfig
     from ziggurat.cluster.deploy import Deployment, ensure_ray
-    from ziggurat.cluster.spec import DeploymentSpec
+    from ziggurat.cluster.spec import DeploymentSpec, HealthConfig
     from ziggurat.config import EngineConfig
 
-    flat = {**given(args, EngineConfig), **given(args, IngressConfig), **given(args, DeploymentSpec)}
+    flat = {**given(args, EngineConfig), **given(args, IngressConfig), **given(args, HealthConfig),
+            **given(args, DeploymentSpec)}
     flat["api_keys"] = tuple(args.api_key or ()) or _secret_list("ZIGGURAT_API_KEYS")
     flat["admin_key"] = args.admin_key or os.environ.get("ZIGGURAT_ADMIN_KEY")
     info = ensure_ray()
@@ -148,13 +149,14 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     from ziggurat.actors.ingress.server import IngressConfig
-    from ziggurat.cluster.spec import DeploymentSpec
+    from ziggurat.cluster.spec import DeploymentSpec, HealthConfig
     from ziggurat.config import EngineConfig
 
     s = sub.add_parser("serve", help="deploy an OpenAI-compatible endpoint on Ray")
     add_fields(s.add_argument_group("engine (every replica)"), EngineConfig)
     add_fields(s.add_argument_group("HTTP ingress"), IngressConfig)
     add_fields(s.add_argument_group("deployment"), DeploymentSpec)
+    add_fields(s.add_argument_group("supervisor"), HealthConfig)
     s.add_argument("--api-key", action="append", help="require this API key (repeatable; or ZIGGURAT_API_KEYS=a,b)")
     s.add_argument("--admin-key", default=None, help="enables the /admin API (or ZIGGURAT_ADMIN_KEY)")
     s.set_defaults(fn=_serve)

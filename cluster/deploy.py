@@ -32,15 +32,12 @@ class Deployment:
         from ziggurat.actors.ingress.actor import IngressActor
         from ziggurat.actors.meter.actor import MeterActor
         from ziggurat.actors.router.actor import RouterActor
-        from ziggurat.actors.scheduler.actor import SchedulerActor
-        from ziggurat.actors.worker.actor import WorkerActor
-        from ziggurat.topology.placement import bundle_strategy, create_replica_group
+        from ziggurat.cluster.supervisor import SupervisorActor
 
         cfg = spec.engine
         if cfg.device is None:
             cfg = dataclasses.replace(cfg, device="cuda" if ray.cluster_resources().get("GPU", 0) else "cpu")
         use_gpu = cfg.device.startswith("cuda")
-        tp = cfg.tensor_parallel_size
         icfg = spec.ingress
         if icfg.served_model_name is None:
             icfg = dataclasses.replace(icfg, served_model_name=Path(cfg.model).name)
@@ -50,29 +47,22 @@ class Deployment:
         _check_port_free(icfg.host, icfg.port)
         self.spec = dataclasses.replace(spec, engine=cfg, ingress=icfg)
         tag = uuid.uuid4().hex[:8]
-        self.groups, self.workers, self.schedulers = [], [], []
         self.db = spec.db_url
         # Named, so a (restartable) ingress takes names, not handles: Ray cannot
         # rebuild an actor whose constructor arguments are references (ray#53727).
         self.meter_name, self.router_name = f"ziggurat-meter-{tag}", f"ziggurat-router-{tag}"
+        self.scheduler_names = [f"ziggurat-scheduler-{tag}-{r}" for r in range(spec.replicas)]
         self.meter = MeterActor.options(name=self.meter_name).remote(self.db)
-        self.router = RouterActor.options(name=self.router_name).remote(spec.replicas)
-        self.scheduler_names: list[str] = []
+        self.router = RouterActor.options(name=self.router_name, max_restarts=-1).remote(spec.replicas)
+        names = dict(router=self.router_name, meter=self.meter_name, schedulers=self.scheduler_names,
+                     journal_dir=str(spec.journal_path / tag))
+        self.supervisor = SupervisorActor.options(name=f"ziggurat-supervisor-{tag}").remote(
+            cfg, self.spec, names, use_gpu, **spec.health.__dict__)
+        self.ingresses = []
         try:
-            for r in range(spec.replicas):
-                pg = create_replica_group(tp, use_gpu, name=f"ziggurat-{tag}-replica{r}")
-                self.groups.append(pg)
-                opts = dict(num_gpus=1 if use_gpu else 0, num_cpus=1)
-                ws = [WorkerActor.options(scheduling_strategy=bundle_strategy(pg, rank), **opts).remote(
-                    cfg, rank, spec.worker_cls) for rank in range(tp)]
-                self.workers.append(ws)
-                self.scheduler_names.append(f"ziggurat-scheduler-{tag}-{r}")
-                self.schedulers.append(SchedulerActor.options(num_cpus=0, name=self.scheduler_names[-1]).remote(
-                    cfg, ws, r, self.router, spec.max_waiting, self.meter))
-            self.info = ray.get([s.info.remote() for s in self.schedulers])
+            self.info = ray.get(self.supervisor.start.remote())
             # Every ingress checks requests against what every replica can hold.
             limits = min(self.info, key=lambda i: i.max_model_len)
-            self.ingresses = []
             for i in range(spec.ingresses):
                 ingress_id = f"ziggurat-ingress-{tag}-{i}"
                 # Ingresses share the port of this (the driver's) node.
@@ -81,12 +71,25 @@ class Deployment:
                     icfg, limits, ingress_id, self.router_name, self.scheduler_names, self.meter_name))
             self.ingress = self.ingresses[0]
             ray.get([ing.url.remote() for ing in self.ingresses])  # all listening
+            ray.get(self.supervisor.watch.remote(self.ingresses))
             self.url = ray.get(self.ingress.url.remote())
             self.open = ray.get(self.ingress.is_open.remote())
             self.served_model_name = icfg.served_model_name
         except BaseException:
             self.shutdown()
             raise
+
+    @property
+    def schedulers(self) -> list:
+        """The replicas' current scheduler actors (a rebuilt replica has a new one)."""
+        return [ray.get(self.supervisor.handles.remote(r))["scheduler"] for r in range(self.spec.replicas)]
+
+    @property
+    def workers(self) -> list[list]:
+        return [ray.get(self.supervisor.handles.remote(r))["workers"] for r in range(self.spec.replicas)]
+
+    def status(self) -> list[dict]:
+        return ray.get(self.supervisor.status.remote())
 
     @property
     def base_url(self) -> str:
@@ -110,24 +113,22 @@ class Deployment:
             self.shutdown()
 
     def shutdown(self) -> None:
-        from ziggurat.topology.placement import release
-
-        for actor in list(getattr(self, "ingresses", [])) + list(self.schedulers):
-            if actor is not None:
-                try:
-                    ray.get(actor.shutdown.remote(), timeout=15)
-                except Exception:
-                    pass
-        for actor in (list(getattr(self, "ingresses", [])) + [self.router] + self.schedulers
-                      + [w for ws in self.workers for w in ws] + [getattr(self, "meter", None)]):
+        for actor in list(self.ingresses):
+            try:
+                ray.get(actor.shutdown.remote(), timeout=15)
+            except Exception:
+                pass
+        try:
+            ray.get(self.supervisor.shutdown.remote(), timeout=60)  # schedulers drain and meter what is left
+        except Exception:
+            pass
+        for actor in list(self.ingresses) + [self.router, self.supervisor, getattr(self, "meter", None)]:
             if actor is not None:
                 try:
                     ray.kill(actor, no_restart=True)
                 except Exception:
                     pass
-        for pg in self.groups:
-            release(pg)
-        self.schedulers, self.workers, self.groups = [], [], []
+        self.ingresses = []
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -3,6 +3,7 @@
     DeploymentSpec
       engine:  EngineConfig   (config.py: every engine knob, for every replica)
       ingress: IngressConfig  (actors/ingress/server.py: the HTTP front door)
+      health:  HealthConfig   (how the supervisor judges replicas)
       replicas, ingresses, max_waiting, worker_cls, db   (the deployment's own)
 
 `DeploymentSpec.from_flat(model=..., tensor_parallel_size=2, port=8000, ...)`
@@ -46,10 +47,20 @@ def _opt(default, help: str, **meta):
     return field(default=default, metadata={"help": help, **meta})
 
 
+@dataclass(frozen=True)
+class HealthConfig:
+    """How the supervisor judges replicas (cluster/supervisor.py)."""
+
+    interval_s: float = _opt(0.5, "seconds between health checks")
+    health_timeout_s: float = _opt(10.0, "a health check not answered within this counts as death")
+    step_deadline_s: float = _opt(60.0, "a replica with work whose step has not ended for this long counts as dead")
+
+
 @dataclass
 class DeploymentSpec:
     engine: EngineConfig
     ingress: IngressConfig = field(default_factory=IngressConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     replicas: int = _opt(1, "replicas of the model (each a scheduler and a TP group of workers)")
     ingresses: int = _opt(1, "HTTP actors sharing the port (spread HTTP/SSE work over cores)")
     max_waiting: int | None = _opt(None, "queued requests per replica before 429 (default: 4 x max_num_seqs)")
@@ -69,14 +80,20 @@ class DeploymentSpec:
     def db_url(self) -> str:
         return ledger_url(self.db)
 
+    @property
+    def journal_path(self) -> Path:
+        """Where schedulers journal unacknowledged usage events (per deployment, per replica)."""
+        return cache_dir() / "usage-journal"
+
     @classmethod
     def from_flat(cls, **kw) -> "DeploymentSpec":
         """One keyword per field of EngineConfig, IngressConfig or the spec itself;
         model=None serves the embedded default model."""
         eng = {f.name for f in fields(EngineConfig)}
         ing = {f.name for f in fields(IngressConfig)}
-        own = {f.name for f in fields(cls)} - {"engine", "ingress"}
-        unknown = set(kw) - eng - ing - own
+        hea = {f.name for f in fields(HealthConfig)}
+        own = {f.name for f in fields(cls)} - {"engine", "ingress", "health"}
+        unknown = set(kw) - eng - ing - hea - own
         if unknown:
             raise TypeError(f"unknown deployment setting(s): {', '.join(sorted(unknown))}")
         e = {k: v for k, v in kw.items() if k in eng}
@@ -85,4 +102,6 @@ class DeploymentSpec:
         i = {k: v for k, v in kw.items() if k in ing}
         if "api_keys" in i:
             i["api_keys"] = tuple(i["api_keys"])
-        return cls(engine=EngineConfig(**e), ingress=IngressConfig(**i), **{k: v for k, v in kw.items() if k in own})
+        h = {k: v for k, v in kw.items() if k in hea}
+        return cls(engine=EngineConfig(**e), ingress=IngressConfig(**i), health=HealthConfig(**h),
+                   **{k: v for k, v in kw.items() if k in own})

@@ -42,13 +42,17 @@ log = logging.getLogger("ziggurat.scheduler")
 @ray.remote(max_concurrency=8)
 class SchedulerActor:
     def __init__(self, config: EngineConfig, workers: list, replica: int, router=None, max_waiting: int | None = None,
-                 meter=None):
+                 meter=None, journal: str | None = None):
         gpu = ray.get(workers[0].gpu_info.remote())
         self.engine = EngineCore(config, executor_factory=lambda cfg, n: CompiledGraphExecutor(workers, cfg, n))
         self.ingresses: dict[str, object] = {}
         self.router, self.meter = router, meter
         gpu_type = gpu["name"] if config.device != "cpu" and gpu["count"] else "cpu"
-        self.loop = SchedulerLoop(self.engine, replica, self._send, max_waiting or 4 * config.max_num_seqs, gpu_type)
+        self.loop = SchedulerLoop(self.engine, replica, self._send, max_waiting or 4 * config.max_num_seqs, gpu_type,
+                                  journal)
+        if self.loop.usage.outbox:
+            log.warning("replica %d: %d usage events of a predecessor recovered from %s", replica,
+                        len(self.loop.usage.outbox), journal)
         freeze_startup_heap()  # the block pool alone is num_blocks objects; a full collection would walk them all
         self.loop.gc = GCPauses()
         self._stop = False

@@ -39,14 +39,16 @@ log = logging.getLogger("ziggurat.scheduler")
 
 
 class SchedulerLoop:
-    def __init__(self, engine: EngineCore, replica: int, send_batch, max_waiting: int, gpu_type: str = "cpu"):
-        """send_batch(ingress_id, TokenBatch) takes each step's tokens away (it must not block)."""
+    def __init__(self, engine: EngineCore, replica: int, send_batch, max_waiting: int, gpu_type: str = "cpu",
+                 journal=None):
+        """send_batch(ingress_id, TokenBatch) takes each step's tokens away (it must not block);
+        journal: the usage journal file (usage.py), kept across this replica's rebuilds."""
         self.engine, self.replica, self.send_batch = engine, replica, send_batch
         self.max_waiting = max_waiting
         self.inbox: collections.deque = collections.deque()
         self.wakeup = threading.Condition()  # guards the inbox and the streams' numbering
         self.incarnation = uuid.uuid4().hex[:12]
-        self.usage = UsageBook(replica, gpu_type)
+        self.usage = UsageBook(replica, gpu_type, journal)
         self.streams = IngressStreams(replica, self.incarnation)
         self.last_progress = time.monotonic()  # when the last step ended (or the loop went idle)
         self.num_pending = 0  # submitted, not yet taken into the engine

@@ -6,13 +6,21 @@ UsageEvent to the outbox, where it stays until the Meter acknowledges it
 (the actor's flusher thread delivers it, retrying; the ledger ignores ids it
 already holds, so a retry never counts twice). The book also keeps this
 replica's own per-tenant totals, for reconciliation with the ledger.
+
+With a journal file, every event is also appended there when it is made and
+the file is emptied once everything in it is acknowledged: a scheduler killed
+with events still unacknowledged leaves them on disk, and its successor
+(under the same replica name) sends them again at start-up (`recover`).
 """
 
 from __future__ import annotations
 
 import collections
+import json
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from ziggurat.actors.meter.messages import UsageEvent
 from ziggurat.actors.scheduler.messages import SubmitRequest
@@ -26,11 +34,37 @@ class _Open:
 
 
 class UsageBook:
-    def __init__(self, replica: int, gpu_type: str = "cpu"):
+    def __init__(self, replica: int, gpu_type: str = "cpu", journal: str | Path | None = None):
         self.replica, self.gpu_type = replica, gpu_type
         self.open: dict[str, _Open] = {}
         self.outbox: collections.deque[UsageEvent] = collections.deque()
         self.tenant_totals: dict[str, dict] = {}
+        self.journal = Path(journal) if journal else None
+        self._jlock = threading.Lock()
+        self._jfile = None
+        if self.journal is not None:
+            self.journal.parent.mkdir(parents=True, exist_ok=True)
+            self.recovered = self.recover()
+            self._jfile = open(self.journal, "a", buffering=1)
+
+    def recover(self) -> int:
+        """Queue the events a predecessor journaled and never saw acknowledged."""
+        if self.journal is None or not self.journal.is_file():
+            return 0
+        n = 0
+        for line in self.journal.read_text().splitlines():
+            try:
+                self.outbox.append(UsageEvent(**json.loads(line)))
+                n += 1
+            except (ValueError, TypeError):  # a line cut short by the kill
+                continue
+        return n
+
+    def _queue(self, e: UsageEvent) -> None:
+        with self._jlock:  # journal and outbox change together (ack empties the journal under this lock)
+            if self._jfile is not None:
+                self._jfile.write(json.dumps(asdict(e)) + "\n")  # a kill leaves it in the page cache
+            self.outbox.append(e)
 
     def start(self, sub: SubmitRequest) -> None:
         self.open[sub.request_id] = _Open(sub, time.time())
@@ -49,12 +83,13 @@ class UsageBook:
         if not sub.bill_prompt:  # n > 1: only the first sample of a prompt bills the prompt
             prompt = cached = 0
         now = time.time()
-        self.outbox.append(UsageEvent(
+        event = UsageEvent(
             request_id=rid, http_request_id=sub.http_request_id, tenant=sub.tenant, key_id=sub.key_id,
             model=sub.model, lora=sub.lora, replica=self.replica, gpu_type=self.gpu_type, prompt_tokens=prompt,
             cached_tokens=cached, completion_tokens=completion, status=status, arrived_at=entry.arrived,
             finished_at=now, ttft_ms=(entry.first_token - entry.arrived) * 1e3 if entry.first_token else None,
-            duration_ms=(now - entry.arrived) * 1e3))
+            duration_ms=(now - entry.arrived) * 1e3)
+        self._queue(event)
         t = self.tenant_totals.setdefault(sub.tenant, {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0,
                                                        "completion_tokens": 0})
         t["requests"] += 1
@@ -71,5 +106,8 @@ class UsageBook:
         return [self.outbox[i] for i in range(min(max_events, len(self.outbox)))]
 
     def ack(self, n: int) -> None:
-        for _ in range(n):
-            self.outbox.popleft()
+        with self._jlock:
+            for _ in range(n):
+                self.outbox.popleft()
+            if self._jfile is not None and not self.outbox:  # everything journaled is acknowledged
+                self._jfile.truncate(0)

@@ -1,0 +1,210 @@
+"""The supervisor: owns a deployment's replicas and keeps them serving.
+
+It builds every replica (a placement group, one worker actor per TP rank,
+the scheduler actor that drives them) and then checks each scheduler's
+health every `interval_s`, with a deadline:
+
+    no answer within health_timeout_s  -> dead (the process is gone or wedged)
+    answer says `failed`               -> dead (a step failed: a worker died, say)
+    busy, no step ended for step_deadline_s -> dead (a stuck step)
+
+A dead replica leaves routing at once (the router is told), every ingress
+ends its requests on it (a request that streamed nothing is retried on
+another replica; see actors/ingress/server.py), and the replica is rebuilt
+under the same actor names: its new scheduler replays the usage events its
+predecessor journaled and never saw acknowledged; the ingresses register
+with it; the router takes it back when it reports.
+
+The router, the meter and the ingresses are restartable actors that Ray
+restarts in place; the supervisor re-tells a restarted router which
+replicas are down. `judge` is the policy, plain Python; `SupervisorActor`
+the Ray shell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import ray
+
+log = logging.getLogger("ziggurat.supervisor")
+
+
+def judge(health, *, step_deadline_s: float) -> str | None:
+    """Why a replica counts as dead (None: healthy). `health` is a ReplicaHealth or
+    the exception its health call raised (a timeout included)."""
+    if isinstance(health, BaseException):
+        return f"no answer ({type(health).__name__})"
+    if health.failed:
+        return "a step failed"
+    if health.busy and health.seconds_since_progress > step_deadline_s:
+        return f"no step ended for {health.seconds_since_progress:.0f} s"
+    return None
+
+
+@dataclass
+class _Replica:
+    index: int
+    name: str
+    scheduler: object = None
+    workers: list = field(default_factory=list)
+    group: object = None
+    state: str = "starting"  # starting | serving | rebuilding | failed
+    incarnation: str = ""
+    rebuilds: int = 0
+    last_death: str = ""
+
+
+@ray.remote(num_cpus=0, max_concurrency=64)
+class SupervisorActor:
+    def __init__(self, cfg, spec, names: dict, use_gpu: bool, interval_s: float = 0.5,
+                 health_timeout_s: float = 10.0, step_deadline_s: float = 60.0):
+        """cfg: the EngineConfig every replica runs; names: router, meter, scheduler
+        names and the usage-journal directory (the launcher's)."""
+        self.cfg, self.spec, self.names, self.use_gpu = cfg, spec, names, use_gpu
+        self.interval_s, self.health_timeout_s, self.step_deadline_s = interval_s, health_timeout_s, step_deadline_s
+        self.replicas = [_Replica(r, n) for r, n in enumerate(names["schedulers"])]
+        self.ingresses: list = []
+        self.events: list[dict] = []  # what happened, for tests and operators
+        self._watch: asyncio.Task | None = None
+
+    # -- building ------------------------------------------------------------------------
+
+    async def start(self) -> list:
+        """Build every replica; returns their ReplicaInfo. Then keep watching."""
+        infos = await asyncio.gather(*[self._build(rep) for rep in self.replicas])
+        return infos
+
+    def watch(self, ingresses: list) -> None:
+        self.ingresses = list(ingresses)
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
+
+    async def _build(self, rep: _Replica):
+        from ziggurat.actors.scheduler.actor import SchedulerActor
+        from ziggurat.actors.worker.actor import WorkerActor
+        from ziggurat.topology.placement import bundle_strategy, replica_bundles
+
+        tp = self.cfg.tensor_parallel_size
+        pg = ray.util.placement_group(replica_bundles(tp, self.use_gpu), strategy="STRICT_PACK")
+        try:
+            await asyncio.wait_for(pg.ready(), 120)
+        except asyncio.TimeoutError:
+            ray.util.remove_placement_group(pg)
+            raise RuntimeError(f"replica {rep.index}: could not place {tp} worker(s) on one node within 120 s; "
+                               f"cluster resources: {ray.cluster_resources()}") from None
+        opts = dict(num_gpus=1 if self.use_gpu else 0, num_cpus=1)
+        workers = [WorkerActor.options(scheduling_strategy=bundle_strategy(pg, rank), **opts).remote(
+            self.cfg, rank, self.spec.worker_cls) for rank in range(tp)]
+        router = ray.get_actor(self.names["router"])
+        meter = ray.get_actor(self.names["meter"])
+        journal = f"{self.names['journal_dir']}/{rep.name}.jsonl"
+        scheduler = SchedulerActor.options(num_cpus=0, name=rep.name).remote(
+            self.cfg, workers, rep.index, router, self.spec.max_waiting, meter, journal)
+        rep.scheduler, rep.workers, rep.group = scheduler, workers, pg
+        info = await scheduler.info.remote()
+        rep.incarnation, rep.state = info.incarnation, "serving"
+        return info
+
+    def _tear_down(self, rep: _Replica) -> None:
+        for actor in [rep.scheduler, *rep.workers]:
+            if actor is not None:
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception:
+                    pass
+        if rep.group is not None:
+            try:
+                ray.util.remove_placement_group(rep.group)
+            except Exception:
+                pass
+        rep.scheduler, rep.workers, rep.group = None, [], None
+
+    # -- watching ------------------------------------------------------------------------
+
+    async def _health(self, rep: _Replica):
+        try:
+            return await asyncio.wait_for(rep.scheduler.health.remote(), self.health_timeout_s)
+        except BaseException as e:  # noqa: BLE001 - any failure to answer is the verdict
+            return e
+
+    async def _watch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.check()
+            except Exception:
+                log.exception("supervisor check failed")
+
+    async def check(self) -> None:
+        serving = [rep for rep in self.replicas if rep.state == "serving"]
+        verdicts = await asyncio.gather(*[self._health(rep) for rep in serving])
+        for rep, health in zip(serving, verdicts):
+            why = judge(health, step_deadline_s=self.step_deadline_s)
+            if why is not None:
+                rep.state = "rebuilding"
+                asyncio.get_running_loop().create_task(self._rebuild(rep, why))
+        router = ray.get_actor(self.names["router"])
+        for rep in self.replicas:  # a restarted router believes every replica healthy
+            if rep.state != "serving":
+                router.mark_unhealthy.remote(rep.index)
+
+    async def _rebuild(self, rep: _Replica, why: str) -> None:
+        t0 = time.monotonic()
+        rep.last_death = why
+        log.warning("replica %d is dead (%s); rebuilding", rep.index, why)
+        self.events.append({"replica": rep.index, "event": "dead", "why": why, "at": time.time()})
+        try:
+            ray.get_actor(self.names["router"]).mark_unhealthy.remote(rep.index)
+        except Exception:
+            pass
+        for ing in self.ingresses:
+            ing.replica_failed.remote(rep.index)
+        self._tear_down(rep)
+        for attempt in range(5):
+            try:
+                await self._build(rep)
+                break
+            except Exception as e:
+                log.warning("replica %d: rebuild attempt %d failed (%s)", rep.index, attempt + 1, e)
+                self._tear_down(rep)
+                await asyncio.sleep(min(30, 2 ** attempt))
+        else:
+            rep.state = "failed"
+            self.events.append({"replica": rep.index, "event": "gave_up", "at": time.time()})
+            return
+        rep.state = "attaching"
+        await asyncio.gather(*[ing.replica_rebuilt.remote(rep.index) for ing in self.ingresses],
+                             return_exceptions=True)
+        rep.state, rep.rebuilds = "serving", rep.rebuilds + 1
+        self.events.append({"replica": rep.index, "event": "rebuilt", "seconds": time.monotonic() - t0,
+                            "at": time.time()})
+        log.warning("replica %d rebuilt in %.1f s", rep.index, time.monotonic() - t0)
+
+    # -- for the launcher and tests ------------------------------------------------------
+
+    def status(self) -> list[dict]:
+        return [{"replica": r.index, "state": r.state, "rebuilds": r.rebuilds, "incarnation": r.incarnation,
+                 "last_death": r.last_death} for r in self.replicas]
+
+    def history(self) -> list[dict]:
+        return list(self.events)
+
+    def handles(self, replica: int) -> dict:
+        rep = self.replicas[replica]
+        return {"scheduler": rep.scheduler, "workers": list(rep.workers)}
+
+    async def shutdown(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        for rep in self.replicas:
+            if rep.scheduler is not None:
+                try:
+                    await asyncio.wait_for(rep.scheduler.shutdown.remote(), 15)
+                except BaseException:  # noqa: BLE001
+                    pass
+            self._tear_down(rep)
