@@ -272,3 +272,84 @@ def test_slow_clients_are_cut_off_after_the_read_timeout(llama_dir):
         th.join(timeout=10)
         client.stop()
         engine.shutdown()
+
+
+# -- property-based fuzzing of both endpoints (bounded) ----------------------------------
+
+def test_fuzzed_bodies_never_break_the_server(app):
+    """Bodies drawn from the request types (right and wrong types, huge and
+    negative numbers, odd strings, nesting): each answer is a 200 or an
+    OpenAI-shaped 4xx, never a 5xx, and a normal request still works after
+    every one of them."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    run, _ = app
+    ints = st.one_of(st.integers(-3, 40), st.integers(-(2**70), 2**70))
+    nums = st.one_of(ints, st.floats(allow_nan=True, allow_infinity=True), st.just(1e308))
+    text = st.text(max_size=40)
+    junk = st.one_of(st.none(), st.booleans(), ints, nums, text, st.lists(ints, max_size=5),
+                     st.dictionaries(text, ints, max_size=3))
+    token_lists = st.lists(st.one_of(st.integers(0, 1100), ints), min_size=0, max_size=20)
+    fields = {
+        "model": st.one_of(st.just("tiny"), junk), "n": st.one_of(st.integers(1, 3), junk),
+        "max_tokens": st.one_of(st.integers(1, 8), junk), "temperature": st.one_of(st.floats(0, 2), junk),
+        "top_p": nums, "top_k": ints, "min_p": nums, "seed": ints, "stop": st.one_of(text, st.lists(text), junk),
+        "stop_token_ids": st.one_of(token_lists, junk), "min_tokens": ints, "logprobs": st.one_of(ints, junk),
+        "presence_penalty": nums, "frequency_penalty": nums, "repetition_penalty": nums,
+        "ignore_eos": st.one_of(st.booleans(), junk), "skip_special_tokens": junk, "stream": st.booleans(),
+        "stream_options": st.one_of(st.none(), st.fixed_dictionaries({"include_usage": st.booleans()}), junk),
+        "echo": junk, "best_of": junk, "user": junk, "cache_salt": junk, "top_logprobs": st.one_of(ints, junk),
+        "max_completion_tokens": st.one_of(st.integers(1, 8), junk), "tools": junk, "response_format": junk,
+    }
+    message = st.fixed_dictionaries({"role": st.one_of(st.sampled_from(["user", "system", "assistant", "tool"]), junk),
+                                     "content": st.one_of(text, st.lists(st.fixed_dictionaries(
+                                         {"type": st.just("text"), "text": text}), max_size=2), junk)})
+    # Bodies a server must serve: every field valid, at the edges of its range.
+    valid = {
+        "n": st.integers(1, 3), "max_tokens": st.integers(1, 8), "temperature": st.floats(0, 2),
+        "top_p": st.floats(0.01, 1), "top_k": st.integers(-1, 50), "min_p": st.floats(0, 1),
+        "seed": st.integers(-(2**62), 2**62), "stop": st.lists(st.text(min_size=1, max_size=4), max_size=3),
+        "stop_token_ids": st.lists(st.integers(0, 1023), max_size=4), "logprobs": st.integers(0, 5),
+        "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
+        "repetition_penalty": st.floats(0.5, 2), "ignore_eos": st.booleans(), "stream": st.booleans(),
+        "skip_special_tokens": st.booleans(), "include_stop_str_in_output": st.booleans(),
+    }
+    good_prompt = st.one_of(st.text(min_size=1, max_size=60), st.lists(st.integers(0, 1023), min_size=1, max_size=30))
+    good_message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system"]), "content": st.text(max_size=60)})
+    good = st.one_of(
+        st.tuples(st.just("/v1/completions"), st.fixed_dictionaries({"prompt": good_prompt}, optional=valid)),
+        st.tuples(st.just("/v1/chat/completions"), st.fixed_dictionaries(
+            {"messages": st.lists(good_message, min_size=1, max_size=3)},
+            optional={k: v for k, v in valid.items() if k != "logprobs"})))
+    completion = st.fixed_dictionaries({"prompt": st.one_of(text, token_lists, st.lists(text, max_size=3), junk)},
+                                       optional=fields)
+    chat = st.fixed_dictionaries({"messages": st.one_of(st.lists(message, max_size=3), junk)}, optional=fields)
+    bad_bodies = st.one_of(st.tuples(st.just("/v1/completions"), completion),
+                           st.tuples(st.just("/v1/chat/completions"), chat))
+    bodies = st.one_of(good, bad_bodies)
+    served = []
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(bodies)
+    def check(case):
+        path, body = case
+        if isinstance(body.get("max_tokens"), int) and not isinstance(body["max_tokens"], bool):
+            body["max_tokens"] = max(-5, min(body["max_tokens"], 8))  # keep the run short, not the checks
+        r = _raw(run, path, json.dumps(body).encode())  # NaN and Infinity as Python writes them
+        assert r.status_code < 500, (body, r.status_code, r.text[:300])
+        served.append(r.status_code == 200)
+        if r.status_code != 200:
+            err = r.json()["error"]
+            assert {"message", "type", "param", "code"} <= set(err), err
+        elif body.get("stream"):
+            assert r.text.rstrip().endswith("data: [DONE]"), r.text[-300:]
+            for chunk in sse(r.text):
+                assert "error" not in chunk, chunk
+        ok = post(run, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+        assert ok.status_code == 200, ok.text
+
+    check()
+    assert sum(served) >= 30, sum(served)  # the valid half was served, not refused
+
