@@ -58,6 +58,7 @@ class StepInput:
     # applied before this step's new requests take their rows.
     finished_rows: list[int] = field(default_factory=list)
     step_id: int = -1  # the scheduler's own count (workers ignore it)
+    inject_fault: bool = False  # a failure drill: every rank raises on this step (see EngineCore)
 
     @property
     def total_tokens(self) -> int:
@@ -73,12 +74,12 @@ class StepInput:
 
     def __reduce__(self):
         return _step_input, (self.new_requests, self.cached_requests, _ints(self.rows).tobytes(),
-                             _ints(self.num_tokens).tobytes(), self.finished_rows, self.step_id)
+                             _ints(self.num_tokens).tobytes(), self.finished_rows, self.step_id, self.inject_fault)
 
 
-def _step_input(new, cached, rows: bytes, num_tokens: bytes, finished, step_id) -> StepInput:
+def _step_input(new, cached, rows: bytes, num_tokens: bytes, finished, step_id, fault=False) -> StepInput:
     return StepInput(new, cached, np.frombuffer(rows, dtype=np.int32), np.frombuffer(num_tokens, dtype=np.int32),
-                     finished, step_id)
+                     finished, step_id, fault)
 
 
 @dataclass

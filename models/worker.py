@@ -66,6 +66,8 @@ class Worker:
     def execute_async(self, step: StepInput):
         """Launch a step; pass the handle to wait(). A second step may be
         launched before the first is waited for."""
+        if step.inject_fault:  # a failure drill: every rank fails this step, before any collective
+            raise RuntimeError(f"injected fault in the forward pass (rank {self.rank}, step {step.step_id})")
         return self.runner.execute_async(step)
 
     def wait(self, handle) -> StepOutput | None:

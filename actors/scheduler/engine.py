@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import time
 
 from ziggurat.actors.scheduler.executor import make_executor
@@ -59,6 +60,9 @@ class EngineCore:
         self._inflight = None  # (StepInput, executor handle) submitted, outputs not yet applied
         # Only worth it when the executor runs a step while the scheduler works.
         self.async_scheduling = config.async_scheduling and getattr(self.executor, "overlaps", True)
+        # Failure drills: when this file appears, the next step fails on every rank
+        # (extra={"inject_fault_file": path}; tests and scripts/chaos.py use it).
+        self._fault_file = config.extra.get("inject_fault_file")
         # Seconds spent in each part of step(), summed (the control-plane benchmark reports them).
         self.seconds = {"schedule": 0.0, "launch": 0.0, "wait": 0.0, "update": 0.0}
 
@@ -135,6 +139,9 @@ class EngineCore:
         if step.is_empty:
             self.scheduler.step_dropped(step)
             return None
+        if self._fault_file is not None and os.path.exists(self._fault_file):
+            os.remove(self._fault_file)  # one shot: the replica's next incarnation runs clean
+            step.inject_fault = True
         handle = self.executor.execute_async(step)
         self.seconds["launch"] += time.perf_counter() - t1
         return step, handle
