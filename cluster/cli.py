@@ -1,6 +1,6 @@
 """The `ziggurat` command.
 
-    ziggurat serve [--model DIR] [--tensor-parallel-size N] [--replicas N] [--host H] [--port P] [--api-key K]
+    ziggurat serve [--model DIR] [--tensor-parallel-size N] [--replicas N] [--host H] [--port P] [--api-keys-file F]
     ziggurat chat "prompt"        # streams the answer from a running endpoint
     ziggurat complete "prompt"
     ziggurat generate --model DIR "prompt"   # offline, in this process
@@ -44,6 +44,18 @@ def _secret_list(name: str) -> tuple[str, ...]:
     return tuple(k for k in os.environ.get(name, "").split(",") if k)
 
 
+def read_secret_file(path: str | None, what: str) -> list[str]:
+    """Secrets come from files or the environment, never the command line (ps shows argv):
+    one per line, blank lines and #-comments skipped."""
+    if not path:
+        return []
+    try:
+        lines = open(path).read().splitlines()
+    except OSError as e:
+        raise SystemExit(f"ziggurat: cannot read {what} file {path}: {e.strerror}") from None
+    return [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+
+
 def _serve(args) -> int:
     from ziggurat.actors.ingress.server import IngressConfig
     from ziggurat.cluster.deploy import Deployment, ensure_ray
@@ -52,8 +64,9 @@ def _serve(args) -> int:
 
     flat = {**given(args, EngineConfig), **given(args, IngressConfig), **given(args, HealthConfig),
             **given(args, DeploymentSpec)}
-    flat["api_keys"] = tuple(args.api_key or ()) or _secret_list("ZIGGURAT_API_KEYS")
-    flat["admin_key"] = args.admin_key or os.environ.get("ZIGGURAT_ADMIN_KEY")
+    flat["api_keys"] = tuple(read_secret_file(args.api_keys_file, "API keys")) or _secret_list("ZIGGURAT_API_KEYS")
+    admin = read_secret_file(args.admin_key_file, "admin key")
+    flat["admin_key"] = admin[0] if admin else os.environ.get("ZIGGURAT_ADMIN_KEY")
     info = ensure_ray()
     if flat.get("model") is None:
         print("ziggurat: no --model given; serving the embedded default model (random weights, made on first use)")
@@ -77,7 +90,8 @@ def _request(args, path: str, body: dict | None = None):
     """A plain-HTTP OpenAI call (no SDK needed): returns the response object."""
     import urllib.request
 
-    key = args.api_key or os.environ.get("OPENAI_API_KEY") or os.environ.get("ZIGGURAT_API_KEY")
+    keys = read_secret_file(args.api_key_file, "API key")
+    key = keys[0] if keys else os.environ.get("OPENAI_API_KEY") or os.environ.get("ZIGGURAT_API_KEY")
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
@@ -157,8 +171,9 @@ def main(argv=None) -> int:
     add_fields(s.add_argument_group("HTTP ingress"), IngressConfig)
     add_fields(s.add_argument_group("deployment"), DeploymentSpec)
     add_fields(s.add_argument_group("supervisor"), HealthConfig)
-    s.add_argument("--api-key", action="append", help="require this API key (repeatable; or ZIGGURAT_API_KEYS=a,b)")
-    s.add_argument("--admin-key", default=None, help="enables the /admin API (or ZIGGURAT_ADMIN_KEY)")
+    s.add_argument("--api-keys-file", default=None,
+                   help="require these API keys, one per line (or ZIGGURAT_API_KEYS=a,b); never on the command line")
+    s.add_argument("--admin-key-file", default=None, help="enables the /admin API (or ZIGGURAT_ADMIN_KEY)")
     s.set_defaults(fn=_serve)
     from ziggurat.cluster.tenant_cli import add_tenant_commands
 
@@ -168,7 +183,7 @@ def main(argv=None) -> int:
         c = sub.add_parser(name, help=f"stream a {name} answer from a running endpoint")
         c.add_argument("prompt")
         c.add_argument("--base-url", default=os.environ.get("ZIGGURAT_URL", "http://127.0.0.1:8000/v1"))
-        c.add_argument("--api-key", default=None)
+        c.add_argument("--api-key-file", default=None, help="default: $OPENAI_API_KEY or $ZIGGURAT_API_KEY")
         c.add_argument("--model-name", default=None)
         c.add_argument("--max-tokens", type=int, default=128)
         c.add_argument("--temperature", type=float, default=0.7)
