@@ -57,6 +57,10 @@ def read_secret_file(path: str | None, what: str) -> list[str]:
 
 
 def _serve(args) -> int:
+    if not os.environ.get("RAY_ADDRESS"):
+        # A local cluster of ours: Ray's token authentication on. Ray reads this when
+        # it is imported, so before anything imports it (nothing above this has).
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     from ziggurat.actors.ingress.server import IngressConfig
     from ziggurat.cluster.deploy import Deployment, ensure_ray
     from ziggurat.cluster.spec import DeploymentSpec, HealthConfig

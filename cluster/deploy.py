@@ -152,17 +152,16 @@ def _free_port(host: str) -> int:
 def ensure_ray(num_cpus: int | None = None) -> dict:
     """Join the cluster in RAY_ADDRESS, or start a local one. Returns its info.
 
-    A local cluster starts with Ray's token authentication on (RAY_AUTH_MODE=token
-    unless set otherwise: Ray generates the token and keeps it in its own file)
-    and its node address and dashboard on loopback. Ray 2.60 still binds its gRPC
-    servers (GCS, raylet, workers) to every interface, so the host must not let
-    Ray's ports be reached from outside (README, "Security")."""
+    A local cluster has its node address and dashboard on loopback, and Ray's
+    token authentication when RAY_AUTH_MODE=token was set before Ray was
+    imported (`ziggurat serve` sets it; a driver script exports it). Ray 2.60
+    still binds its gRPC servers (GCS, raylet, workers) to every interface, so
+    the host must not let Ray's ports be reached from outside (README, "Security")."""
     if ray.is_initialized():
         return {"dashboard_url": None}
     if os.environ.get("RAY_ADDRESS"):
         ctx = ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
     else:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
         ctx = ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=True,
                        dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
     return {"dashboard_url": getattr(ctx, "dashboard_url", None)}

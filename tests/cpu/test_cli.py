@@ -59,3 +59,19 @@ def test_bad_tenant_input_names_the_field(tmp_path):
         plane.tenants.update_tenant("acme", tokens_per_minute=-5)
     with pytest.raises(ValueError, match="tenant: no tenant with id or name 'nobody'"):
         plane.tenants.create_key("nobody")
+
+
+def test_secrets_never_come_from_the_command_line(tmp_path, capsys):
+    """`ps` shows argv: serve takes keys from files or the environment only."""
+    import pytest
+
+    from ziggurat.cluster.cli import read_secret_file
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--api-key", "sk-secret"])
+    assert e.value.code == 2 and "unrecognized arguments: --api-key" in capsys.readouterr().err
+    f = tmp_path / "keys"
+    f.write_text("# our keys\nsk-a\n\n  sk-b  \n")
+    assert read_secret_file(str(f), "API keys") == ["sk-a", "sk-b"]
+    with pytest.raises(SystemExit, match="cannot read API keys file"):
+        read_secret_file(str(tmp_path / "missing"), "API keys")
