@@ -170,7 +170,8 @@ def main(argv=None) -> int:
     from ziggurat.cluster.spec import DeploymentSpec, HealthConfig
     from ziggurat.config import EngineConfig
 
-    s = sub.add_parser("serve", help="deploy an OpenAI-compatible endpoint on Ray")
+    # No abbreviations: `--api-key K` must not pass for `--api-keys-file K` (a secret on argv).
+    s = sub.add_parser("serve", help="deploy an OpenAI-compatible endpoint on Ray", allow_abbrev=False)
     add_fields(s.add_argument_group("engine (every replica)"), EngineConfig)
     add_fields(s.add_argument_group("HTTP ingress"), IngressConfig)
     add_fields(s.add_argument_group("deployment"), DeploymentSpec)
