@@ -17,6 +17,7 @@ import uuid
 
 import ray
 
+from ziggurat.actors.ingress.delivery_journal import DeliveryJournal
 from ziggurat.actors.ingress.gatekeeper import Gatekeeper
 from ziggurat.actors.ingress.http_protocol import DeadlineH11Protocol
 from ziggurat.actors.ingress.ray_client import RayEngineClient
@@ -33,7 +34,7 @@ class IngressActor:
     batches under a fresh epoch, and re-registers with every scheduler."""
 
     def __init__(self, config: IngressConfig, replica: ReplicaInfo, ingress_id: str, router: str,
-                 schedulers: list[str], meter: str | None = None):
+                 schedulers: list[str], meter: str | None = None, journal_dir: str | None = None):
         """replica: the limits all replicas hold; router, schedulers, meter: actor
         names (looked up here, also after a restart)."""
         import uvicorn
@@ -45,7 +46,14 @@ class IngressActor:
         me = ray.get_runtime_context().current_actor
         self.client = RayEngineClient(ingress_id, router, schedulers, epoch, me)
         self.gate = Gatekeeper(meter, config.api_keys, config.share_prefix_cache)
-        self.server = OpenAIServer(config, self.client, self.gate, replica, meter)
+        journal = None
+        if journal_dir is not None:  # a predecessor's open streams: bill what their clients received
+            path = f"{journal_dir}/{ingress_id}.jsonl"
+            recovered = DeliveryJournal.recover(path)
+            journal = DeliveryJournal(path)
+        self.server = OpenAIServer(config, self.client, self.gate, replica, meter, journal)
+        if journal_dir is not None and recovered:
+            self.server.records.pending.extend(recovered)
         for r in range(len(schedulers)):  # one being rebuilt now is attached when the supervisor says so
             self.client.attach(r)
         app = self.server.asgi

@@ -37,6 +37,7 @@ from ziggurat.actors import metrics
 from ziggurat.actors.ingress.admin import admin_routes
 from ziggurat.actors.ingress.engine_client import EngineClient
 from ziggurat.actors.ingress.gatekeeper import Gatekeeper
+from ziggurat.actors.ingress.delivery_journal import DeliveryJournal
 from ziggurat.actors.ingress.usage_records import UsageRecords
 from ziggurat.actors.ingress.protocol import (
     APIError,
@@ -95,7 +96,7 @@ async def _disconnected(request: Request) -> None:
 
 class OpenAIServer:
     def __init__(self, config: IngressConfig, client: EngineClient, gatekeeper: Gatekeeper, replica: ReplicaInfo,
-                 meter=None):
+                 meter=None, journal: DeliveryJournal | None = None):
         """replica: the limits every replica can hold (the smallest max_model_len of the deployment)."""
         self.config, self.client, self.gate, self.meter = config, client, gatekeeper, meter
         self.replica = replica
@@ -103,6 +104,7 @@ class OpenAIServer:
         self.tokenizer = Tokenizer(replica.model)
         self.pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="tokenize")
         self.records = UsageRecords(meter)  # failures on our side, metered here (usage_records.py)
+        self.journal = journal  # what open streams' clients received, for a successor (delivery_journal.py)
         self._tasks: list[asyncio.Task] = []
         # No text longer than this (UTF-8 bytes) can fit the context: every token covers at most
         # max_token_bytes of it. Checked before tokenizing, so a huge prompt costs nothing.
@@ -423,6 +425,7 @@ class OpenAIServer:
         def chunk(choices):
             return "data: " + json.dumps(dict(meta, object=obj, choices=choices, **usage_field)) + "\n\n"
 
+        self._journal_open(ctx)
         try:
             if chat:
                 yield chunk([{"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -435,8 +438,10 @@ class OpenAIServer:
                     continue
                 s = d.sample
                 if s.finish_reason == "error":
+                    self._journal_close(ctx, outputs)
                     if await self._retry(ctx):  # nothing reached the client yet: start over elsewhere
                         outputs = ctx.outputs
+                        self._journal_open(ctx)
                         pending_lps = [[] for _ in outputs.samples]
                         continue
                     self._raise_if_failed([s])
@@ -458,6 +463,8 @@ class OpenAIServer:
                 ctx.sent_text = ctx.sent_text or bool(d.text)
                 s.delivered = s.num_output_tokens
                 yield chunk([choice])
+                if self.journal is not None:  # the chunk's send returned: its bytes are the kernel's now
+                    self.journal.sent(s.request_id, s.delivered)
             if req.include_usage:
                 yield "data: " + json.dumps(dict(meta, object=obj, choices=[], usage=self._usage(outputs))) + "\n\n"
             yield "data: [DONE]\n\n"
@@ -471,7 +478,23 @@ class OpenAIServer:
             yield "data: " + json.dumps(err.body()) + "\n\n"
             yield "data: [DONE]\n\n"
         finally:
+            self._journal_close(ctx, ctx.outputs)
             self._finish(ctx, "aborted")
+
+    def _journal_open(self, ctx) -> None:
+        if self.journal is None:
+            return
+        hashes, extra, meta, param = ctx.submit
+        n = ctx.req.params.n
+        for s in ctx.outputs.samples:
+            self.journal.opened(s.request_id, dict(meta, prompt_tokens=len(ctx.prompts[s.prompt_index]),
+                                                   bill_prompt=s.index % n == 0, replica=ctx.replica,
+                                                   arrived=ctx.arrived))
+
+    def _journal_close(self, ctx, outputs) -> None:
+        if self.journal is not None and outputs is not None:
+            for s in outputs.samples:
+                self.journal.closed(s.request_id)
 
 
 class ClosingStream(StreamingResponse):

@@ -86,8 +86,8 @@ class SchedulerLoop:
         reader any more. The answer says where this ingress's numbering stands."""
         with self.wakeup:
             orphans, next_seq = self.streams.register(ingress_id, epoch)
-            if orphans:
-                self.inbox.append(("abort", (orphans, "client_disconnected")))
+            if orphans:  # the ingress died: a failure on our side (its successor records what clients got)
+                self.inbox.append(("abort", (orphans, "error")))
                 self.wakeup.notify()
         return Registration(self.replica, self.incarnation, next_seq)
 

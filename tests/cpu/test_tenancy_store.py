@@ -547,3 +547,16 @@ def test_create_key_validates_its_arguments(tmp_path, opened):
         ts.create_key("acme", models="tiny")
     with pytest.raises(TenantError, match="^requests_per_minute:"):
         ts.create_key("acme", requests_per_minute="abc")
+
+
+def test_an_ingress_record_supersedes_only_an_error_event(url, opened):
+    """SQLite and PostgreSQL alike: a "replica_failed" record (what the client
+    received, from the ingress) replaces the scheduler's "error" event for the
+    same request, in either order, and never a normal ending."""
+    ledger = Ledger(opened(Store.open(url)))
+    ledger.record([ev("a", status="error", o=40), ev("c", status="stop", o=8)])
+    assert ledger.record([ev("a", status="replica_failed", o=12), ev("b", status="replica_failed", o=5),
+                          ev("c", status="replica_failed", o=1)]) == 2
+    assert ledger.record([ev("b", status="error", o=30)]) == 0
+    got = {e.request_id: (e.status, e.completion_tokens) for e in ledger.events()}
+    assert got == {"a": ("replica_failed", 12), "b": ("replica_failed", 5), "c": ("stop", 8)}
