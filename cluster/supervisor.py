@@ -70,6 +70,8 @@ class SupervisorActor:
         self.ingresses: list = []
         self.events: list[dict] = []  # what happened, for tests and operators
         self._watch: asyncio.Task | None = None
+        self._last_ok: dict[str, float] = {}  # restartable actor -> when it last answered its health check
+        self.unresponsive_s = 60.0  # alive but silent this long: killed, so that Ray restarts it
 
     # -- building ------------------------------------------------------------------------
 
@@ -82,6 +84,7 @@ class SupervisorActor:
         self.ingresses = list(ingresses)
         if self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
+            self._watch_others = asyncio.get_running_loop().create_task(self._watch_restartable())
 
     async def _build(self, rep: _Replica):
         from ziggurat.actors.scheduler.actor import SchedulerActor
@@ -152,6 +155,46 @@ class SupervisorActor:
             if rep.state != "serving":
                 router.mark_unhealthy.remote(rep.index)
 
+    async def _watch_restartable(self) -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            try:
+                await self.check_restartable()
+            except Exception:
+                log.exception("supervisor check of the router, meter and ingresses failed")
+
+    async def check_restartable(self) -> None:
+        """Router, meter and ingresses restart in place when they die (Ray does it); one
+        that is alive but has not answered its health check for unresponsive_s (a
+        wedged event loop, say) is killed, so that Ray restarts it."""
+        router = ray.get_actor(self.names["router"])
+        meter = ray.get_actor(self.names["meter"])
+        probes = {"router": (router, router.healthy.remote()), "meter": (meter, meter.has_keys.remote())}
+        for i, ing in enumerate(self.ingresses):
+            probes[f"ingress{i}"] = (ing, ing.health.remote())
+
+        async def answered(name, ref):
+            try:
+                out = await asyncio.wait_for(ref, self.health_timeout_s)
+                return not (name.startswith("ingress") and not out["serving"])
+            except BaseException:  # noqa: BLE001 - restarting (Ray is on it) or wedged
+                return False
+
+        oks = await asyncio.gather(*[answered(n, ref) for n, (_, ref) in probes.items()])
+        now = time.monotonic()
+        for (name, (actor, _)), ok in zip(probes.items(), oks):
+            last = self._last_ok.setdefault(name, now)
+            if ok:
+                self._last_ok[name] = now
+            elif now - last > self.unresponsive_s:
+                log.warning("%s has not answered a health check for %.0f s; restarting it", name, now - last)
+                self.events.append({"actor": name, "event": "restarted", "at": time.time()})
+                self._last_ok[name] = now  # give the restart its time
+                try:
+                    ray.kill(actor, no_restart=False)
+                except Exception:
+                    pass
+
     async def _rebuild(self, rep: _Replica, why: str) -> None:
         t0 = time.monotonic()
         rep.last_death = why
@@ -200,6 +243,7 @@ class SupervisorActor:
     async def shutdown(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
+            self._watch_others.cancel()
             self._watch = None
         for rep in self.replicas:
             if rep.scheduler is not None:

@@ -110,8 +110,13 @@ class IngressActor:
         return self.client.attach(replica)
 
     def health(self) -> dict:
-        return {"serving": bool(self.uvicorn.started), "inflight": len(self.client.queues),
-                "gaps_skipped": self.client.gaps_skipped}
+        """For the supervisor: is the HTTP event loop turning (a callback runs within 2 s)?"""
+        loop, turning = self.client.loop, False
+        if loop is not None and self.uvicorn.started:
+            done = threading.Event()
+            loop.call_soon_threadsafe(done.set)
+            turning = done.wait(2.0)
+        return {"serving": turning, "inflight": len(self.client.queues), "gaps_skipped": self.client.gaps_skipped}
 
     def push_tokens(self, batches: list[TokenBatch]) -> None:
         """One scheduler's TokenBatches for this ingress, oldest first (one or more steps)."""

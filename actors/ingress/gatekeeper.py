@@ -31,6 +31,13 @@ from ziggurat.actors.ingress.protocol import APIError
 log = logging.getLogger("ziggurat.gatekeeper")
 
 DEFAULT_TENANT = "default"
+METER_TIMEOUT_S = 10.0
+
+
+def _tenant_plane_down(e: BaseException) -> APIError:
+    log.warning("tenant plane unavailable (%s)", type(e).__name__)
+    return APIError(503, "the tenant service is unavailable; retry", "service_unavailable", code="meter_unavailable",
+                    headers={"Retry-After": "1"})
 
 
 class Gatekeeper:
@@ -83,7 +90,13 @@ class Gatekeeper:
         if authorization and authorization[:7].lower() == "bearer ":
             token = authorization[7:].strip()
         if self.meter is not None and time.monotonic() - self._db_has_keys[0] > self.ttl:
-            self._db_has_keys = (time.monotonic(), await refs.result(self.meter.has_keys.remote()))
+            try:
+                self._db_has_keys = (time.monotonic(),
+                                     await refs.result(self.meter.has_keys.remote(), METER_TIMEOUT_S))
+            except Exception as e:  # keep the last answer while the Meter restarts, if there is one
+                if self._db_has_keys[0] == 0.0:
+                    raise _tenant_plane_down(e) from None
+                log.warning("key check against the ledger failed (%s); using the last answer", type(e).__name__)
         if self.open:
             return Principal(DEFAULT_TENANT, None)
         if not token:
@@ -102,7 +115,10 @@ class Gatekeeper:
         # Valid keys are trusted for `ttl`; unknown ones are re-checked after 1 s
         # at most once per key, and the cache is bounded (LRU).
         if hit is None or now - hit[0] > (self.ttl if hit[1] is not None else 1.0):
-            principal, why = await refs.result(self.meter.authenticate.remote(token))
+            try:
+                principal, why = await refs.result(self.meter.authenticate.remote(token), METER_TIMEOUT_S)
+            except Exception as e:  # the Meter restarting or unreachable: a retryable 503, not a 500
+                raise _tenant_plane_down(e) from None
             hit = (now, principal, why)
             self._principals[digest] = hit
             while len(self._principals) > self.max_cached_keys:
@@ -120,7 +136,10 @@ class Gatekeeper:
         if hit is None or time.monotonic() - hit[0] > self.ttl:
             rec = {}
             if self.meter is not None and tenant != DEFAULT_TENANT:
-                rec = await refs.result(self.meter.tenant_limits.remote(tenant)) or {}
+                try:
+                    rec = await refs.result(self.meter.tenant_limits.remote(tenant), METER_TIMEOUT_S) or {}
+                except Exception as e:
+                    raise _tenant_plane_down(e) from None
             lim = Limits(**{k: rec.get(k) for k in ("requests_per_minute", "tokens_per_minute",
                                                     "monthly_token_cap", "monthly_spend_cap")})
             hit = (time.monotonic(), lim, bool(rec.get("log_requests")))

@@ -17,6 +17,8 @@ from ziggurat.actors.scheduler.messages import ReplicaStats, SubmitRequest, Subm
 
 log = logging.getLogger("ziggurat.ingress")
 
+SUBMIT_TIMEOUT_S = 15.0  # a scheduler that takes longer to accept a submission is treated as down
+
 
 class RayEngineClient(EngineClient):
     def __init__(self, ingress_id: str, router, scheduler_names: list[str], epoch: str = "", me=None):
@@ -45,16 +47,19 @@ class RayEngineClient(EngineClient):
         return len(self.names)
 
     async def pick(self, prefix_hashes: list[bytes]) -> int | None:
-        return await refs.result(self.router.pick.remote(prefix_hashes))
+        return await refs.result(self.router.pick.remote(prefix_hashes), 5.0)
 
     async def submit_batch(self, replica: int, reqs: list[SubmitRequest]) -> list[SubmitResult]:
         handle = self.schedulers[replica]
         if handle is None:
             raise ReplicaDown()
         try:
-            return await refs.result(handle.submit_batch.remote(reqs))
+            return await refs.result(handle.submit_batch.remote(reqs), SUBMIT_TIMEOUT_S)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
             raise ReplicaDown() from e
+        except asyncio.TimeoutError:  # wedged: route elsewhere; should the call land later, end it unbilled
+            handle.abort.remote([r.request_id for r in reqs], "refused")
+            raise ReplicaDown() from None
 
     def send_abort(self, replica: int, request_ids: list[str], reason: str) -> None:
         handle = self.schedulers[replica]

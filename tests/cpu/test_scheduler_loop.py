@@ -3,6 +3,8 @@ ending, failures, ingress restarts, n>1 billing."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from ziggurat.actors.scheduler.engine import EngineCore, StepFailed
@@ -200,3 +202,41 @@ def test_null_worker_simulates_a_device_step(llama_dir):
     out2 = w.wait(h2)
     assert 0.039 <= time.perf_counter() - t0  # the second ran after the first
     assert out1.rows.tolist() == [0] and out2.rows.tolist() == [0] and len(w.wait(h3)) == 0
+
+
+def test_a_restarted_ingress_cannot_wedge_on_a_lost_first_batch(llama_dir):
+    """Issue 12's wedge: a new ingress incarnation whose first TokenBatch is lost
+    waited for it forever. Now batches that come before the event loop is bound
+    are kept, registration says where numbering starts, and a gap that outlives
+    gap_timeout_s is skipped."""
+    import asyncio
+
+    from ziggurat.actors.ingress.engine_client import EngineClient
+    from ziggurat.actors.scheduler.messages import Registration, RequestUpdate, StepUpdates, TokenBatch
+
+    def batch(seq, rid, token, source="run-2", epoch="e2"):
+        u = StepUpdates()
+        u.append(RequestUpdate(rid, [token], [], None, None, 3, 0, seq + 1))
+        return TokenBatch(0, epoch, seq, u, source)
+
+    async def main():
+        c = EngineClient("ing", epoch="e2")
+        c.attached(Registration(replica=0, incarnation="run-2", next_seq=0))
+        q = asyncio.Queue()
+        c.queues["r"] = (q, 0)
+        c.push_tokens([batch(0, "r", 10)])  # before the loop is bound: kept, not lost
+        c.bind(asyncio.get_running_loop())
+        await asyncio.sleep(0)
+        assert (await asyncio.wait_for(q.get(), 1))[1].new_token_ids == [10]
+        # seq 1 is lost; 2 and 3 arrive and wait...
+        c.push_tokens([batch(2, "r", 12), batch(3, "r", 13)])
+        c.push_tokens([batch(4, "r", 99, source="run-1")])  # a batch of the replica's dead run: dropped
+        await asyncio.sleep(0)
+        assert q.empty()
+        c.check_gaps(now=time.monotonic() + 0.5)
+        assert q.empty()  # not yet
+        c.check_gaps(now=time.monotonic() + c.gap_timeout_s + 1)  # ...until the gap outlives the timeout
+        got = [(await asyncio.wait_for(q.get(), 1))[1].new_token_ids for _ in range(2)]
+        assert got == [[12], [13]] and c.gaps_skipped == 1 and q.empty()
+
+    asyncio.run(main())
