@@ -259,6 +259,26 @@ def test_slow_clients_are_cut_off_after_the_read_timeout(llama_dir):
                           b"Content-Length: 100\r\n\r\n{\"prompt\"")
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
         assert r.status_code == 200  # served while the slow ones wait
+        # A 50 MB body is refused at its head, in well under a second, while other clients are served.
+        big = {}
+
+        def upload():
+            t1 = time.monotonic()
+            try:
+                big["status"] = httpx.post(f"http://127.0.0.1:{port}/v1/completions", content=b"x" * (50 << 20),
+                                           headers={"content-type": "application/json"}, timeout=30).status_code
+            except httpx.HTTPError as e:  # the server may close before the client has sent it all
+                big["status"] = type(e).__name__
+            big["s"] = time.monotonic() - t1
+
+        up = threading.Thread(target=upload)
+        up.start()
+        t1 = time.monotonic()
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+        beside = time.monotonic() - t1
+        up.join(30)
+        assert big["status"] in (413, "WriteError", "RemoteProtocolError"), big
+        assert big["s"] < 1.0 and r.status_code == 200 and beside < 1.0, (big, beside)
         t0 = time.monotonic()
         for s in slow:
             s.settimeout(5)
