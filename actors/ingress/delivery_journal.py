@@ -18,7 +18,8 @@ the only miss is a kill between that send and its line, microseconds wide.
 The restarted ingress (same actor name, same file) reads its predecessor's
 journal (`recover`) and records a "replica_failed" usage event for every
 stream left open, with the tokens its client received; the schedulers meter
-those orphans as "error", which such a record supersedes in the ledger.
+those orphans ("error", or a normal ending reached while nobody streamed it)
+with what they generated, which such a record supersedes in the ledger.
 The file is rewritten with only the open streams once it grows past
 `compact_bytes`.
 """

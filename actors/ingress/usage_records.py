@@ -4,8 +4,8 @@ When a replica dies or fails mid-request, the ingress is the one that knows
 what each client actually received. It records one "replica_failed" event
 per engine request that ended that way: the tokens its client received (the
 prompt too, if any completion reached the client), nothing otherwise. The
-ledger lets such a record supersede the scheduler's own "error" event for
-the same request, if that one got through at all (actors/meter/ledger.py).
+ledger lets such a record supersede the scheduler's own event for the same
+request, whatever it says (actors/meter/ledger.py).
 Events are retried until the Meter acknowledges them.
 """
 

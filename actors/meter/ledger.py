@@ -19,7 +19,9 @@ from ziggurat.actors.meter.store import Store
 
 # "replica_failed": recorded by the ingress for a request cut off by a failure on
 # our side, with the tokens its client actually received; it supersedes the
-# scheduler's own "error" event for that request (if that one got through at all).
+# scheduler's own event for that request, whatever that says: the scheduler
+# counts what it generated (an "error", or a normal ending reached while the
+# ingress that would have streamed it was dead), the record what was delivered.
 STATUSES = ("stop", "length", "aborted", "client_disconnected", "error", "replica_failed")
 
 
@@ -27,7 +29,7 @@ _COLUMNS = [f.name for f in fields(UsageEvent)]
 _VALUES = f"INSERT INTO usage_events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)}) "
 _INSERT = _VALUES + "ON CONFLICT (request_id) DO NOTHING"
 _SUPERSEDE = _VALUES + "ON CONFLICT (request_id) DO UPDATE SET " + ", ".join(
-    f"{c} = excluded.{c}" for c in _COLUMNS if c != "request_id") + " WHERE usage_events.status = 'error'"
+    f"{c} = excluded.{c}" for c in _COLUMNS if c != "request_id")
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,8 @@ class Ledger:
 
     def record(self, events: list[UsageEvent]) -> int:
         """Durably store events (one transaction each kind); returns how many were new
-        (or superseded an "error" event). A request id already held is ignored,
-        except that an ingress's "replica_failed" record replaces an "error" event."""
+        or superseded. A request id already held is ignored, except that an
+        ingress's "replica_failed" record replaces the event held for it."""
         for e in events:
             if e.status not in STATUSES:
                 raise ValueError(f"usage event {e.request_id}: unknown status {e.status!r}")

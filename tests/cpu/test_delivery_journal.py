@@ -60,7 +60,9 @@ def test_the_record_supersedes_the_schedulers_error_event_in_either_order(tmp_pa
     ledger.record([ev("a", "error", 40)])  # the scheduler's, with everything it generated
     ledger.record([ev("a", "replica_failed", 12), ev("b", "replica_failed", 5)])
     ledger.record([ev("b", "error", 30)])  # arrives after the record: ignored
-    ledger.record([ev("c", "stop", 8)])
-    ledger.record([ev("c", "replica_failed", 1)])  # never overrides a normal ending
+    ledger.record([ev("c", "length", 32)])  # finished while its ingress was dead
+    ledger.record([ev("c", "replica_failed", 9)])  # what the client got
+    ledger.record([ev("d", "stop", 8)])
     got = {e.request_id: (e.status, e.completion_tokens) for e in ledger.events()}
-    assert got == {"a": ("replica_failed", 12), "b": ("replica_failed", 5), "c": ("stop", 8)}
+    assert got == {"a": ("replica_failed", 12), "b": ("replica_failed", 5), "c": ("replica_failed", 9),
+                   "d": ("stop", 8)}

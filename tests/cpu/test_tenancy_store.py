@@ -549,14 +549,16 @@ def test_create_key_validates_its_arguments(tmp_path, opened):
         ts.create_key("acme", requests_per_minute="abc")
 
 
-def test_an_ingress_record_supersedes_only_an_error_event(url, opened):
+def test_an_ingress_record_supersedes_the_schedulers_event(url, opened):
     """SQLite and PostgreSQL alike: a "replica_failed" record (what the client
-    received, from the ingress) replaces the scheduler's "error" event for the
-    same request, in either order, and never a normal ending."""
+    received, from the ingress) replaces the scheduler's event for the same
+    request, in either order: an "error", or a normal ending the scheduler
+    reached while the ingress that would have streamed it was dead."""
     ledger = Ledger(opened(Store.open(url)))
-    ledger.record([ev("a", status="error", o=40), ev("c", status="stop", o=8)])
+    ledger.record([ev("a", status="error", o=40), ev("c", status="length", o=32)])
     assert ledger.record([ev("a", status="replica_failed", o=12), ev("b", status="replica_failed", o=5),
-                          ev("c", status="replica_failed", o=1)]) == 2
-    assert ledger.record([ev("b", status="error", o=30)]) == 0
+                          ev("c", status="replica_failed", o=9)]) == 3
+    assert ledger.record([ev("b", status="error", o=30), ev("d", status="stop", o=4)]) == 1
     got = {e.request_id: (e.status, e.completion_tokens) for e in ledger.events()}
-    assert got == {"a": ("replica_failed", 12), "b": ("replica_failed", 5), "c": ("stop", 8)}
+    assert got == {"a": ("replica_failed", 12), "b": ("replica_failed", 5), "c": ("replica_failed", 9),
+                   "d": ("stop", 4)}
