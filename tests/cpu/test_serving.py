@@ -244,10 +244,12 @@ def test_several_ingresses_share_the_port(ray_cluster, llama_dir):
         d.shutdown()
 
 
-def test_cli_chat_and_complete_stream_from_the_endpoint(dep, client, capsys):
+def test_cli_chat_and_complete_stream_from_the_endpoint(dep, client, capsys, tmp_path):
     from ziggurat.cluster.cli import main
 
-    common = ["--base-url", dep.base_url, "--api-key", KEY, "--max-tokens", "6", "--temperature", "0"]
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    common = ["--base-url", dep.base_url, "--api-key-file", str(key_file), "--max-tokens", "6", "--temperature", "0"]
     assert main(["chat", "hello", *common]) == 0
     want = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
                                           max_tokens=6, temperature=0).choices[0].message.content
