@@ -64,6 +64,9 @@ RAY_FREE = [
     "ziggurat.actors.ingress.gatekeeper",
     "ziggurat.actors.ingress.engine_client",
     "ziggurat.actors.ingress.local_engine",
+    "ziggurat.actors.ingress.usage_records",
+    "ziggurat.actors.ingress.delivery_journal",
+    "ziggurat.actors.ingress.http_protocol",
     "ziggurat.models.worker",
     "ziggurat.models.maker",
 ]
