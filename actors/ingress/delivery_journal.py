@@ -10,10 +10,11 @@ writes):
     d <engine request id> <tokens>      this many of its tokens have been handed to the socket
     c <engine request id>               it ended normally (the scheduler meters it)
 
-A `d` line is written once the chunk's send has returned (the bytes are in
-the kernel's socket buffer, which the kernel still delivers after the
-process dies), so the journal never claims a chunk the client cannot get;
-the only miss is a kill between that send and its line, microseconds wide.
+A `d` line is written as soon as the chunk's send has returned (the ASGI
+send wrapper in server.py's ClosingStream: the bytes are in the kernel's
+socket buffer, which the kernel still delivers after the process dies), so
+the journal never claims a chunk the client cannot get; the only miss is a
+kill between that send and its line (a few microseconds of Python).
 
 The restarted ingress (same actor name, same file) reads its predecessor's
 journal (`recover`) and records a "replica_failed" usage event for every

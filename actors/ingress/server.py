@@ -296,6 +296,7 @@ class OpenAIServer:
         if req.stream:
             return ClosingStream(self._stream(ctx, body_meta),
                                  on_close=lambda: self._finish(ctx, "client_disconnected"),
+                                 after_send=(lambda: self._journal_sent(ctx)) if self.journal is not None else None,
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         gone = asyncio.ensure_future(_disconnected(request))
         try:
@@ -462,9 +463,8 @@ class OpenAIServer:
                     choice["stop_reason"] = s.stop_reason
                 ctx.sent_text = ctx.sent_text or bool(d.text)
                 s.delivered = s.num_output_tokens
+                ctx.in_send = (s.request_id, s.delivered)  # journaled once its send returns (_journal_sent)
                 yield chunk([choice])
-                if self.journal is not None:  # the chunk's send returned: its bytes are the kernel's now
-                    self.journal.sent(s.request_id, s.delivered)
             if req.include_usage:
                 yield "data: " + json.dumps(dict(meta, object=obj, choices=[], usage=self._usage(outputs))) + "\n\n"
             yield "data: [DONE]\n\n"
@@ -480,6 +480,11 @@ class OpenAIServer:
         finally:
             self._journal_close(ctx, ctx.outputs)
             self._finish(ctx, "aborted")
+
+    def _journal_sent(self, ctx) -> None:
+        if ctx.in_send is not None:
+            self.journal.sent(*ctx.in_send)
+            ctx.in_send = None
 
     def _journal_open(self, ctx) -> None:
         if self.journal is None:
@@ -503,11 +508,23 @@ class ClosingStream(StreamingResponse):
     (the client left first): the generator was never started. on_close must be
     idempotent (the generator's cleanup may already have run)."""
 
-    def __init__(self, content, on_close, **kwargs):
+    def __init__(self, content, on_close, after_send=None, **kwargs):
+        """after_send(): called as soon as each body chunk's send has returned (its
+        bytes are the kernel's): the delivery journal's moment, as close to the
+        socket write as the app can be."""
         super().__init__(content, **kwargs)
-        self._on_close = on_close
+        self._on_close, self._after_send = on_close, after_send
 
     async def __call__(self, scope, receive, send) -> None:
+        after = self._after_send
+        if after is not None:
+            inner = send
+
+            async def send(message):
+                await inner(message)
+                if message["type"] == "http.response.body":
+                    after()
+
         try:
             await super().__call__(scope, receive, send)
         finally:
@@ -528,6 +545,7 @@ class _RequestContext:
     replica: int | None = None
     sent_text: bool = False  # some text reached the client (a failure can no longer be retried)
     recorded_failure: bool = False
+    in_send: tuple | None = None  # (engine request id, tokens delivered) of the chunk being sent
     arrived: float = field(default_factory=time.time)
     finished: bool = False
 
