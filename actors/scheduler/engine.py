@@ -72,10 +72,14 @@ class EngineCore:
         params: SamplingParams,
         request_id: str | None = None,
         cache_extra_keys: tuple = (),
+        checked: bool = False,
     ) -> str:
-        """Queue a request (RequestError if validation.py's rules refuse it)."""
+        """Queue a request (RequestError if validation.py's rules refuse it).
+        checked=True: the caller ran check_request on this engine already (the
+        scheduler loop's submit), so it is not run twice."""
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        self.check_request(prompt_token_ids, params)
+        if not checked:
+            self.check_request(prompt_token_ids, params)
         if not params._eos_token_ids:
             params = params.clone(_eos_token_ids=tuple(self.model_config.eos_token_ids))
         self.scheduler.add_request(

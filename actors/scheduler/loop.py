@@ -131,7 +131,7 @@ class SchedulerLoop:
                 self.usage.start(arg)
                 try:
                     self.engine.add_request(arg.prompt_token_ids, arg.sampling_params, arg.request_id,
-                                            arg.cache_extra_keys)
+                                            arg.cache_extra_keys, checked=True)  # submit() checked it
                 except (RequestError, ValueError) as e:  # raced past validation (e.g. a duplicate id)
                     log.warning("request %s rejected: %s", arg.request_id, e)
                     self._fail([arg.request_id], {arg.request_id: (len(arg.prompt_token_ids), 0, 0)})
