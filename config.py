@@ -42,6 +42,8 @@ class EngineConfig:
     enforce_eager: bool = _opt(False, "no CUDA graphs")
     cuda_graph_max_batch: int = _opt(256, "largest decode batch captured as a CUDA graph")
     seed: int = _opt(0, "the engine's base seed for unseeded sampling")
+    kv_transfer_timeout_s: float = _opt(30.0, "prefill/decode: a KV hand-off not completed within this is abandoned "
+                                                    "and its blocks freed on both sides")
     extra: dict = field(default_factory=dict, metadata={"help": "worker-specific settings", "cli": False})
 
     def __post_init__(self) -> None:

@@ -112,3 +112,42 @@ class StepOutput:
 
 def _step_output(rows: bytes, token_ids: bytes, logprobs) -> StepOutput:
     return StepOutput(np.frombuffer(rows, dtype=np.int32), np.frombuffer(token_ids, dtype=np.int32), logprobs)
+
+
+# -- KV transfer between replicas (prefill -> decode): models/kv_transfer.py ------------------
+
+
+@dataclass(frozen=True)
+class KVEndpoint:
+    """What one source rank publishes so that destination ranks can pull its blocks."""
+
+    key: str  # unique per worker process and cache: "<replica>/<incarnation>/<rank>"
+    rank: int
+    tp_size: int
+    num_kv_heads: int  # the model's, all ranks together
+    location: object  # topology.kv_transport.Location
+    ipc_handles: list | None = None  # CUDA: per (layer, k|v) tensor, its IPC handle
+    store_address: tuple | None = None  # its pair-group rendezvous (host, port)
+    worker: object = None  # a handle the destination asks to join a pair group (kv_serve); None in-process
+
+
+@dataclass
+class KVPull:
+    """One request's prompt blocks to copy from a source replica into ours (every rank pulls its heads)."""
+
+    request_id: str
+    sources: list  # the source replica's KVEndpoints, by rank
+    src_block_ids: list[int]
+    dst_block_ids: list[int]
+
+
+@dataclass(frozen=True)
+class KVTransferRecord:
+    """One destination rank's part of one pull (metrics and benchmarks)."""
+
+    request_id: str
+    backend: str  # local | ipc | group
+    blocks: int
+    bytes: int  # payload bytes written into this rank's cache
+    seconds: float
+    error: str | None = None

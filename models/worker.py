@@ -11,8 +11,9 @@ import torch
 from ziggurat.config import EngineConfig
 from ziggurat.kernels.backend import use_triton
 from ziggurat.models.config import ModelConfig
+from ziggurat.models.kv_transfer import KVSide
 from ziggurat.models.runner import ModelRunner
-from ziggurat.models.step import StepInput, StepOutput
+from ziggurat.models.step import KVEndpoint, KVPull, KVTransferRecord, StepInput, StepOutput
 from ziggurat.topology.distributed import init_tensor_parallel
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class Worker:
         torch.manual_seed(config.seed)
         self.model_config = ModelConfig.from_dir(config.model, config.dtype)
         self.runner = ModelRunner(self.model_config, self.device, config.block_size, max_model_len, config.seed)
+        self.kv: KVSide | None = None  # prefill/decode transfers, once the cache exists
 
     def determine_num_blocks(self) -> int:
         c = self.config
@@ -59,6 +61,25 @@ class Worker:
             secs = self.runner.capture_decode_graphs(min(c.max_num_seqs, c.cuda_graph_max_batch))
             if self.rank == 0:
                 log.info("captured %d decode CUDA graphs in %.1f s", len(self.runner.graphs.buckets), secs)
+
+    # -- KV transfer between replicas (models/kv_transfer.py) ---------------------------
+
+    def _kv_side(self) -> KVSide:
+        if self.kv is None:
+            c = self.config
+            self.kv = KVSide(self.runner.model, self.device, self.rank, c.tensor_parallel_size,
+                             self.model_config.num_kv_heads, c.kv_transfer_timeout_s)
+        return self.kv
+
+    def kv_endpoint(self, handle=None) -> KVEndpoint:
+        """This rank as a source of KV blocks (handle: how a peer reaches it to pair)."""
+        return self._kv_side().endpoint(handle)
+
+    def kv_serve(self, pair_id: str, backend: str) -> None:
+        self._kv_side().serve(pair_id, backend)
+
+    def kv_pull(self, pulls: list[KVPull]) -> list[KVTransferRecord]:
+        return self._kv_side().pull(pulls)
 
     def execute(self, step: StepInput) -> StepOutput | None:
         return self.runner.execute(step)

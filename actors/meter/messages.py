@@ -29,3 +29,4 @@ class UsageEvent:
     finished_at: float
     ttft_ms: float | None
     duration_ms: float
+    prefill_replica: int | None = None  # prefill/decode: the replica that computed the prompt (`replica` decoded)

@@ -31,7 +31,8 @@ SCHEMA = [
         arrived_at DOUBLE PRECISION NOT NULL,
         finished_at DOUBLE PRECISION NOT NULL,
         ttft_ms DOUBLE PRECISION,
-        duration_ms DOUBLE PRECISION NOT NULL
+        duration_ms DOUBLE PRECISION NOT NULL,
+        prefill_replica INTEGER
     )""",
     "CREATE INDEX IF NOT EXISTS usage_tenant_time ON usage_events (tenant, finished_at)",
     """CREATE TABLE IF NOT EXISTS tenants (
@@ -87,6 +88,21 @@ class Store:
         self.lock = threading.Lock()
         for stmt in SCHEMA:
             self.execute(stmt)
+        self._migrate()
+
+    # Columns added since the first schema: (table, column, type). A ledger made by
+    # an earlier version gets them on open.
+    ADDED = [("usage_events", "prefill_replica", "INTEGER")]
+
+    def _migrate(self) -> None:
+        for table, column, kind in self.ADDED:
+            if self.kind == "sqlite":
+                have = {r[1] for r in self.query(f"PRAGMA table_info({table})")}
+            else:
+                have = {r[0] for r in self.query(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = ?", (table,))}
+            if column not in have:
+                self.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     @staticmethod
     def open(url: str | Path) -> "Store":

@@ -19,6 +19,7 @@ from ziggurat.actors.scheduler.scheduler import Scheduler, SchedulerConfig
 from ziggurat.actors.scheduler.validation import ModelLimits, check_request
 from ziggurat.config import ConfigError, EngineConfig
 from ziggurat.models.config import ModelConfig
+from ziggurat.models.step import KVPull, KVTransferRecord
 from ziggurat.sampling_params import SamplingParams
 
 
@@ -65,6 +66,9 @@ class EngineCore:
         self._fault_file = config.extra.get("inject_fault_file")
         # Seconds spent in each part of step(), summed (the control-plane benchmark reports them).
         self.seconds = {"schedule": 0.0, "launch": 0.0, "wait": 0.0, "update": 0.0}
+        self._kv_sources = None
+        self._pulls: list = []  # (executor handle, request ids) of KV pulls in flight
+        self._ready_pulls: list = []  # hand-offs that needed no transfer
 
     def add_request(
         self,
@@ -73,6 +77,7 @@ class EngineCore:
         request_id: str | None = None,
         cache_extra_keys: tuple = (),
         checked: bool = False,
+        handoff: bool = False,
     ) -> str:
         """Queue a request (RequestError if validation.py's rules refuse it).
         checked=True: the caller ran check_request on this engine already (the
@@ -89,6 +94,7 @@ class EngineCore:
                 sampling_params=params,
                 eos_token_ids=params._eos_token_ids,
                 cache_extra_keys=cache_extra_keys,
+                handoff=handoff,
             )
         )
         return rid
@@ -96,8 +102,80 @@ class EngineCore:
     def check_request(self, prompt_token_ids, params: SamplingParams, param: str = "prompt") -> None:
         check_request(prompt_token_ids, params, self.limits, param)
 
-    def abort(self, request_ids, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> list[Request]:
-        return self.scheduler.finish_requests(request_ids, status)
+    def abort(self, request_ids, status: RequestStatus = RequestStatus.FINISHED_ABORTED, reason: str | None = None,
+              force: bool = False) -> list[Request]:
+        return self.scheduler.finish_requests(request_ids, status, reason, force)
+
+    # -- prefill/decode (see Scheduler) ------------------------------------------------------
+
+    def kv_sources(self) -> list:
+        """This replica's ranks as KV sources (KVEndpoint each), made once."""
+        if self._kv_sources is None:
+            self._kv_sources = self.executor.kv_endpoints()
+        return self._kv_sources
+
+    def add_handoff(self, h) -> None:
+        """Decode side: take a prefill replica's request (messages.Handoff) to pull and go on with."""
+        sub = h.submit
+        params = sub.sampling_params
+        if not params._eos_token_ids:
+            params = params.clone(_eos_token_ids=tuple(self.model_config.eos_token_ids))
+        req = Request(request_id=sub.request_id, prompt_token_ids=list(sub.prompt_token_ids), sampling_params=params,
+                      eos_token_ids=params._eos_token_ids, cache_extra_keys=sub.cache_extra_keys)
+        req.output_token_ids.append(h.first_token)
+        req.all_token_ids.append(h.first_token)
+        if h.first_logprobs is not None:
+            req.output_logprobs.append(h.first_logprobs)
+        req.num_cached_tokens = h.num_cached_tokens
+        req.remote, req.since = h, time.monotonic()
+        self.scheduler.add_remote(req)
+
+    def _start_pulls(self) -> None:
+        new, self.scheduler.new_pulls = self.scheduler.new_pulls, []
+        pulls, ids = [], []
+        for req, src, dst in new:
+            if src:
+                pulls.append(KVPull(req.request_id, req.remote.sources, src, dst))
+                ids.append(req.request_id)
+            else:  # every block was a local prefix hit: nothing to move
+                self._ready_pulls.append((req.request_id, []))
+        if pulls:
+            self._pulls.append((self.executor.kv_pull(pulls), ids))
+
+    @property
+    def transfers_in_flight(self) -> bool:
+        return bool(self._pulls or self._ready_pulls)
+
+    def poll_pulls(self) -> list[tuple[str, Request, list]]:
+        """Pulls that returned: (outcome, request, records) with outcome "ready" (queued
+        to decode), "aborted" or "failed" (ended and freed; see Scheduler.kv_received)."""
+        if not self._pulls and not self._ready_pulls:
+            return []
+        done, self._ready_pulls = list(self._ready_pulls), []
+        still = []
+        for handle, ids in self._pulls:
+            try:
+                per_rank = self.executor.kv_poll(handle)
+            except Exception as e:  # a worker died under the pull: every request in it failed
+                err = f"{type(e).__name__}: {e}"
+                done.extend((rid, [KVTransferRecord(rid, "", 0, 0, 0.0, err)]) for rid in ids)
+                continue
+            if per_rank is None:
+                still.append((handle, ids))
+                continue
+            by_rid: dict[str, list] = {rid: [] for rid in ids}
+            for records in per_rank:
+                for r in records:
+                    by_rid[r.request_id].append(r)
+            done.extend(by_rid.items())
+        self._pulls = still
+        out = []
+        for rid, records in done:
+            ok = all(r.error is None for r in records)
+            res = self.scheduler.kv_received(rid, ok)
+            if res is not None:
+                out.append((res[0], res[1], records))
+        return out
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished or self._inflight is not None
@@ -123,7 +201,7 @@ class EngineCore:
             # may never have been written: end every request and forget all
             # cached prefixes, so nothing can ever read that KV.
             self._inflight = None
-            aborted = self.abort(list(self.scheduler.requests))
+            aborted = self.abort(list(self.scheduler.requests), force=True)
             # Steps scheduled (or half-scheduled) but never applied, and their
             # row frees, are gone: the next step frees every row in the workers.
             self.scheduler.steps_abandoned()
@@ -138,6 +216,8 @@ class EngineCore:
         """Schedule the next step and launch it: (step, executor handle), or None if it is empty."""
         t0 = time.perf_counter()
         step = self.scheduler.schedule()
+        if self.scheduler.new_pulls:
+            self._start_pulls()
         t1 = time.perf_counter()
         self.seconds["schedule"] += t1 - t0
         if step.is_empty:

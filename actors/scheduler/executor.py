@@ -39,6 +39,16 @@ class InProcessExecutor:
     def wait(self, handle) -> StepOutput:
         return self.worker.wait(handle)
 
+    # Prefill/decode (models/kv_transfer.py): in one process, pulls run at once.
+    def kv_endpoints(self) -> list:
+        return [self.worker.kv_endpoint()]
+
+    def kv_pull(self, pulls) -> list:
+        return [self.worker.kv_pull(pulls)]
+
+    def kv_poll(self, handle) -> list:
+        return handle
+
     def shutdown(self) -> None:
         # Drop the model and KV cache so their memory is released (the GPU's
         # too, once the caching allocator is emptied).
@@ -111,6 +121,11 @@ class MultiprocExecutor:
         for c in self.conns:
             c.send((method, arg))
         return [self._recv(c) for c in self.conns]
+
+    def kv_endpoints(self) -> list:
+        raise NotImplementedError("prefill/decode pools run on the Ray deployment (or tensor_parallel_size 1 in-process)")
+
+    kv_pull = kv_endpoints
 
     def determine_num_blocks(self) -> int:
         return min(self._call_all("determine_num_blocks"))

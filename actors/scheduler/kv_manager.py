@@ -90,10 +90,12 @@ class KVCacheManager:
 
     def allocate_slots(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int,
                        num_new_tokens: int, new_computed_block_ids: Sequence[int] = (),
-                       extra_keys: tuple = (), num_pending_tokens: int = 0) -> list[int] | None:
+                       extra_keys: tuple = (), num_pending_tokens: int = 0, cache: bool = True) -> list[int] | None:
         """`num_pending_tokens`: tokens already scheduled whose ids are not known
         yet (sampled by a step still running); their slots are allocated, and
-        blocks are offered to the prefix cache only as far as ids are known."""
+        blocks are offered to the prefix cache only as far as ids are known.
+        cache=False: offer nothing to the prefix cache yet (the blocks' KV comes
+        from elsewhere, later: cache_blocks once it has arrived)."""
         bs = self.block_size
         st = self._reqs.get(request_id)
         total = num_computed_tokens + num_new_tokens
@@ -120,9 +122,16 @@ class KVCacheManager:
         st.hits = []
         if is_new:
             self._reqs[request_id] = st
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and cache:
             self._cache_full_blocks(st, token_ids, min(total, len(token_ids)) // bs)
         return [b.block_id for b in hits] + [b.block_id for b in new]
+
+    def cache_blocks(self, request_id: str, token_ids: Sequence[int], num_tokens: int) -> None:
+        """Offer the full blocks of a request's first `num_tokens` tokens to the
+        prefix cache (after an allocation with cache=False, once their KV is in)."""
+        st = self._reqs.get(request_id)
+        if st is not None and self.enable_prefix_caching:
+            self._cache_full_blocks(st, token_ids, num_tokens // self.block_size)
 
     def fast_limits(self, request_id: str) -> tuple[int, int]:
         """(slots held, known length from which a full block waits for the prefix

@@ -9,6 +9,14 @@ methods only validate and enqueue, so submitting never waits for a step:
 
 Metering is usage.py's UsageBook, per-ingress routing and batch numbering is
 streams.py's IngressStreams; this module only sequences them.
+
+Prefill/decode (see Scheduler for the states). `peers` carries the messages
+between replicas: handoff(decode replica, Handoff) whose HandoffResult comes
+back through `handoff_result`, and release(prefill replica, request id).
+A request has one owner at a time, which meters it and answers its ingress:
+the prefill replica until the decode replica accepts the hand-off, then the
+decode replica (whose usage event names both replicas and counts the prefill
+side's prefix hit as the cached tokens, once).
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ import uuid
 
 from ziggurat.actors.scheduler.engine import EngineCore
 from ziggurat.actors.scheduler.messages import (
+    Handoff,
+    HandoffResult,
     Registration,
     ReplicaHealth,
     ReplicaStats,
@@ -40,10 +50,18 @@ log = logging.getLogger("ziggurat.scheduler")
 
 class SchedulerLoop:
     def __init__(self, engine: EngineCore, replica: int, send_batch, max_waiting: int, gpu_type: str = "cpu",
-                 journal=None):
+                 journal=None, peers=None, role: str = "mixed"):
         """send_batch(ingress_id, TokenBatch) takes each step's tokens away (it must not block);
-        journal: the usage journal file (usage.py), kept across this replica's rebuilds."""
+        journal: the usage journal file (usage.py), kept across this replica's rebuilds;
+        peers: the other replicas, for prefill/decode hand-offs (None: no hand-offs)."""
         self.engine, self.replica, self.send_batch = engine, replica, send_batch
+        self.peers, self.role = peers, role
+        self.sent_to: dict[str, int] = {}  # prefill side: request -> decode replica, while held
+        self.tombstones: collections.OrderedDict[str, str] = collections.OrderedDict()  # aborted before arriving
+        self.transfers = {"count": 0, "failures": 0, "bytes": 0, "seconds": 0.0, "records": 0}
+        # The latest completed pulls: (number, backend, blocks, bytes, seconds), for histograms.
+        self.recent_transfers: collections.deque = collections.deque(maxlen=256)
+        self._next_expiry = 0.0
         self.max_waiting = max_waiting
         self.inbox: collections.deque = collections.deque()
         self.wakeup = threading.Condition()  # guards the inbox and the streams' numbering
@@ -74,6 +92,39 @@ class SchedulerLoop:
             self.wakeup.notify()
         return SubmitResult(True)
 
+    def accept_handoff(self, h: Handoff) -> HandoffResult:
+        """Decode side: take a prefill replica's request (any thread). Refused if its
+        client went away first (an abort arrived before it) or the queue is full."""
+        rid = h.submit.request_id
+        with self.wakeup:
+            reason = self.tombstones.pop(rid, None)
+            if reason is not None:
+                return HandoffResult(False, "aborted:" + reason)
+            s = self.engine.scheduler
+            if len(s.remote_waiting) + self.num_pending >= self.max_waiting:
+                return HandoffResult(False, "queue_full")
+            self.num_pending += 1
+            self.inbox.append(("handoff", h))
+            self.wakeup.notify()
+        return HandoffResult(True)
+
+    def handoff_result(self, request_id: str, res: HandoffResult) -> None:
+        """Prefill side: the decode replica's answer to a hand-off (any thread)."""
+        self._post("handoff_result", (request_id, res))
+
+    def release_handoff(self, request_id: str) -> None:
+        """Prefill side: the decode replica has pulled (or will never pull) the KV."""
+        self._post("release", request_id)
+
+    def peer_failed(self, replica: int) -> None:
+        """Another replica died: free what we hold for it, end what waits on it."""
+        self._post("peer_failed", replica)
+
+    def _post(self, kind: str, arg) -> None:
+        with self.wakeup:
+            self.inbox.append((kind, arg))
+            self.wakeup.notify()
+
     def abort(self, request_ids: list[str], reason: str = "aborted") -> None:
         """reason: the status metered: aborted, client_disconnected, stop (a stop string), error;
         or "refused" (its request was refused as a whole: no usage event)."""
@@ -100,13 +151,19 @@ class SchedulerLoop:
 
     def run_once(self, idle_timeout: float = 0.05) -> int:
         """One loop iteration; returns the number of updates sent."""
+        e = self.engine
         with self.wakeup:
-            if not self.inbox and not self.engine.has_unfinished():
+            if not self.inbox and not e.has_unfinished():
                 self.last_progress = time.monotonic()
-                self.wakeup.wait(idle_timeout)
+                # KV pulls in flight are polled often: their requests decode from the next step.
+                self.wakeup.wait(0.0005 if e.transfers_in_flight else idle_timeout)
             t0 = time.perf_counter()
             self._drain_inbox()
-        if not self.engine.has_unfinished():
+        if e.transfers_in_flight:
+            self._finish_pulls()
+        if (e.scheduler.sending or e.scheduler.remote_waiting) and time.monotonic() > self._next_expiry:
+            self._expire()
+        if not e.has_unfinished():
             self.last_progress = time.monotonic()
             return 0
         t1 = time.perf_counter()
@@ -131,20 +188,146 @@ class SchedulerLoop:
                 self.usage.start(arg)
                 try:
                     self.engine.add_request(arg.prompt_token_ids, arg.sampling_params, arg.request_id,
-                                            arg.cache_extra_keys, checked=True)  # submit() checked it
+                                            arg.cache_extra_keys, checked=True,  # submit() checked it
+                                            handoff=arg.decode_replica is not None and self.peers is not None)
                 except (RequestError, ValueError) as e:  # raced past validation (e.g. a duplicate id)
                     log.warning("request %s rejected: %s", arg.request_id, e)
                     self._fail([arg.request_id], {arg.request_id: (len(arg.prompt_token_ids), 0, 0)})
-            else:
+            elif kind == "abort":
                 ids, reason = arg
                 status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_ABORTED
-                for req in self.engine.abort(ids, status):
-                    self.streams.drop(req.request_id)
-                    if reason == "refused":  # a sibling of a refused request: its client got an error, not a bill
-                        self.usage.discard(req.request_id)
-                        continue
-                    self.usage.close(req.request_id, req.num_prompt_tokens, max(req.num_cached_tokens, 0),
-                                     req.num_output_tokens, reason)
+                known = self.engine.scheduler.requests
+                for rid in ids:  # a hand-off still on its way here is refused when it comes
+                    if rid not in known and rid not in self.usage.open:
+                        self._tombstone(rid, reason)
+                for req in self.engine.abort(ids, status, reason):
+                    self._ended(req, reason)
+            elif kind == "handoff":
+                self.num_pending -= 1
+                self._take_handoff(arg)
+            elif kind == "handoff_result":
+                self._handoff_answered(*arg)
+            elif kind == "release":
+                self.sent_to.pop(arg, None)
+                self.engine.scheduler.release_sent(arg)
+            elif kind == "peer_failed":
+                self._peer_failed(arg)
+
+    def _ended(self, req, reason: str) -> None:
+        """Meter a request ended from outside (an abort)."""
+        self.streams.drop(req.request_id)
+        if reason == "refused":  # a sibling of a refused request: its client got an error, not a bill
+            self.usage.discard(req.request_id)
+            return
+        self.usage.close(req.request_id, req.num_prompt_tokens, max(req.num_cached_tokens, 0),
+                         req.num_output_tokens, reason)
+
+    def _tombstone(self, rid: str, reason: str) -> None:
+        self.tombstones[rid] = reason
+        while len(self.tombstones) > 4096:
+            self.tombstones.popitem(last=False)
+
+    # -- prefill/decode ------------------------------------------------------------------
+
+    def _send_handoffs(self, rids: list[str], now: float) -> None:
+        """Prefill side: these requests' first tokens are out; offer each to its decode replica."""
+        s, e = self.engine.scheduler, self.engine
+        for rid in rids:
+            req, entry = s.sending[rid], self.usage.open.get(rid)
+            if entry is None:  # cannot happen: the owner meters; keep nothing we cannot account for
+                s.release_sent(rid)
+                continue
+            decode = entry.submit.decode_replica
+            self.sent_to[rid] = decode
+            self.peers.handoff(decode, Handoff(
+                entry.submit, self.replica, self.incarnation, req.output_token_ids[0],
+                req.output_logprobs[0] if req.output_logprobs else None, max(req.num_cached_tokens, 0),
+                e.kv.get_block_ids(rid), e.kv_sources(), now, entry.arrived))
+
+    def _handoff_answered(self, rid: str, res: HandoffResult) -> None:
+        if res.ok:  # the decode replica owns it now: it meters and streams the rest
+            self.usage.discard(rid)
+            self.streams.drop(rid)
+            return
+        self.sent_to.pop(rid, None)
+        req = self.engine.scheduler.release_sent(rid)  # nobody will read the blocks
+        counts = (req.num_prompt_tokens, max(req.num_cached_tokens, 0), 1) if req else (0, 0, 1)
+        if res.reason.startswith("aborted:"):  # the client left before the hand-off: meter it as such
+            self.streams.drop(rid)
+            reason = res.reason.removeprefix("aborted:")
+            if reason == "refused":
+                self.usage.discard(rid)
+            else:
+                self.usage.close(rid, *counts, reason)
+        else:
+            log.warning("hand-off of %s refused (%s)", rid, res.reason)
+            self._fail([rid], {rid: counts})
+
+    def _take_handoff(self, h: Handoff) -> None:
+        """Decode side: a hand-off accepted; this replica owns the request from now on."""
+        sub, rid = h.submit, h.submit.request_id
+        self.usage.start(sub, h.prefill_replica, h.first_token_at, h.arrived_at)
+        reason = self.tombstones.pop(rid, None)
+        if reason is not None:  # its abort came first (and passed accept_handoff's check meanwhile)
+            self.peers.release(h.prefill_replica, rid)
+            self.usage.close(rid, len(sub.prompt_token_ids), h.num_cached_tokens, 1, reason)
+            return
+        self.streams.add(rid, sub.ingress_id)
+        try:
+            self.engine.add_handoff(h)
+        except (RequestError, ValueError) as e:
+            log.warning("hand-off %s rejected: %s", rid, e)
+            self.peers.release(h.prefill_replica, rid)
+            self._fail([rid], {rid: (len(sub.prompt_token_ids), h.num_cached_tokens, 1)})
+
+    def _finish_pulls(self) -> None:
+        for outcome, req, records in self.engine.poll_pulls():
+            rid, h = req.request_id, req.remote
+            req.remote = None
+            self.peers.release(h.prefill_replica, rid)  # the prefill side frees its blocks now
+            t = self.transfers
+            for r in records:
+                if r.error is None:
+                    t["bytes"] += r.bytes
+                    t["seconds"] += r.seconds
+                    t["records"] += 1
+                    self.recent_transfers.append((t["records"], r.backend, r.blocks, r.bytes, r.seconds))
+            if outcome == "failed":
+                t["failures"] += 1
+                log.warning("KV pull of %s from replica %d failed: %s", rid, h.prefill_replica,
+                            next((r.error for r in records if r.error), "?"))
+                self._fail([rid], {rid: (req.num_prompt_tokens, max(req.num_cached_tokens, 0), req.num_output_tokens)})
+                continue
+            t["count"] += 1
+            if outcome == "aborted":
+                self._ended(req, req.abort_reason)
+
+    def _expire(self) -> None:
+        self._next_expiry = time.monotonic() + 0.5
+        late, stale = self.engine.scheduler.expired(time.monotonic(), self.engine.config.kv_transfer_timeout_s)
+        for req in late:  # decode side: no room came in time
+            self.peers.release(req.remote.prefill_replica, req.request_id)
+            log.warning("hand-off %s: no KV room within the deadline", req.request_id)
+            self._fail([req.request_id], {req.request_id: (req.num_prompt_tokens, max(req.num_cached_tokens, 0), 1)})
+        for req in stale:  # prefill side: the decode replica never released them
+            log.warning("hand-off %s: no release from replica %s within the deadline; blocks freed", req.request_id,
+                        self.sent_to.get(req.request_id))
+            self.sent_to.pop(req.request_id, None)
+            if req.request_id in self.usage.open:  # never accepted either: ours to end
+                self._fail([req.request_id], {req.request_id: (req.num_prompt_tokens, max(req.num_cached_tokens, 0),
+                                                               1)})
+
+    def _peer_failed(self, replica: int) -> None:
+        s = self.engine.scheduler
+        for rid in [r for r, d in self.sent_to.items() if d == replica]:  # held for it: nobody will read them
+            self.sent_to.pop(rid)
+            req = s.release_sent(rid)
+            if req is not None and rid in self.usage.open:  # its hand-off was never accepted
+                self._fail([rid], {rid: (req.num_prompt_tokens, max(req.num_cached_tokens, 0), 1)})
+        waiting = [r.request_id for r in s.remote_waiting if r.remote.prefill_replica == replica]
+        for req in self.engine.abort(waiting):  # their KV source is gone
+            self._fail([req.request_id], {req.request_id: (req.num_prompt_tokens, max(req.num_cached_tokens, 0),
+                                                           req.num_output_tokens)})
 
     def _publish(self, updates: StepUpdates) -> None:
         """Meter finished requests and send one TokenBatch per ingress (the
@@ -169,6 +352,8 @@ class SchedulerLoop:
                 self.usage.close(rid, p, c, o, reason)
         for ingress, batch in batches:
             self.send_batch(ingress, batch)
+        if updates.handoffs and self.peers is not None:
+            self._send_handoffs(updates.handoffs, now)
 
     def _fail(self, request_ids: list[str], counts: dict[str, tuple[int, int, int]]) -> None:
         """End requests with finish_reason "error": tell their ingress, meter them."""
@@ -184,10 +369,13 @@ class SchedulerLoop:
         with self.wakeup:
             self._drain_inbox()
         counts = {}
-        for req in list(aborted) + self.engine.abort(list(self.engine.scheduler.requests)):
-            counts[req.request_id] = (req.num_prompt_tokens, max(req.num_cached_tokens, 0), req.num_output_tokens)
+        for req in list(aborted) + self.engine.abort(list(self.engine.scheduler.requests), force=True):
+            if req.request_id in self.usage.open:  # not one handed off to a decode replica (it owns that one)
+                counts[req.request_id] = (req.num_prompt_tokens, max(req.num_cached_tokens, 0),
+                                          req.num_output_tokens)
         for rid, entry in list(self.usage.open.items()):
             counts.setdefault(rid, (len(entry.submit.prompt_token_ids), 0, 0))
+        self.sent_to.clear()  # force-aborted above; our decode peers' pulls from us fail or finish
         if status == "error":
             self._fail(list(counts), counts)
         else:
@@ -216,4 +404,12 @@ class SchedulerLoop:
             gc_collections=list(self.gc.count) if self.gc is not None else [],
             tenant_totals={t: dict(v) for t, v in list(self.usage.tenant_totals.items())},
             unacked_usage_events=len(self.usage.outbox),
+            role=self.role,
+            num_sending=len(s.sending),
+            num_receiving=len(s.remote_waiting) + len(s.receiving),
+            kv_transfers=self.transfers["count"],
+            kv_transfer_failures=self.transfers["failures"],
+            kv_transfer_bytes=self.transfers["bytes"],
+            kv_transfer_seconds=self.transfers["seconds"],
+            recent_transfers=list(self.recent_transfers),
         )

@@ -50,6 +50,9 @@ class StepUpdates:
     num_output_tokens: list[int] = field(default_factory=list)
     finished: dict[str, tuple[str, int | str | None]] = field(default_factory=dict)  # id -> (reason, stop_reason)
     logprobs: dict[str, Logprobs] = field(default_factory=dict)
+    # Prefill side: requests whose first token is in this step and whose KV now
+    # goes to their decode replica (the scheduler's own use; not sent to ingresses).
+    handoffs: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.request_ids)
@@ -104,6 +107,9 @@ class SubmitRequest:
     # n > 1: only the first child of a prompt bills the prompt (as OpenAI does).
     bill_prompt: bool = True
     prompt_param: str = "prompt"  # the request field the prompt came from ("messages" for chat), for errors
+    # Prefill/decode: the decode replica this request goes on on after its first
+    # token (the replica it is submitted to computes the prompt). None: all here.
+    decode_replica: int | None = None
 
 
 @dataclass
@@ -126,6 +132,33 @@ class TokenBatch:
     source: str = ""  # the scheduler incarnation that numbered it (a rebuilt replica numbers afresh)
 
 
+# -- Scheduler -> Scheduler (prefill -> decode) ---------------------------------------------
+
+
+@dataclass
+class Handoff:
+    """A prefill replica's request, first token sampled, for its decode replica to
+    go on with: the decode side allocates blocks, pulls the prompt's KV from
+    `sources` (the prefill ranks) and answers release_handoff when done."""
+
+    submit: SubmitRequest  # as the ingress sent it (tenant, ingress, params, decode_replica)
+    prefill_replica: int
+    prefill_incarnation: str
+    first_token: int
+    first_logprobs: Logprobs | None
+    num_cached_tokens: int  # the prefill side's prefix hit: reported once, in the decode side's usage event
+    src_block_ids: list[int]  # the prompt's blocks on the prefill replica, in order
+    sources: list  # KVEndpoint per prefill rank (models/step.py)
+    first_token_at: float  # wall clock (time to first token, for metering)
+    arrived_at: float  # wall clock, when the prefill replica took it
+
+
+@dataclass(frozen=True)
+class HandoffResult:
+    ok: bool
+    reason: str = ""  # why not: "aborted:<reason>" (the client went first), "unavailable", "error"
+
+
 # -- Scheduler -> Router, launcher, ingress ------------------------------------------------
 
 
@@ -141,6 +174,7 @@ class ReplicaInfo:
     num_blocks: int
     placement: list | None = None  # per rank: node, GPU ids
     incarnation: str = ""  # this scheduler's run (a rebuilt replica has a new one)
+    role: str = "mixed"  # its pool: mixed | prefill | decode
 
 
 @dataclass(frozen=True)
@@ -187,3 +221,13 @@ class ReplicaStats:
     # (the engine's own counts, for reconciliation with the ledger).
     tenant_totals: dict = field(default_factory=dict)
     unacked_usage_events: int = 0
+    # Prefill/decode.
+    role: str = "mixed"
+    num_sending: int = 0  # prefill side: requests whose KV is held for a decode replica
+    num_receiving: int = 0  # decode side: hand-offs waiting for room or pulling
+    kv_transfers: int = 0  # pulls completed here (decode side), and their totals
+    kv_transfer_failures: int = 0
+    kv_transfer_bytes: int = 0
+    kv_transfer_seconds: float = 0.0
+    # The latest completed pulls: (number, backend, blocks, bytes, seconds), for histograms.
+    recent_transfers: list = field(default_factory=list)

@@ -14,6 +14,12 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"
+    # Prefill/decode. Prefill side: the first token is out, the KV is held for the
+    # decode replica until it says it has pulled it. Decode side: waiting for room
+    # for the prompt's blocks, then pulling them from the prefill replica.
+    SENDING = "sending"
+    WAITING_KV = "waiting_kv"
+    RECEIVING = "receiving"
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
@@ -49,6 +55,14 @@ class Request:
     # Its row in the workers (models/step.py) while they hold its state (sent
     # as new, not since finished or preempted); -1 otherwise.
     row: int = -1
+    # Prefill/decode (see Scheduler): on a prefill replica, hand off after the
+    # first token; on a decode replica, the hand-off it came with (its KV source)
+    # until the KV has arrived.
+    handoff: bool = False
+    remote: object = None
+    preallocated: bool = False  # its prompt's blocks are allocated and filled (pulled): admit without a lookup
+    abort_reason: str | None = None  # aborted while its KV was in flight: ends when the pull returns
+    since: float = 0.0  # when it entered its current hand-off state (deadlines)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

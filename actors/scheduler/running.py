@@ -69,7 +69,7 @@ class RunningSet:
         self.known[i] = len(req.all_token_ids)
         self.pending[i] = req.num_pending
         self.out[i] = len(req.output_token_ids)
-        self.max_out[i] = req.max_tokens
+        self.max_out[i] = 1 if req.handoff else req.max_tokens  # a prefill hand-off stops at its first token
         self.min_tokens[i] = p.min_tokens
         self.prompt[i] = len(req.prompt_token_ids)
         self.cached[i] = max(req.num_cached_tokens, 0)

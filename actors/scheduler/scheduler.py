@@ -14,6 +14,21 @@ so blocks registered in the prefix cache at allocation always hold their KV
 by the time a later reader's attention runs (the forward stores every
 token's KV before attending, layer by layer).
 
+Prefill/decode. On a prefill replica a request marked `handoff` runs its
+prompt and samples its first token like any other; then, instead of going
+on, it leaves the batch as SENDING: its row is freed, its KV blocks are held
+(`sending`) until the decode replica says it has pulled them
+(`release_sent`). On a decode replica a hand-off arrives as WAITING_KV
+(`add_remote`): each step first gives such requests their prompt's blocks
+if the cache has room (after this replica's own prefix hits, so blocks it
+already holds are not sent; none are offered to the prefix cache before
+their KV is in), and emits a KVPull for the rest (`new_pulls`); the request
+is RECEIVING until the pull returns (`kv_received`), then it enters the
+queue's head with its blocks filled and decodes from its first token.
+Aborting a SENDING or RECEIVING request never frees blocks a transfer may
+still touch: the decode side ends it when its pull returns; the prefill side
+when the decode side releases it (or dies, or a deadline passes).
+
 The running batch's per-request counters live in numpy columns
 (running.py), so a step over hundreds of decoding requests is a
 few array operations; Python runs per request only where something happens
@@ -22,6 +37,7 @@ to it (a new KV block, a possible stop, preemption, admission).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -54,6 +70,11 @@ class Scheduler:
         self._forget: list[int] = []  # rows the workers must free at the next step
         self.rows = RowPool()
         self.num_preemptions = 0
+        # Prefill/decode (see the module docstring).
+        self.sending: dict[str, Request] = {}  # prefill side: KV held for the decode replica
+        self.remote_waiting: deque[Request] = deque()  # decode side: waiting for room
+        self.receiving: dict[str, Request] = {}  # decode side: pull in flight
+        self.new_pulls: list[tuple[Request, list[int], list[int]]] = []  # (request, src blocks, dst blocks)
 
     # -- admission -----------------------------------------------------------
 
@@ -66,8 +87,23 @@ class Scheduler:
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
-    def finish_requests(self, request_ids, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> list[Request]:
-        """Finish requests from outside (abort, client gone, stop string seen)."""
+    def add_remote(self, req: Request) -> None:
+        """A decode replica's hand-off: prompt + first token known, the prompt's KV
+        to be pulled from `req.remote` (its source)."""
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        room = self.config.max_model_len - req.num_prompt_tokens
+        req.max_tokens = room if req.max_tokens is None else min(req.max_tokens, room)
+        req.status = RequestStatus.WAITING_KV
+        self.requests[req.request_id] = req
+        self.remote_waiting.append(req)
+
+    def finish_requests(self, request_ids, status: RequestStatus = RequestStatus.FINISHED_ABORTED,
+                        reason: str | None = None, force: bool = False) -> list[Request]:
+        """Finish requests from outside (abort, client gone, stop string seen).
+        A request whose KV is in transit is not ended here (unless `force`: the
+        replica is going down): a RECEIVING one ends when its pull returns
+        (kv_received, with `reason`), a SENDING one when released."""
         done, drop, seen = [], [], set()
         for rid in request_ids:
             req = self.requests.get(rid)
@@ -76,8 +112,17 @@ class Scheduler:
             seen.add(rid)
             if req.status == RequestStatus.RUNNING:
                 drop.append(self.running.index(req))
-            else:
+            elif req.status == RequestStatus.WAITING or req.status == RequestStatus.PREEMPTED:
                 self.waiting.remove(req)
+            elif req.status == RequestStatus.WAITING_KV:
+                self.remote_waiting.remove(req)
+            elif not force:  # SENDING / RECEIVING
+                if req.status == RequestStatus.RECEIVING and req.abort_reason is None:
+                    req.abort_reason = reason or status.value
+                continue
+            else:
+                self.sending.pop(rid, None)
+                self.receiving.pop(rid, None)
             done.append(req)
         self.running.remove(drop)  # one compaction for the lot
         for req in done:
@@ -100,7 +145,76 @@ class Scheduler:
 
     @property
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Work a step can advance (requests whose KV is in transit wait on the transfer, not on steps)."""
+        return bool(self.waiting or self.running or self.remote_waiting)
+
+    # -- prefill/decode --------------------------------------------------------
+
+    def release_sent(self, request_id: str) -> Request | None:
+        """Prefill side: the decode replica has the KV (or is gone): free the blocks."""
+        req = self.sending.pop(request_id, None)
+        if req is not None:
+            req.status = RequestStatus.FINISHED_STOPPED
+            self.kv.free(request_id)
+            del self.requests[request_id]
+        return req
+
+    def kv_received(self, request_id: str, ok: bool) -> tuple[str, Request] | None:
+        """Decode side: the pull for a RECEIVING request returned. ("ready", req): it
+        is queued to decode; ("aborted", req): it was aborted meanwhile (req.abort_reason);
+        ("failed", req): the pull failed. Both of the latter are ended and freed here."""
+        req = self.receiving.pop(request_id, None)
+        if req is None:
+            return None
+        if req.abort_reason is not None or not ok:
+            req.status = RequestStatus.FINISHED_ABORTED
+            self._release(req)
+            return ("aborted" if req.abort_reason is not None else "failed"), req
+        n = req.num_prompt_tokens
+        self.kv.cache_blocks(request_id, req.all_token_ids, n)  # its KV is in: others may share it now
+        req.num_computed_tokens = n
+        req.preallocated = True
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+        return "ready", req
+
+    def expired(self, now: float, timeout_s: float) -> tuple[list[Request], list[Request]]:
+        """Hand-offs past their deadline: (decode side: waiting for room longer than
+        timeout_s, ended and freed here; prefill side: held longer than 3 x timeout_s
+        without a release, freed here)."""
+        late = [r for r in self.remote_waiting if now - r.since > timeout_s]
+        for req in late:
+            self.remote_waiting.remove(req)
+            req.status = RequestStatus.FINISHED_ABORTED
+            self._release(req)
+        stale = [r for r in self.sending.values() if now - r.since > 3 * timeout_s]
+        for req in stale:
+            self.release_sent(req.request_id)
+        return late, stale
+
+    def _admit_remote(self) -> None:
+        """Give waiting hand-offs their prompt's blocks, oldest first, while the cache
+        has room (keeping a block of headroom per running request)."""
+        bs = self.kv.block_size
+        while self.remote_waiting:
+            req = self.remote_waiting[0]
+            rid, ids, n = req.request_id, req.all_token_ids, req.num_prompt_tokens
+            need = -(-n // bs)
+            if self.kv.num_free_blocks - need < len(self.running):
+                break
+            hit_ids, num_hit = self.kv.get_computed_blocks(rid, ids, req.cache_extra_keys)
+            num_hit = min(num_hit, (n // bs) * bs)
+            hit_ids = hit_ids[: num_hit // bs]
+            blocks = self.kv.allocate_slots(rid, ids, num_hit, n - num_hit, hit_ids, req.cache_extra_keys, cache=False)
+            if blocks is None:
+                break
+            self.remote_waiting.popleft()
+            req.status = RequestStatus.RECEIVING
+            self.receiving[rid] = req
+            first = num_hit // bs
+            table = self.kv.get_block_ids(rid)
+            src = list(req.remote.src_block_ids[first:need])
+            self.new_pulls.append((req, src, table[first:need]))
 
     @property
     def num_waiting(self) -> int:
@@ -116,6 +230,8 @@ class Scheduler:
         step = StepInput(finished_rows=self._forget, step_id=self.rows.scheduled)
         self.rows.scheduled += 1
         self._forget = []
+        if self.remote_waiting:
+            self._admit_remote()
         budget, preempted = self._schedule_running(step, self.config.max_num_batched_tokens)
         new_rows, new_n = [], []
 
@@ -123,7 +239,11 @@ class Scheduler:
         # is under pressure, and admitting would preempt someone next step.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            hit_ids, num_hit = self.kv.get_computed_blocks(req.request_id, req.all_token_ids, req.cache_extra_keys)
+            if req.preallocated:  # a decode hand-off: its prompt's KV is in its blocks already
+                hit_ids, num_hit = (), req.num_computed_tokens
+            else:
+                hit_ids, num_hit = self.kv.get_computed_blocks(req.request_id, req.all_token_ids,
+                                                               req.cache_extra_keys)
             n = min(req.num_tokens - num_hit, budget)
             new_blocks = self.kv.allocate_slots(
                 req.request_id, req.all_token_ids, num_hit, n, hit_ids, req.cache_extra_keys
@@ -132,6 +252,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
+            req.preallocated = False
             req.num_computed_tokens = num_hit
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_hit
@@ -281,23 +402,32 @@ class Scheduler:
         eos = self._eos
         eos_hit = (toks == eos[0]) if len(eos) == 1 else (toks[:, None] == eos).any(1)  # np.isin is slow here
         maybe |= (n_out >= rs.min_tokens[idx]) & (rs.py_stop[idx] | eos_hit)
-        done = []
+        done, handoff = [], []
         for j in np.flatnonzero(maybe).tolist():
             req = sel[j]
             end = self._check_stop(req, tok_list[j])
             if end is not None:
                 done.append((ii[j], req, end))
+            elif req.handoff:  # prefill side: the first token is out; the decode replica goes on
+                handoff.append((ii[j], req))
         ups.request_ids = [r.request_id for r in sel]
         ups.token_ids = tok_list
         ups.num_prompt_tokens = rs.prompt[idx].tolist()
         ups.num_cached_tokens = rs.cached[idx].tolist()
         ups.num_output_tokens = n_out.tolist()
-        if done:
-            rs.remove([i for i, _, _ in done])
+        if done or handoff:
+            rs.remove([i for i, _, _ in done] + [i for i, _ in handoff])
             for _, req, end in done:
                 req.status = end
                 ups.finished[req.request_id] = (end.value, req.stop_reason)
                 self._release(req)
+            for _, req in handoff:
+                req.status = RequestStatus.SENDING
+                req.since = time.monotonic()
+                self.sending[req.request_id] = req
+                self._forget.append(req.row)  # the workers are done with it; its blocks stay
+                self._free_row(req)
+                ups.handoffs.append(req.request_id)
         return ups
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:

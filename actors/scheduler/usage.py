@@ -31,6 +31,7 @@ class _Open:
     submit: SubmitRequest
     arrived: float  # wall-clock time the scheduler took it
     first_token: float | None = None
+    prefill_replica: int | None = None  # a decode hand-off: where the prompt was computed
 
 
 class UsageBook:
@@ -66,8 +67,9 @@ class UsageBook:
                 self._jfile.write(json.dumps(asdict(e)) + "\n")  # a kill leaves it in the page cache
             self.outbox.append(e)
 
-    def start(self, sub: SubmitRequest) -> None:
-        self.open[sub.request_id] = _Open(sub, time.time())
+    def start(self, sub: SubmitRequest, prefill_replica: int | None = None, first_token_at: float | None = None,
+              arrived: float | None = None) -> None:
+        self.open[sub.request_id] = _Open(sub, arrived or time.time(), first_token_at, prefill_replica)
 
     def first_token(self, request_id: str, now: float) -> None:
         entry = self.open.get(request_id)
@@ -88,7 +90,7 @@ class UsageBook:
             model=sub.model, lora=sub.lora, replica=self.replica, gpu_type=self.gpu_type, prompt_tokens=prompt,
             cached_tokens=cached, completion_tokens=completion, status=status, arrived_at=entry.arrived,
             finished_at=now, ttft_ms=(entry.first_token - entry.arrived) * 1e3 if entry.first_token else None,
-            duration_ms=(now - entry.arrived) * 1e3)
+            duration_ms=(now - entry.arrived) * 1e3, prefill_replica=entry.prefill_replica)
         self._queue(event)
         t = self.tenant_totals.setdefault(sub.tenant, {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0,
                                                        "completion_tokens": 0})
