@@ -20,13 +20,33 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Metric:
     name: str
-    kind: str  # "gauge" | "counter"
+    kind: str  # "gauge" | "counter" | "histogram"
     help: str
     stat: str | None = None  # the ReplicaStats attribute it reads (replica metrics)
+    buckets: tuple = ()  # histograms: upper bounds
 
     @property
     def exported_name(self) -> str:
         return self.name + "_total" if self.kind == "counter" else self.name
+
+
+class Histogram:
+    """Cumulative bucket counts per label value, as Prometheus wants them (plain Python)."""
+
+    def __init__(self, buckets: tuple):
+        self.buckets = tuple(buckets)
+        self.series: dict[str, list] = {}  # label value -> [count per bucket (cumulative), +Inf count, sum]
+
+    def observe(self, value: float, label: str) -> None:
+        s = self.series.setdefault(label, [0] * (len(self.buckets) + 1) + [0.0])
+        for i, b in enumerate(self.buckets):
+            if value <= b:
+                s[i] += 1
+        s[len(self.buckets)] += 1
+        s[-1] += value
+
+    def snapshot(self) -> dict:
+        return {k: list(v) for k, v in self.series.items()}
 
 
 def _g(name, help_, stat=None):
@@ -50,7 +70,20 @@ REPLICA = (
     _c("prompt_tokens", "Prompt tokens of finished requests.", "prompt_tokens"),
     _c("cached_prompt_tokens", "Prompt tokens served from the prefix cache.", "cached_tokens"),
     _c("generation_tokens", "Generated tokens.", "generation_tokens"),
+    _g("kv_sending_requests", "Prefill side: requests whose KV is held for a decode replica.", "num_sending"),
+    _g("kv_receiving_requests", "Decode side: hand-offs waiting for KV room or pulling.", "num_receiving"),
+    _c("kv_transfers", "Decode side: KV pulls completed.", "kv_transfers"),
+    _c("kv_transfer_failures", "Decode side: KV pulls that failed or missed their deadline.", "kv_transfer_failures"),
 )
+TRANSFER_SECONDS = Metric("ziggurat_kv_transfer_seconds", "histogram",
+                          "Duration of one KV pull on one decode rank, by backend.", "kv_transfer_seconds_hist",
+                          (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.5, 2.5, 10.0))
+TRANSFER_BYTES = Metric("ziggurat_kv_transfer_bytes", "histogram",
+                        "Bytes of one KV pull on one decode rank, by backend.", "kv_transfer_bytes_hist",
+                        tuple(float(1 << k) for k in range(16, 34, 2)))
+TRANSFER_BLOCKS = Metric("ziggurat_kv_transfer_blocks", "histogram", "KV blocks of one pull, by backend.",
+                         "kv_transfer_blocks_hist", (1, 4, 16, 64, 256, 1024, 4096))
+HISTOGRAMS = (TRANSFER_SECONDS, TRANSFER_BYTES, TRANSFER_BLOCKS)
 
 # Per ingress (its own view).
 HTTP_REQUESTS = _c("http_requests", "HTTP requests answered, by status.")
@@ -58,14 +91,19 @@ INFLIGHT = _g("inflight_requests", "Engine requests this ingress is waiting on."
 UNREACHABLE = _g("replicas_unreachable", "Replicas that did not answer this scrape.")
 INGRESS = (HTTP_REQUESTS, INFLIGHT, UNREACHABLE)
 
-ALL = REPLICA + INGRESS
+ALL = REPLICA + HISTOGRAMS + INGRESS
 
 Sample = tuple[Metric, dict, float]
 
 
 def replica_samples(stats) -> list[Sample]:
     """Samples of every replica metric for a list of ReplicaStats."""
-    return [(m, {"replica": str(s.replica)}, getattr(s, m.stat)) for m in REPLICA for s in stats]
+    out = [(m, {"replica": str(s.replica)}, getattr(s, m.stat)) for m in REPLICA for s in stats]
+    for m in HISTOGRAMS:  # one sample per series: its snapshot (render_prometheus expands it)
+        for s in stats:
+            for backend, series in getattr(s, m.stat, {}).items():
+                out.append((m, {"replica": str(s.replica), "backend": backend}, series))
+    return out
 
 
 def render_prometheus(samples: list[Sample]) -> str:
@@ -82,6 +120,14 @@ def render_prometheus(samples: list[Sample]) -> str:
         lines.append(f"# TYPE {name} {m.kind}")
         for labels, value in rows:
             lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
+            if m.kind == "histogram":
+                sep = "," if lab else ""
+                for b, c in zip(m.buckets, value):
+                    lines.append(f'{name}_bucket{{{lab}{sep}le="{b:g}"}} {c}')
+                lines.append(f'{name}_bucket{{{lab}{sep}le="+Inf"}} {value[len(m.buckets)]}')
+                lines.append(f"{name}_sum{{{lab}}} {value[-1]}")
+                lines.append(f"{name}_count{{{lab}}} {value[len(m.buckets)]}")
+                continue
             lines.append(f"{name}{{{lab}}} {value}" if lab else f"{name} {value}")
     return "\n".join(lines) + "\n"
 
@@ -92,12 +138,26 @@ class RayExporter:
     def __init__(self, replica: int):
         from ray.util.metrics import Counter, Gauge  # only the actor process that exports needs Ray
 
+        from ray.util.metrics import Histogram as RayHistogram
+
         self.tags = {"replica": str(replica)}
         self.metrics = {m: (Gauge if m.kind == "gauge" else Counter)(m.name, m.help, tag_keys=("replica",))
                         for m in REPLICA}
+        self.hists = {m: RayHistogram(m.name, m.help, boundaries=list(m.buckets), tag_keys=("replica", "backend"))
+                      for m in HISTOGRAMS}
         self.last: dict[str, float] = {}
+        self.last_transfer = 0
 
     def update(self, stats) -> None:
+        # Histograms: observe the pulls not seen yet (stats carry the latest few, numbered).
+        for n, backend, blocks, nbytes, seconds in getattr(stats, "recent_transfers", ()):
+            if n <= self.last_transfer:
+                continue
+            self.last_transfer = n
+            tags = {**self.tags, "backend": backend}
+            self.hists[TRANSFER_SECONDS].observe(seconds, tags=tags)
+            self.hists[TRANSFER_BYTES].observe(nbytes, tags=tags)
+            self.hists[TRANSFER_BLOCKS].observe(blocks, tags=tags)
         for m, metric in self.metrics.items():
             value = getattr(stats, m.stat)
             if m.kind == "gauge":

@@ -76,8 +76,9 @@ def _serve(args) -> int:
         print("ziggurat: no --model given; serving the embedded default model (random weights, made on first use)")
     dep = Deployment(DeploymentSpec.from_flat(**flat))
     spec = dep.spec
-    print(f"ziggurat: serving '{dep.served_model_name}' ({spec.replicas} replica(s), "
-          f"tensor parallel {spec.engine.tensor_parallel_size})")
+    pools = ", ".join(f"{p.replicas} {p.role} (TP {p.tensor_parallel_size or spec.engine.tensor_parallel_size})"
+                      for p in spec.pools)
+    print(f"ziggurat: serving '{dep.served_model_name}' with {spec.replicas} replica(s): {pools}")
     print(f"  OpenAI API:     {dep.base_url}")
     if info.get("dashboard_url"):
         print(f"  Ray dashboard:  http://{info['dashboard_url']}")

@@ -6,7 +6,10 @@
 
 For each replica: a STRICT_PACK placement group with one bundle per TP rank,
 WorkerActors in it, and a SchedulerActor that drives them. One RouterActor
-and one IngressActor (HTTP) serve all replicas.
+and one IngressActor (HTTP) serve all replicas. Replicas come in pools
+(spec.PoolSpec): mixed, or prefill and decode, e.g.
+
+    serve(model=..., prefill_replicas=1, decode_replicas=2, decode_tensor_parallel_size=1)
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ class Deployment:
         self.meter_name, self.router_name = f"ziggurat-meter-{tag}", f"ziggurat-router-{tag}"
         self.scheduler_names = [f"ziggurat-scheduler-{tag}-{r}" for r in range(spec.replicas)]
         self.meter = MeterActor.options(name=self.meter_name).remote(self.db)
-        self.router = RouterActor.options(name=self.router_name, max_restarts=-1).remote(spec.replicas)
+        self.router = RouterActor.options(name=self.router_name, max_restarts=-1).remote(
+            spec.replicas, spec.roles, spec.pd_min_prompt_tokens)
         names = dict(router=self.router_name, meter=self.meter_name, schedulers=self.scheduler_names,
                      journal_dir=str(spec.journal_path / tag))
         self.supervisor = SupervisorActor.options(name=f"ziggurat-supervisor-{tag}").remote(

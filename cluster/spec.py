@@ -13,6 +13,7 @@ and driver scripts pass); a name that none of them has is an error.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -56,12 +57,56 @@ class HealthConfig:
     step_deadline_s: float = _opt(60.0, "a replica with work whose step has not ended for this long counts as dead")
 
 
+ROLES = ("mixed", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """Replicas of one role. `mixed` replicas serve requests whole; a request routed
+    to a (prefill, decode) pair has its prompt computed on the prefill replica, its
+    KV moved, and is decoded on the decode replica (actors/scheduler/scheduler.py)."""
+
+    role: str
+    replicas: int
+    tensor_parallel_size: int | None = None  # default: the engine's
+    gpus_per_worker: float | None = None  # default: the deployment's (1: a GPU each)
+    # Custom resources every worker bundle of this pool asks for, e.g. {"prefill_node": 1}
+    # to pin the pool to nodes started with `ray start --resources='{"prefill_node": 8}'`.
+    resources: dict = field(default_factory=dict)
+    engine: dict = field(default_factory=dict)  # EngineConfig fields this pool sets otherwise
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"pools: role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if not isinstance(self.replicas, int) or isinstance(self.replicas, bool) or self.replicas < 0:
+            raise ValueError(f"pools[{self.role}].replicas: must be a non-negative integer, got {self.replicas!r}")
+        bad = set(self.engine) - {f.name for f in fields(EngineConfig)}
+        if bad:
+            raise ValueError(f"pools[{self.role}].engine: unknown engine setting(s): {', '.join(sorted(bad))}")
+        if "tensor_parallel_size" in self.engine:
+            raise ValueError(f"pools[{self.role}].engine: set tensor_parallel_size on the pool itself")
+
+    def engine_config(self, base: EngineConfig) -> EngineConfig:
+        return dataclasses.replace(base, tensor_parallel_size=self.tensor_parallel_size or base.tensor_parallel_size,
+                                   **self.engine)
+
+
 @dataclass
 class DeploymentSpec:
     engine: EngineConfig
     ingress: IngressConfig = field(default_factory=IngressConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
-    replicas: int = _opt(1, "replicas of the model (each a scheduler and a TP group of workers)")
+    replicas: int | None = _opt(None, "mixed replicas of the model, each a scheduler and a TP group of workers "
+                                      "(default: 1, or 0 when prefill/decode replicas are given)")
+    prefill_replicas: int = _opt(0, "replicas that compute prompts and hand their KV to a decode replica")
+    decode_replicas: int = _opt(0, "replicas that decode requests whose prompt a prefill replica computed")
+    prefill_tensor_parallel_size: int | None = _opt(None, "TP size of prefill replicas (default: --tensor-parallel-size)")
+    decode_tensor_parallel_size: int | None = _opt(None, "TP size of decode replicas (default: --tensor-parallel-size)")
+    pd_min_prompt_tokens: int = _opt(64, "prompts shorter than this go straight to a decode replica")
+    gpus_per_worker: float = _opt(1.0, "GPU share of each worker (0.5: two workers share one GPU)")
+    # Explicit pools (Python specs and the deployment file); when given, the
+    # replica-count flags above are not used.
+    pools: tuple = field(default=(), metadata={"help": "pools (PoolSpec), in replica order", "cli": False})
     ingresses: int = _opt(1, "HTTP actors sharing the port (spread HTTP/SSE work over cores)")
     max_waiting: int | None = _opt(None, "queued requests per replica before 429 (default: 4 x max_num_seqs)")
     # The worker implementation, as "module:Class" (a zero-cost worker for
@@ -71,10 +116,38 @@ class DeploymentSpec:
     db: str | None = _opt(None, "ledger: SQLite path or postgresql:// URL (default: ~/.cache/ziggurat/tenancy.db)")
 
     def __post_init__(self) -> None:
-        for name in ("replicas", "ingresses"):
+        v = self.ingresses
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"ingresses: must be a positive integer, got {v!r}")
+        for name in ("replicas", "prefill_replicas", "decode_replicas"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: must be a positive integer, got {v!r}")
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise ValueError(f"{name}: must be a non-negative integer, got {v!r}")
+        if not (0 < self.gpus_per_worker <= 1):
+            raise ValueError(f"gpus_per_worker: must be in (0, 1], got {self.gpus_per_worker}")
+        if not self.pools:
+            pd = self.prefill_replicas + self.decode_replicas
+            mixed = self.replicas if self.replicas is not None else (0 if pd else 1)
+            self.pools = tuple(p for p in (
+                PoolSpec("mixed", mixed),
+                PoolSpec("prefill", self.prefill_replicas, self.prefill_tensor_parallel_size),
+                PoolSpec("decode", self.decode_replicas, self.decode_tensor_parallel_size)) if p.replicas)
+        self.pools = tuple(p if isinstance(p, PoolSpec) else PoolSpec(**p) for p in self.pools)
+        if self.num_replicas < 1:
+            raise ValueError("replicas: a deployment needs at least one replica")
+        self.replicas = self.num_replicas
+
+    @property
+    def num_replicas(self) -> int:
+        return sum(p.replicas for p in self.pools)
+
+    def replica_pools(self) -> list[PoolSpec]:
+        """The pool of each replica, by replica index (pools in order)."""
+        return [p for p in self.pools for _ in range(p.replicas)]
+
+    @property
+    def roles(self) -> list[str]:
+        return [p.role for p in self.replica_pools()]
 
     @property
     def db_url(self) -> str:

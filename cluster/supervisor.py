@@ -49,6 +49,7 @@ def judge(health, *, step_deadline_s: float) -> str | None:
 class _Replica:
     index: int
     name: str
+    pool: object = None  # its PoolSpec (role, TP size, placement)
     scheduler: object = None
     workers: list = field(default_factory=list)
     group: object = None
@@ -66,7 +67,10 @@ class SupervisorActor:
         names and the usage-journal directory (the launcher's)."""
         self.cfg, self.spec, self.names, self.use_gpu = cfg, spec, names, use_gpu
         self.interval_s, self.health_timeout_s, self.step_deadline_s = interval_s, health_timeout_s, step_deadline_s
-        self.replicas = [_Replica(r, n) for r, n in enumerate(names["schedulers"])]
+        pools = spec.replica_pools()
+        self.replicas = [_Replica(r, n, pools[r]) for r, n in enumerate(names["schedulers"])]
+        # Prefill/decode: every scheduler can reach the others by name (hand-offs, releases).
+        self.pd = bool({"prefill", "decode"} & set(spec.roles))
         self.ingresses: list = []
         self.events: list[dict] = []  # what happened, for tests and operators
         self._watch: asyncio.Task | None = None
@@ -91,22 +95,27 @@ class SupervisorActor:
         from ziggurat.actors.worker.actor import WorkerActor
         from ziggurat.topology.placement import bundle_strategy, replica_bundles
 
-        tp = self.cfg.tensor_parallel_size
-        pg = ray.util.placement_group(replica_bundles(tp, self.use_gpu), strategy="STRICT_PACK")
+        pool = rep.pool
+        cfg = pool.engine_config(self.cfg)
+        tp = cfg.tensor_parallel_size
+        gpus = pool.gpus_per_worker or self.spec.gpus_per_worker
+        bundles = replica_bundles(tp, self.use_gpu, gpus_per_worker=gpus, resources=pool.resources)
+        pg = ray.util.placement_group(bundles, strategy="STRICT_PACK")
         try:
             await asyncio.wait_for(pg.ready(), 120)
         except asyncio.TimeoutError:
             ray.util.remove_placement_group(pg)
-            raise RuntimeError(f"replica {rep.index}: could not place {tp} worker(s) on one node within 120 s; "
-                               f"cluster resources: {ray.cluster_resources()}") from None
-        opts = dict(num_gpus=1 if self.use_gpu else 0, num_cpus=1)
+            raise RuntimeError(f"replica {rep.index} ({pool.role}): could not place {tp} worker(s) of {bundles[0]} "
+                               f"on one node within 120 s; cluster resources: {ray.cluster_resources()}") from None
+        opts = dict(num_gpus=gpus if self.use_gpu else 0, num_cpus=1, resources=dict(pool.resources))
         workers = [WorkerActor.options(scheduling_strategy=bundle_strategy(pg, rank), **opts).remote(
-            self.cfg, rank, self.spec.worker_cls) for rank in range(tp)]
+            cfg, rank, self.spec.worker_cls) for rank in range(tp)]
         router = ray.get_actor(self.names["router"])
         meter = ray.get_actor(self.names["meter"])
         journal = f"{self.names['journal_dir']}/{rep.name}.jsonl"
         scheduler = SchedulerActor.options(num_cpus=0, name=rep.name).remote(
-            self.cfg, workers, rep.index, router, self.spec.max_waiting, meter, journal)
+            cfg, workers, rep.index, router, self.spec.max_waiting, meter, journal, pool.role,
+            self.names["schedulers"] if self.pd else None)
         rep.scheduler, rep.workers, rep.group = scheduler, workers, pg
         info = await scheduler.info.remote()
         rep.incarnation, rep.state = info.incarnation, "serving"
@@ -206,6 +215,10 @@ class SupervisorActor:
             pass
         for ing in self.ingresses:
             ing.replica_failed.remote(rep.index)
+        if self.pd:  # free what its peers hold for it, end what waits on it
+            for other in self.replicas:
+                if other is not rep and other.scheduler is not None:
+                    other.scheduler.peer_failed.remote(rep.index)
         self._tear_down(rep)
         for attempt in range(5):
             try:
@@ -230,8 +243,8 @@ class SupervisorActor:
     # -- for the launcher and tests ------------------------------------------------------
 
     def status(self) -> list[dict]:
-        return [{"replica": r.index, "state": r.state, "rebuilds": r.rebuilds, "incarnation": r.incarnation,
-                 "last_death": r.last_death} for r in self.replicas]
+        return [{"replica": r.index, "role": r.pool.role, "state": r.state, "rebuilds": r.rebuilds,
+                 "incarnation": r.incarnation, "last_death": r.last_death} for r in self.replicas]
 
     def history(self) -> list[dict]:
         return list(self.events)

@@ -7,10 +7,13 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 
-def replica_bundles(tensor_parallel_size: int, use_gpu: bool, cpus_per_worker: float = 1.0) -> list[dict]:
-    bundle = {"CPU": cpus_per_worker}
+def replica_bundles(tensor_parallel_size: int, use_gpu: bool, cpus_per_worker: float = 1.0,
+                    gpus_per_worker: float = 1.0, resources: dict | None = None) -> list[dict]:
+    """One bundle per TP rank: its CPU, its GPU (or share of one) and any custom
+    resources its pool is pinned by."""
+    bundle = {"CPU": cpus_per_worker, **(resources or {})}
     if use_gpu:
-        bundle["GPU"] = 1
+        bundle["GPU"] = gpus_per_worker
     return [dict(bundle) for _ in range(tensor_parallel_size)]
 
 

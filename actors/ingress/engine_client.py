@@ -10,6 +10,13 @@ Submissions made in one turn of the event loop travel to a scheduler as one
 call (a burst of arrivals costs the scheduler a few calls, not one each:
 every call it serves takes its process's GIL from the step loop).
 
+Prefill/decode: a request routed to a (prefill, decode) pair streams its first
+token from the prefill replica and the rest from the decode one, two
+independently numbered streams. Updates from the decode side that overtake
+the first token are held until it comes (or gap_timeout_s passes); the
+request belongs to the prefill replica until the decode side's first update
+arrives, and aborts go to both.
+
 The transport is a subclass's: ray_client.py (router and scheduler actors
 over Ray) or local_engine.py (one in-process SchedulerLoop, no Ray: the
 HTTP app's fast tests run on it).
@@ -22,6 +29,7 @@ import logging
 import time
 
 from ziggurat.actors.ingress.protocol import APIError, bad
+from ziggurat.actors.router.policy import Route
 from ziggurat.actors.scheduler.messages import (
     UNKNOWN,
     Registration,
@@ -35,6 +43,16 @@ from ziggurat.actors.scheduler.output_processor import RequestOutputs
 
 
 log = logging.getLogger("ziggurat.ingress")
+
+
+class _Handoff:
+    __slots__ = ("prefill", "decode", "first_seen", "held", "since")
+
+    def __init__(self, prefill: int, decode: int):
+        self.prefill, self.decode = prefill, decode
+        self.first_seen = False
+        self.held: list[RequestUpdate] = []  # decode-side updates that came before the first token
+        self.since = 0.0
 
 
 class ReplicaDown(Exception):
@@ -58,10 +76,11 @@ class EngineClient:
         self.gap_timeout_s = 2.0
         self.gaps_skipped = 0
         self._rr = 0  # round robin, when the router cannot be asked
+        self.handoff: dict[str, _Handoff] = {}  # prefill/decode requests not yet streaming from the decode side
 
     # -- the transport: a subclass's ---------------------------------------------------------
 
-    async def pick(self, prefix_hashes: list[bytes]) -> int | None:
+    async def pick(self, prefix_hashes: list[bytes], num_prompt_tokens: int = 0) -> Route | int | None:
         raise NotImplementedError
 
     async def submit_batch(self, replica: int, reqs: list[SubmitRequest]) -> list[SubmitResult]:
@@ -96,7 +115,9 @@ class EngineClient:
         "error" update (the server retries what streamed nothing, and meters what
         its client received). Returns those requests."""
         ids = [rid for rid, rep in self.replica_of.items() if rep == replica]
+        ids += [rid for rid, h in self.handoff.items() if h.decode == replica and rid not in ids]
         for rid in ids:
+            self.handoff.pop(rid, None)
             entry = self.queues.get(rid)
             if entry is not None:
                 entry[0].put_nowait((entry[1], RequestUpdate(rid, [], [], "error", None, UNKNOWN, UNKNOWN, UNKNOWN)))
@@ -126,6 +147,10 @@ class EngineClient:
         one longer than gap_timeout_s, skip to it (the missing batch's requests then
         end by their deadlines). Call periodically on the event loop."""
         now = time.monotonic() if now is None else now
+        for rid, h in list(self.handoff.items()):
+            if h.held and now - h.since > self.gap_timeout_s:  # the first token never came: go on without it
+                log.warning("%s: the first token from replica %d never came", rid, h.prefill)
+                self._moved(rid, h)
         for replica, since in list(self._gap_since.items()):
             held = self.held.get(replica)
             if not held:
@@ -157,8 +182,12 @@ class EngineClient:
     def _drain(self, replica: int) -> None:
         held = self.held.get(replica, {})
         expected = self.next_seq.get(replica, 0)
+        handoff = self.handoff
         while expected in held:
             for u in held.pop(expected).updates:
+                if handoff and u.request_id in handoff:
+                    self._handoff_update(replica, u)
+                    continue
                 entry = self.queues.get(u.request_id)
                 if entry is not None:
                     entry[0].put_nowait((entry[1], u))
@@ -169,6 +198,38 @@ class EngineClient:
         else:
             self._gap_since.pop(replica, None)
 
+    def _deliver_update(self, u: RequestUpdate) -> None:
+        entry = self.queues.get(u.request_id)
+        if entry is not None:
+            entry[0].put_nowait((entry[1], u))
+
+    def _handoff_update(self, replica: int, u: RequestUpdate) -> None:
+        rid, h = u.request_id, self.handoff[u.request_id]
+        if replica == h.decode and replica != h.prefill:
+            if not h.first_seen:
+                if not h.held:
+                    h.since = time.monotonic()
+                h.held.append(u)
+                return
+            self._deliver_update(u)
+            self._moved(rid, h)
+            return
+        self._deliver_update(u)  # from the prefill side: its first token (or how it ended there)
+        h.first_seen = True
+        if u.finish_reason is not None:
+            self.handoff.pop(rid, None)
+        elif h.held:
+            self._moved(rid, h)
+
+    def _moved(self, rid: str, h: _Handoff) -> None:
+        """The decode replica streams this request now: it is that replica's."""
+        self.handoff.pop(rid, None)
+        if rid in self.replica_of:
+            self.replica_of[rid] = h.decode
+        for u in h.held:
+            self._deliver_update(u)
+        h.held = []
+
     # -- requests out --------------------------------------------------------------------
 
     async def submit(self, outputs: RequestOutputs, prefix_hashes, cache_extra_keys, queue, meta: dict,
@@ -178,17 +239,20 @@ class EngineClient:
         key_id, http_request_id, model for metering. Raises APIError."""
         samples, n = outputs.samples, outputs.params.n
         for _attempt in range(3):
-            replica = await self._pick(prefix_hashes)
-            if replica is None:
+            route = await self._pick(prefix_hashes, max(map(len, outputs.prompts)))
+            if route is None:
                 raise APIError(503, "no healthy replica is available", "service_unavailable", code="no_replica")
+            replica, decode = route.replica, route.decode
             try:
                 futures = []
                 for s in samples:
                     self.queues[s.request_id] = (queue, s.index)
                     self.replica_of[s.request_id] = replica
+                    if decode is not None:
+                        self.handoff[s.request_id] = _Handoff(replica, decode)
                     futures.append(self._send(replica, SubmitRequest(
                         s.request_id, outputs.prompts[s.prompt_index], s.params, self.ingress_id, cache_extra_keys,
-                        **meta, bill_prompt=s.index % n == 0, prompt_param=prompt_param)))
+                        **meta, bill_prompt=s.index % n == 0, prompt_param=prompt_param, decode_replica=decode)))
                 results = await asyncio.gather(*futures)
                 refused = next((res for res in results if not res.ok), None)
                 if refused is not None:  # all or none: the accepted siblings end, unbilled
@@ -203,10 +267,12 @@ class EngineClient:
                 await self.mark_unhealthy(replica)
         raise APIError(503, "no healthy replica is available", "service_unavailable", code="no_replica")
 
-    async def _pick(self, prefix_hashes) -> int | None:
-        """The router's choice; if the router cannot answer (restarting), round robin."""
+    async def _pick(self, prefix_hashes, num_prompt_tokens: int = 0) -> Route | None:
+        """The router's choice; if the router cannot answer (restarting), round robin
+        (every replica can serve a request whole)."""
         try:
-            return await asyncio.wait_for(self.pick(prefix_hashes), 5.0)
+            r = await asyncio.wait_for(self.pick(prefix_hashes, num_prompt_tokens), 5.0)
+            return Route(r) if isinstance(r, int) else r
         except APIError:
             raise
         except Exception as e:
@@ -215,7 +281,7 @@ class EngineClient:
             if not n:
                 return None
             self._rr += 1
-            return self._rr % n
+            return Route(self._rr % n)
 
     def num_replicas(self) -> int:
         return 0
@@ -253,6 +319,9 @@ class EngineClient:
             rep = self.replica_of.get(rid)
             if rep is not None:
                 by_replica.setdefault(rep, []).append(rid)
+            h = self.handoff.get(rid)
+            if h is not None and h.decode != rep:  # it may be there already, or on its way
+                by_replica.setdefault(h.decode, []).append(rid)
         for rep, ids in by_replica.items():
             self.send_abort(rep, ids, reason)
         self.forget(request_ids)
@@ -261,6 +330,7 @@ class EngineClient:
         for rid in request_ids:
             self.queues.pop(rid, None)
             self.replica_of.pop(rid, None)
+            self.handoff.pop(rid, None)
 
 
 def _submit_error(res: SubmitResult) -> APIError:

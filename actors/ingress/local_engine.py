@@ -52,7 +52,7 @@ class LocalEngineClient(EngineClient):
             self._thread.join(timeout=10)
         self.scheduler.fail_all("aborted")
 
-    async def pick(self, prefix_hashes: list[bytes]) -> int | None:
+    async def pick(self, prefix_hashes: list[bytes], num_prompt_tokens: int = 0) -> int | None:
         return None if self.failed else 0
 
     async def submit_batch(self, replica: int, reqs: list[SubmitRequest]) -> list[SubmitResult]:

@@ -46,8 +46,8 @@ class RayEngineClient(EngineClient):
     def num_replicas(self) -> int:
         return len(self.names)
 
-    async def pick(self, prefix_hashes: list[bytes]) -> int | None:
-        return await refs.result(self.router.pick.remote(prefix_hashes), 5.0)
+    async def pick(self, prefix_hashes: list[bytes], num_prompt_tokens: int = 0):
+        return await refs.result(self.router.route.remote(prefix_hashes, num_prompt_tokens), 5.0)
 
     async def submit_batch(self, replica: int, reqs: list[SubmitRequest]) -> list[SubmitResult]:
         handle = self.schedulers[replica]

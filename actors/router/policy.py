@@ -10,12 +10,28 @@ weighted by KV usage.
 
 The index is fed by what the router itself routed (`observe`), so it is
 approximate: it does not see evictions.
+
+With prefill and decode pools, a prompt of at least `pd_min_prompt_tokens`
+gets a pair (`route`): the prefill replica by the same prefix affinity and
+load, the decode replica by load weighted by KV usage (its headroom for the
+pulled blocks). Shorter prompts, or a deployment missing one of the two
+pools, are served whole: by a mixed replica, else a decode one, else a
+prefill one.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a request goes: submitted to `replica`, which computes its prompt;
+    with `decode` set, that replica hands it off after the first token."""
+
+    replica: int
+    decode: int | None = None
 
 
 @dataclass
@@ -31,8 +47,11 @@ class _Replica:
 
 
 class Router:
-    def __init__(self, num_replicas: int, max_index_entries: int = 100_000, affinity_slack: float = 8.0):
+    def __init__(self, num_replicas: int, max_index_entries: int = 100_000, affinity_slack: float = 8.0,
+                 roles: list[str] | None = None, pd_min_prompt_tokens: int = 64):
         self.replicas = [_Replica() for _ in range(num_replicas)]
+        self.roles = list(roles) if roles is not None else ["mixed"] * num_replicas
+        self.pd_min_prompt_tokens = pd_min_prompt_tokens
         self.index: OrderedDict[bytes, int] = OrderedDict()  # block hash -> replica, LRU
         self.max_entries = max_index_entries
         self.slack = affinity_slack  # extra load tolerated to keep a prefix hit
@@ -40,10 +59,23 @@ class Router:
     def healthy(self) -> list[int]:
         return [i for i, r in enumerate(self.replicas) if r.healthy]
 
-    def pick(self, prefix_hashes: list[bytes]) -> int | None:
+    def route(self, prefix_hashes: list[bytes], num_prompt_tokens: int = 0) -> Route | None:
         live = self.healthy()
-        if not live:
-            return None
+        by_role = {role: [i for i in live if self.roles[i] == role] for role in ("mixed", "prefill", "decode")}
+        if by_role["prefill"] and by_role["decode"] and num_prompt_tokens >= self.pd_min_prompt_tokens:
+            p = self._pick(prefix_hashes, by_role["prefill"])
+            d = min(by_role["decode"], key=lambda i: (self.replicas[i].load, self.replicas[i].kv_usage, i))
+            self.replicas[d].picked_since_report += 1
+            return Route(p, d)
+        pool = by_role["mixed"] or by_role["decode"] or by_role["prefill"]
+        return Route(self._pick(prefix_hashes, pool)) if pool else None
+
+    def pick(self, prefix_hashes: list[bytes]) -> int | None:
+        """A replica for the whole request (no hand-off)."""
+        live = self.healthy()
+        return self._pick(prefix_hashes, live) if live else None
+
+    def _pick(self, prefix_hashes: list[bytes], live: list[int]) -> int:
         least = min(live, key=lambda i: (self.replicas[i].load, i))
         best, best_len = least, 0
         for i in live:

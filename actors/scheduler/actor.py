@@ -9,6 +9,10 @@ compiled graph (compiled_graph.py) and runs three threads:
 
 Actor methods (submit, abort, register_ingress, stats) only validate and
 enqueue; replica stats go to the router and the Ray dashboard every 0.2 s.
+
+Prefill/decode: hand-offs to a decode replica and their answers travel on a
+small thread pool (`RayPeers`), releases are fire-and-forget; the decode
+side's accept_handoff / the prefill side's release_handoff only enqueue.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import collections
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import ray
 
@@ -26,6 +31,8 @@ from ziggurat.actors.scheduler.compiled_graph import CompiledGraphExecutor
 from ziggurat.actors.scheduler.engine import EngineCore
 from ziggurat.actors.scheduler.loop import SchedulerLoop
 from ziggurat.actors.scheduler.messages import (
+    Handoff,
+    HandoffResult,
     Registration,
     ReplicaHealth,
     ReplicaInfo,
@@ -39,17 +46,58 @@ from ziggurat.config import EngineConfig
 log = logging.getLogger("ziggurat.scheduler")
 
 
+class RayPeers:
+    """The other replicas' schedulers, by replica index (actor names: a rebuilt
+    replica is a new actor under the same name)."""
+
+    def __init__(self, names: list[str], loop: SchedulerLoop | None = None, timeout_s: float = 10.0):
+        self.names, self.loop, self.timeout_s = list(names), loop, timeout_s
+        self._handles: dict[int, object] = {}
+        self._pool = ThreadPoolExecutor(4, thread_name_prefix="handoff")
+
+    def _handle(self, replica: int):
+        h = self._handles.get(replica)
+        if h is None:
+            h = self._handles[replica] = ray.get_actor(self.names[replica])
+        return h
+
+    def handoff(self, replica: int, h: Handoff) -> None:
+        self._pool.submit(self._handoff, replica, h)
+
+    def _handoff(self, replica: int, h: Handoff) -> None:
+        try:
+            res = ray.get(self._handle(replica).accept_handoff.remote(h), timeout=self.timeout_s)
+        except Exception as e:  # dead, restarting or wedged: the prefill side keeps the request
+            self._handles.pop(replica, None)
+            res = HandoffResult(False, f"unavailable ({type(e).__name__})")
+        self.loop.handoff_result(h.submit.request_id, res)
+
+    def release(self, replica: int, request_id: str) -> None:
+        try:
+            self._handle(replica).release_handoff.remote(request_id)
+        except Exception:  # gone: its blocks went with it (or its deadline frees them)
+            self._handles.pop(replica, None)
+
+    def forget(self, replica: int) -> None:
+        self._handles.pop(replica, None)
+
+
 @ray.remote(max_concurrency=8)
 class SchedulerActor:
     def __init__(self, config: EngineConfig, workers: list, replica: int, router=None, max_waiting: int | None = None,
-                 meter=None, journal: str | None = None):
+                 meter=None, journal: str | None = None, role: str = "mixed", peer_names: list[str] | None = None):
         gpu = ray.get(workers[0].gpu_info.remote())
         self.engine = EngineCore(config, executor_factory=lambda cfg, n: CompiledGraphExecutor(workers, cfg, n))
         self.ingresses: dict[str, object] = {}
         self.router, self.meter = router, meter
         gpu_type = gpu["name"] if config.device != "cpu" and gpu["count"] else "cpu"
+        self.peers = RayPeers(peer_names) if peer_names else None
         self.loop = SchedulerLoop(self.engine, replica, self._send, max_waiting or 4 * config.max_num_seqs, gpu_type,
-                                  journal)
+                                  journal, self.peers, role)
+        if self.peers is not None:
+            self.peers.loop = self.loop
+            if role in ("prefill", "mixed"):
+                self.engine.kv_sources()  # export the cache once, before any hand-off waits on it
         if self.loop.usage.outbox:
             log.warning("replica %d: %d usage events of a predecessor recovered from %s", replica,
                         len(self.loop.usage.outbox), journal)
@@ -144,7 +192,7 @@ class SchedulerActor:
         e = self.engine
         return ReplicaInfo(self.loop.replica, e.config.model, e.max_model_len, e.model_config.vocab_size,
                            e.config.block_size, e.num_blocks, getattr(e.executor, "placement", None),
-                           self.loop.incarnation)
+                           self.loop.incarnation, self.loop.role)
 
     def register_ingress(self, ingress_id: str, handle, epoch: str = "") -> Registration:
         self.ingresses[ingress_id] = handle
@@ -175,6 +223,21 @@ class SchedulerActor:
 
     def abort(self, request_ids: list[str], reason: str = "aborted") -> None:
         self.loop.abort(request_ids, reason)
+
+    # -- prefill/decode ----------------------------------------------------------------
+
+    def accept_handoff(self, h: Handoff) -> HandoffResult:
+        if self.failed or self._stop:
+            return HandoffResult(False, "unavailable")
+        return self.loop.accept_handoff(h)
+
+    def release_handoff(self, request_id: str) -> None:
+        self.loop.release_handoff(request_id)
+
+    def peer_failed(self, replica: int) -> None:
+        if self.peers is not None:
+            self.peers.forget(replica)
+        self.loop.peer_failed(replica)
 
     def stats(self) -> ReplicaStats:
         return self.loop.stats()

@@ -70,6 +70,17 @@ class CompiledGraphExecutor:
             del self._outputs[stale]
         return self._outputs.pop(call)
 
+    # KV transfer between replicas: plain calls in the workers' "kv" group, beside the graph.
+    def kv_endpoints(self) -> list:
+        return ray.get([w.kv_endpoint.remote() for w in self.workers])
+
+    def kv_pull(self, pulls) -> list:
+        return [w.kv_pull.remote(pulls) for w in self.workers]
+
+    def kv_poll(self, refs) -> list | None:
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        return ray.get(refs) if len(ready) == len(refs) else None
+
     def shutdown(self) -> None:
         if self.dag is not None:
             self.dag.teardown()

@@ -27,6 +27,8 @@ import threading
 import time
 import uuid
 
+from ziggurat.actors import metrics
+from ziggurat.actors.metrics import Histogram
 from ziggurat.actors.scheduler.engine import EngineCore
 from ziggurat.actors.scheduler.messages import (
     Handoff,
@@ -62,6 +64,9 @@ class SchedulerLoop:
         # The latest completed pulls: (number, backend, blocks, bytes, seconds), for histograms.
         self.recent_transfers: collections.deque = collections.deque(maxlen=256)
         self._next_expiry = 0.0
+        self.hist = {"seconds": Histogram(metrics.TRANSFER_SECONDS.buckets),
+                     "bytes": Histogram(metrics.TRANSFER_BYTES.buckets),
+                     "blocks": Histogram(metrics.TRANSFER_BLOCKS.buckets)}
         self.max_waiting = max_waiting
         self.inbox: collections.deque = collections.deque()
         self.wakeup = threading.Condition()  # guards the inbox and the streams' numbering
@@ -292,6 +297,9 @@ class SchedulerLoop:
                     t["seconds"] += r.seconds
                     t["records"] += 1
                     self.recent_transfers.append((t["records"], r.backend, r.blocks, r.bytes, r.seconds))
+                    self.hist["seconds"].observe(r.seconds, r.backend)
+                    self.hist["bytes"].observe(r.bytes, r.backend)
+                    self.hist["blocks"].observe(r.blocks, r.backend)
             if outcome == "failed":
                 t["failures"] += 1
                 log.warning("KV pull of %s from replica %d failed: %s", rid, h.prefill_replica,
@@ -412,4 +420,7 @@ class SchedulerLoop:
             kv_transfer_bytes=self.transfers["bytes"],
             kv_transfer_seconds=self.transfers["seconds"],
             recent_transfers=list(self.recent_transfers),
+            kv_transfer_seconds_hist=self.hist["seconds"].snapshot(),
+            kv_transfer_bytes_hist=self.hist["bytes"].snapshot(),
+            kv_transfer_blocks_hist=self.hist["blocks"].snapshot(),
         )

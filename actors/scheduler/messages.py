@@ -231,3 +231,7 @@ class ReplicaStats:
     kv_transfer_seconds: float = 0.0
     # The latest completed pulls: (number, backend, blocks, bytes, seconds), for histograms.
     recent_transfers: list = field(default_factory=list)
+    # Histogram snapshots by backend (actors/metrics.py Histogram): duration, bytes, blocks per pull.
+    kv_transfer_seconds_hist: dict = field(default_factory=dict)
+    kv_transfer_bytes_hist: dict = field(default_factory=dict)
+    kv_transfer_blocks_hist: dict = field(default_factory=dict)

@@ -15,7 +15,7 @@ from ziggurat.config import EngineConfig
 from ziggurat.actors.process import freeze_startup_heap, load_object
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"kv": 1, "kv_serve": 1})
 class WorkerActor:
     def __init__(self, config: EngineConfig, rank: int, worker_cls: str = "ziggurat.models.worker:Worker"):
         self.config, self.rank, self.worker_cls = config, rank, worker_cls
@@ -54,7 +54,29 @@ class WorkerActor:
             self._prev = None  # the engine aborts everything on a failed step; start afresh
             raise
 
+    # -- KV transfer between replicas (models/kv_transfer.py), beside the step graph ---------
+
+    @ray.method(concurrency_group="kv")
+    def kv_endpoint(self):
+        return self.worker.kv_endpoint(ray.get_runtime_context().current_actor)
+
+    @ray.method(concurrency_group="kv")
+    def kv_pull(self, pulls):
+        side = self.worker._kv_side()
+        if side.request_pair is None:
+            side.request_pair = _request_pair
+        return self.worker.kv_pull(pulls)
+
+    @ray.method(concurrency_group="kv_serve")
+    def kv_serve(self, pair_id: str, backend: str) -> None:
+        self.worker.kv_serve(pair_id, backend)
+
     def gpu_info(self) -> dict:
         from ziggurat.topology.gpus import local_gpu_info
 
         return local_gpu_info()
+
+
+def _request_pair(src, pair_id: str, backend: str) -> None:
+    """Ask a source worker to join a pair group with us (it serves pulls on a thread)."""
+    ray.get(src.worker.kv_serve.remote(pair_id, backend), timeout=30)
