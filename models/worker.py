@@ -79,6 +79,11 @@ class Worker:
         self._kv_side().serve(pair_id, backend)
 
     def kv_pull(self, pulls: list[KVPull]) -> list[KVTransferRecord]:
+        delay = self.config.extra.get("kv_pull_delay_s")  # a drill: hold pulls open (tests kill a side mid-transfer)
+        if delay:
+            import time
+
+            time.sleep(float(delay))
         return self._kv_side().pull(pulls)
 
     def execute(self, step: StepInput) -> StepOutput | None:
