@@ -118,6 +118,11 @@ def pair_group(address: tuple[str, int], pair_id: str, rank: int, backend: str, 
 
 
 def group_backend(device: str) -> str:
+    """NCCL between GPUs, gloo otherwise; ZIGGURAT_KV_GROUP_BACKEND=gloo forces gloo
+    (staged through host memory: for a GPU pair NCCL cannot form, e.g. one GPU shared)."""
+    forced = os.environ.get("ZIGGURAT_KV_GROUP_BACKEND")
+    if forced:
+        return forced
     return "nccl" if device == "cuda" else "gloo"
 
 
