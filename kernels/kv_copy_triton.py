@@ -58,8 +58,9 @@ def copy_blocks(src_caches, dst_caches, src_ids, dst_ids, src_head_lo: int, dst_
         return
     dev = k_dst.device
     bs, d = k_dst.shape[1], k_dst.shape[3]
-    sid = torch.as_tensor(src_ids, dtype=torch.int32).to(dev, non_blocking=True)
-    did = torch.as_tensor(dst_ids, dtype=torch.int32).to(dev, non_blocking=True)
+    # One upload for both lists, from pinned memory (torch caches pinned blocks), not waited for.
+    ids = torch.tensor(list(src_ids) + list(dst_ids), dtype=torch.int32, pin_memory=True).to(dev, non_blocking=True)
+    sid, did = ids[:n], ids[n:]
     st = address_table(src_caches, dev) if src_table is None else src_table
     dt = address_table(dst_caches, dev) if dst_table is None else dst_table
     width = num_heads * d

@@ -180,7 +180,7 @@ class KVSide:
                             s.extend(p.src_block_ids)
                             d.extend(p.dst_block_ids)
                     for sl, (s, d) in by_slice.items():
-                        copy_blocks(caches, dst, s, d, sl)
+                        self._copy_device(key, caches, dst, s, d, sl)
                     done.extend(row for *_, row in items)
                 except Exception as e:
                     log.warning("KV pull over IPC from %s failed: %s", key, e)
@@ -191,10 +191,36 @@ class KVSide:
         for row in done:
             row[4] += seconds
 
+    def _copy_device(self, key: str, caches, dst, src_ids, dst_ids, sl) -> None:
+        """One launch for all layers (the Triton kernel, with both sides' address
+        tables uploaded once per source), or the torch reference."""
+        from ziggurat.kernels.backend import use_triton
+
+        if not use_triton(dst[0][0]):
+            return copy_blocks(caches, dst, src_ids, dst_ids, sl)
+        from ziggurat.kernels.kv_copy_triton import address_table, copy_blocks as kernel
+
+        if key not in self._tables:
+            self._tables[key] = address_table(caches, self.device)
+        if "" not in self._tables:
+            self._tables[""] = address_table(dst, self.device)
+        kernel(caches, dst, src_ids, dst_ids, sl.src_lo, sl.dst_lo, sl.num_heads, self._tables[key], self._tables[""])
+
+    def warmup(self) -> None:
+        """Compile the copy kernel before the first pull waits on it (a copy of block 0 onto itself)."""
+        if self.device.type == "cuda":
+            from ziggurat.models.kv_blocks import HeadSlice
+
+            dst = cache_tensors(self.model)
+            with torch.cuda.stream(self._stream):
+                self._copy_device("", dst, dst, [0], [0], HeadSlice(0, 0, 0, dst[0][0].shape[2]))
+            self._stream.synchronize()
+
     def forget(self, source_keys) -> None:
         """Drop mappings and groups of sources that are gone (their replica was rebuilt)."""
         for key in source_keys:
             self._ipc.pop(key, None)
+            self._tables.pop(key, None)
             self._groups.pop(key, None)
 
     def close(self) -> None:

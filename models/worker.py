@@ -75,6 +75,9 @@ class Worker:
         """This rank as a source of KV blocks (handle: how a peer reaches it to pair)."""
         return self._kv_side().endpoint(handle)
 
+    def kv_warmup(self) -> None:
+        self._kv_side().warmup()
+
     def kv_serve(self, pair_id: str, backend: str) -> None:
         self._kv_side().serve(pair_id, backend)
 

@@ -53,7 +53,7 @@ class Caches:
 def _source(conn, shape: dict, device: str) -> None:
     from ziggurat.models.kv_transfer import KVSide
 
-    dev = torch.device(device)
+    dev = _device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     model = Caches(**shape, device=dev, seed=1)
@@ -66,6 +66,11 @@ def _source(conn, shape: dict, device: str) -> None:
             conn.send("ok")
         else:
             return
+
+
+def _device(name: str) -> torch.device:
+    dev = torch.device(name)
+    return torch.device("cuda", 0) if dev.type == "cuda" and dev.index is None else dev
 
 
 def copy_rate(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) -> float:
@@ -104,7 +109,7 @@ def main(argv=None) -> int:
     from ziggurat.models.kv_transfer import KVSide
     from ziggurat.models.step import KVPull
 
-    dev = torch.device(args.device)
+    dev = _device(args.device)
     dtype = getattr(torch, args.dtype)
     sizes = [int(t) for t in args.tokens.split(",")]
     max_blocks = -(-max(sizes) // args.block_size)
@@ -114,12 +119,16 @@ def main(argv=None) -> int:
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_source, args=(child, shape, args.device), daemon=True)
     proc.start()
+    if not parent.poll(120):
+        raise SystemExit("the source process did not start (see its traceback above)")
     src_ep = parent.recv()
     dst = Caches(**shape, device=dev, seed=2)
     side = KVSide(dst, dev, 0, 1, args.kv_heads, timeout_s=60)
 
     def request_pair(ep, pair_id, backend):
         parent.send(("serve", pair_id, backend))
+        if not parent.poll(60):
+            raise RuntimeError("the source process does not answer")
         assert parent.recv() == "ok"
 
     side.request_pair = request_pair

@@ -98,6 +98,8 @@ class SchedulerActor:
             self.peers.loop = self.loop
             if role in ("prefill", "mixed"):
                 self.engine.kv_sources()  # export the cache once, before any hand-off waits on it
+            if role in ("decode", "mixed"):
+                self.engine.executor.kv_warmup()  # compile the copy kernel before the first pull waits on it
         if self.loop.usage.outbox:
             log.warning("replica %d: %d usage events of a predecessor recovered from %s", replica,
                         len(self.loop.usage.outbox), journal)

@@ -74,6 +74,9 @@ class CompiledGraphExecutor:
     def kv_endpoints(self) -> list:
         return ray.get([w.kv_endpoint.remote() for w in self.workers])
 
+    def kv_warmup(self) -> None:
+        ray.get([w.kv_warmup.remote() for w in self.workers])
+
     def kv_pull(self, pulls) -> list:
         return [w.kv_pull.remote(pulls) for w in self.workers]
 

@@ -43,6 +43,9 @@ class InProcessExecutor:
     def kv_endpoints(self) -> list:
         return [self.worker.kv_endpoint()]
 
+    def kv_warmup(self) -> None:
+        self.worker.kv_warmup()
+
     def kv_pull(self, pulls) -> list:
         return [self.worker.kv_pull(pulls)]
 

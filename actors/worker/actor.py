@@ -67,6 +67,10 @@ class WorkerActor:
             side.request_pair = _request_pair
         return self.worker.kv_pull(pulls)
 
+    @ray.method(concurrency_group="kv")
+    def kv_warmup(self) -> None:
+        self.worker.kv_warmup()
+
     @ray.method(concurrency_group="kv_serve")
     def kv_serve(self, pair_id: str, backend: str) -> None:
         self.worker.kv_serve(pair_id, backend)
