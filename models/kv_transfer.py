@@ -131,12 +131,17 @@ class KVSide:
             self._copy_ipc(ipc, dst)
         return [KVTransferRecord(*r) for r in rows]
 
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # a pull returns with its data in place
+
     def _copy_now(self, backend: str, src: KVEndpoint, p: KVPull, sl, dst) -> None:
         if backend == "local":
             peer = _LOCAL.get(src.key)
             if peer is None:
                 raise RuntimeError(f"source {src.key} is gone")
             copy_blocks(cache_tensors(peer.model), dst, p.src_block_ids, p.dst_block_ids, sl)
+            self._sync()
             return
         pg, dev = self._group(src)
         with self._lock(src.key):
@@ -148,6 +153,7 @@ class KVSide:
                                  dtype=k0.dtype, device=dev)
             pg.recv([packed], 0, 2).wait()
         scatter_blocks(dst, packed, p.dst_block_ids, sl.dst_lo)
+        self._sync()
 
     def _group(self, src: KVEndpoint):
         backend = kt.group_backend(self.location.device if src.location.device == self.location.device else "cpu")
