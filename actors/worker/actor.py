@@ -33,7 +33,8 @@ class WorkerActor:
     def setup(self, init_method: str, max_model_len: int) -> dict:
         cls = load_object(self.worker_cls)
         self.worker = cls(self.config, self.rank, init_method, max_model_len)
-        return {"rank": self.rank, "node": ray.util.get_node_ip_address(), "gpu_ids": ray.get_gpu_ids()}
+        return {"rank": self.rank, "node": ray.util.get_node_ip_address(),
+                "node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": ray.get_gpu_ids()}
 
     def determine_num_blocks(self) -> int:
         return self.worker.determine_num_blocks()

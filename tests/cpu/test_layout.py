@@ -69,6 +69,10 @@ RAY_FREE = [
     "ziggurat.actors.ingress.http_protocol",
     "ziggurat.models.worker",
     "ziggurat.models.maker",
+    "ziggurat.models.kv_blocks",
+    "ziggurat.models.kv_transfer",
+    "ziggurat.topology.kv_transport",
+    "ziggurat.cluster.spec",
 ]
 
 
