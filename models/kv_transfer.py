@@ -56,6 +56,7 @@ class KVSide:
         self._tables: dict[str, torch.Tensor] = {}  # source key -> its address table on our device
         self._groups: dict[str, object] = {}  # source key -> our pair group with it
         self._lock = kt.Once()
+        self._ids = None  # (pinned host, device) int32 staging for block ids (the copy kernel's)
         self._serving: list[threading.Thread] = []
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.request_pair = None  # (endpoint, pair_id) -> None: asks the source to join (the worker actor sets it)
@@ -210,7 +211,18 @@ class KVSide:
             self._tables[key] = address_table(caches, self.device)
         if "" not in self._tables:
             self._tables[""] = address_table(dst, self.device)
-        kernel(caches, dst, src_ids, dst_ids, sl.src_lo, sl.dst_lo, sl.num_heads, self._tables[key], self._tables[""])
+        n = len(src_ids)
+        if self._ids is None or self._ids[0].numel() < 2 * n:  # pinned staging for the block ids, and its device twin
+            cap = max(4096, 2 * n)
+            self._ids = (torch.empty(cap, dtype=torch.int32, pin_memory=True),
+                         torch.empty(cap, dtype=torch.int32, device=self.device))
+        host, dev = self._ids
+        host_np = host.numpy()
+        host_np[:n] = src_ids
+        host_np[n:2 * n] = dst_ids
+        dev[:2 * n].copy_(host[:2 * n], non_blocking=True)  # reused only after the pull's stream sync
+        kernel(caches, dst, src_ids, dst_ids, sl.src_lo, sl.dst_lo, sl.num_heads, self._tables[key], self._tables[""],
+               dev[:2 * n])
 
     def warmup(self) -> None:
         """Compile the copy kernel before the first pull waits on it (a copy of block 0 onto itself)."""
