@@ -57,6 +57,23 @@ def read_secret_file(path: str | None, what: str) -> list[str]:
 
 
 def _serve(args) -> int:
+    from ziggurat.cluster import deployment_file as dfile
+
+    file_kw, file = {}, None
+    if args.config:
+        try:
+            file_kw = dfile.load(args.config)
+        except dfile.DeploymentFileError as e:
+            print(f"ziggurat serve: {e}", file=sys.stderr)
+            return 2
+        file = file_kw.pop("_file")
+    address = args.address or file_kw.pop("address", None)
+    file_kw.pop("address", None)
+    keys_file = args.api_keys_file or file_kw.pop("api_keys_file", None)
+    admin_file = args.admin_key_file or file_kw.pop("admin_key_file", None)
+    file_kw.pop("api_keys_file", None), file_kw.pop("admin_key_file", None)
+    if address:
+        os.environ["RAY_ADDRESS"] = address
     if not os.environ.get("RAY_ADDRESS"):
         # A local cluster of ours: Ray's token authentication on. Ray reads this when
         # it is imported, so before anything imports it (nothing above this has).
@@ -66,15 +83,21 @@ def _serve(args) -> int:
     from ziggurat.cluster.spec import DeploymentSpec, HealthConfig
     from ziggurat.config import EngineConfig
 
-    flat = {**given(args, EngineConfig), **given(args, IngressConfig), **given(args, HealthConfig),
-            **given(args, DeploymentSpec)}
-    flat["api_keys"] = tuple(read_secret_file(args.api_keys_file, "API keys")) or _secret_list("ZIGGURAT_API_KEYS")
-    admin = read_secret_file(args.admin_key_file, "admin key")
+    flags = {**given(args, EngineConfig), **given(args, IngressConfig), **given(args, HealthConfig),
+             **given(args, DeploymentSpec)}
+    flat = {**file_kw, **flags}
+    flat["api_keys"] = tuple(read_secret_file(keys_file, "API keys")) or _secret_list("ZIGGURAT_API_KEYS")
+    admin = read_secret_file(admin_file, "admin key")
     flat["admin_key"] = admin[0] if admin else os.environ.get("ZIGGURAT_ADMIN_KEY")
+    try:
+        spec = dfile.build(flat, file, set(flags))
+    except (ValueError, TypeError) as e:
+        print(f"ziggurat serve: {e}", file=sys.stderr)
+        return 2
     info = ensure_ray()
     if flat.get("model") is None:
         print("ziggurat: no --model given; serving the embedded default model (random weights, made on first use)")
-    dep = Deployment(DeploymentSpec.from_flat(**flat))
+    dep = Deployment(spec)
     spec = dep.spec
     pools = ", ".join(f"{p.replicas} {p.role} (TP {p.tensor_parallel_size or spec.engine.tensor_parallel_size})"
                       for p in spec.pools)
@@ -88,6 +111,25 @@ def _serve(args) -> int:
     print("Press Ctrl-C to stop.", flush=True)
     dep.run_forever()
     print("ziggurat: stopped")
+    return 0
+
+
+def dfile_example() -> str:
+    from ziggurat.cluster.deployment_file import EXAMPLE
+
+    return EXAMPLE
+
+
+def _config_check(args) -> int:
+    from ziggurat.cluster.deployment_file import DeploymentFileError, spec_from_file
+
+    try:
+        spec = spec_from_file(args.path)
+    except (DeploymentFileError, ValueError, TypeError) as e:
+        print(f"ziggurat config check: {e}", file=sys.stderr)
+        return 2
+    pools = ", ".join(f"{p.replicas} {p.role}" for p in spec.pools)
+    print(f"{args.path}: ok ({spec.replicas} replica(s): {pools}; model {spec.engine.model})")
     return 0
 
 
@@ -180,7 +222,18 @@ def main(argv=None) -> int:
     s.add_argument("--api-keys-file", default=None,
                    help="require these API keys, one per line (or ZIGGURAT_API_KEYS=a,b); never on the command line")
     s.add_argument("--admin-key-file", default=None, help="enables the /admin API (or ZIGGURAT_ADMIN_KEY)")
+    s.add_argument("--config", default=None, help="a deployment file (YAML: `ziggurat config example`); "
+                                                  "flags override its values")
+    s.add_argument("--address", default=None, help="the Ray cluster to join: auto (a running local one) or "
+                                                   "ray://HEAD:10001 (default: $RAY_ADDRESS, else start one)")
     s.set_defaults(fn=_serve)
+    cfg = sub.add_parser("config", help="deployment files")
+    cfg_sub = cfg.add_subparsers(dest="config_cmd", required=True)
+    ex = cfg_sub.add_parser("example", help="print a commented example deployment file")
+    ex.set_defaults(fn=lambda a: print(dfile_example(), end="") or 0)
+    chk = cfg_sub.add_parser("check", help="validate a deployment file (without starting anything)")
+    chk.add_argument("path")
+    chk.set_defaults(fn=_config_check)
     from ziggurat.cluster.tenant_cli import add_tenant_commands
 
     add_tenant_commands(sub)

@@ -159,6 +159,13 @@ class DeploymentSpec:
         return cache_dir() / "usage-journal"
 
     @classmethod
+    def from_file(cls, path: str, **overrides) -> "DeploymentSpec":
+        """A deployment file (cluster/deployment_file.py), `overrides` winning over it."""
+        from ziggurat.cluster.deployment_file import spec_from_file
+
+        return spec_from_file(path, **overrides)
+
+    @classmethod
     def from_flat(cls, **kw) -> "DeploymentSpec":
         """One keyword per field of EngineConfig, IngressConfig or the spec itself;
         model=None serves the embedded default model."""
