@@ -115,7 +115,7 @@ class SupervisorActor:
         journal = f"{self.names['journal_dir']}/{rep.name}.jsonl"
         scheduler = SchedulerActor.options(num_cpus=0, name=rep.name).remote(
             cfg, workers, rep.index, router, self.spec.max_waiting, meter, journal, pool.role,
-            self.names["schedulers"] if self.pd else None)
+            self.names["schedulers"] if self.pd else None, self.spec.ingress.served_model_name or "")
         rep.scheduler, rep.workers, rep.group = scheduler, workers, pg
         info = await scheduler.info.remote()
         rep.incarnation, rep.state = info.incarnation, "serving"

@@ -227,7 +227,7 @@ class OpenAIServer:
     async def prometheus(self, request):
         stats = await self.client.replica_stats()
         ok = [s for s in stats if not isinstance(s, BaseException)]
-        samples = metrics.replica_samples(ok)
+        samples = metrics.replica_samples(ok, self.config.served_model_name or "")
         samples += [(metrics.UNREACHABLE, {}, len(stats) - len(ok)),
                     (metrics.INFLIGHT, {}, len(self.client.queues))]
         samples += [(metrics.HTTP_REQUESTS, {"status": str(k)}, v) for k, v in sorted(self.http_requests.items())]

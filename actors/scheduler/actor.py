@@ -85,11 +85,12 @@ class RayPeers:
 @ray.remote(max_concurrency=8)
 class SchedulerActor:
     def __init__(self, config: EngineConfig, workers: list, replica: int, router=None, max_waiting: int | None = None,
-                 meter=None, journal: str | None = None, role: str = "mixed", peer_names: list[str] | None = None):
+                 meter=None, journal: str | None = None, role: str = "mixed", peer_names: list[str] | None = None,
+                 model_name: str = ""):
         gpu = ray.get(workers[0].gpu_info.remote())
         self.engine = EngineCore(config, executor_factory=lambda cfg, n: CompiledGraphExecutor(workers, cfg, n))
         self.ingresses: dict[str, object] = {}
-        self.router, self.meter = router, meter
+        self.router, self.meter, self.model_name = router, meter, model_name
         gpu_type = gpu["name"] if config.device != "cpu" and gpu["count"] else "cpu"
         self.peers = RayPeers(peer_names) if peer_names else None
         self.loop = SchedulerLoop(self.engine, replica, self._send, max_waiting or 4 * config.max_num_seqs, gpu_type,
@@ -169,7 +170,7 @@ class SchedulerActor:
 
     def _run(self) -> None:
         last_report = 0.0
-        metrics = RayExporter(self.loop.replica)
+        metrics = RayExporter(self.loop.replica, self.model_name)
         while not self._stop:
             try:
                 self.loop.run_once()
@@ -187,7 +188,7 @@ class SchedulerActor:
                 stats = self.loop.stats()
                 if self.router is not None:
                     self.router.report.remote(stats)
-                metrics.update(stats)
+                metrics.update(stats, self.loop.metrics)
                 last_report = now
 
     def info(self) -> ReplicaInfo:

@@ -71,7 +71,9 @@ class SchedulerLoop:
         self.inbox: collections.deque = collections.deque()
         self.wakeup = threading.Condition()  # guards the inbox and the streams' numbering
         self.incarnation = uuid.uuid4().hex[:12]
-        self.usage = UsageBook(replica, gpu_type, journal)
+        self.metrics = metrics.RequestMetrics()
+        self.usage = UsageBook(replica, gpu_type, journal, self.metrics)
+        self._last_token_step: float | None = None
         self.streams = IngressStreams(replica, self.incarnation)
         self.last_progress = time.monotonic()  # when the last step ended (or the loop went idle)
         self.num_pending = 0  # submitted, not yet taken into the engine
@@ -174,6 +176,11 @@ class SchedulerLoop:
         t1 = time.perf_counter()
         updates = self.engine.step()
         self.step_seconds += time.perf_counter() - t1
+        if e.scheduler.admitted:
+            now = time.time()
+            for rid in e.scheduler.admitted:
+                self.usage.scheduled(rid, now)
+            e.scheduler.admitted.clear()
         self.steps += 1
         t2 = time.perf_counter()
         self.last_progress = time.monotonic()
@@ -247,7 +254,7 @@ class SchedulerLoop:
             self.peers.handoff(decode, Handoff(
                 entry.submit, self.replica, self.incarnation, req.output_token_ids[0],
                 req.output_logprobs[0] if req.output_logprobs else None, max(req.num_cached_tokens, 0),
-                e.kv.get_block_ids(rid), e.kv_sources(), now, entry.arrived))
+                e.kv.get_block_ids(rid), e.kv_sources(), now, entry.arrived, entry.scheduled))
 
     def _handoff_answered(self, rid: str, res: HandoffResult) -> None:
         if res.ok:  # the decode replica owns it now: it meters and streams the rest
@@ -271,7 +278,7 @@ class SchedulerLoop:
     def _take_handoff(self, h: Handoff) -> None:
         """Decode side: a hand-off accepted; this replica owns the request from now on."""
         sub, rid = h.submit, h.submit.request_id
-        self.usage.start(sub, h.prefill_replica, h.first_token_at, h.arrived_at)
+        self.usage.start(sub, h.prefill_replica, h.first_token_at, h.arrived_at, h.scheduled_at)
         reason = self.tombstones.pop(rid, None)
         if reason is not None:  # its abort came first (and passed accept_handoff's check meanwhile)
             self.peers.release(h.prefill_replica, rid)
@@ -346,9 +353,15 @@ class SchedulerLoop:
             return
         now = time.time()
         self.generation_tokens += len(ids) - updates.token_ids.count(-1)  # -1: an update without a token
+        decoding = False
         for rid, o in zip(ids, updates.num_output_tokens):
             if o == 1:  # first token: time to first token for metering
                 self.usage.first_token(rid, now)
+            elif o > 1:
+                decoding = True
+        if decoding and self._last_token_step is not None:  # a request mid-decode: no idle gap in between
+            self.metrics.observe(metrics.ITL, now - self._last_token_step)
+        self._last_token_step = now
         with self.wakeup:  # epochs and numbering change under this lock (register_ingress)
             batches: list[tuple[str, TokenBatch]] = self.streams.split(updates)
             for rid, (reason, _) in updates.finished.items():
@@ -420,6 +433,8 @@ class SchedulerLoop:
             kv_transfer_bytes=self.transfers["bytes"],
             kv_transfer_seconds=self.transfers["seconds"],
             recent_transfers=list(self.recent_transfers),
+            finished=dict(self.metrics.finished),
+            request_hist=self.metrics.snapshot(),
             kv_transfer_seconds_hist=self.hist["seconds"].snapshot(),
             kv_transfer_bytes_hist=self.hist["bytes"].snapshot(),
             kv_transfer_blocks_hist=self.hist["blocks"].snapshot(),

@@ -151,6 +151,7 @@ class Handoff:
     sources: list  # KVEndpoint per prefill rank (models/step.py)
     first_token_at: float  # wall clock (time to first token, for metering)
     arrived_at: float  # wall clock, when the prefill replica took it
+    scheduled_at: float | None = None  # wall clock, first admitted there
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,9 @@ class ReplicaStats:
     kv_transfer_seconds: float = 0.0
     # The latest completed pulls: (number, backend, blocks, bytes, seconds), for histograms.
     recent_transfers: list = field(default_factory=list)
+    # Finished requests by finish reason, and the per-request histograms (actors/metrics.py RequestMetrics).
+    finished: dict = field(default_factory=dict)
+    request_hist: dict = field(default_factory=dict)
     # Histogram snapshots by backend (actors/metrics.py Histogram): duration, bytes, blocks per pull.
     kv_transfer_seconds_hist: dict = field(default_factory=dict)
     kv_transfer_bytes_hist: dict = field(default_factory=dict)

@@ -75,6 +75,7 @@ class Scheduler:
         self.remote_waiting: deque[Request] = deque()  # decode side: waiting for room
         self.receiving: dict[str, Request] = {}  # decode side: pull in flight
         self.new_pulls: list[tuple[Request, list[int], list[int]]] = []  # (request, src blocks, dst blocks)
+        self.admitted: list[str] = []  # requests admitted for the first time since the caller last emptied this
 
     # -- admission -----------------------------------------------------------
 
@@ -256,6 +257,7 @@ class Scheduler:
             req.num_computed_tokens = num_hit
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_hit
+                self.admitted.append(req.request_id)  # first admission (the loop meters its queue time)
             self._add_new_to_step(step, req, n)
             self.running.append(req, self.kv.fast_limits(req.request_id), self.default_eos)
             new_rows.append(req.row)

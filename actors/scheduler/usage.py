@@ -32,11 +32,13 @@ class _Open:
     arrived: float  # wall-clock time the scheduler took it
     first_token: float | None = None
     prefill_replica: int | None = None  # a decode hand-off: where the prompt was computed
+    scheduled: float | None = None  # wall clock, first admitted to a batch (request_queue_time)
 
 
 class UsageBook:
-    def __init__(self, replica: int, gpu_type: str = "cpu", journal: str | Path | None = None):
-        self.replica, self.gpu_type = replica, gpu_type
+    def __init__(self, replica: int, gpu_type: str = "cpu", journal: str | Path | None = None, metrics=None):
+        """metrics: an actors.metrics.RequestMetrics to observe each request's end into."""
+        self.replica, self.gpu_type, self.metrics = replica, gpu_type, metrics
         self.open: dict[str, _Open] = {}
         self.outbox: collections.deque[UsageEvent] = collections.deque()
         self.tenant_totals: dict[str, dict] = {}
@@ -68,8 +70,13 @@ class UsageBook:
             self.outbox.append(e)
 
     def start(self, sub: SubmitRequest, prefill_replica: int | None = None, first_token_at: float | None = None,
-              arrived: float | None = None) -> None:
-        self.open[sub.request_id] = _Open(sub, arrived or time.time(), first_token_at, prefill_replica)
+              arrived: float | None = None, scheduled: float | None = None) -> None:
+        self.open[sub.request_id] = _Open(sub, arrived or time.time(), first_token_at, prefill_replica, scheduled)
+
+    def scheduled(self, request_id: str, now: float) -> None:
+        entry = self.open.get(request_id)
+        if entry is not None and entry.scheduled is None:
+            entry.scheduled = now
 
     def first_token(self, request_id: str, now: float) -> None:
         entry = self.open.get(request_id)
@@ -82,9 +89,12 @@ class UsageBook:
         if entry is None:
             return
         sub = entry.submit
+        now = time.time()
+        if self.metrics is not None:
+            self.metrics.request_done(status, entry.arrived, entry.scheduled, entry.first_token, now, prompt,
+                                      completion)
         if not sub.bill_prompt:  # n > 1: only the first sample of a prompt bills the prompt
             prompt = cached = 0
-        now = time.time()
         event = UsageEvent(
             request_id=rid, http_request_id=sub.http_request_id, tenant=sub.tenant, key_id=sub.key_id,
             model=sub.model, lora=sub.lora, replica=self.replica, gpu_type=self.gpu_type, prompt_tokens=prompt,

@@ -147,10 +147,16 @@ def test_metrics_use_the_registry_names(app):
         return await http.get("/metrics")
 
     text = run(fn).text
-    for m in metrics.REPLICA + metrics.INGRESS:
+    for m in metrics.REPLICA + metrics.INGRESS + metrics.REQUEST_HISTOGRAMS + (metrics.REQUEST_SUCCESS,):
         assert f"# TYPE {m.exported_name} {m.kind}" in text, m.name
     assert 'ziggurat_http_requests_total{status="200"}' in text
-    assert "ziggurat_engine_steps_total{replica=\"0\"}" in text
+    assert 'ziggurat_engine_steps_total{model_name="tiny",replica="0"}' in text
+    assert 'ziggurat_request_success_total{model_name="tiny",replica="0",finished_reason="length"} 1' in text
+    # Histograms: one request of 2 tokens, its TTFT and end-to-end latency observed once.
+    assert 'ziggurat_request_generation_tokens_bucket{model_name="tiny",replica="0",le="2"} 1' in text
+    assert 'ziggurat_time_to_first_token_seconds_count{model_name="tiny",replica="0"} 1' in text
+    assert 'ziggurat_e2e_request_latency_seconds_count{model_name="tiny",replica="0"} 1' in text
+    assert 'ziggurat_request_queue_time_seconds_count{model_name="tiny",replica="0"} 1' in text
 
 
 def test_health_and_models(app):
