@@ -97,7 +97,18 @@ def _serve(args) -> int:
     info = ensure_ray()
     if flat.get("model") is None:
         print("ziggurat: no --model given; serving the embedded default model (random weights, made on first use)")
-    dep = Deployment(spec)
+    try:
+        dep = Deployment(spec)
+    except Exception as e:  # a busy port, a cluster that cannot hold the replicas, a model that fails to load
+        cause = e
+        while getattr(cause, "cause", None) is not None or type(cause).__name__.startswith("Ray"):
+            inner = getattr(cause, "cause", None)
+            if inner is None or inner is cause:
+                break
+            cause = inner
+        print(f"ziggurat serve: {str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__}",
+              file=sys.stderr)
+        return 1
     spec = dep.spec
     pools = ", ".join(f"{p.replicas} {p.role} (TP {p.tensor_parallel_size or spec.engine.tensor_parallel_size})"
                       for p in spec.pools)
@@ -111,6 +122,14 @@ def _serve(args) -> int:
     print("Press Ctrl-C to stop.", flush=True)
     dep.run_forever()
     print("ziggurat: stopped")
+    return 0
+
+
+def _topology(args) -> int:
+    from ziggurat.topology import nvml
+
+    topo = nvml.read()
+    print(nvml.resources_json(topo) if args.what == "resources" else json.dumps(topo.summary(), indent=1))
     return 0
 
 
@@ -206,8 +225,16 @@ def _generate(args) -> int:
 
 
 def main(argv=None) -> int:
+    from ziggurat import __version__
+
     ap = argparse.ArgumentParser(prog="ziggurat", description="LLM serving on Ray")
+    ap.add_argument("--version", action="version", version=f"ziggurat {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    topo = sub.add_parser("topology", help="this node's GPUs as NVML reports them (NVLink islands, NUMA, InfiniBand)")
+    topo.add_argument("what", nargs="?", choices=("show", "resources"), default="show",
+                      help="show: the topology as JSON; resources: the custom resources `ray start --resources` "
+                           "advertises")
+    topo.set_defaults(fn=_topology)
 
     from ziggurat.actors.ingress.server import IngressConfig
     from ziggurat.cluster.spec import DeploymentSpec, HealthConfig

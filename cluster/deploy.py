@@ -140,8 +140,12 @@ def _check_port_free(host: str, port: int) -> None:
     import socket
 
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        # As uvicorn binds: a socket of a stopped server still in TIME_WAIT does not block
+        # the port (a restart right after a stop works); a listening one does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
+            s.listen(1)
         except OSError as e:
             raise RuntimeError(f"cannot serve on {host}:{port}: {e.strerror} (is another server using it?)") from None
 

@@ -104,6 +104,8 @@ class DeploymentSpec:
     decode_tensor_parallel_size: int | None = _opt(None, "TP size of decode replicas (default: --tensor-parallel-size)")
     pd_min_prompt_tokens: int = _opt(64, "prompts shorter than this go straight to a decode replica")
     gpus_per_worker: float = _opt(1.0, "GPU share of each worker (0.5: two workers share one GPU)")
+    autoscaler: bool = _opt(False, "the Ray cluster adds nodes on demand: wait for a replica's placement "
+                                   "instead of failing at once when no node can hold it")
     # Explicit pools (Python specs and the deployment file); when given, the
     # replica-count flags above are not used.
     pools: tuple = field(default=(), metadata={"help": "pools (PoolSpec), in replica order", "cli": False})

@@ -93,13 +93,17 @@ class SupervisorActor:
     async def _build(self, rep: _Replica):
         from ziggurat.actors.scheduler.actor import SchedulerActor
         from ziggurat.actors.worker.actor import WorkerActor
-        from ziggurat.topology.placement import bundle_strategy, replica_bundles
+        from ziggurat.topology.placement import bundle_strategy, check_fits, replica_bundles
 
         pool = rep.pool
         cfg = pool.engine_config(self.cfg)
         tp = cfg.tensor_parallel_size
         gpus = pool.gpus_per_worker or self.spec.gpus_per_worker
         bundles = replica_bundles(tp, self.use_gpu, gpus_per_worker=gpus, resources=pool.resources)
+        if not self.spec.autoscaler:  # fail now, naming what is missing, rather than after the timeout
+            why = check_fits(ray.nodes(), bundles, f"replica {rep.index} ({pool.role}, TP {tp})")
+            if why is not None:
+                raise RuntimeError(why)
         pg = ray.util.placement_group(bundles, strategy="STRICT_PACK")
         try:
             await asyncio.wait_for(pg.ready(), 120)

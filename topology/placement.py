@@ -41,3 +41,44 @@ def release(pg) -> None:
         remove_placement_group(pg)
     except Exception:
         pass
+
+
+def check_fits(nodes: list[dict], bundles: list[dict], what: str) -> str | None:
+    """Why no alive node can ever hold `bundles` together (STRICT_PACK), or None if one can.
+    nodes: ray.nodes() entries (Alive, Resources: the node's totals). Checked before
+    waiting on a placement group, so a deployment the cluster cannot hold fails at
+    once, naming what is missing, instead of after the placement timeout."""
+    need: dict[str, float] = {}
+    for b in bundles:
+        for k, v in b.items():
+            need[k] = need.get(k, 0.0) + v
+    alive = [n for n in nodes if n.get("Alive", n.get("alive", True))]
+    best, best_short = None, None
+    for n in alive:
+        have = n.get("Resources", {})
+        short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if have.get(k, 0.0) + 1e-9 < v}
+        if not short:
+            gpus = need.get("GPU", 0)
+            island = have.get("ziggurat_nvlink_island")
+            if gpus > 1 and island is not None and island < len(bundles):
+                # It fits, across NVLink islands (PCIe between them): allowed, but said.
+                import logging
+
+                logging.getLogger("ziggurat.placement").warning(
+                    "%s: its %d ranks span NVLink islands of %d GPUs on node %s", what, len(bundles), int(island),
+                    n.get("NodeManagerAddress", "?"))
+            return None
+        if best_short is None or len(short) < len(best_short):
+            best, best_short = n, short
+    if not alive:
+        return f"{what}: the Ray cluster has no alive node"
+    missing = ", ".join(f"{k} {v:g} (the closest node has {h:g})" for k, (v, h) in sorted(best_short.items()))
+    return (f"{what}: no node can hold its {len(bundles)} worker(s) together: it needs {_fmt(need)} on one node; "
+            f"missing {missing}. Nodes: " + "; ".join(
+                f"{n.get('NodeManagerAddress', '?')} {_fmt(n.get('Resources', {}))}" for n in alive[:8]))
+
+
+def _fmt(res: dict) -> str:
+    keep = {k: v for k, v in res.items() if not k.startswith(("node:", "accelerator_type", "memory",
+                                                              "object_store_memory"))}
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(keep.items())) + "}"
