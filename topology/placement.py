@@ -53,7 +53,7 @@ def check_fits(nodes: list[dict], bundles: list[dict], what: str) -> str | None:
         for k, v in b.items():
             need[k] = need.get(k, 0.0) + v
     alive = [n for n in nodes if n.get("Alive", n.get("alive", True))]
-    best, best_short = None, None
+    best_short = None
     for n in alive:
         have = n.get("Resources", {})
         short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if have.get(k, 0.0) + 1e-9 < v}
@@ -69,7 +69,7 @@ def check_fits(nodes: list[dict], bundles: list[dict], what: str) -> str | None:
                     n.get("NodeManagerAddress", "?"))
             return None
         if best_short is None or len(short) < len(best_short):
-            best, best_short = n, short
+            best_short = short
     if not alive:
         return f"{what}: the Ray cluster has no alive node"
     missing = ", ".join(f"{k} {v:g} (the closest node has {h:g})" for k, (v, h) in sorted(best_short.items()))
