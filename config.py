@@ -42,6 +42,8 @@ class EngineConfig:
     enforce_eager: bool = _opt(False, "no CUDA graphs")
     cuda_graph_max_batch: int = _opt(256, "largest decode batch captured as a CUDA graph")
     seed: int = _opt(0, "the engine's base seed for unseeded sampling")
+    otlp_traces_endpoint: str | None = _opt(None, "request traces (OpenTelemetry): console, file:///path or an "
+                                                  "OTLP/HTTP collector URL (default: off)")
     kv_transfer_timeout_s: float = _opt(30.0, "prefill/decode: a KV hand-off not completed within this is abandoned "
                                                     "and its blocks freed on both sides")
     extra: dict = field(default_factory=dict, metadata={"help": "worker-specific settings", "cli": False})
@@ -64,3 +66,6 @@ class EngineConfig:
             raise ConfigError(f"max_model_len: must be at least 2, got {self.max_model_len}")
         if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ConfigError(f"device: must be cuda or cpu, got {self.device!r}")
+        ep = self.otlp_traces_endpoint
+        if ep is not None and not (ep == "console" or ep.startswith(("file://", "http://", "https://"))):
+            raise ConfigError(f"otlp_traces_endpoint: must be console, file:///path or an http(s):// URL, got {ep!r}")

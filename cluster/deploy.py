@@ -73,7 +73,7 @@ class Deployment:
                 here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
                 self.ingresses.append(IngressActor.options(name=ingress_id, scheduling_strategy=here).remote(
                     icfg, limits, ingress_id, self.router_name, self.scheduler_names, self.meter_name,
-                    str(spec.journal_path / tag)))
+                    str(spec.journal_path / tag), cfg.otlp_traces_endpoint))
             self.ingress = self.ingresses[0]
             ray.get([ing.url.remote() for ing in self.ingresses])  # all listening
             ray.get(self.supervisor.watch.remote(self.ingresses))

@@ -21,6 +21,7 @@ from ziggurat.actors.ingress.delivery_journal import DeliveryJournal
 from ziggurat.actors.ingress.gatekeeper import Gatekeeper
 from ziggurat.actors.ingress.http_protocol import DeadlineH11Protocol
 from ziggurat.actors.ingress.ray_client import RayEngineClient
+from ziggurat.actors.tracing import Tracing
 from ziggurat.actors.ingress.server import IngressConfig, OpenAIServer
 from ziggurat.actors.process import freeze_startup_heap
 from ziggurat.actors.scheduler.messages import ReplicaInfo, TokenBatch
@@ -34,7 +35,8 @@ class IngressActor:
     batches under a fresh epoch, and re-registers with every scheduler."""
 
     def __init__(self, config: IngressConfig, replica: ReplicaInfo, ingress_id: str, router: str,
-                 schedulers: list[str], meter: str | None = None, journal_dir: str | None = None):
+                 schedulers: list[str], meter: str | None = None, journal_dir: str | None = None,
+                 traces_endpoint: str | None = None):
         """replica: the limits all replicas hold; router, schedulers, meter: actor
         names (looked up here, also after a restart)."""
         import uvicorn
@@ -51,7 +53,8 @@ class IngressActor:
             path = f"{journal_dir}/{ingress_id}.jsonl"
             recovered = DeliveryJournal.recover(path)
             journal = DeliveryJournal(path)
-        self.server = OpenAIServer(config, self.client, self.gate, replica, meter, journal)
+        self.server = OpenAIServer(config, self.client, self.gate, replica, meter, journal,
+                                   Tracing(traces_endpoint, ingress_id))
         if journal_dir is not None and recovered:
             self.server.records.pending.extend(recovered)
         for r in range(len(schedulers)):  # one being rebuilt now is attached when the supervisor says so

@@ -77,6 +77,7 @@ class EngineClient:
         self.gaps_skipped = 0
         self._rr = 0  # round robin, when the router cannot be asked
         self.handoff: dict[str, _Handoff] = {}  # prefill/decode requests not yet streaming from the decode side
+        self.tracing = None  # actors/tracing.py Tracing, set by the server
 
     # -- the transport: a subclass's ---------------------------------------------------------
 
@@ -239,7 +240,12 @@ class EngineClient:
         key_id, http_request_id, model for metering. Raises APIError."""
         samples, n = outputs.samples, outputs.params.n
         for _attempt in range(3):
+            t0 = time.time()
             route = await self._pick(prefix_hashes, max(map(len, outputs.prompts)))
+            if self.tracing is not None and meta.get("trace"):
+                self.tracing.record("router.route", meta["trace"], t0, time.time(), {
+                    "ziggurat.replica": route.replica if route else None,
+                    "ziggurat.decode_replica": route.decode if route else None})
             if route is None:
                 raise APIError(503, "no healthy replica is available", "service_unavailable", code="no_replica")
             replica, decode = route.replica, route.decode

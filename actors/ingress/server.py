@@ -38,6 +38,7 @@ from ziggurat.actors.ingress.admin import admin_routes
 from ziggurat.actors.ingress.engine_client import EngineClient
 from ziggurat.actors.ingress.gatekeeper import Gatekeeper
 from ziggurat.actors.ingress.delivery_journal import DeliveryJournal
+from ziggurat.actors.tracing import Tracing
 from ziggurat.actors.ingress.usage_records import UsageRecords
 from ziggurat.actors.ingress.protocol import (
     APIError,
@@ -96,9 +97,11 @@ async def _disconnected(request: Request) -> None:
 
 class OpenAIServer:
     def __init__(self, config: IngressConfig, client: EngineClient, gatekeeper: Gatekeeper, replica: ReplicaInfo,
-                 meter=None, journal: DeliveryJournal | None = None):
+                 meter=None, journal: DeliveryJournal | None = None, tracing: Tracing | None = None):
         """replica: the limits every replica can hold (the smallest max_model_len of the deployment)."""
         self.config, self.client, self.gate, self.meter = config, client, gatekeeper, meter
+        self.tracing = tracing or Tracing(None)
+        client.tracing = self.tracing
         self.replica = replica
         self.limits = ModelLimits(replica.max_model_len, replica.vocab_size)
         self.tokenizer = Tokenizer(replica.model)
@@ -284,8 +287,18 @@ class OpenAIServer:
             hashes.append(h)
         meta = dict(tenant=principal.tenant_id, key_id=principal.key_id, http_request_id=request_id,
                     model=self.config.served_model_name)
+        span = None
+        if self.tracing.enabled:
+            p = req.params
+            span = self.tracing.start(f"ingress {request.method} {request.url.path}", self.tracing.extract(
+                request.headers), {"gen_ai.operation.name": "chat" if req.kind == "chat" else "text_completion",
+                                   "gen_ai.request.model": self.config.served_model_name,
+                                   "gen_ai.request.max_tokens": p.max_tokens, "gen_ai.request.temperature":
+                                   p.temperature, "gen_ai.request.choice.count": p.n, "ziggurat.request_id":
+                                   request_id, "ziggurat.tenant": principal.tenant_id}, server=True)
+            meta["trace"] = self.tracing.carrier(span)
         ctx = _RequestContext(principal, adm, req, None, None, request_id, prompts=prompts, submit=(hashes, extra, meta,
-                                                                                                 param))
+                                                                                                 param), span=span)
         try:
             await self._attempt(ctx)
         except BaseException:
@@ -382,6 +395,12 @@ class OpenAIServer:
             self.client.abort(open_ids, reason)
         self.client.forget([s.request_id for s in ctx.outputs.samples])
         self.gate.release(ctx.admission, ctx.outputs.prompt_tokens + ctx.outputs.completion_tokens)
+        if ctx.span is not None:
+            o = ctx.outputs
+            self.tracing.end(ctx.span, {"gen_ai.usage.input_tokens": o.prompt_tokens,
+                                        "gen_ai.usage.output_tokens": o.completion_tokens,
+                                        "gen_ai.response.finish_reasons": [str(s.finish_reason) for s in o.samples],
+                                        "ziggurat.attempts": ctx.attempts, "ziggurat.end": reason})
 
     def _log(self, ctx, response: dict) -> None:
         """Request/response log, only for tenants that turned it on; best effort,
@@ -548,6 +567,7 @@ class _RequestContext:
     in_send: tuple | None = None  # (engine request id, tokens delivered) of the chunk being sent
     arrived: float = field(default_factory=time.time)
     finished: bool = False
+    span: object = None  # the ingress span (tracing on)
 
 
 class RequestIdMiddleware:

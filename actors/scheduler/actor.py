@@ -27,6 +27,7 @@ import ray
 
 from ziggurat.actors.metrics import RayExporter
 from ziggurat.actors.process import GCPauses, freeze_startup_heap
+from ziggurat.actors.tracing import Tracing
 from ziggurat.actors.scheduler.compiled_graph import CompiledGraphExecutor
 from ziggurat.actors.scheduler.engine import EngineCore
 from ziggurat.actors.scheduler.loop import SchedulerLoop
@@ -93,8 +94,9 @@ class SchedulerActor:
         self.router, self.meter, self.model_name = router, meter, model_name
         gpu_type = gpu["name"] if config.device != "cpu" and gpu["count"] else "cpu"
         self.peers = RayPeers(peer_names) if peer_names else None
+        self.tracing = Tracing(config.otlp_traces_endpoint, f"ziggurat-scheduler-{replica}")
         self.loop = SchedulerLoop(self.engine, replica, self._send, max_waiting or 4 * config.max_num_seqs, gpu_type,
-                                  journal, self.peers, role)
+                                  journal, self.peers, role, self.tracing)
         if self.peers is not None:
             self.peers.loop = self.loop
             if role in ("prefill", "mixed"):

@@ -52,7 +52,7 @@ log = logging.getLogger("ziggurat.scheduler")
 
 class SchedulerLoop:
     def __init__(self, engine: EngineCore, replica: int, send_batch, max_waiting: int, gpu_type: str = "cpu",
-                 journal=None, peers=None, role: str = "mixed"):
+                 journal=None, peers=None, role: str = "mixed", tracing=None):
         """send_batch(ingress_id, TokenBatch) takes each step's tokens away (it must not block);
         journal: the usage journal file (usage.py), kept across this replica's rebuilds;
         peers: the other replicas, for prefill/decode hand-offs (None: no hand-offs)."""
@@ -72,7 +72,8 @@ class SchedulerLoop:
         self.wakeup = threading.Condition()  # guards the inbox and the streams' numbering
         self.incarnation = uuid.uuid4().hex[:12]
         self.metrics = metrics.RequestMetrics()
-        self.usage = UsageBook(replica, gpu_type, journal, self.metrics)
+        self.tracing = tracing
+        self.usage = UsageBook(replica, gpu_type, journal, self.metrics, tracing)
         self._last_token_step: float | None = None
         self.streams = IngressStreams(replica, self.incarnation)
         self.last_progress = time.monotonic()  # when the last step ended (or the loop went idle)
@@ -307,6 +308,15 @@ class SchedulerLoop:
                     self.hist["seconds"].observe(r.seconds, r.backend)
                     self.hist["bytes"].observe(r.bytes, r.backend)
                     self.hist["blocks"].observe(r.blocks, r.backend)
+            tr = self.tracing
+            if tr is not None and tr.enabled and h.submit.trace:
+                end = time.time()
+                ok = [r for r in records if r.error is None]
+                tr.record("kv_transfer", h.submit.trace, end - max((r.seconds for r in records), default=0.0), end, {
+                    "ziggurat.kv.backend": ok[0].backend if ok else None, "ziggurat.kv.blocks":
+                    sum(r.blocks for r in ok), "ziggurat.kv.bytes": sum(r.bytes for r in ok),
+                    "ziggurat.kv.outcome": outcome, "ziggurat.prefill_replica": h.prefill_replica,
+                    "ziggurat.replica": self.replica})
             if outcome == "failed":
                 t["failures"] += 1
                 log.warning("KV pull of %s from replica %d failed: %s", rid, h.prefill_replica,

@@ -110,6 +110,7 @@ class SubmitRequest:
     # Prefill/decode: the decode replica this request goes on on after its first
     # token (the replica it is submitted to computes the prompt). None: all here.
     decode_replica: int | None = None
+    trace: dict | None = None  # the ingress span's W3C trace context (actors/tracing.py), when tracing is on
 
 
 @dataclass

@@ -36,9 +36,13 @@ class _Open:
 
 
 class UsageBook:
-    def __init__(self, replica: int, gpu_type: str = "cpu", journal: str | Path | None = None, metrics=None):
-        """metrics: an actors.metrics.RequestMetrics to observe each request's end into."""
+    def __init__(self, replica: int, gpu_type: str = "cpu", journal: str | Path | None = None, metrics=None,
+                 tracing=None):
+        """metrics: an actors.metrics.RequestMetrics to observe each request's end into;
+        tracing: an actors.tracing.Tracing to record the request's scheduler spans into."""
         self.replica, self.gpu_type, self.metrics = replica, gpu_type, metrics
+        self.tracing = tracing if tracing is not None and tracing.enabled else None
+        self._traced: dict[str, tuple[dict, float]] = {}  # request -> (trace carrier, queued at): metering spans
         self.open: dict[str, _Open] = {}
         self.outbox: collections.deque[UsageEvent] = collections.deque()
         self.tenant_totals: dict[str, dict] = {}
@@ -93,6 +97,8 @@ class UsageBook:
         if self.metrics is not None:
             self.metrics.request_done(status, entry.arrived, entry.scheduled, entry.first_token, now, prompt,
                                       completion)
+        if self.tracing is not None and sub.trace:
+            self._spans(sub, entry, now, status, prompt, cached, completion)
         if not sub.bill_prompt:  # n > 1: only the first sample of a prompt bills the prompt
             prompt = cached = 0
         event = UsageEvent(
@@ -109,6 +115,18 @@ class UsageBook:
         t["cached_tokens"] += cached
         t["completion_tokens"] += completion
 
+    def _spans(self, sub, entry: _Open, now: float, status: str, prompt: int, cached: int, completion: int) -> None:
+        t, tr = self.tracing, sub.trace
+        attrs = {"ziggurat.replica": self.replica, "ziggurat.prefill_replica": entry.prefill_replica}
+        sched = entry.scheduled or entry.arrived
+        t.record("scheduler.queue", tr, entry.arrived, sched, attrs)
+        if entry.first_token is not None:
+            t.record("prefill", tr, sched, entry.first_token, {**attrs, "gen_ai.usage.input_tokens": prompt,
+                                                                "ziggurat.cached_tokens": cached})
+        t.record("decode", tr, entry.first_token or sched, now, {**attrs, "gen_ai.usage.output_tokens": completion,
+                                                                  "ziggurat.status": status})
+        self._traced[sub.request_id] = (tr, now)
+
     def discard(self, rid: str) -> None:
         """Forget a request without an event (it was refused as a whole: nobody is billed)."""
         self.open.pop(rid, None)
@@ -120,6 +138,11 @@ class UsageBook:
     def ack(self, n: int) -> None:
         with self._jlock:
             for _ in range(n):
-                self.outbox.popleft()
+                e = self.outbox.popleft()
+                if self._traced:
+                    traced = self._traced.pop(e.request_id, None)
+                    if traced is not None:  # committed by the Meter now
+                        self.tracing.record("metering.record", traced[0], traced[1], time.time(),
+                                            {"ziggurat.status": e.status})
             if self._jfile is not None and not self.outbox:  # everything journaled is acknowledged
                 self._jfile.truncate(0)
