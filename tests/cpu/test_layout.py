@@ -27,7 +27,7 @@ LAYERS = [
     ("scheduler", ["actors.scheduler"]),
     ("meter", ["actors.meter"]),
     ("worker", ["actors.worker"]),
-    ("actor-runtime", ["actors.process", "actors.metrics"]),
+    ("actor-runtime", ["actors.process", "actors.metrics", "actors.tracing"]),
     ("models", ["models"]),
     ("kernels", ["kernels"]),
     ("topology", ["topology"]),
@@ -73,6 +73,9 @@ RAY_FREE = [
     "ziggurat.models.kv_transfer",
     "ziggurat.topology.kv_transport",
     "ziggurat.cluster.spec",
+    "ziggurat.cluster.deployment_file",
+    "ziggurat.actors.tracing",
+    "ziggurat.topology.nvml",
 ]
 
 
