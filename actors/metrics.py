@@ -152,7 +152,8 @@ class RequestMetrics:
 HTTP_REQUESTS = _c("http_requests", "HTTP requests answered, by status.")
 INFLIGHT = _g("inflight_requests", "Engine requests this ingress is waiting on.")
 UNREACHABLE = _g("replicas_unreachable", "Replicas that did not answer this scrape.")
-INGRESS = (HTTP_REQUESTS, INFLIGHT, UNREACHABLE)
+COLD_START = _g("cold_start_waiting_requests", "Requests waiting for a replica to start (autoscaling from zero).")
+INGRESS = (HTTP_REQUESTS, INFLIGHT, UNREACHABLE, COLD_START)
 
 ALL = REPLICA + (REQUEST_SUCCESS,) + REQUEST_HISTOGRAMS + HISTOGRAMS + INGRESS
 

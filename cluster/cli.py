@@ -83,7 +83,10 @@ def _serve(args) -> int:
     from ziggurat.cluster.spec import DeploymentSpec, HealthConfig
     from ziggurat.config import EngineConfig
 
+    from ziggurat.cluster.autoscale import AutoscalingConfig
+
     flags = {**given(args, EngineConfig), **given(args, IngressConfig), **given(args, HealthConfig),
+             **given(args, AutoscalingConfig),
              **given(args, DeploymentSpec)}
     flat = {**file_kw, **flags}
     flat["api_keys"] = tuple(read_secret_file(keys_file, "API keys")) or _secret_list("ZIGGURAT_API_KEYS")
@@ -110,9 +113,9 @@ def _serve(args) -> int:
               file=sys.stderr)
         return 1
     spec = dep.spec
-    pools = ", ".join(f"{p.replicas} {p.role} (TP {p.tensor_parallel_size or spec.engine.tensor_parallel_size})"
-                      for p in spec.pools)
-    print(f"ziggurat: serving '{dep.served_model_name}' with {spec.replicas} replica(s): {pools}")
+    pools = ", ".join(f"{p.replicas} {p.role} (TP {p.tensor_parallel_size or spec.engine.tensor_parallel_size}"
+                      + (f", autoscaling {p.lo}-{p.hi})" if p.scales else ")") for p in spec.pools)
+    print(f"ziggurat: serving '{dep.served_model_name}': {pools}")
     print(f"  OpenAI API:     {dep.base_url}")
     if info.get("dashboard_url"):
         print(f"  Ray dashboard:  http://{info['dashboard_url']}")
@@ -147,8 +150,8 @@ def _config_check(args) -> int:
     except (DeploymentFileError, ValueError, TypeError) as e:
         print(f"ziggurat config check: {e}", file=sys.stderr)
         return 2
-    pools = ", ".join(f"{p.replicas} {p.role}" for p in spec.pools)
-    print(f"{args.path}: ok ({spec.replicas} replica(s): {pools}; model {spec.engine.model})")
+    pools = ", ".join(f"{p.replicas} {p.role}" + (f" ({p.lo}-{p.hi})" if p.scales else "") for p in spec.pools)
+    print(f"{args.path}: ok ({pools}; model {spec.engine.model})")
     return 0
 
 
@@ -246,6 +249,9 @@ def main(argv=None) -> int:
     add_fields(s.add_argument_group("HTTP ingress"), IngressConfig)
     add_fields(s.add_argument_group("deployment"), DeploymentSpec)
     add_fields(s.add_argument_group("supervisor"), HealthConfig)
+    from ziggurat.cluster.autoscale import AutoscalingConfig
+
+    add_fields(s.add_argument_group("autoscaling (pools with max_replicas > min_replicas)"), AutoscalingConfig)
     s.add_argument("--api-keys-file", default=None,
                    help="require these API keys, one per line (or ZIGGURAT_API_KEYS=a,b); never on the command line")
     s.add_argument("--admin-key-file", default=None, help="enables the /admin API (or ZIGGURAT_ADMIN_KEY)")

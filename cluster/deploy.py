@@ -60,7 +60,8 @@ class Deployment:
             spec.replicas, spec.roles, spec.pd_min_prompt_tokens)
         names = dict(router=self.router_name, meter=self.meter_name, schedulers=self.scheduler_names,
                      journal_dir=str(spec.journal_path / tag))
-        self.supervisor = SupervisorActor.options(name=f"ziggurat-supervisor-{tag}").remote(
+        self.supervisor_name = f"ziggurat-supervisor-{tag}"
+        self.supervisor = SupervisorActor.options(name=self.supervisor_name).remote(
             cfg, self.spec, names, use_gpu, **spec.health.__dict__)
         self.ingresses = []
         try:
@@ -73,7 +74,9 @@ class Deployment:
                 here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
                 self.ingresses.append(IngressActor.options(name=ingress_id, scheduling_strategy=here).remote(
                     icfg, limits, ingress_id, self.router_name, self.scheduler_names, self.meter_name,
-                    str(spec.journal_path / tag), cfg.otlp_traces_endpoint))
+                    str(spec.journal_path / tag), cfg.otlp_traces_endpoint, self.supervisor_name,
+                    spec.autoscaling.cold_start_timeout_s if any(p.scales and p.lo == 0 for p in spec.pools)
+                    else 0.0))
             self.ingress = self.ingresses[0]
             ray.get([ing.url.remote() for ing in self.ingresses])  # all listening
             ray.get(self.supervisor.watch.remote(self.ingresses))

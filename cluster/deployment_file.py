@@ -26,12 +26,14 @@ from pathlib import Path
 import yaml
 
 from ziggurat.actors.ingress.server import IngressConfig
+from ziggurat.cluster.autoscale import AutoscalingConfig
 from ziggurat.cluster.spec import DeploymentSpec, HealthConfig, PoolSpec
 from ziggurat.config import ConfigError, EngineConfig
 
-SECTIONS = {"engine": EngineConfig, "ingress": IngressConfig, "health": HealthConfig}
+SECTIONS = {"engine": EngineConfig, "ingress": IngressConfig, "health": HealthConfig,
+            "autoscaling": AutoscalingConfig}
 _OWN = {f.name: f for f in dataclasses.fields(DeploymentSpec) if f.name not in ("engine", "ingress", "health", "pools",
-                                                                                "replicas")}
+                                                                                "replicas", "autoscaling")}
 # Top-level keys that are not DeploymentSpec fields.
 EXTRA = {"model": "str", "address": "str", "api_keys_file": "str", "admin_key_file": "str", "replicas": "int",
          "pools": "list"}
@@ -227,6 +229,8 @@ pools:                                 # replicas by role; without this section,
     resources: {}                      # e.g. {prefill_node: 1}: nodes started with --resources='{"prefill_node": 8}'
   - role: decode
     replicas: 2
+    min_replicas: 1                    # autoscaling between these (cluster/autoscale.py); 0 scales to zero
+    max_replicas: 4
     tensor_parallel_size: 1
     engine:                            # this pool's own engine settings
       max_num_seqs: 512
@@ -243,6 +247,11 @@ api_keys_file: /etc/ziggurat/api-keys  # one key per line; secrets never go in t
 # admin_key_file: /etc/ziggurat/admin-key
 
 db: /var/lib/ziggurat/tenancy.db       # the ledger: a SQLite path or a postgresql:// URL
+
+autoscaling:                           # for pools with max_replicas > min_replicas
+  scale_up_queue: 4.0                  # queued requests per replica that grow a pool
+  scale_down_idle_s: 60.0              # an idle replica goes after this long
+autoscaler: false                      # true on a cluster whose Ray autoscaler adds nodes (wait for placement)
 
 health:                                # how the supervisor judges replicas
   interval_s: 0.5

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ziggurat.actors.ingress.server import IngressConfig
+from ziggurat.cluster.autoscale import AutoscalingConfig
 from ziggurat.config import EngineConfig
 
 
@@ -74,6 +75,21 @@ class PoolSpec:
     # to pin the pool to nodes started with `ray start --resources='{"prefill_node": 8}'`.
     resources: dict = field(default_factory=dict)
     engine: dict = field(default_factory=dict)  # EngineConfig fields this pool sets otherwise
+    # Autoscaling (cluster/autoscale.py) between these, starting at `replicas`; None: fixed at `replicas`.
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+
+    @property
+    def lo(self) -> int:
+        return self.replicas if self.min_replicas is None else self.min_replicas
+
+    @property
+    def hi(self) -> int:
+        return self.replicas if self.max_replicas is None else self.max_replicas
+
+    @property
+    def scales(self) -> bool:
+        return self.hi > self.lo
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -85,6 +101,13 @@ class PoolSpec:
             raise ValueError(f"pools[{self.role}].engine: unknown engine setting(s): {', '.join(sorted(bad))}")
         if "tensor_parallel_size" in self.engine:
             raise ValueError(f"pools[{self.role}].engine: set tensor_parallel_size on the pool itself")
+        for k in ("min_replicas", "max_replicas"):
+            v = getattr(self, k)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise ValueError(f"pools[{self.role}].{k}: must be a non-negative integer, got {v!r}")
+        if not self.lo <= self.replicas <= self.hi:
+            raise ValueError(f"pools[{self.role}]: needs min_replicas <= replicas <= max_replicas, got "
+                             f"{self.lo} <= {self.replicas} <= {self.hi}")
 
     def engine_config(self, base: EngineConfig) -> EngineConfig:
         return dataclasses.replace(base, tensor_parallel_size=self.tensor_parallel_size or base.tensor_parallel_size,
@@ -96,6 +119,7 @@ class DeploymentSpec:
     engine: EngineConfig
     ingress: IngressConfig = field(default_factory=IngressConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
     replicas: int | None = _opt(None, "mixed replicas of the model, each a scheduler and a TP group of workers "
                                       "(default: 1, or 0 when prefill/decode replicas are given)")
     prefill_replicas: int = _opt(0, "replicas that compute prompts and hand their KV to a decode replica")
@@ -135,17 +159,22 @@ class DeploymentSpec:
                 PoolSpec("prefill", self.prefill_replicas, self.prefill_tensor_parallel_size),
                 PoolSpec("decode", self.decode_replicas, self.decode_tensor_parallel_size)) if p.replicas)
         self.pools = tuple(p if isinstance(p, PoolSpec) else PoolSpec(**p) for p in self.pools)
-        if self.num_replicas < 1:
-            raise ValueError("replicas: a deployment needs at least one replica")
+        if sum(p.replicas for p in self.pools) < 1:
+            raise ValueError("replicas: a deployment needs at least one replica to start with")
         self.replicas = self.num_replicas
 
     @property
     def num_replicas(self) -> int:
-        return sum(p.replicas for p in self.pools)
+        """Replica slots: a scaling pool has max_replicas of them."""
+        return sum(p.hi for p in self.pools)
 
     def replica_pools(self) -> list[PoolSpec]:
-        """The pool of each replica, by replica index (pools in order)."""
-        return [p for p in self.pools for _ in range(p.replicas)]
+        """The pool of each replica slot, by replica index (pools in order)."""
+        return [p for p in self.pools for _ in range(p.hi)]
+
+    def initially_serving(self) -> list[bool]:
+        """Which slots are built at start: the first `replicas` of each pool."""
+        return [i < p.replicas for p in self.pools for i in range(p.hi)]
 
     @property
     def roles(self) -> list[str]:
@@ -174,8 +203,9 @@ class DeploymentSpec:
         eng = {f.name for f in fields(EngineConfig)}
         ing = {f.name for f in fields(IngressConfig)}
         hea = {f.name for f in fields(HealthConfig)}
-        own = {f.name for f in fields(cls)} - {"engine", "ingress", "health"}
-        unknown = set(kw) - eng - ing - hea - own
+        aut = {f.name for f in fields(AutoscalingConfig)}
+        own = {f.name for f in fields(cls)} - {"engine", "ingress", "health", "autoscaling"}
+        unknown = set(kw) - eng - ing - hea - aut - own
         if unknown:
             raise TypeError(f"unknown deployment setting(s): {', '.join(sorted(unknown))}")
         e = {k: v for k, v in kw.items() if k in eng}
@@ -185,5 +215,6 @@ class DeploymentSpec:
         if "api_keys" in i:
             i["api_keys"] = tuple(i["api_keys"])
         h = {k: v for k, v in kw.items() if k in hea}
+        a = {k: v for k, v in kw.items() if k in aut}
         return cls(engine=EngineConfig(**e), ingress=IngressConfig(**i), health=HealthConfig(**h),
-                   **{k: v for k, v in kw.items() if k in own})
+                   autoscaling=AutoscalingConfig(**a), **{k: v for k, v in kw.items() if k in own})

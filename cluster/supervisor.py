@@ -69,6 +69,10 @@ class SupervisorActor:
         self.interval_s, self.health_timeout_s, self.step_deadline_s = interval_s, health_timeout_s, step_deadline_s
         pools = spec.replica_pools()
         self.replicas = [_Replica(r, n, pools[r]) for r, n in enumerate(names["schedulers"])]
+        for rep, on in zip(self.replicas, spec.initially_serving()):
+            rep.state = "starting" if on else "stopped"  # a stopped slot is built when its pool scales up
+        self._scaling: dict[int, object] = {}  # id(pool) -> autoscale.PoolState
+        self._demand_at = 0.0  # when an ingress last had a request no replica could take (a cold start)
         # Prefill/decode: every scheduler can reach the others by name (hand-offs, releases).
         self.pd = bool({"prefill", "decode"} & set(spec.roles))
         self.ingresses: list = []
@@ -80,8 +84,9 @@ class SupervisorActor:
     # -- building ------------------------------------------------------------------------
 
     async def start(self) -> list:
-        """Build every replica; returns their ReplicaInfo. Then keep watching."""
-        infos = await asyncio.gather(*[self._build(rep) for rep in self.replicas])
+        """Build every replica that serves from the start; returns their ReplicaInfo. Then keep watching."""
+        infos = await asyncio.gather(*[self._build(rep) for rep in self.replicas if rep.state == "starting"])
+        self._request_resources()
         return infos
 
     def watch(self, ingresses: list) -> None:
@@ -89,6 +94,8 @@ class SupervisorActor:
         if self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
             self._watch_others = asyncio.get_running_loop().create_task(self._watch_restartable())
+            if any(p.scales for p in self.spec.pools):
+                self._scale_task = asyncio.get_running_loop().create_task(self._autoscale_loop())
 
     async def _build(self, rep: _Replica):
         from ziggurat.actors.scheduler.actor import SchedulerActor
@@ -244,6 +251,115 @@ class SupervisorActor:
                             "at": time.time()})
         log.warning("replica %d rebuilt in %.1f s", rep.index, time.monotonic() - t0)
 
+    # -- autoscaling (policy: cluster/autoscale.py) --------------------------------------
+
+    def demand(self) -> bool:
+        """An ingress has a request no serving replica can take: scale a pool up from zero.
+        True if some pool can grow (the ingress then waits for it, with a bound)."""
+        self._demand_at = time.monotonic()
+        return any(p.hi > 0 for p in self.spec.pools)
+
+    async def _autoscale_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.autoscale()
+            except Exception:
+                log.exception("autoscaling check failed")
+
+    async def autoscale(self) -> None:
+        from ziggurat.cluster.autoscale import PoolState, decide
+
+        now = time.monotonic()
+        demand = now - self._demand_at < 5.0
+        for pool in self.spec.pools:
+            if not pool.scales:
+                continue
+            reps = [r for r in self.replicas if r.pool is pool]
+            serving = [r for r in reps if r.state == "serving"]
+            starting = sum(r.state in ("starting", "rebuilding", "attaching") for r in reps)
+
+            async def stats(r):
+                try:
+                    return await asyncio.wait_for(r.scheduler.stats.remote(), 2.0)
+                except BaseException:  # noqa: BLE001 - its health check deals with it
+                    return None
+
+            got = [s for s in await asyncio.gather(*[stats(r) for r in serving]) if s is not None]
+            state = self._scaling.setdefault(id(pool), PoolState())
+            action, which = decide(self.spec.autoscaling, state, now, got, starting, len(serving) + starting,
+                                   pool.lo, pool.hi, demand)
+            if action == "up":
+                rep = next((r for r in reps if r.state == "stopped"), None)
+                if rep is not None:
+                    rep.state = "starting"
+                    asyncio.get_running_loop().create_task(self._scale_up(rep))
+            elif action == "down":
+                rep = self.replicas[which]
+                rep.state = "stopping"
+                asyncio.get_running_loop().create_task(self._scale_down(rep))
+
+    async def _scale_up(self, rep: _Replica) -> None:
+        t0 = time.monotonic()
+        log.warning("replica %d (%s): scaling up", rep.index, rep.pool.role)
+        self._request_resources()
+        try:
+            await self._build(rep)
+        except Exception as e:
+            log.warning("replica %d: scale-up failed (%s)", rep.index, e)
+            self._tear_down(rep)
+            rep.state = "stopped"
+            self.events.append({"replica": rep.index, "event": "scale_up_failed", "why": str(e), "at": time.time()})
+            return
+        rep.state = "attaching"
+        await asyncio.gather(*[ing.replica_rebuilt.remote(rep.index) for ing in self.ingresses],
+                             return_exceptions=True)
+        rep.state = "serving"
+        self.events.append({"replica": rep.index, "event": "scaled_up", "seconds": time.monotonic() - t0,
+                            "at": time.time()})
+
+    async def _scale_down(self, rep: _Replica) -> None:
+        log.warning("replica %d (%s): idle, scaling down", rep.index, rep.pool.role)
+        try:
+            ray.get_actor(self.names["router"]).mark_unhealthy.remote(rep.index)  # no new requests
+        except Exception:
+            pass
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # what raced in before the router knew finishes first
+            try:
+                s = await asyncio.wait_for(rep.scheduler.stats.remote(), 2.0)
+                if not (s.num_running or s.num_waiting or s.num_sending or s.num_receiving):
+                    break
+            except BaseException:  # noqa: BLE001
+                break
+            await asyncio.sleep(0.2)
+        try:
+            await asyncio.wait_for(rep.scheduler.shutdown.remote(), 15)  # meters what is left
+        except BaseException:  # noqa: BLE001
+            pass
+        self._tear_down(rep)
+        rep.state = "stopped"
+        self.events.append({"replica": rep.index, "event": "scaled_down", "at": time.time()})
+        self._request_resources()
+
+    def _request_resources(self) -> None:
+        """Tell the Ray autoscaler what the serving and starting replicas need (it adds or
+        removes nodes to match)."""
+        from ziggurat.topology.placement import replica_bundles
+
+        bundles = []
+        for r in self.replicas:
+            if r.state in ("starting", "serving", "rebuilding", "attaching"):
+                tp = r.pool.tensor_parallel_size or self.cfg.tensor_parallel_size
+                bundles += replica_bundles(tp, self.use_gpu, gpus_per_worker=r.pool.gpus_per_worker
+                                           or self.spec.gpus_per_worker, resources=r.pool.resources)
+        try:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=bundles)
+        except Exception as e:  # no autoscaler on this cluster: nothing to tell
+            log.debug("request_resources: %s", e)
+
     # -- for the launcher and tests ------------------------------------------------------
 
     def status(self) -> list[dict]:
@@ -261,6 +377,8 @@ class SupervisorActor:
         if self._watch is not None:
             self._watch.cancel()
             self._watch_others.cancel()
+            if getattr(self, "_scale_task", None) is not None:
+                self._scale_task.cancel()
             self._watch = None
         for rep in self.replicas:
             if rep.scheduler is not None:

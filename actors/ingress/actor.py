@@ -36,7 +36,8 @@ class IngressActor:
 
     def __init__(self, config: IngressConfig, replica: ReplicaInfo, ingress_id: str, router: str,
                  schedulers: list[str], meter: str | None = None, journal_dir: str | None = None,
-                 traces_endpoint: str | None = None):
+                 traces_endpoint: str | None = None, supervisor: str | None = None,
+                 cold_start_timeout_s: float = 0.0):
         """replica: the limits all replicas hold; router, schedulers, meter: actor
         names (looked up here, also after a restart)."""
         import uvicorn
@@ -46,7 +47,7 @@ class IngressActor:
         self.config = config
         epoch = uuid.uuid4().hex
         me = ray.get_runtime_context().current_actor
-        self.client = RayEngineClient(ingress_id, router, schedulers, epoch, me)
+        self.client = RayEngineClient(ingress_id, router, schedulers, epoch, me, supervisor, cold_start_timeout_s)
         self.gate = Gatekeeper(meter, config.api_keys, config.share_prefix_cache)
         journal = None
         if journal_dir is not None:  # a predecessor's open streams: bill what their clients received

@@ -78,6 +78,8 @@ class EngineClient:
         self._rr = 0  # round robin, when the router cannot be asked
         self.handoff: dict[str, _Handoff] = {}  # prefill/decode requests not yet streaming from the decode side
         self.tracing = None  # actors/tracing.py Tracing, set by the server
+        self.cold_start_timeout_s = 0.0  # >0: a deployment that autoscales from zero (ray_client.py sets it)
+        self.cold_waiting = 0  # requests waiting for a replica to start
 
     # -- the transport: a subclass's ---------------------------------------------------------
 
@@ -247,6 +249,8 @@ class EngineClient:
                     "ziggurat.replica": route.replica if route else None,
                     "ziggurat.decode_replica": route.decode if route else None})
             if route is None:
+                route = await self._cold_start(prefix_hashes, max(map(len, outputs.prompts)))
+            if route is None:
                 raise APIError(503, "no healthy replica is available", "service_unavailable", code="no_replica")
             replica, decode = route.replica, route.decode
             try:
@@ -291,6 +295,32 @@ class EngineClient:
 
     def num_replicas(self) -> int:
         return 0
+
+    def can_submit(self, replica: int) -> bool:
+        """This ingress has attached to the replica (a new one: once the supervisor said so)."""
+        return True
+
+    async def request_capacity(self) -> bool:
+        """Ask for a replica (autoscaling from zero); True if one may come. The transport's."""
+        return False
+
+    async def _cold_start(self, prefix_hashes, num_prompt_tokens: int) -> Route | None:
+        """No replica serves now: if the deployment can scale one up, wait for it (up to
+        cold_start_timeout_s; the wait shows as cold_start_waiting on /metrics)."""
+        if self.cold_start_timeout_s <= 0 or not await self.request_capacity():
+            return None
+        self.cold_waiting += 1
+        try:
+            deadline = time.monotonic() + self.cold_start_timeout_s
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.25)
+                route = await self._pick(prefix_hashes, num_prompt_tokens)
+                if route is not None and self.can_submit(route.replica):
+                    return route
+                await self.request_capacity()  # keep the demand fresh while we wait
+            return None
+        finally:
+            self.cold_waiting -= 1
 
     def _send(self, replica: int, req: SubmitRequest) -> asyncio.Future:
         """Queue a submission; this turn's go to the replica in one submit_batch call."""

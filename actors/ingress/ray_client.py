@@ -21,10 +21,14 @@ SUBMIT_TIMEOUT_S = 15.0  # a scheduler that takes longer to accept a submission 
 
 
 class RayEngineClient(EngineClient):
-    def __init__(self, ingress_id: str, router, scheduler_names: list[str], epoch: str = "", me=None):
-        """router: its handle (a restartable actor keeps its handle); me: this ingress's own handle."""
+    def __init__(self, ingress_id: str, router, scheduler_names: list[str], epoch: str = "", me=None,
+                 supervisor: str | None = None, cold_start_timeout_s: float = 0.0):
+        """router: its handle (a restartable actor keeps its handle); me: this ingress's own handle;
+        supervisor: its name (asked for capacity when no replica serves: autoscaling from zero)."""
         super().__init__(ingress_id, epoch)
         self.router, self.names, self.me = router, list(scheduler_names), me
+        self.supervisor_name = supervisor
+        self.cold_start_timeout_s = cold_start_timeout_s if supervisor else 0.0
         self.schedulers: list = [None] * len(self.names)
 
     def attach(self, replica: int, timeout_s: float = 30.0) -> bool:
@@ -45,6 +49,17 @@ class RayEngineClient(EngineClient):
 
     def num_replicas(self) -> int:
         return len(self.names)
+
+    def can_submit(self, replica: int) -> bool:
+        return self.schedulers[replica] is not None
+
+    async def request_capacity(self) -> bool:
+        try:
+            sup = ray.get_actor(self.supervisor_name)
+            return bool(await refs.result(sup.demand.remote(), 5.0))
+        except Exception as e:
+            log.warning("could not ask for capacity (%s)", type(e).__name__)
+            return False
 
     async def pick(self, prefix_hashes: list[bytes], num_prompt_tokens: int = 0):
         return await refs.result(self.router.route.remote(prefix_hashes, num_prompt_tokens), 5.0)

@@ -232,7 +232,8 @@ class OpenAIServer:
         ok = [s for s in stats if not isinstance(s, BaseException)]
         samples = metrics.replica_samples(ok, self.config.served_model_name or "")
         samples += [(metrics.UNREACHABLE, {}, len(stats) - len(ok)),
-                    (metrics.INFLIGHT, {}, len(self.client.queues))]
+                    (metrics.INFLIGHT, {}, len(self.client.queues)),
+                    (metrics.COLD_START, {}, self.client.cold_waiting)]
         samples += [(metrics.HTTP_REQUESTS, {"status": str(k)}, v) for k, v in sorted(self.http_requests.items())]
         return PlainTextResponse(metrics.render_prometheus(samples), media_type="text/plain; version=0.0.4")
 

@@ -19,7 +19,9 @@ def test_the_example_is_a_valid_deployment(tmp_path, llama_dir):
     path = write(tmp_path, EXAMPLE.replace("/models/Llama-3.1-8B-Instruct", str(llama_dir)))
     spec = spec_from_file(path)
     assert [(p.role, p.replicas, p.tensor_parallel_size) for p in spec.pools] == [("prefill", 1, 2), ("decode", 2, 1)]
-    assert spec.pools[1].engine == {"max_num_seqs": 512}
+    assert spec.pools[1].engine == {"max_num_seqs": 512} and (spec.pools[1].lo, spec.pools[1].hi) == (1, 4)
+    assert spec.roles == ["prefill"] + ["decode"] * 4 and spec.initially_serving() == [True, True, True, False, False]
+    assert spec.autoscaling.scale_down_idle_s == 60.0 and spec.autoscaler is False
     assert spec.engine.dtype == "bfloat16" and spec.engine.max_model_len == 8192
     assert spec.ingress.port == 8000 and spec.ingresses == 2 and spec.health.interval_s == 0.5
     assert load(path)["api_keys_file"] == "/etc/ziggurat/api-keys" and load(path)["address"] == "auto"
@@ -59,7 +61,7 @@ def test_cli_config_example_and_check(tmp_path, llama_dir, capsys):
     assert out == EXAMPLE
     good = write(tmp_path, out.replace("/models/Llama-3.1-8B-Instruct", str(llama_dir)), "good.yaml")
     assert cli.main(["config", "check", good]) == 0
-    assert "ok (3 replica(s): 1 prefill, 2 decode" in capsys.readouterr().out
+    assert "ok (1 prefill, 2 decode (1-4); model" in capsys.readouterr().out
     bad = write(tmp_path, f"model: {llama_dir}\nengine:\n  dtypee: float32\n", "bad.yaml")
     assert cli.main(["config", "check", bad]) == 2
     err = capsys.readouterr().err.strip()
