@@ -90,6 +90,16 @@ TRANSFER_BLOCKS = Metric("ziggurat_kv_transfer_blocks", "histogram", "KV blocks 
                          "kv_transfer_blocks_hist", (1, 4, 16, 64, 256, 1024, 4096))
 HISTOGRAMS = (TRANSFER_SECONDS, TRANSFER_BYTES, TRANSFER_BLOCKS)
 
+# Per GPU (rank) of a replica, labelled {model_name, replica, rank}: NVML (topology/gpu_health.py).
+GPU = (
+    Metric("ziggurat_gpu_utilization_perc", "gauge", "GPU utilization (0-100).", "utilization"),
+    Metric("ziggurat_gpu_memory_used_bytes", "gauge", "GPU memory in use.", "memory_used_bytes"),
+    Metric("ziggurat_gpu_power_watts", "gauge", "GPU power draw.", "power_watts"),
+    Metric("ziggurat_gpu_temperature_celsius", "gauge", "GPU temperature.", "temperature_c"),
+    Metric("ziggurat_gpu_sm_clock_mhz", "gauge", "GPU SM clock.", "sm_clock_mhz"),
+    Metric("ziggurat_gpu_ecc_uncorrected_errors", "gauge", "Uncorrected ECC errors (volatile).", "ecc_uncorrected"),
+)
+
 # Finished requests, by finished_reason (stop, length, abort, error, ...): ReplicaStats.finished.
 REQUEST_SUCCESS = _c("request_success", "Requests finished, by finished_reason.", "finished")
 
@@ -155,7 +165,7 @@ UNREACHABLE = _g("replicas_unreachable", "Replicas that did not answer this scra
 COLD_START = _g("cold_start_waiting_requests", "Requests waiting for a replica to start (autoscaling from zero).")
 INGRESS = (HTTP_REQUESTS, INFLIGHT, UNREACHABLE, COLD_START)
 
-ALL = REPLICA + (REQUEST_SUCCESS,) + REQUEST_HISTOGRAMS + HISTOGRAMS + INGRESS
+ALL = REPLICA + GPU + (REQUEST_SUCCESS,) + REQUEST_HISTOGRAMS + HISTOGRAMS + INGRESS
 
 Sample = tuple[Metric, dict, float]
 
@@ -165,6 +175,10 @@ def replica_samples(stats, model_name: str = "") -> list[Sample]:
     lab = lambda s: {"model_name": model_name, "replica": str(s.replica)}  # noqa: E731
     out = [(m, lab(s), getattr(s, m.stat)) for m in REPLICA for s in stats]
     for s in stats:
+        for g in getattr(s, "gpus", ()):
+            for m in GPU:
+                if m.stat in g:
+                    out.append((m, {**lab(s), "rank": str(g["rank"])}, g[m.stat]))
         for reason, n in sorted(getattr(s, "finished", {}).items()):
             out.append((REQUEST_SUCCESS, {**lab(s), "finished_reason": reason}, n))
         for m in REQUEST_HISTOGRAMS:  # one sample per series: its snapshot (render_prometheus expands it)
@@ -221,6 +235,7 @@ class RayExporter:
                       for m in HISTOGRAMS}
         self.request_hists = {m.name: RayHistogram(m.name, m.help, boundaries=list(m.buckets), tag_keys=keys)
                               for m in REQUEST_HISTOGRAMS}
+        self.gpu = {m: Gauge(m.name, m.help, tag_keys=keys + ("rank",)) for m in GPU}
         self.last: dict[str, float] = {}
         self.last_transfer = 0
 
@@ -230,6 +245,10 @@ class RayExporter:
             while pending:
                 name, value = pending.popleft()
                 self.request_hists[name].observe(value, tags=self.tags)
+        for g in getattr(stats, "gpus", ()):
+            for m, gauge in self.gpu.items():
+                if m.stat in g:
+                    gauge.set(g[m.stat], tags={**self.tags, "rank": str(g["rank"])})
         for reason, n in getattr(stats, "finished", {}).items():
             key = "finished:" + reason
             if n > self.last.get(key, 0):

@@ -40,6 +40,8 @@ def judge(health, *, step_deadline_s: float) -> str | None:
         return f"no answer ({type(health).__name__})"
     if health.failed:
         return "a step failed"
+    if getattr(health, "gpu_errors", ()):
+        return f"GPU error: {health.gpu_errors[0]}"
     if health.busy and health.seconds_since_progress > step_deadline_s:
         return f"no step ended for {health.seconds_since_progress:.0f} s"
     return None

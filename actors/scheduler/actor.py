@@ -121,6 +121,10 @@ class SchedulerActor:
         self._thread.start()
         self._flusher = threading.Thread(target=self._flush_usage, name=f"usage-{replica}", daemon=True)
         self._flusher.start()
+        self.workers = workers
+        self.gpu_problems: list[str] = []
+        if config.device != "cpu":
+            threading.Thread(target=self._watch_gpus, name=f"gpus-{replica}", daemon=True).start()
 
     def _flush_usage(self) -> None:
         """Deliver usage events to the Meter until each batch is acknowledged.
@@ -141,6 +145,20 @@ class SchedulerActor:
                 time.sleep(0.2)
                 if self._stop and time.monotonic() > self._stop_deadline:
                     return
+
+    def _watch_gpus(self) -> None:
+        """Every 2 s: the workers' GPU problems (they end this replica's health) and telemetry."""
+        while not self._stop:
+            try:
+                polls = ray.get([w.gpu_poll.remote() for w in self.workers], timeout=10)
+                for problems, _ in polls:
+                    for p in problems:
+                        log.error("replica %d: %s", self.loop.replica, p)
+                        self.gpu_problems.append(p)
+                self.loop.gpu_telemetry = [dict(t, rank=r) for r, (_, t) in enumerate(polls)]
+            except Exception:  # a worker gone: the step path and the health check see to it
+                pass
+            time.sleep(2.0)
 
     def _send(self, ingress_id: str, batch: TokenBatch) -> None:
         with self._out_cv:
@@ -205,7 +223,7 @@ class SchedulerActor:
 
     def health(self) -> ReplicaHealth:
         """For the supervisor: answered from the actor's threads, so a stuck step shows as no progress."""
-        return self.loop.health(self.failed)
+        return self.loop.health(self.failed, self.gpu_problems)
 
     def submit(self, req: SubmitRequest) -> SubmitResult:
         if self.failed or self._stop:

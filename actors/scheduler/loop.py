@@ -73,6 +73,7 @@ class SchedulerLoop:
         self.incarnation = uuid.uuid4().hex[:12]
         self.metrics = metrics.RequestMetrics()
         self.tracing = tracing
+        self.gpu_telemetry: list = []  # per rank, set by the actor from its workers' NVML readings
         self.usage = UsageBook(replica, gpu_type, journal, self.metrics, tracing)
         self._last_token_step: float | None = None
         self.streams = IngressStreams(replica, self.incarnation)
@@ -150,10 +151,10 @@ class SchedulerLoop:
                 self.wakeup.notify()
         return Registration(self.replica, self.incarnation, next_seq)
 
-    def health(self, failed: bool = False) -> ReplicaHealth:
+    def health(self, failed: bool = False, gpu_errors=()) -> ReplicaHealth:
         busy = self.engine.has_unfinished() or bool(self.inbox)
         return ReplicaHealth(self.replica, self.incarnation, failed, busy,
-                             time.monotonic() - self.last_progress if busy else 0.0)
+                             time.monotonic() - self.last_progress if busy else 0.0, tuple(gpu_errors))
 
     # -- the loop thread -----------------------------------------------------------------
 
@@ -443,6 +444,7 @@ class SchedulerLoop:
             kv_transfer_bytes=self.transfers["bytes"],
             kv_transfer_seconds=self.transfers["seconds"],
             recent_transfers=list(self.recent_transfers),
+            gpus=list(self.gpu_telemetry),
             finished=dict(self.metrics.finished),
             request_hist=self.metrics.snapshot(),
             kv_transfer_seconds_hist=self.hist["seconds"].snapshot(),

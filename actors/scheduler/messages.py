@@ -197,6 +197,7 @@ class ReplicaHealth:
     failed: bool  # a step failed (a worker died, say): the replica must be rebuilt
     busy: bool  # it has work in flight
     seconds_since_progress: float  # since its last step ended (0 when idle)
+    gpu_errors: tuple = ()  # problems its workers' GPUs reported (XID, ECC, fallen off the bus)
 
 
 @dataclass
@@ -233,6 +234,7 @@ class ReplicaStats:
     kv_transfer_seconds: float = 0.0
     # The latest completed pulls: (number, backend, blocks, bytes, seconds), for histograms.
     recent_transfers: list = field(default_factory=list)
+    gpus: list = field(default_factory=list)  # per rank: NVML telemetry (topology/gpu_health.py)
     # Finished requests by finish reason, and the per-request histograms (actors/metrics.py RequestMetrics).
     finished: dict = field(default_factory=dict)
     request_hist: dict = field(default_factory=dict)

@@ -15,7 +15,7 @@ from ziggurat.config import EngineConfig
 from ziggurat.actors.process import freeze_startup_heap, load_object
 
 
-@ray.remote(concurrency_groups={"kv": 1, "kv_serve": 1})
+@ray.remote(concurrency_groups={"kv": 1, "kv_serve": 1, "health": 1})
 class WorkerActor:
     def __init__(self, config: EngineConfig, rank: int, worker_cls: str = "ziggurat.models.worker:Worker"):
         self.config, self.rank, self.worker_cls = config, rank, worker_cls
@@ -75,6 +75,17 @@ class WorkerActor:
     @ray.method(concurrency_group="kv_serve")
     def kv_serve(self, pair_id: str, backend: str) -> None:
         self.worker.kv_serve(pair_id, backend)
+
+    @ray.method(concurrency_group="health")
+    def gpu_poll(self) -> tuple[list[str], dict]:
+        """New GPU problems (XID, ECC, fallen off the bus) and a telemetry reading (topology/gpu_health.py)."""
+        if self.worker is None or self.worker.device.type != "cuda":
+            return [], {}
+        if getattr(self, "_monitor", None) is None:
+            from ziggurat.topology.gpu_health import GpuMonitor
+
+            self._monitor = GpuMonitor(self.worker.device.index or 0)
+        return self._monitor.poll()
 
     def gpu_info(self) -> dict:
         from ziggurat.topology.gpus import local_gpu_info

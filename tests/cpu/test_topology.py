@@ -134,3 +134,76 @@ def test_a_deployment_the_cluster_cannot_hold_fails_at_once(ray_cluster, llama_d
                                             pools=(PoolSpec("mixed", 1, resources={"no_such_node": 1}),)))
     assert time.monotonic() - t0 < 30
     assert "no_such_node 1 (the closest node has 0)" in str(e.value)
+
+
+class FakeHealthNVML(FakeNVML):
+    """Adds the health and telemetry calls, with faults to inject."""
+
+    NVML_MEMORY_ERROR_TYPE_UNCORRECTED, NVML_VOLATILE_ECC, NVML_TEMPERATURE_GPU, NVML_CLOCK_SM = 1, 0, 0, 1
+    nvmlEventTypeXidCriticalError = 8
+
+    def __init__(self):
+        super().__init__(1, None)
+        self.ecc, self.xids, self.lost, self.pending = 0, [], False, 0
+
+    def nvmlDeviceGetName(self, h):
+        if self.lost:
+            raise RuntimeError("NVML_ERROR_GPU_IS_LOST: GPU is lost")
+        return self.name
+
+    def nvmlDeviceGetTotalEccErrors(self, h, kind, counter):
+        return self.ecc
+
+    def nvmlEventSetCreate(self):
+        return "set"
+
+    def nvmlDeviceRegisterEvents(self, h, kinds, events):
+        pass
+
+    def nvmlEventSetWait(self, events, timeout_ms):
+        if not self.xids:
+            raise RuntimeError("NVML_ERROR_TIMEOUT")
+        return SimpleNamespace(eventData=self.xids.pop(0))
+
+    def nvmlDeviceGetRetiredPagesPendingStatus(self, h):
+        return self.pending
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        return SimpleNamespace(gpu=87)
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        return 512000
+
+    def nvmlDeviceGetTemperature(self, h, sensor):
+        return 61
+
+    def nvmlDeviceGetClockInfo(self, h, kind):
+        return 1980
+
+
+def test_gpu_health_problems_and_telemetry():
+    from ziggurat.topology.gpu_health import GpuMonitor
+
+    fake = FakeHealthNVML()
+    mon = GpuMonitor(0, fake)
+    problems, tel = mon.poll()
+    assert problems == [] and tel["utilization"] == 87 and tel["power_watts"] == 512.0
+    assert tel["temperature_c"] == 61 and tel["sm_clock_mhz"] == 1980 and tel["ecc_uncorrected"] == 0
+    fake.xids, fake.ecc = [79], 2
+    problems, _ = mon.poll()
+    assert problems == ["GPU 0: XID 79 (critical error)", "GPU 0: 2 uncorrected ECC error(s) since start"]
+    assert mon.poll()[0] == []  # a lasting condition is reported once
+    fake.pending = 1
+    assert mon.poll()[0] == ["GPU 0: retired pages pending (needs a reset)"]
+    fake.lost = True
+    assert "fallen off the bus" in mon.poll()[0][0]
+
+
+def test_gpu_errors_end_a_replicas_health():
+    from ziggurat.actors.scheduler.messages import ReplicaHealth
+    from ziggurat.cluster.supervisor import judge
+
+    ok = ReplicaHealth(0, "i", False, True, 1.0)
+    assert judge(ok, step_deadline_s=60) is None
+    bad = ReplicaHealth(0, "i", False, False, 0.0, ("GPU 0: XID 79 (critical error)",))
+    assert judge(bad, step_deadline_s=60) == "GPU error: GPU 0: XID 79 (critical error)"
