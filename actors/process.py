@@ -50,3 +50,24 @@ def load_object(spec: str):
     if not sep or not mod or not name:
         raise ValueError(f"expected 'package.module:Name', got {spec!r}")
     return getattr(importlib.import_module(mod), name)
+
+
+LEVELS = ("debug", "info", "warning", "error")
+
+
+def configure_logging(level: str | None = None) -> None:
+    """The `ziggurat` loggers' level in this process: `level`, else $ZIGGURAT_LOG_LEVEL
+    (the launcher puts it in every actor's environment), else warning. One handler
+    writes to stderr (Ray collects actors' stderr into their log files and the driver)."""
+    import logging
+
+    name = (level or os.environ.get("ZIGGURAT_LOG_LEVEL") or "warning").lower()
+    if name not in LEVELS:
+        raise ValueError(f"log_level: must be one of {', '.join(LEVELS)}, got {name!r}")
+    logger = logging.getLogger("ziggurat")
+    logger.setLevel(name.upper())
+    if not logger.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(h)
+        logger.propagate = False

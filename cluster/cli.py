@@ -97,11 +97,14 @@ def _serve(args) -> int:
     except (ValueError, TypeError) as e:
         print(f"ziggurat serve: {e}", file=sys.stderr)
         return 2
-    info = ensure_ray()
+    info = ensure_ray(log_level=spec.log_level)
+    from ziggurat.actors.process import configure_logging
+
+    configure_logging(spec.log_level)
     if flat.get("model") is None:
         print("ziggurat: no --model given; serving the embedded default model (random weights, made on first use)")
     try:
-        dep = Deployment(spec)
+        dep = Deployment(spec, progress=lambda line: print(f"ziggurat: {line}", flush=True))
     except Exception as e:  # a busy port, a cluster that cannot hold the replicas, a model that fails to load
         cause = e
         while getattr(cause, "cause", None) is not None or type(cause).__name__.startswith("Ray"):

@@ -31,7 +31,8 @@ log = logging.getLogger("ziggurat.deploy")
 
 
 class Deployment:
-    def __init__(self, spec: DeploymentSpec):
+    def __init__(self, spec: DeploymentSpec, progress=None):
+        """progress(line): start-up progress (the CLI prints it); None: quiet."""
         from ziggurat.actors.ingress.actor import IngressActor
         from ziggurat.actors.meter.actor import MeterActor
         from ziggurat.actors.router.actor import RouterActor
@@ -65,7 +66,25 @@ class Deployment:
             cfg, self.spec, names, use_gpu, **spec.health.__dict__)
         self.ingresses = []
         try:
-            self.info = ray.get(self.supervisor.start.remote())
+            t0 = time.monotonic()
+            if progress is not None:
+                res = ray.cluster_resources()
+                progress(f"cluster: {len([n for n in ray.nodes() if n['Alive']])} node(s), {res.get('CPU', 0):g} CPUs, "
+                         f"{res.get('GPU', 0):g} GPUs")
+            started = self.supervisor.start.remote()
+            seen: dict = {}
+            while True:
+                done, _ = ray.wait([started], timeout=1.0)
+                if progress is not None:
+                    for s in ray.get(self.supervisor.status.remote()):
+                        key = (s["phase"], s["detail"])
+                        if s["phase"] and seen.get(s["replica"]) != key:
+                            seen[s["replica"]] = key
+                            progress(f"replica {s['replica']} ({s['role']}): {s['phase']}: {s['detail']} "
+                                     f"[{time.monotonic() - t0:.0f} s]")
+                if done:
+                    break
+            self.info = ray.get(started)
             # Every ingress checks requests against what every replica can hold.
             limits = min(self.info, key=lambda i: i.max_model_len)
             for i in range(spec.ingresses):
@@ -83,6 +102,9 @@ class Deployment:
             self.url = ray.get(self.ingress.url.remote())
             self.open = ray.get(self.ingress.is_open.remote())
             self.served_model_name = icfg.served_model_name
+            self.startup_seconds = time.monotonic() - t0
+            if progress is not None:
+                progress(f"ready in {self.startup_seconds:.1f} s")
         except BaseException:
             self.shutdown()
             raise
@@ -161,7 +183,7 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def ensure_ray(num_cpus: int | None = None) -> dict:
+def ensure_ray(num_cpus: int | None = None, log_level: str | None = None) -> dict:
     """Join the cluster in RAY_ADDRESS, or start a local one. Returns its info.
 
     A local cluster has its node address and dashboard on loopback, and Ray's
@@ -171,16 +193,20 @@ def ensure_ray(num_cpus: int | None = None) -> dict:
     the host must not let Ray's ports be reached from outside (README, "Security")."""
     if ray.is_initialized():
         return {"dashboard_url": None}
+    # Every actor of this job reads its log level from the environment (actors/process.py).
+    env = {"env_vars": {"ZIGGURAT_LOG_LEVEL": log_level}} if log_level else None
     if os.environ.get("RAY_ADDRESS"):
-        ctx = ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
+        ctx = ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING, runtime_env=env)
     else:
         ctx = ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=True,
-                       dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+                       dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", logging_level=logging.WARNING,
+                       runtime_env=env)
     return {"dashboard_url": getattr(ctx, "dashboard_url", None)}
 
 
 def serve(spec: DeploymentSpec | None = None, **kwargs) -> Deployment:
     """Start a deployment from a driver script (works under `ray job submit`):
     a DeploymentSpec, or its fields by name (DeploymentSpec.from_flat)."""
-    ensure_ray()
-    return Deployment(spec if spec is not None else DeploymentSpec.from_flat(**kwargs))
+    spec = spec if spec is not None else DeploymentSpec.from_flat(**kwargs)
+    ensure_ray(log_level=spec.log_level)
+    return Deployment(spec)

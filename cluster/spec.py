@@ -128,6 +128,8 @@ class DeploymentSpec:
     decode_tensor_parallel_size: int | None = _opt(None, "TP size of decode replicas (default: --tensor-parallel-size)")
     pd_min_prompt_tokens: int = _opt(64, "prompts shorter than this go straight to a decode replica")
     gpus_per_worker: float = _opt(1.0, "GPU share of each worker (0.5: two workers share one GPU)")
+    log_level: str = _opt("warning", "the ziggurat loggers' level in every actor: debug, info (one access-log "
+                                     "line per request), warning, error")
     autoscaler: bool = _opt(False, "the Ray cluster adds nodes on demand: wait for a replica's placement "
                                    "instead of failing at once when no node can hold it")
     # Explicit pools (Python specs and the deployment file); when given, the
@@ -149,6 +151,8 @@ class DeploymentSpec:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
                 raise ValueError(f"{name}: must be a non-negative integer, got {v!r}")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"log_level: must be debug, info, warning or error, got {self.log_level!r}")
         if not (0 < self.gpus_per_worker <= 1):
             raise ValueError(f"gpus_per_worker: must be in (0, 1], got {self.gpus_per_worker}")
         if not self.pools:

@@ -59,6 +59,8 @@ class _Replica:
     incarnation: str = ""
     rebuilds: int = 0
     last_death: str = ""
+    phase: str = ""  # start-up progress: placing, loading (weights, KV cache, CUDA graphs), ready
+    detail: str = ""
 
 
 @ray.remote(num_cpus=0, max_concurrency=64)
@@ -67,6 +69,9 @@ class SupervisorActor:
                  health_timeout_s: float = 10.0, step_deadline_s: float = 60.0):
         """cfg: the EngineConfig every replica runs; names: router, meter, scheduler
         names and the usage-journal directory (the launcher's)."""
+        from ziggurat.actors.process import configure_logging
+
+        configure_logging()
         self.cfg, self.spec, self.names, self.use_gpu = cfg, spec, names, use_gpu
         self.interval_s, self.health_timeout_s, self.step_deadline_s = interval_s, health_timeout_s, step_deadline_s
         pools = spec.replica_pools()
@@ -113,6 +118,8 @@ class SupervisorActor:
             why = check_fits(ray.nodes(), bundles, f"replica {rep.index} ({pool.role}, TP {tp})")
             if why is not None:
                 raise RuntimeError(why)
+        t0 = time.monotonic()
+        rep.phase, rep.detail = "placing", f"{tp} worker(s) of {bundles[0]}"
         pg = ray.util.placement_group(bundles, strategy="STRICT_PACK")
         try:
             await asyncio.wait_for(pg.ready(), 120)
@@ -130,7 +137,11 @@ class SupervisorActor:
             cfg, workers, rep.index, router, self.spec.max_waiting, meter, journal, pool.role,
             self.names["schedulers"] if self.pd else None, self.spec.ingress.served_model_name or "")
         rep.scheduler, rep.workers, rep.group = scheduler, workers, pg
+        rep.phase, rep.detail = "loading", "weights, KV cache, CUDA graphs"
         info = await scheduler.info.remote()
+        rep.phase = "ready"
+        rep.detail = (f"{info.num_blocks} KV blocks ({info.num_blocks * info.block_size} tokens), "
+                      f"max_model_len {info.max_model_len}, {time.monotonic() - t0:.1f} s")
         rep.incarnation, rep.state = info.incarnation, "serving"
         return info
 
@@ -366,7 +377,8 @@ class SupervisorActor:
 
     def status(self) -> list[dict]:
         return [{"replica": r.index, "role": r.pool.role, "state": r.state, "rebuilds": r.rebuilds,
-                 "incarnation": r.incarnation, "last_death": r.last_death} for r in self.replicas]
+                 "incarnation": r.incarnation, "last_death": r.last_death, "phase": r.phase, "detail": r.detail}
+                for r in self.replicas]
 
     def history(self) -> list[dict]:
         return list(self.events)

@@ -21,6 +21,7 @@ from ziggurat.actors.ingress.delivery_journal import DeliveryJournal
 from ziggurat.actors.ingress.gatekeeper import Gatekeeper
 from ziggurat.actors.ingress.http_protocol import DeadlineH11Protocol
 from ziggurat.actors.ingress.ray_client import RayEngineClient
+from ziggurat.actors.process import configure_logging
 from ziggurat.actors.tracing import Tracing
 from ziggurat.actors.ingress.server import IngressConfig, OpenAIServer
 from ziggurat.actors.process import freeze_startup_heap
@@ -42,6 +43,7 @@ class IngressActor:
         names (looked up here, also after a restart)."""
         import uvicorn
 
+        configure_logging()
         router = ray.get_actor(router)
         meter = ray.get_actor(meter) if meter is not None else None
         self.config = config

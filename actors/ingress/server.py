@@ -62,6 +62,7 @@ log = logging.getLogger("ziggurat.ingress")
 
 ROUTING_BLOCKS = 8  # prefix blocks whose hashes the router sees
 DEFAULT_RESERVATION = 1024  # tokens reserved for quota when a request sets no max_tokens
+access_log = logging.getLogger("ziggurat.access")  # one line per request at INFO (no prompt text)
 MAX_ATTEMPTS = 3  # a request that streamed nothing is retried on another replica this many times in all
 
 
@@ -368,6 +369,8 @@ class OpenAIServer:
     async def _next(self, ctx) -> Delta | None:
         """The next update of any of the request's samples, applied (None: nothing new for that sample)."""
         index, u = await ctx.queue.get()
+        if ctx.first_token_at is None and u.new_token_ids:
+            ctx.first_token_at = time.time()
         delta = ctx.outputs.apply(index, u)
         if delta is not None and delta.stop_now:
             self.client.abort([delta.sample.request_id], "stop")
@@ -396,6 +399,13 @@ class OpenAIServer:
             self.client.abort(open_ids, reason)
         self.client.forget([s.request_id for s in ctx.outputs.samples])
         self.gate.release(ctx.admission, ctx.outputs.prompt_tokens + ctx.outputs.completion_tokens)
+        if access_log.isEnabledFor(logging.INFO):
+            o, now = ctx.outputs, time.time()
+            ttft = f"{(ctx.first_token_at - ctx.arrived) * 1e3:.0f}" if ctx.first_token_at else "-"
+            access_log.info("%s tenant=%s model=%s status=%s prompt_tokens=%d completion_tokens=%d ttft_ms=%s "
+                            "duration_ms=%.0f", ctx.request_id, ctx.principal.tenant_id, self.config.served_model_name,
+                            ",".join(sorted({str(s.finish_reason or reason) for s in o.samples})), o.prompt_tokens,
+                            o.completion_tokens, ttft, (now - ctx.arrived) * 1e3)
         if ctx.span is not None:
             o = ctx.outputs
             self.tracing.end(ctx.span, {"gen_ai.usage.input_tokens": o.prompt_tokens,
@@ -569,6 +579,7 @@ class _RequestContext:
     arrived: float = field(default_factory=time.time)
     finished: bool = False
     span: object = None  # the ingress span (tracing on)
+    first_token_at: float | None = None  # wall clock (the access log's TTFT)
 
 
 class RequestIdMiddleware:

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import ray
 
 from ziggurat.actors.metrics import RayExporter
-from ziggurat.actors.process import GCPauses, freeze_startup_heap
+from ziggurat.actors.process import GCPauses, configure_logging, freeze_startup_heap
 from ziggurat.actors.tracing import Tracing
 from ziggurat.actors.scheduler.compiled_graph import CompiledGraphExecutor
 from ziggurat.actors.scheduler.engine import EngineCore
@@ -88,6 +88,7 @@ class SchedulerActor:
     def __init__(self, config: EngineConfig, workers: list, replica: int, router=None, max_waiting: int | None = None,
                  meter=None, journal: str | None = None, role: str = "mixed", peer_names: list[str] | None = None,
                  model_name: str = ""):
+        configure_logging()
         gpu = ray.get(workers[0].gpu_info.remote())
         self.engine = EngineCore(config, executor_factory=lambda cfg, n: CompiledGraphExecutor(workers, cfg, n))
         self.ingresses: dict[str, object] = {}

@@ -12,12 +12,13 @@ import socket
 import ray
 
 from ziggurat.config import EngineConfig
-from ziggurat.actors.process import freeze_startup_heap, load_object
+from ziggurat.actors.process import configure_logging, freeze_startup_heap, load_object
 
 
 @ray.remote(concurrency_groups={"kv": 1, "kv_serve": 1, "health": 1})
 class WorkerActor:
     def __init__(self, config: EngineConfig, rank: int, worker_cls: str = "ziggurat.models.worker:Worker"):
+        configure_logging()
         self.config, self.rank, self.worker_cls = config, rank, worker_cls
         self.worker = None
         self._prev = None  # the last step launched by execute_pipelined, not yet answered
