@@ -209,7 +209,7 @@ def render_prometheus(samples: list[Sample]) -> str:
             if m.kind == "histogram":
                 sep = "," if lab else ""
                 for b, c in zip(m.buckets, value):
-                    lines.append(f'{name}_bucket{{{lab}{sep}le="{b:g}"}} {c}')
+                    lines.append(f'{name}_bucket{{{lab}{sep}le="{float(b)!r}"}} {c}')  # as Ray writes it
                 lines.append(f'{name}_bucket{{{lab}{sep}le="+Inf"}} {value[len(m.buckets)]}')
                 lines.append(f"{name}_sum{{{lab}}} {value[-1]}")
                 lines.append(f"{name}_count{{{lab}}} {value[len(m.buckets)]}")

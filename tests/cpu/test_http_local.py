@@ -153,7 +153,7 @@ def test_metrics_use_the_registry_names(app):
     assert 'ziggurat_engine_steps_total{model_name="tiny",replica="0"}' in text
     assert 'ziggurat_request_success_total{model_name="tiny",replica="0",finished_reason="length"} 1' in text
     # Histograms: one request of 2 tokens, its TTFT and end-to-end latency observed once.
-    assert 'ziggurat_request_generation_tokens_bucket{model_name="tiny",replica="0",le="2"} 1' in text
+    assert 'ziggurat_request_generation_tokens_bucket{model_name="tiny",replica="0",le="2.0"} 1' in text
     assert 'ziggurat_time_to_first_token_seconds_count{model_name="tiny",replica="0"} 1' in text
     assert 'ziggurat_e2e_request_latency_seconds_count{model_name="tiny",replica="0"} 1' in text
     assert 'ziggurat_request_queue_time_seconds_count{model_name="tiny",replica="0"} 1' in text
