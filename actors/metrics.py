@@ -100,6 +100,15 @@ GPU = (
     Metric("ziggurat_gpu_ecc_uncorrected_errors", "gauge", "Uncorrected ECC errors (volatile).", "ecc_uncorrected"),
 )
 
+# Per tenant, labelled {model_name, replica, tenant}: finished requests and their tokens (ReplicaStats.tenant_totals,
+# the replica's own counts: the ledger is the billing record).
+TENANT = (
+    Metric("ziggurat_tenant_requests", "counter", "Finished requests, by tenant.", "requests"),
+    Metric("ziggurat_tenant_prompt_tokens", "counter", "Prompt tokens billed, by tenant.", "prompt_tokens"),
+    Metric("ziggurat_tenant_cached_tokens", "counter", "Cached prompt tokens, by tenant.", "cached_tokens"),
+    Metric("ziggurat_tenant_completion_tokens", "counter", "Completion tokens, by tenant.", "completion_tokens"),
+)
+
 # Finished requests, by finished_reason (stop, length, abort, error, ...): ReplicaStats.finished.
 REQUEST_SUCCESS = _c("request_success", "Requests finished, by finished_reason.", "finished")
 
@@ -163,9 +172,12 @@ HTTP_REQUESTS = _c("http_requests", "HTTP requests answered, by status.")
 INFLIGHT = _g("inflight_requests", "Engine requests this ingress is waiting on.")
 UNREACHABLE = _g("replicas_unreachable", "Replicas that did not answer this scrape.")
 COLD_START = _g("cold_start_waiting_requests", "Requests waiting for a replica to start (autoscaling from zero).")
-INGRESS = (HTTP_REQUESTS, INFLIGHT, UNREACHABLE, COLD_START)
+ROUTES = _c("routes", "Routing decisions, by kind: whole (one replica), pair (prefill/decode), none (no replica), "
+                      "fallback (round robin: the router did not answer).")
+USAGE_RECORDS = _g("usage_records_pending", "The ingress's own usage records (failures) not yet in the ledger.")
+INGRESS = (HTTP_REQUESTS, INFLIGHT, UNREACHABLE, COLD_START, ROUTES, USAGE_RECORDS)
 
-ALL = REPLICA + GPU + (REQUEST_SUCCESS,) + REQUEST_HISTOGRAMS + HISTOGRAMS + INGRESS
+ALL = REPLICA + GPU + TENANT + (REQUEST_SUCCESS,) + REQUEST_HISTOGRAMS + HISTOGRAMS + INGRESS
 
 Sample = tuple[Metric, dict, float]
 
@@ -181,6 +193,9 @@ def replica_samples(stats, model_name: str = "") -> list[Sample]:
                     out.append((m, {**lab(s), "rank": str(g["rank"])}, g[m.stat]))
         for reason, n in sorted(getattr(s, "finished", {}).items()):
             out.append((REQUEST_SUCCESS, {**lab(s), "finished_reason": reason}, n))
+        for tenant, t in sorted(getattr(s, "tenant_totals", {}).items()):
+            for m in TENANT:
+                out.append((m, {**lab(s), "tenant": tenant}, t.get(m.stat, 0)))
         for m in REQUEST_HISTOGRAMS:  # one sample per series: its snapshot (render_prometheus expands it)
             series = getattr(s, "request_hist", {}).get(m.name, {}).get("")
             if series is not None:
@@ -236,6 +251,7 @@ class RayExporter:
         self.request_hists = {m.name: RayHistogram(m.name, m.help, boundaries=list(m.buckets), tag_keys=keys)
                               for m in REQUEST_HISTOGRAMS}
         self.gpu = {m: Gauge(m.name, m.help, tag_keys=keys + ("rank",)) for m in GPU}
+        self.tenant = {m: Counter(m.name, m.help, tag_keys=keys + ("tenant",)) for m in TENANT}
         self.last: dict[str, float] = {}
         self.last_transfer = 0
 
@@ -249,6 +265,12 @@ class RayExporter:
             for m, gauge in self.gpu.items():
                 if m.stat in g:
                     gauge.set(g[m.stat], tags={**self.tags, "rank": str(g["rank"])})
+        for tenant, t in getattr(stats, "tenant_totals", {}).items():
+            for m, counter in self.tenant.items():
+                key, value = f"tenant:{tenant}:{m.name}", t.get(m.stat, 0)
+                if value > self.last.get(key, 0):
+                    counter.inc(value - self.last.get(key, 0), tags={**self.tags, "tenant": tenant})
+                    self.last[key] = value
         for reason, n in getattr(stats, "finished", {}).items():
             key = "finished:" + reason
             if n > self.last.get(key, 0):

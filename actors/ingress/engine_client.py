@@ -80,6 +80,7 @@ class EngineClient:
         self.tracing = None  # actors/tracing.py Tracing, set by the server
         self.cold_start_timeout_s = 0.0  # >0: a deployment that autoscales from zero (ray_client.py sets it)
         self.cold_waiting = 0  # requests waiting for a replica to start
+        self.routes: dict[str, int] = {}  # kind -> count (metrics ROUTES)
 
     # -- the transport: a subclass's ---------------------------------------------------------
 
@@ -244,6 +245,8 @@ class EngineClient:
         for _attempt in range(3):
             t0 = time.time()
             route = await self._pick(prefix_hashes, max(map(len, outputs.prompts)))
+            kind = "none" if route is None else ("pair" if route.decode is not None else "whole")
+            self.routes[kind] = self.routes.get(kind, 0) + 1
             if self.tracing is not None and meta.get("trace"):
                 self.tracing.record("router.route", meta["trace"], t0, time.time(), {
                     "ziggurat.replica": route.replica if route else None,
@@ -287,6 +290,7 @@ class EngineClient:
             raise
         except Exception as e:
             log.warning("router unavailable (%s); routing round robin", type(e).__name__)
+            self.routes["fallback"] = self.routes.get("fallback", 0) + 1
             n = self.num_replicas()
             if not n:
                 return None

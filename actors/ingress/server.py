@@ -234,7 +234,9 @@ class OpenAIServer:
         samples = metrics.replica_samples(ok, self.config.served_model_name or "")
         samples += [(metrics.UNREACHABLE, {}, len(stats) - len(ok)),
                     (metrics.INFLIGHT, {}, len(self.client.queues)),
-                    (metrics.COLD_START, {}, self.client.cold_waiting)]
+                    (metrics.COLD_START, {}, self.client.cold_waiting),
+                    (metrics.USAGE_RECORDS, {}, len(self.records.pending))]
+        samples += [(metrics.ROUTES, {"kind": k}, v) for k, v in sorted(self.client.routes.items())]
         samples += [(metrics.HTTP_REQUESTS, {"status": str(k)}, v) for k, v in sorted(self.http_requests.items())]
         return PlainTextResponse(metrics.render_prometheus(samples), media_type="text/plain; version=0.0.4")
 

@@ -7,6 +7,7 @@ Protocol edge cases live here, where they are cheap; the Ray deployment tests
 from __future__ import annotations
 
 import asyncio
+import re
 import json
 
 import pytest
@@ -157,6 +158,11 @@ def test_metrics_use_the_registry_names(app):
     assert 'ziggurat_time_to_first_token_seconds_count{model_name="tiny",replica="0"} 1' in text
     assert 'ziggurat_e2e_request_latency_seconds_count{model_name="tiny",replica="0"} 1' in text
     assert 'ziggurat_request_queue_time_seconds_count{model_name="tiny",replica="0"} 1' in text
+    # Per-tenant and routing counters (the module's app has served other tests' requests too).
+    value = lambda series: float(re.search(re.escape(series) + r" ([0-9.]+)", text).group(1))  # noqa: E731
+    assert value('ziggurat_tenant_requests_total{model_name="tiny",replica="0",tenant="default"}') >= 1
+    assert value('ziggurat_tenant_completion_tokens_total{model_name="tiny",replica="0",tenant="default"}') >= 2
+    assert value('ziggurat_routes_total{kind="whole"}') >= 1
 
 
 def test_health_and_models(app):
