@@ -205,14 +205,21 @@ def run(kinds, kills: int, concurrency: int = 8, recover_s: float = 30.0, gap_s:
         asyncio.run(main())
         # The books, once everything has settled.
         deadline = time.monotonic() + 60
+        stats = None
         while time.monotonic() < deadline:
-            stats = ray.get([s.stats.remote() for s in dep.schedulers])
-            pending = ray.get([i.__ray_call__.remote(lambda self: len(self.server.records.pending))
-                               for i in dep.ingresses])
+            try:
+                stats = ray.get([s.stats.remote() for s in dep.schedulers])
+                pending = ray.get([i.__ray_call__.remote(lambda self: len(self.server.records.pending))
+                                   for i in dep.ingresses])
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError):  # still restarting
+                time.sleep(0.5)
+                continue
             if (all(s.num_running == 0 and s.num_waiting == 0 and s.unacked_usage_events == 0 for s in stats)
                     and not any(pending)):
                 break
             time.sleep(0.5)
+        if stats is None:  # never settled: read them anyway (an error here is the harness's answer)
+            stats = ray.get([s.stats.remote() for s in dep.schedulers])
         report.leaked_blocks = sum(s.num_blocks - s.num_free_blocks for s in stats)
         rows = plane.store.query("SELECT http_request_id, completion_tokens, status FROM usage_events")
         billed: dict[str, int] = {}
