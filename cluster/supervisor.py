@@ -256,13 +256,18 @@ class SupervisorActor:
             rep.state = "failed"
             self.events.append({"replica": rep.index, "event": "gave_up", "at": time.time()})
             return
+        rep.rebuilds += 1
+        await self._serve(rep, "rebuilt", t0)
+        log.warning("replica %d rebuilt in %.1f s", rep.index, time.monotonic() - t0)
+
+    async def _serve(self, rep: _Replica, event: str, t0: float) -> None:
+        """A replica just built (rebuilt, or a scaled-up slot): every ingress attaches, then it serves."""
         rep.state = "attaching"
         await asyncio.gather(*[ing.replica_rebuilt.remote(rep.index) for ing in self.ingresses],
                              return_exceptions=True)
-        rep.state, rep.rebuilds = "serving", rep.rebuilds + 1
-        self.events.append({"replica": rep.index, "event": "rebuilt", "seconds": time.monotonic() - t0,
+        rep.state = "serving"
+        self.events.append({"replica": rep.index, "event": event, "seconds": time.monotonic() - t0,
                             "at": time.time()})
-        log.warning("replica %d rebuilt in %.1f s", rep.index, time.monotonic() - t0)
 
     # -- autoscaling (policy: cluster/autoscale.py) --------------------------------------
 
@@ -324,12 +329,7 @@ class SupervisorActor:
             rep.state = "stopped"
             self.events.append({"replica": rep.index, "event": "scale_up_failed", "why": str(e), "at": time.time()})
             return
-        rep.state = "attaching"
-        await asyncio.gather(*[ing.replica_rebuilt.remote(rep.index) for ing in self.ingresses],
-                             return_exceptions=True)
-        rep.state = "serving"
-        self.events.append({"replica": rep.index, "event": "scaled_up", "seconds": time.monotonic() - t0,
-                            "at": time.time()})
+        await self._serve(rep, "scaled_up", t0)
 
     async def _scale_down(self, rep: _Replica) -> None:
         log.warning("replica %d (%s): idle, scaling down", rep.index, rep.pool.role)

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from conftest import wait_for
 
 from ziggurat.cluster.autoscale import AutoscalingConfig, PoolState, decide
 
@@ -40,15 +41,6 @@ def test_policy_up_on_sustained_pressure_down_when_idle_and_cold_start_on_demand
 
 def events(dep, kind):
     return [e for e in ray.get(dep.supervisor.history.remote()) if e.get("event") == kind]
-
-
-def wait_for(cond, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{what} did not happen within {timeout} s")
 
 
 def run_load(dep, n, max_tokens=60):

@@ -6,25 +6,16 @@ a replica, for which a node comes back."""
 
 from __future__ import annotations
 
-import time
 
 import httpx
 import pytest
+from conftest import wait_for
 
 ray = pytest.importorskip("ray")
 
 
 def alive_workers():
     return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("pool_node")]
-
-
-def wait_for(cond, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{what} did not happen within {timeout} s")
 
 
 # Ray's fake multi-node provider config (its example.yaml, which the wheel does not ship).

@@ -5,7 +5,6 @@ brings the replica back (TP 1, and TP 2 over gloo)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import pathlib
 import time
 
@@ -14,7 +13,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 ray = pytest.importorskip("ray")
 
-from conftest import free_port  # noqa: E402
+from conftest import free_port, stream_completion  # noqa: E402
 
 from ziggurat.cluster.deploy import Deployment  # noqa: E402
 from ziggurat.cluster.spec import DeploymentSpec  # noqa: E402
@@ -30,24 +29,8 @@ def test_an_injected_forward_failure_fails_in_flight_requests_and_the_replica_co
         device="cpu", db=str(tmp_path / "ledger.db"), extra={"inject_fault_file": str(fault)}, interval_s=0.25))
     try:
         async def stream(i, started):
-            got, error = 0, None
-            async with httpx.AsyncClient(timeout=60) as http:
-                async with http.stream("POST", dep.url + "/v1/completions", json={
-                        "model": "tiny", "prompt": f"story {i}", "max_tokens": 200, "ignore_eos": True,
-                        "stream": True, "logprobs": 0}) as r:
-                    assert r.status_code == 200
-                    rid = r.headers["x-request-id"]
-                    async for line in r.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        chunk = json.loads(line[6:])
-                        if "error" in chunk:
-                            error = chunk["error"]
-                            continue
-                        for c in chunk["choices"]:
-                            got += len(c["logprobs"]["tokens"]) if c.get("logprobs") else 0
-                        started.set()
-            return rid, got, error
+            return await stream_completion(dep.url, {"model": "tiny", "prompt": f"story {i}", "max_tokens": 200,
+                                                     "ignore_eos": True}, on_token=started.set)
 
         async def main():
             started = asyncio.Event()

@@ -6,7 +6,6 @@ of either side mid-transfer."""
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import sqlite3
 import time
@@ -17,7 +16,7 @@ import pytest
 openai = pytest.importorskip("openai")
 ray = pytest.importorskip("ray")
 
-from conftest import free_port  # noqa: E402
+from conftest import free_port, stream_completion, wait_for  # noqa: E402
 from ziggurat import LLM, SamplingParams  # noqa: E402
 from ziggurat.cluster.deploy import Deployment  # noqa: E402
 from ziggurat.cluster.spec import DeploymentSpec  # noqa: E402
@@ -34,15 +33,6 @@ def metric(dep, name: str, **labels) -> float:
         if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
             total += float(m.group(2))
     return total
-
-
-def wait_for(cond, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{what} did not hold within {timeout} s")
 
 
 def held_blocks(dep, replica: int) -> float:
@@ -129,30 +119,6 @@ def slow_dep(ray_cluster, llama_dir, tmp_path_factory):
     dep.shutdown()
 
 
-async def _stream(dep, prompt, on_first=None, max_tokens=30):
-    """Stream a completion; returns (request id, tokens received, error or None)."""
-    got, error = 0, None
-    async with httpx.AsyncClient(timeout=60) as http:
-        async with http.stream("POST", dep.url + "/v1/completions", json={
-                "model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
-                "logprobs": 0}) as r:
-            assert r.status_code == 200
-            rid = r.headers["x-request-id"]
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    error = chunk["error"]
-                    continue
-                for c in chunk["choices"]:
-                    got += len(c["logprobs"]["tokens"]) if c.get("logprobs") else 0
-                if got and on_first is not None:
-                    on_first()
-                    on_first = None
-    return rid, got, error
-
-
 def _receiving(dep) -> int:
     return ray.get(dep.schedulers[1].stats.remote()).num_receiving
 
@@ -190,8 +156,9 @@ def test_death_of_either_side_mid_transfer_fails_the_request_cleanly(slow_dep, v
 
     async def main():
         loop = asyncio.get_running_loop()
-        return await _stream(dep, f"kill replica {victim} mid transfer " * 3,
-                             on_first=lambda: loop.run_in_executor(None, kill))
+        return await stream_completion(dep.url, {"model": "tiny", "prompt": f"kill replica {victim} mid transfer " * 3,
+                                                 "max_tokens": 30, "ignore_eos": True},
+                                       on_token=lambda: loop.run_in_executor(None, kill))
 
     t0 = time.monotonic()
     rid, got, error = asyncio.run(main())
