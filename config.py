@@ -21,7 +21,7 @@ def _opt(default, help: str, **meta):
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str = field(metadata={"help": "HF-format model directory"})
+    model: str = field(metadata={"help": "HF-format model directory, or a GGUF file"})
     dtype: str | None = _opt(None, "weights and activations: float32, float16, bfloat16 (default: the checkpoint's)")
     tensor_parallel_size: int = _opt(1, "GPUs (ranks) per replica", short="-tp")
     device: str | None = _opt(None, "cuda or cpu (default: cuda if available)")
@@ -49,8 +49,11 @@ class EngineConfig:
     extra: dict = field(default_factory=dict, metadata={"help": "worker-specific settings", "cli": False})
 
     def __post_init__(self) -> None:
-        if not Path(self.model).is_dir():
-            raise ConfigError(f"model: directory {self.model!r} does not exist")
+        p = Path(self.model)
+        if not p.exists():
+            raise ConfigError(f"model: {self.model!r} does not exist")
+        if not (p.is_dir() or p.suffix == ".gguf"):
+            raise ConfigError(f"model: {self.model!r} is neither a model directory nor a .gguf file")
         for name in ("tensor_parallel_size", "block_size", "max_num_seqs", "max_num_batched_tokens",
                      "cuda_graph_max_batch"):
             v = getattr(self, name)

@@ -102,7 +102,9 @@ def _serve(args) -> int:
 
     configure_logging(spec.log_level)
     if flat.get("model") is None:
-        print("ziggurat: no --model given; serving the embedded default model (random weights, made on first use)")
+        from ziggurat.cluster.spec import default_model
+
+        print(f"ziggurat: {default_model()[1]}")
     try:
         dep = Deployment(spec, progress=lambda line: print(f"ziggurat: {line}", flush=True))
     except Exception as e:  # a busy port, a cluster that cannot hold the replicas, a model that fails to load

@@ -44,7 +44,7 @@ class Deployment:
         use_gpu = cfg.device.startswith("cuda")
         icfg = spec.ingress
         if icfg.served_model_name is None:
-            icfg = dataclasses.replace(icfg, served_model_name=Path(cfg.model).name)
+            icfg = dataclasses.replace(icfg, served_model_name=_model_name(cfg.model))
         # All ingresses share one port; check it first, since SO_REUSEPORT would
         # otherwise quietly share it with another server.
         icfg = dataclasses.replace(icfg, port=icfg.port or _free_port(icfg.host))
@@ -159,6 +159,12 @@ class Deployment:
                 except Exception:
                     pass
         self.ingresses = []
+
+
+def _model_name(model: str) -> str:
+    """The name clients ask for by default: the directory's name, or a GGUF file's stem."""
+    p = Path(model)
+    return p.stem if p.suffix == ".gguf" else p.name
 
 
 def _check_port_free(host: str, port: int) -> None:

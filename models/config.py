@@ -87,7 +87,17 @@ class ModelConfig:
 
     @staticmethod
     def from_dir(path: str | Path, dtype: str | torch.dtype | None = None) -> "ModelConfig":
+        """An HF-format directory's config.json, or a GGUF file's metadata (models/gguf.py)."""
+        from ziggurat.models import gguf
+
         path = Path(path)
+        try:
+            gguf_file = gguf.find_gguf(path)
+            raw = gguf.config_dict(gguf_file) if gguf_file else None
+        except gguf.GGUFError as e:
+            raise ModelConfigError(str(e)) from None
+        if gguf_file:
+            return ModelConfig.from_dict(raw, path=path, dtype=dtype, where=gguf_file)
         if not path.is_dir():
             raise ModelConfigError(f"{path}: model directory does not exist")
         cfg_file = path / "config.json"
@@ -103,8 +113,9 @@ class ModelConfig:
         return ModelConfig.from_dict(raw, path=path, dtype=dtype, generation_config=gen)
 
     @staticmethod
-    def from_dict(raw: dict, path: Path = Path("."), dtype=None, generation_config: dict | None = None) -> "ModelConfig":
-        where = path / "config.json"
+    def from_dict(raw: dict, path: Path = Path("."), dtype=None, generation_config: dict | None = None,
+                  where: Path | None = None) -> "ModelConfig":
+        where = where or path / "config.json"
 
         def get(name, typ, default=...):
             if name not in raw or raw[name] is None:
@@ -151,7 +162,7 @@ class ModelConfig:
                 rope_scaling = rope_params
         if rope_scaling is not None:
             rtype = rope_scaling.get("rope_type", rope_scaling.get("type"))
-            if rtype not in ("default", "llama3", "linear"):
+            if rtype not in ("default", "llama3", "linear", "freq_factors"):  # freq_factors: from a GGUF
                 raise ModelConfigError(f"{where}: unsupported rope_scaling type {rtype!r}; supported: llama3, linear")
             if rtype == "default":
                 rope_scaling = None

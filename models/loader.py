@@ -66,6 +66,15 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 
 
 def iter_tensors(model_dir: Path) -> Iterator[TensorSource]:
+    from ziggurat.models import gguf
+
+    try:
+        gguf_file = gguf.find_gguf(model_dir)
+        if gguf_file:
+            yield from gguf.iter_tensors(gguf_file)
+            return
+    except gguf.GGUFError as e:
+        raise ModelLoadError(str(e)) from None
     for f in checkpoint_files(model_dir):
         try:
             handle = safe_open(str(f), framework="pt", device="cpu")

@@ -17,6 +17,11 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
         return inv_freq / float(scaling["factor"])
     if kind == "llama3":
         return _llama3_scale(inv_freq, scaling)
+    if kind == "freq_factors":  # a GGUF's rope_freqs tensor: one divisor per frequency
+        factors = torch.tensor(scaling["factors"], dtype=torch.float32)
+        if factors.numel() != inv_freq.numel():
+            raise ValueError(f"rope_scaling: {factors.numel()} frequency factors for {inv_freq.numel()} frequencies")
+        return inv_freq / factors
     raise ValueError(f"rope_scaling: unsupported type {kind!r}")
 
 

@@ -7,6 +7,7 @@ Reads tokenizer.json (the `tokenizers` library) and tokenizer_config.json
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -25,9 +26,114 @@ def _token_str(tok) -> str | None:
     return None
 
 
+def _read_json(f: Path):
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{f}: not valid JSON ({e})") from None
+
+
+def _named_templates(value, where: Path) -> dict[str, str]:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {"default": value}
+    if isinstance(value, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {}
+        for t in value:
+            if not isinstance(t, dict) or not isinstance(t.get("template"), str):
+                raise TokenizerError(f"{where}: chat_template: each entry of the list needs 'name' and 'template'")
+            named[str(t.get("name", "default"))] = t["template"]
+        if named and "default" not in named:
+            named["default"] = next(iter(named.values()))
+        return named
+    raise TokenizerError(f"{where}: chat_template must be a string or a list of named templates")
+
+
+def _find_chat_templates(path: Path, cfg: dict) -> tuple[dict[str, str], str | None]:
+    """Where current and older transformers write the template, newest first:
+    chat_template.jinja (plus additional_chat_templates/*.jinja), chat_template.json,
+    tokenizer_config.json's chat_template."""
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        named = {"default": jinja.read_text(encoding="utf-8")}
+        extra = path / "additional_chat_templates"
+        if extra.is_dir():
+            named.update({f.stem: f.read_text(encoding="utf-8") for f in sorted(extra.glob("*.jinja"))})
+        return named, jinja.name
+    js = path / "chat_template.json"
+    data = _read_json(js)
+    if data is not None:
+        value = data.get("chat_template") if isinstance(data, dict) else None
+        return _named_templates(value, js), js.name
+    named = _named_templates(cfg.get("chat_template"), path / "tokenizer_config.json")
+    return named, ("tokenizer_config.json" if named else None)
+
+
+def _decoder_type(tok: _HFTokenizer) -> str | None:
+    dec = json.loads(tok.to_str()).get("decoder") or {}
+    if dec.get("type") == "Sequence":
+        types = [d.get("type") for d in dec.get("decoders", [])]
+        return "ByteLevel" if "ByteLevel" in types else (types[0] if types else None)
+    return dec.get("type")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte as a printable character."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
 class Tokenizer:
+    """An HF directory's tokenizer.json + tokenizer_config.json, or a GGUF file's
+    tokenizer metadata; and the chat templates either layout carries."""
+
     def __init__(self, path: str | Path):
+        from ziggurat.models import gguf
+
         path = Path(path)
+        try:
+            gguf_file = gguf.find_gguf(path)
+        except gguf.GGUFError as e:
+            raise TokenizerError(str(e)) from None
+        if gguf_file:
+            self._init_gguf(gguf_file)
+        else:
+            self._init_hf(path)
+        self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self._compiled: dict[str, object] = {}
+        self._max_token_bytes: int | None = None
+        self._byte_level: bool | None = None
+
+    def _init_gguf(self, file: Path) -> None:
+        from ziggurat.models import gguf
+        from ziggurat.models.gguf_tokenizer import GGUFTokenizerError, tokenizer_from_gguf
+
+        try:
+            parts = tokenizer_from_gguf(gguf.metadata(file), where=str(file))
+        except (GGUFTokenizerError, gguf.GGUFError) as e:
+            raise TokenizerError(str(e)) from None
+        self._tok = parts.tokenizer
+        self.bos_token, self.eos_token = parts.bos_token, parts.eos_token
+        self.chat_templates = {"default": parts.chat_template} if parts.chat_template else {}
+        self.template_source = f"{file.name} (tokenizer.chat_template)"
+
+    def _init_hf(self, path: Path) -> None:
         tj = path / "tokenizer.json"
         if not tj.is_file():
             raise TokenizerError(f"{tj}: missing (ziggurat reads fast tokenizers from tokenizer.json)")
@@ -35,24 +141,40 @@ class Tokenizer:
             self._tok = _HFTokenizer.from_file(str(tj))
         except Exception as e:
             raise TokenizerError(f"{tj}: cannot load tokenizer ({e})") from None
-        cfg_file = path / "tokenizer_config.json"
-        cfg = {}
-        if cfg_file.is_file():
-            try:
-                cfg = json.loads(cfg_file.read_text())
-            except json.JSONDecodeError as e:
-                raise TokenizerError(f"{cfg_file}: not valid JSON ({e})") from None
+        cfg = _read_json(path / "tokenizer_config.json") or {}
+        self._add_declared_tokens(cfg.get("added_tokens_decoder"), path / "tokenizer_config.json")
         self.bos_token = _token_str(cfg.get("bos_token"))
         self.eos_token = _token_str(cfg.get("eos_token"))
-        self.chat_template = cfg.get("chat_template")
-        if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in self.chat_template}
-            self.chat_template = named.get("default") or next(iter(named.values()), None)
-        self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
-        self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self._compiled_template = None
-        self._max_token_bytes: int | None = None
+        self.chat_templates, self.template_source = _find_chat_templates(path, cfg)
+
+    def _add_declared_tokens(self, declared, where: Path) -> None:
+        """tokenizer_config.json's added_tokens_decoder: tokens it declares that tokenizer.json lacks."""
+        if not isinstance(declared, dict):
+            return
+        from tokenizers import AddedToken
+
+        for tid, spec in sorted(declared.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else -1):
+            content = _token_str(spec)
+            if not content or self._tok.token_to_id(content) is not None:
+                continue
+            tok = AddedToken(content, single_word=bool(spec.get("single_word", False)), lstrip=bool(spec.get("lstrip")),
+                             rstrip=bool(spec.get("rstrip")), normalized=bool(spec.get("normalized", False)),
+                             special=bool(spec.get("special", False)))
+            (self._tok.add_special_tokens if spec.get("special") else self._tok.add_tokens)([tok])
+            got = self._tok.token_to_id(content)
+            if str(got) != str(tid):
+                raise TokenizerError(f"{where}: added_tokens_decoder declares {content!r} as id {tid}, but it "
+                                     f"would get id {got}; tokenizer.json and tokenizer_config.json disagree")
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.chat_templates.get("default")
+
+    def template_for(self, tools: bool = False) -> str | None:
+        """The template to render a conversation with: `tool_use` when tools are given and the model has one."""
+        if tools and "tool_use" in self.chat_templates:
+            return self.chat_templates["tool_use"]
+        return self.chat_template
 
     @property
     def max_token_bytes(self) -> int:
@@ -74,17 +196,39 @@ class Tokenizer:
         return self._tok.id_to_token(i)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        if not self.chat_template:
-            raise TokenizerError("this model's tokenizer_config.json has no chat_template; use completions instead")
-        if self._compiled_template is None:
-            self._compiled_template = _compile_template(self.chat_template)
-        return self._compiled_template.render(
+        source = self.template_for(bool(kwargs.get("tools")))
+        if not source:
+            raise TokenizerError("this model has no chat template (chat_template.jinja, chat_template.json or "
+                                 "tokenizer_config.json's chat_template); use completions instead")
+        if source not in self._compiled:
+            self._compiled[source] = _compile_template(source)
+        return self._compiled[source].render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
             **kwargs,
         )
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token `i` stands for, as the tokenizer produced them: for byte-level
+        BPE a token may hold part of a UTF-8 character, which decoding alone would turn
+        into U+FFFD."""
+        piece = self._tok.id_to_token(i) if 0 <= i < self.vocab_size else None
+        if piece is None:
+            return b""
+        if self._byte_level is None:
+            self._byte_level = _decoder_type(self._tok) == "ByteLevel"
+            self._added_ids = set(self._tok.get_added_tokens_decoder())
+        if i in self._added_ids:  # added tokens are stored as their text
+            return piece.encode("utf-8")
+        if self._byte_level and all(c in _UNICODE_TO_BYTE for c in piece):
+            return bytes(_UNICODE_TO_BYTE[c] for c in piece)
+        m = _BYTE_FALLBACK.fullmatch(piece)
+        if m:  # SentencePiece byte fallback: <0xE2>
+            return bytes([int(m.group(1), 16)])
+        # SentencePiece's word-boundary marker stands for a space.
+        return piece.replace("\u2581", " ").encode("utf-8")
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
         # The template writes special tokens (BOS included) itself.

@@ -37,7 +37,7 @@ def engine_only(num_requests: int, steps: int = 200) -> float:
     import random
 
     from ziggurat.actors.scheduler.engine import EngineCore
-    from ziggurat.cluster.spec import default_model_dir
+    from ziggurat.cluster.spec import tiny_model_dir
     from ziggurat.config import EngineConfig
     from ziggurat.models.null_worker import NullWorker
     from ziggurat.sampling_params import SamplingParams
@@ -61,7 +61,7 @@ def engine_only(num_requests: int, steps: int = 200) -> float:
         def shutdown(self):
             pass
 
-    eng = EngineCore(EngineConfig(model=str(default_model_dir()), num_kv_blocks=1 << 16, device="cpu",
+    eng = EngineCore(EngineConfig(model=str(tiny_model_dir()), num_kv_blocks=1 << 16, device="cpu",
                                   max_num_seqs=num_requests), executor_factory=InProcess)
     rng = random.Random(0)
     for i in range(num_requests):
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     import ray
 
     from ziggurat.cluster.deploy import Deployment
-    from ziggurat.cluster.spec import DeploymentSpec, default_model_dir
+    from ziggurat.cluster.spec import DeploymentSpec, tiny_model_dir
     from ziggurat.scripts.bench_serving import BenchConfig, run_benchmark
 
     ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, logging_level="ERROR")
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     dep = Deployment(DeploymentSpec.from_flat(
-        model=str(default_model_dir()), served_model_name="null", port=port, tensor_parallel_size=args.tp,
+        model=str(tiny_model_dir()), served_model_name="null", port=port, tensor_parallel_size=args.tp,
         worker_cls="ziggurat.models.null_worker:NullWorker", num_kv_blocks=1 << 16, max_num_seqs=args.concurrency,
         max_waiting=4 * args.num_prompts, device="cpu", ingresses=args.ingresses,
         extra={"null_step_us": args.step_us}))

@@ -165,7 +165,7 @@ def run(kinds, kills: int, concurrency: int = 8, recover_s: float = 30.0, gap_s:
 
     from ziggurat.actors.meter.tenancy import TenantPlane
     from ziggurat.cluster.deploy import Deployment
-    from ziggurat.cluster.spec import DeploymentSpec, default_model_dir
+    from ziggurat.cluster.spec import DeploymentSpec, tiny_model_dir
 
     rng = random.Random(seed)
     db = tempfile.mkdtemp(prefix="chaos-") + "/ledger.db"
@@ -178,7 +178,7 @@ def run(kinds, kills: int, concurrency: int = 8, recover_s: float = 30.0, gap_s:
     if not ray.is_initialized():
         ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR")
     dep = Deployment(DeploymentSpec.from_flat(
-        model=model or str(default_model_dir()), served_model_name="tiny", port=0, replicas=2, num_kv_blocks=256,
+        model=model or str(tiny_model_dir()), served_model_name="tiny", port=0, replicas=2, num_kv_blocks=256,
         device="cpu", db=db, interval_s=0.25, health_timeout_s=5.0))
     report = Report()
     outcomes: list[Outcome] = []

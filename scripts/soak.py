@@ -48,10 +48,10 @@ def main(argv=None) -> int:
     import ray
 
     from ziggurat.cluster.deploy import Deployment
-    from ziggurat.cluster.spec import DeploymentSpec, default_model_dir
+    from ziggurat.cluster.spec import DeploymentSpec, tiny_model_dir
 
     ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR")
-    dep = Deployment(DeploymentSpec.from_flat(model=str(default_model_dir()), served_model_name="tiny", port=0,
+    dep = Deployment(DeploymentSpec.from_flat(model=str(tiny_model_dir()), served_model_name="tiny", port=0,
                                               replicas=2, ingresses=2, num_kv_blocks=512, device="cpu"))
     actors = {"meter": dep.meter, "router": dep.router, "supervisor": dep.supervisor}
     actors.update({f"ingress{i}": a for i, a in enumerate(dep.ingresses)})

@@ -227,23 +227,23 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
     }
 
 
-def completion_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]], offset: int) -> dict:
-    """entries: (token text, logprob, [(alt text, alt logprob), ...]) per token."""
+def completion_logprobs(entries: list[tuple[str, bytes, float, list[tuple[str, bytes, float]]]], offset: int) -> dict:
+    """entries: (token text, token bytes, logprob, [(alt text, alt bytes, alt logprob), ...]) per token."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for text, lp, top in entries:
+    for text, _, lp, top in entries:
         out["tokens"].append(text)
         out["token_logprobs"].append(lp)
-        out["top_logprobs"].append({t: v for t, v in top})
+        out["top_logprobs"].append({t: v for t, _, v in top})
         out["text_offset"].append(offset)
         offset += len(text)
     return out
 
 
-def chat_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]]) -> dict:
-    def item(text, lp):
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+def chat_logprobs(entries: list[tuple[str, bytes, float, list[tuple[str, bytes, float]]]]) -> dict:
+    def item(text, raw, lp):
+        return {"token": text, "logprob": lp, "bytes": list(raw)}
 
-    return {"content": [dict(item(t, lp), top_logprobs=[item(a, b) for a, b in top]) for t, lp, top in entries]}
+    return {"content": [dict(item(t, b, lp), top_logprobs=[item(*alt) for alt in top]) for t, b, lp, top in entries]}
 
 
 def now() -> int:

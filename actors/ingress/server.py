@@ -427,8 +427,12 @@ class OpenAIServer:
 
     def _lp_entries(self, lps) -> list:
         tok = self.tokenizer
-        text = lambda i: tok.decode([i], skip_special_tokens=False)  # noqa: E731
-        return [(text(lp.token_id), lp.logprob, [(text(a), b) for a, b in zip(lp.top_ids, lp.top_logprobs)]) for lp in lps]
+
+        def entry(i: int) -> tuple[str, bytes]:
+            return tok.decode([i], skip_special_tokens=False), tok.token_bytes(i)
+
+        return [(*entry(lp.token_id), lp.logprob, [(*entry(a), b) for a, b in zip(lp.top_ids, lp.top_logprobs)])
+                for lp in lps]
 
     @staticmethod
     def _usage(outputs: RequestOutputs) -> dict:

@@ -43,7 +43,7 @@ def test_flags_override_the_file(tmp_path, llama_dir):
     ("model: M\ningress:\n  api_keys: [sk-1]\n", 3, "secrets do not go in the file"),
     ("model: M\nreplicass: 2\n", 2, "replicass: unknown setting (did you mean replicas?)"),
     ("model: M\nengine: 5\n", 2, "engine: must be a mapping"),
-    ("model: /no/such/dir\n", 1, "model: directory '/no/such/dir' does not exist"),
+    ("model: /no/such/dir\n", 1, "model: '/no/such/dir' does not exist"),
     ("model: [\n", 2, "not valid YAML"),
     ("", None, "the deployment file is empty"),
 ])
