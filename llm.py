@@ -14,6 +14,7 @@ from ziggurat.actors.scheduler.output_processor import RequestOutputs
 from ziggurat.actors.scheduler.request import RequestStatus
 from ziggurat.actors.scheduler.validation import RequestError
 from ziggurat.config import EngineConfig
+from ziggurat.models.config import sampling_defaults
 from ziggurat.models.tokenizer import Tokenizer
 from ziggurat.outputs import RequestOutput
 from ziggurat.sampling_params import SamplingParams
@@ -34,19 +35,26 @@ class LLM:
         self.config = EngineConfig(model=str(model), tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed, **kwargs)
         self.tokenizer = Tokenizer(model)
         self.engine = EngineCore(self.config)
+        self._defaults = sampling_defaults(model)
         self._counter = 0
 
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the model's generation_config.json defaults applied (vLLM's rule)."""
+        return SamplingParams(**self._defaults)
 
     def generate(
         self,
         prompts: PromptType | list[PromptType],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
+        if self.engine is None:
+            raise RuntimeError("this LLM has been shut down; make a new one")
         prompts = self._normalize_prompts(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
@@ -114,10 +122,20 @@ class LLM:
         raise ValueError(f"prompt: expected a string or a list of token ids, got {type(p).__name__}")
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        """Release the model, the KV cache and any worker processes; the GPU memory
+        goes back to the device. Idempotent; `with LLM(...) as llm:` calls it on exit."""
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is not None:
+            engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def __del__(self):
         try:
-            self.engine.shutdown()
+            self.shutdown()
         except Exception:
             pass

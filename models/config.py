@@ -221,6 +221,25 @@ def _sliding_windows(raw: dict, arch: str, num_layers: int) -> tuple[int | None,
     return tuple(window if i >= first_sliding else None for i in range(num_layers))
 
 
+# generation_config.json's keys that become request defaults, as vLLM applies them
+# (a request's own value wins; max_new_tokens becomes max_tokens).
+GENERATION_DEFAULTS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float,
+                       "repetition_penalty": float, "max_new_tokens": int}
+
+
+def sampling_defaults(path: str | Path) -> dict:
+    """The sampling defaults a model's generation_config.json sets: SamplingParams field -> value."""
+    path = Path(path)
+    gen = _read_generation_config(path) if path.is_dir() else None
+    out = {}
+    for key, typ in GENERATION_DEFAULTS.items():
+        v = (gen or {}).get(key)
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        out["max_tokens" if key == "max_new_tokens" else key] = typ(v)
+    return out
+
+
 def _read_generation_config(path: Path) -> dict | None:
     f = path / "generation_config.json"
     if not f.is_file():

@@ -32,6 +32,9 @@ class Worker:
         if dev.startswith("cuda"):
             self.device = torch.device("cuda", rank % max(1, torch.cuda.device_count()))
             torch.cuda.set_device(self.device)
+            # The KV budget subtracts this engine's peak; an engine made earlier in
+            # this process (and released) must not count.
+            torch.cuda.reset_peak_memory_stats(self.device)
         else:
             self.device = torch.device("cpu")
         backend = "nccl" if self.device.type == "cuda" else "gloo"

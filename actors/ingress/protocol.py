@@ -66,11 +66,13 @@ def _names(types) -> str:
                         dict: "an object"}.get(t, t.__name__) for t in types)
 
 
-def _sampling(body: dict, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def _sampling(body: dict, max_tokens: int | None, logprobs: int | None, defaults: dict | None) -> SamplingParams:
+    """defaults: the model's generation-config sampling defaults (models/config.py::sampling_defaults)."""
+    d = defaults or {}
     kw = dict(
         n=_type(body, "n", int, 1),
-        temperature=float(_type(body, "temperature", (int, float), 1.0)),
-        top_p=float(_type(body, "top_p", (int, float), 1.0)),
+        temperature=float(_type(body, "temperature", (int, float), d.get("temperature", 1.0))),
+        top_p=float(_type(body, "top_p", (int, float), d.get("top_p", 1.0))),
         seed=_type(body, "seed", int),
         max_tokens=max_tokens,
         presence_penalty=float(_type(body, "presence_penalty", (int, float), 0.0)),
@@ -89,6 +91,10 @@ def _sampling(body: dict, max_tokens: int | None, logprobs: int | None) -> Sampl
     for name in _EXTRA_SAMPLING:
         if body.get(name) is not None:
             kw[name] = body[name]
+        elif name in d:
+            kw[name] = d[name]
+    if kw["max_tokens"] is None and "max_tokens" in d:
+        kw["max_tokens"] = d["max_tokens"]
     if "top_k" in kw and kw["top_k"] == 0:
         kw["top_k"] = -1
     try:
@@ -120,7 +126,7 @@ def _stream_options(body: dict, stream: bool) -> bool:
     return bool(opts.get("include_usage", False))
 
 
-def parse_completion(body: dict) -> ParsedRequest:
+def parse_completion(body: dict, defaults: dict | None = None) -> ParsedRequest:
     if not isinstance(body, dict):
         raise bad("request body must be a JSON object")
     prompt = body.get("prompt")
@@ -150,7 +156,7 @@ def parse_completion(body: dict) -> ParsedRequest:
         kind="completion",
         model=_type(body, "model", str),
         prompts=prompts,
-        params=_sampling(body, max_tokens, lp),
+        params=_sampling(body, max_tokens, lp, defaults),
         stream=stream,
         include_usage=_stream_options(body, stream),
         logprobs=lp,
@@ -181,7 +187,7 @@ def _message_text(msg: dict, i: int) -> dict:
     return {"role": "system" if role == "developer" else role, "content": content}
 
 
-def parse_chat(body: dict) -> ParsedRequest:
+def parse_chat(body: dict, defaults: dict | None = None) -> ParsedRequest:
     if not isinstance(body, dict):
         raise bad("request body must be a JSON object")
     messages = body.get("messages")
@@ -203,7 +209,7 @@ def parse_chat(body: dict) -> ParsedRequest:
         kind="chat",
         model=_type(body, "model", str),
         prompts=[],
-        params=_sampling(body, max_tokens, lp),
+        params=_sampling(body, max_tokens, lp, defaults),
         stream=stream,
         include_usage=_stream_options(body, stream),
         logprobs=lp,

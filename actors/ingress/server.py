@@ -56,6 +56,7 @@ from ziggurat.actors.scheduler.block_pool import ROOT_HASH, hash_block_tokens
 from ziggurat.actors.scheduler.messages import ReplicaInfo
 from ziggurat.actors.scheduler.output_processor import Delta, RequestOutputs
 from ziggurat.actors.scheduler.validation import ModelLimits, RequestError, check_request
+from ziggurat.models.config import sampling_defaults
 from ziggurat.models.tokenizer import Tokenizer
 
 log = logging.getLogger("ziggurat.ingress")
@@ -106,6 +107,13 @@ class OpenAIServer:
         self.replica = replica
         self.limits = ModelLimits(replica.max_model_len, replica.vocab_size)
         self.tokenizer = Tokenizer(replica.model)
+        if not self.tokenizer.chat_template:
+            log.warning("model %s has no chat template (chat_template.jinja, chat_template.json or "
+                        "tokenizer_config.json): /v1/chat/completions will answer 400; /v1/completions works",
+                        replica.model)
+        self.sampling_defaults = sampling_defaults(replica.model)
+        if self.sampling_defaults:
+            log.info("the model's generation_config.json sets request defaults: %s", self.sampling_defaults)
         self.pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="tokenize")
         self.records = UsageRecords(meter)  # failures on our side, metered here (usage_records.py)
         self.journal = journal  # what open streams' clients received, for a successor (delivery_journal.py)
@@ -242,7 +250,7 @@ class OpenAIServer:
 
     async def completions(self, request: Request):
         principal = await self.gate.authenticate(request.headers.get("authorization"))
-        req = parse_completion(await self._body(request))
+        req = parse_completion(await self._body(request), self.sampling_defaults)
         self._check_model(req.model)
         texts = [p for p in req.prompts if isinstance(p, str)]
         for p in texts:
@@ -253,7 +261,7 @@ class OpenAIServer:
 
     async def chat(self, request: Request):
         principal = await self.gate.authenticate(request.headers.get("authorization"))
-        req = parse_chat(await self._body(request))
+        req = parse_chat(await self._body(request), self.sampling_defaults)
         self._check_model(req.model)
         total = sum(self._text_bytes(m["content"], "messages") for m in req.messages)
         if total > self.max_prompt_bytes:

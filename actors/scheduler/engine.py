@@ -231,4 +231,8 @@ class EngineCore:
         return step, handle
 
     def shutdown(self) -> None:
-        self.executor.shutdown()
+        """Release the workers (and with them the model and KV cache). Idempotent."""
+        self._inflight = None  # its handle holds device tensors
+        executor, self.executor = self.executor, None
+        if executor is not None:
+            executor.shutdown()

@@ -57,7 +57,10 @@ class InProcessExecutor:
         # too, once the caching allocator is emptied).
         import torch
 
+        import gc
+
         self.worker = None
+        gc.collect()  # CUDA graphs and the model hold reference cycles
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
