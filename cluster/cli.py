@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 
 
 def add_fields(parser: argparse.ArgumentParser, cls, skip=()) -> None:
@@ -181,7 +182,11 @@ def _stream(args, path: str, body: dict, piece) -> int:
         if not args.model_name:
             with _request(args, "/models") as r:
                 args.model_name = json.load(r)["data"][0]["id"]
-        body = dict(body, model=args.model_name, stream=True, max_tokens=args.max_tokens, temperature=args.temperature)
+        body = dict(body, model=args.model_name, stream=True, max_tokens=args.max_tokens,
+                    stream_options={"include_usage": True})
+        if args.temperature is not None:
+            body["temperature"] = args.temperature
+        t0, first, usage = time.perf_counter(), None, None
         with _request(args, path, body) as r:
             for raw in r:
                 line = raw.decode().strip()
@@ -191,8 +196,13 @@ def _stream(args, path: str, body: dict, piece) -> int:
                 if "error" in chunk:
                     print(f"\nerror: {chunk['error']['message']}", file=sys.stderr)
                     return 1
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
                 if chunk.get("choices"):
-                    print(piece(chunk["choices"][0]) or "", end="", flush=True)
+                    text = piece(chunk["choices"][0]) or ""
+                    if text and first is None:
+                        first = time.perf_counter() - t0
+                    print(text, end="", flush=True)
     except urllib.error.HTTPError as e:
         try:
             message = json.load(e).get("error", {}).get("message")
@@ -204,6 +214,13 @@ def _stream(args, path: str, body: dict, piece) -> int:
         print(f"error: cannot reach {args.base_url}: {e.reason}", file=sys.stderr)
         return 1
     print()
+    if args.stats and usage:
+        total = time.perf_counter() - t0
+        n = usage["completion_tokens"]
+        rate = (n - 1) / (total - first) if first is not None and n > 1 and total > first else 0.0
+        ttft = f"{first:.2f} s" if first is not None else "-"
+        print(f"[{n} tokens; time to first token {ttft}; {rate:.1f} tok/s after it; {total:.2f} s in all]",
+              file=sys.stderr)
     return 0
 
 
@@ -222,8 +239,10 @@ def _generate(args) -> int:
 
     kw = given(args, EngineConfig)
     if kw.get("model") is None:
-        print("ziggurat generate: --model is required", file=sys.stderr)
-        return 2
+        from ziggurat.cluster.spec import default_model
+
+        kw["model"], notice = default_model()
+        print(f"ziggurat: {notice}", file=sys.stderr)
     llm = LLM(**kw)
     outs = llm.generate(args.prompts, SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature))
     for o in outs:
@@ -283,7 +302,9 @@ def main(argv=None) -> int:
         c.add_argument("--api-key-file", default=None, help="default: $OPENAI_API_KEY or $ZIGGURAT_API_KEY")
         c.add_argument("--model-name", default=None)
         c.add_argument("--max-tokens", type=int, default=128)
-        c.add_argument("--temperature", type=float, default=0.7)
+        c.add_argument("--temperature", type=float, default=0.0,
+                       help="default 0 (greedy: the model's best answer); e.g. 0.7 for variety")
+        c.add_argument("--stats", action="store_true", help="print tokens, time to first token and tok/s to stderr")
         c.set_defaults(fn=fn)
 
     g = sub.add_parser("generate", help="offline generation in this process")

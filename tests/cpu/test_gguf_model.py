@@ -111,3 +111,14 @@ def test_token_bytes_keep_partial_characters():
     # At least one token of the CJK text is part of a character: its bytes are not U+FFFD's.
     ids = tok.encode("日本語のテキスト", add_special_tokens=False)
     assert any(tok.decode([i]) == "\ufffd" and tok.token_bytes(i) != "\ufffd".encode() for i in ids)
+
+
+def test_generate_cli_uses_the_default_model(capsys):
+    import json
+
+    from ziggurat.cluster.cli import main
+
+    assert main(["generate", "The capital of France is", "--max-tokens", "8"]) == 0
+    captured = capsys.readouterr()
+    assert "SmolLM2-135M-Instruct" in captured.err
+    assert "Paris" in json.loads(captured.out.strip().splitlines()[-1])["text"]
