@@ -56,7 +56,7 @@ class KVSide:
         self._tables: dict[str, torch.Tensor] = {}  # source key -> its address table on our device
         self._groups: dict[str, object] = {}  # source key -> our pair group with it
         self._lock = kt.Once()
-        self._ids = None  # (pinned host, device) int32 staging for block ids (the copy kernel's)
+        self._ids = None  # (pinned host, device) int32 id buffers of the copy kernel (kv_copy_triton.pack_ids)
         self._serving: list[threading.Thread] = []
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.request_pair = None  # (endpoint, pair_id) -> None: asks the source to join (the worker actor sets it)
@@ -199,30 +199,30 @@ class KVSide:
             row[4] += seconds
 
     def _copy_device(self, key: str, caches, dst, src_ids, dst_ids, sl) -> None:
-        """One launch for all layers (the Triton kernel, with both sides' address
-        tables uploaded once per source), or the torch reference."""
+        """One launch for all layers (the Triton kernel, with both sides' address tables
+        uploaded once per source and the ids through one pinned staging buffer), or the
+        torch reference. The caches' layout is checked once per source, not per pull."""
         from ziggurat.kernels.backend import use_triton
 
         if not use_triton(dst[0][0]):
             return copy_blocks(caches, dst, src_ids, dst_ids, sl)
-        from ziggurat.kernels.kv_copy_triton import address_table, copy_blocks as kernel
+        from ziggurat.kernels import kv_copy_triton as kc
 
         if key not in self._tables:
-            self._tables[key] = address_table(caches, self.device)
+            kc.check_caches(caches, dst)
+            self._tables[key] = kc.address_table(caches, self.device)
         if "" not in self._tables:
-            self._tables[""] = address_table(dst, self.device)
+            self._tables[""] = kc.address_table(dst, self.device)
         n = len(src_ids)
-        if self._ids is None or self._ids[0].numel() < 2 * n:  # pinned staging for the block ids, and its device twin
-            cap = max(4096, 2 * n)
-            self._ids = (torch.empty(cap, dtype=torch.int32, pin_memory=True),
-                         torch.empty(cap, dtype=torch.int32, device=self.device))
+        if self._ids is None or self._ids[0].numel() < 1 + 2 * n:
+            cap = max(4096, n)
+            self._ids = (torch.zeros(1 + 2 * cap, dtype=torch.int32, pin_memory=True),
+                         torch.zeros(1 + 2 * cap, dtype=torch.int32, device=self.device))
         host, dev = self._ids
-        host_np = host.numpy()
-        host_np[:n] = src_ids
-        host_np[n:2 * n] = dst_ids
-        dev[:2 * n].copy_(host[:2 * n], non_blocking=True)  # reused only after the pull's stream sync
-        kernel(caches, dst, src_ids, dst_ids, sl.src_lo, sl.dst_lo, sl.num_heads, self._tables[key], self._tables[""],
-               dev[:2 * n])
+        cap = (host.numel() - 1) // 2
+        kc.pack_ids(src_ids, dst_ids, cap, host)
+        dev[: 1 + cap + n].copy_(host[: 1 + cap + n], non_blocking=True)  # reused only after the pull's stream sync
+        kc.launch(caches, dst, sl.src_lo, sl.dst_lo, sl.num_heads, self._tables[key], self._tables[""], dev, cap, n)
 
     def warmup(self) -> None:
         """Compile the copy kernel before the first pull waits on it (a copy of block 0 onto itself)."""
@@ -239,7 +239,9 @@ class KVSide:
         for key in source_keys:
             self._ipc.pop(key, None)
             self._tables.pop(key, None)
+
             self._groups.pop(key, None)
 
     def close(self) -> None:
         _LOCAL.pop(self.key, None)
+

@@ -302,3 +302,41 @@ def test_kv_copy_kernel_equals_the_reference(src_heads, dst_heads, src_lo, dst_l
         assert torch.equal(a, c) and torch.equal(b, d)
     untouched = [i for i in range(10) if i not in (5, 1, 9)]
     assert torch.equal(dst[0][0][untouched], ref[0][0][untouched])
+
+
+@pytest.mark.parametrize("src_heads,dst_heads,src_lo,dst_lo,n", [(8, 8, 0, 0, 8), (8, 4, 4, 0, 4)])
+def test_kv_copy_kernel_with_spare_capacity_copies_only_its_blocks(src_heads, dst_heads, src_lo, dst_lo, n):
+    """The graph-replayed launch: an id buffer of capacity 8 holding 3 blocks; the idle programs write nothing."""
+    from ziggurat.kernels.kv_copy_triton import address_table, launch, pack_ids
+    from ziggurat.models.kv_blocks import gather_blocks, scatter_blocks
+
+    g = torch.Generator().manual_seed(1)
+    mk = lambda h: [(torch.randn(12, 16, h, 128, generator=g).half(),  # noqa: E731
+                     torch.randn(12, 16, h, 128, generator=g).half()) for _ in range(2)]
+    src, dst = mk(src_heads), mk(dst_heads)
+    ref = [(k.clone(), v.clone()) for k, v in dst]
+    ids = pack_ids([3, 7, 0], [5, 1, 9], 8)
+    launch(src, dst, src_lo, dst_lo, n, address_table(src, "cpu"), address_table(dst, "cpu"), ids, 8)
+    scatter_blocks(ref, gather_blocks(src, [3, 7, 0], src_lo, n), [5, 1, 9], dst_lo)
+    for (a, b), (c, d) in zip(dst, ref):
+        assert torch.equal(a, c) and torch.equal(b, d)
+    with pytest.raises(ValueError, match="capacity"):
+        pack_ids(list(range(9)), list(range(9)), 8)
+
+
+def test_kv_copy_kernel_grid_narrower_than_the_buffer():
+    """KVSide's launch: a 64-capacity buffer, a grid of n programs per tensor, n larger
+    than a token's row of elements (2 heads x 4) so the two cannot be confused."""
+    from ziggurat.kernels.kv_copy_triton import address_table, launch, pack_ids
+
+    g = torch.Generator().manual_seed(2)
+    mk = lambda: [(torch.randn(24, 16, 2, 4, generator=g).half(),  # noqa: E731
+                   torch.randn(24, 16, 2, 4, generator=g).half()) for _ in range(2)]
+    src, dst = mk(), mk()
+    src_ids, dst_ids = list(range(12)), list(range(23, 11, -1))
+    before = [(k.clone(), v.clone()) for k, v in dst]
+    launch(src, dst, 0, 0, 2, address_table(src, "cpu"), address_table(dst, "cpu"), pack_ids(src_ids, dst_ids, 64),
+           64, len(src_ids))
+    for (a, b), (c, d), (e, f) in zip(dst, src, before):
+        assert torch.equal(a[dst_ids], c[src_ids]) and torch.equal(b[dst_ids], d[src_ids])
+        assert torch.equal(a[:12], e[:12]) and torch.equal(b[:12], f[:12])
