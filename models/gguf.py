@@ -94,11 +94,13 @@ def reader(file: Path):
     return _reader(Path(file), Path(file).stat().st_mtime_ns)
 
 
-@functools.lru_cache(maxsize=4)
-def _metadata(file: Path, mtime_ns: int) -> dict:
+@functools.lru_cache(maxsize=8)
+def _metadata(file: Path, mtime_ns: int, arrays: bool) -> dict:
     out = {}
     for name, f in _reader(file, mtime_ns).fields.items():
         if name.startswith("GGUF."):
+            continue
+        if not arrays and len(f.data) > 1024:  # the vocabulary: only the tokenizer needs it (seconds to convert)
             continue
         try:
             out[name] = f.contents()
@@ -107,14 +109,20 @@ def _metadata(file: Path, mtime_ns: int) -> dict:
     return out
 
 
-def metadata(file: Path) -> dict:
-    """Key -> plain Python value (str, int, float, list) for every metadata key."""
-    return _metadata(Path(file), Path(file).stat().st_mtime_ns)
+def metadata(file: Path, arrays: bool = True) -> dict:
+    """Key -> plain Python value (str, int, float, list) for every metadata key;
+    arrays=False leaves out long arrays (the tokenizer's vocabulary and merges)."""
+    return _metadata(Path(file), Path(file).stat().st_mtime_ns, arrays)
+
+
+def _array_len(file: Path, name: str) -> int | None:
+    f = reader(file).fields.get(name)
+    return len(f.data) if f is not None else None
 
 
 def config_dict(file: Path) -> dict:
     """The metadata as the fields of an HF config.json."""
-    md = metadata(file)
+    md = metadata(file, arrays=False)
     arch = md.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise GGUFError(f"{file}: unsupported GGUF architecture {arch!r}; supported: " + ", ".join(ARCHITECTURES))
@@ -132,7 +140,7 @@ def config_dict(file: Path) -> dict:
         raise GGUFError(f"{file}: per-layer head counts ({arch}.attention.head_count is a list) are not supported")
     hidden = key("embedding_length")
     kv_heads = key("attention.head_count_kv", heads)
-    tokens = md.get("tokenizer.ggml.tokens")
+    n_tokens = _array_len(file, "tokenizer.ggml.tokens")
     names = {t.name for t in reader(file).tensors}
     raw = {
         "architectures": [ARCHITECTURES[arch][0]],
@@ -142,7 +150,7 @@ def config_dict(file: Path) -> dict:
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": key("attention.key_length", hidden // heads),
-        "vocab_size": key("vocab_size", len(tokens) if tokens else None),
+        "vocab_size": key("vocab_size", n_tokens),
         "max_position_embeddings": key("context_length", 4096),
         "rms_norm_eps": key("attention.layer_norm_rms_epsilon", 1e-6),
         "rope_theta": key("rope.freq_base", 10000.0),
@@ -253,7 +261,7 @@ class GGUFTensorSource:
 
 def iter_tensors(file: Path, dtype: torch.dtype = torch.float32):
     raw = config_dict(file)
-    permuted = ARCHITECTURES[metadata(file)["general.architecture"]][1]
+    permuted = ARCHITECTURES[metadata(file, arrays=False)["general.architecture"]][1]
     heads = {"attn_q": raw["num_attention_heads"], "attn_k": raw["num_key_value_heads"]}
     for t in reader(file).tensors:
         if hf_name(t.name) is None:

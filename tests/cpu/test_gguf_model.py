@@ -122,3 +122,13 @@ def test_generate_cli_uses_the_default_model(capsys):
     captured = capsys.readouterr()
     assert "SmolLM2-135M-Instruct" in captured.err
     assert "Paris" in json.loads(captured.out.strip().splitlines()[-1])["text"]
+
+
+def test_tensor_parallel_ranks_read_their_slices_of_the_gguf(llm):
+    """TP 3 (SmolLM2's 9 query / 3 KV heads split three ways; q/k rows restored per
+    head on each rank's own rows) gives the tokens TP 1 gives."""
+    ids = llm.get_tokenizer().encode_chat(CHATS[1])
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    want = llm.generate({"prompt_token_ids": ids}, params)[0].outputs[0].token_ids
+    with LLM(str(GGUF), dtype="float32", num_kv_blocks=64, tensor_parallel_size=3) as tp:
+        assert tp.generate({"prompt_token_ids": ids}, params)[0].outputs[0].token_ids == want
