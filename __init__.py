@@ -17,6 +17,7 @@ _EXPORTS = {
     "RequestOutput": "ziggurat.outputs",
     "CompletionOutput": "ziggurat.outputs",
     "SamplingParams": "ziggurat.sampling_params",
+    "StructuredOutputsParams": "ziggurat.sampling_params",
 }
 
 

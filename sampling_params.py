@@ -14,6 +14,26 @@ class SamplingParamsError(ValueError):
         self.field = field_name
 
 
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Constrain the output (vLLM's shape): a JSON schema, any JSON object, a regex, one
+    of `choice`, or an EBNF grammar; at most one. Compiled and checked by the engine
+    (actors/scheduler/structured.py); the HTTP API maps response_format and vLLM's
+    guided_* fields onto this."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def as_body(self) -> dict:
+        """The request-body form (`{"structured_outputs": {...}}`) the grammar layer parses."""
+        return {"structured_outputs": {k: getattr(self, k) for k in ("json", "regex", "choice", "grammar",
+                                                                     "json_object")
+                                       if getattr(self, k) is not None}}
+
+
 @dataclass
 class SamplingParams:
     """How to turn logits into tokens and when to stop.
@@ -48,6 +68,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None  # constrain the output (a schema, regex, ...)
     # Token ids that end generation besides EOS, filled in by the engine from
     # generation_config.json; not user-facing.
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
@@ -115,6 +136,9 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:
                 bad("stop_token_ids", f"must be non-negative integers, got {t!r}")
+        so = self.structured_outputs
+        if so is not None and not isinstance(so, StructuredOutputsParams):
+            bad("structured_outputs", f"must be a StructuredOutputsParams, got {type(so).__name__}")
 
     @property
     def greedy(self) -> bool:

@@ -24,6 +24,7 @@ from ziggurat.models.sampler import (
     PenaltyState,
     Sampler,
     SamplingBatch,
+    apply_token_bitmask,
     plain_greedy,
     sampling_row,
 )
@@ -387,6 +388,8 @@ class ModelRunner:
         if not reqs:
             return _InFlight.empty()
         logits = self.model.compute_logits(hidden)
+        if step.grammar_bitmask is not None and self.tp.rank == 0:
+            self._mask_grammar_rows(logits, reqs, step)
         sampled = self._sample(logits, reqs) if self.tp.rank == 0 else None
         tokens = sampled.token_ids if sampled is not None else torch.empty(len(reqs), dtype=torch.long,
                                                                           device=self.device)
@@ -425,6 +428,20 @@ class ModelRunner:
         h.reqs = []
         h.tokens = h.sampled = None  # free the device tensors
         h.resolved = True
+
+    def _mask_grammar_rows(self, logits: torch.Tensor, reqs: list[_RunnerRequest], step: StepInput) -> None:
+        """Structured outputs: disallowed tokens of the grammar rows to -inf before sampling."""
+        where = {r.row: i for i, r in enumerate(reqs)}
+        keep = [j for j, row in enumerate(step.grammar_rows.tolist()) if row in where]
+        if not keep:
+            return
+        positions = [where[int(step.grammar_rows[j])] for j in keep]
+        mask = step.grammar_bitmask if len(keep) == len(step.grammar_rows) else step.grammar_bitmask[keep]
+        (pos,) = self.staging.upload(np.asarray(positions, dtype=np.int64))
+        bits = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int32))
+        if self.device.type == "cuda":
+            bits = bits.pin_memory().to(self.device, non_blocking=True)
+        apply_token_bitmask(logits, bits, pos)
 
     def _sample(self, logits: torch.Tensor, rs: list[_RunnerRequest]):
         """SamplerOutput for the sampling rows, on the device (no host sync)."""

@@ -59,6 +59,10 @@ class StepInput:
     finished_rows: list[int] = field(default_factory=list)
     step_id: int = -1  # the scheduler's own count (workers ignore it)
     inject_fault: bool = False  # a failure drill: every rank raises on this step (see EngineCore)
+    # Structured outputs: the rows whose token this step samples under a grammar, and
+    # each one's allowed-token bitmask (int32 [k, ceil(vocab / 32)], bit t = token t).
+    grammar_rows: np.ndarray | None = None
+    grammar_bitmask: np.ndarray | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -74,12 +78,14 @@ class StepInput:
 
     def __reduce__(self):
         return _step_input, (self.new_requests, self.cached_requests, _ints(self.rows).tobytes(),
-                             _ints(self.num_tokens).tobytes(), self.finished_rows, self.step_id, self.inject_fault)
+                             _ints(self.num_tokens).tobytes(), self.finished_rows, self.step_id, self.inject_fault,
+                             self.grammar_rows, self.grammar_bitmask)
 
 
-def _step_input(new, cached, rows: bytes, num_tokens: bytes, finished, step_id, fault=False) -> StepInput:
+def _step_input(new, cached, rows: bytes, num_tokens: bytes, finished, step_id, fault=False, grammar_rows=None,
+                grammar_bitmask=None) -> StepInput:
     return StepInput(new, cached, np.frombuffer(rows, dtype=np.int32), np.frombuffer(num_tokens, dtype=np.int32),
-                     finished, step_id, fault)
+                     finished, step_id, fault, grammar_rows, grammar_bitmask)
 
 
 @dataclass

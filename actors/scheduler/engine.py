@@ -16,7 +16,7 @@ from ziggurat.actors.scheduler.kv_manager import KVCacheManager
 from ziggurat.actors.scheduler.request import Request, RequestStatus
 from ziggurat.actors.scheduler.messages import StepUpdates
 from ziggurat.actors.scheduler.scheduler import Scheduler, SchedulerConfig
-from ziggurat.actors.scheduler.validation import ModelLimits, check_request
+from ziggurat.actors.scheduler.validation import ModelLimits, RequestError, check_request
 from ziggurat.config import ConfigError, EngineConfig
 from ziggurat.models.config import ModelConfig
 from ziggurat.models.step import KVPull, KVTransferRecord
@@ -57,6 +57,8 @@ class EngineCore:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv,
             tuple(self.model_config.eos_token_ids),
         )
+        self.scheduler.vocab_size = self.model_config.vocab_size
+        self._grammars = None  # GrammarCompiler, made with the first structured-output request
         self._ids = itertools.count()
         self._inflight = None  # (StepInput, executor handle) submitted, outputs not yet applied
         # Only worth it when the executor runs a step while the scheduler works.
@@ -87,20 +89,44 @@ class EngineCore:
             self.check_request(prompt_token_ids, params)
         if not params._eos_token_ids:
             params = params.clone(_eos_token_ids=tuple(self.model_config.eos_token_ids))
-        self.scheduler.add_request(
-            Request(
-                request_id=rid,
-                prompt_token_ids=list(prompt_token_ids),
-                sampling_params=params,
-                eos_token_ids=params._eos_token_ids,
-                cache_extra_keys=cache_extra_keys,
-                handoff=handoff,
-            )
+        req = Request(
+            request_id=rid,
+            prompt_token_ids=list(prompt_token_ids),
+            sampling_params=params,
+            eos_token_ids=params._eos_token_ids,
+            cache_extra_keys=cache_extra_keys,
+            handoff=handoff,
         )
+        req.grammar = self.grammar_state(params)
+        self.scheduler.add_request(req)
         return rid
+
+    def grammar_state(self, params: SamplingParams, accepted: list[int] = ()):
+        """Structured outputs: the request's GrammarState (compiled once per distinct
+        constraint, cached), having accepted `accepted`; None without a constraint.
+        RequestError naming the field if the constraint is invalid."""
+        if params.structured_outputs is None:
+            return None
+        from ziggurat.actors.scheduler import structured as so
+
+        try:
+            spec = so.GrammarSpec.from_openai(params.structured_outputs.as_body())
+            if spec is None:
+                return None
+            if self._grammars is None:
+                from ziggurat.models.tokenizer import Tokenizer
+
+                self._grammars = so.GrammarCompiler(Tokenizer(self.config.model), self.model_config.vocab_size,
+                                                    stop_token_ids=list(self.model_config.eos_token_ids))
+            compiled = self._grammars.compile(spec)
+        except so.StructuredOutputError as e:
+            raise RequestError(str(e), e.field) from None
+        return so.GrammarState.rebuild(compiled, list(accepted)) if accepted else so.GrammarState(compiled)
 
     def check_request(self, prompt_token_ids, params: SamplingParams, param: str = "prompt") -> None:
         check_request(prompt_token_ids, params, self.limits, param)
+        if params.structured_outputs is not None:
+            self.grammar_state(params)  # compiles (and caches) the constraint, or names what is wrong
 
     def abort(self, request_ids, status: RequestStatus = RequestStatus.FINISHED_ABORTED, reason: str | None = None,
               force: bool = False) -> list[Request]:
@@ -124,6 +150,7 @@ class EngineCore:
                       eos_token_ids=params._eos_token_ids, cache_extra_keys=sub.cache_extra_keys)
         req.output_token_ids.append(h.first_token)
         req.all_token_ids.append(h.first_token)
+        req.grammar = self.grammar_state(params, [h.first_token])  # rebuilt here: the first token is in
         if h.first_logprobs is not None:
             req.output_logprobs.append(h.first_logprobs)
         req.num_cached_tokens = h.num_cached_tokens

@@ -63,6 +63,7 @@ class Request:
     preallocated: bool = False  # its prompt's blocks are allocated and filled (pulled): admit without a lookup
     abort_reason: str | None = None  # aborted while its KV was in flight: ends when the pull returns
     since: float = 0.0  # when it entered its current hand-off state (deadlines)
+    grammar: object = None  # structured outputs: its GrammarState (actors/scheduler/structured.py)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

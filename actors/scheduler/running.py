@@ -35,7 +35,7 @@ _INT_COLS = (
 )
 # True where the stop check needs Python every token (stop_token_ids, or an
 # end-of-sequence set other than the scheduler's default).
-_BOOL_COLS = ("py_stop",)
+_BOOL_COLS = ("py_stop", "grammar")  # grammar: structured output (its token must reach the host before the next)
 
 
 class RunningSet:
@@ -80,6 +80,7 @@ class RunningSet:
             grown[: len(self.row_pos)] = self.row_pos
             self.row_pos = grown
         self.row_pos[req.row] = i
+        self.grammar[i] = req.grammar is not None
         self.py_stop[i] = bool(p.stop_token_ids) or (not p.ignore_eos and tuple(req.eos_token_ids) != default_eos)
 
     def _write_back(self, i: int) -> None:

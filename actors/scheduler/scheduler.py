@@ -76,6 +76,8 @@ class Scheduler:
         self.receiving: dict[str, Request] = {}  # decode side: pull in flight
         self.new_pulls: list[tuple[Request, list[int], list[int]]] = []  # (request, src blocks, dst blocks)
         self.admitted: list[str] = []  # requests admitted for the first time since the caller last emptied this
+        self.num_grammar = 0  # requests with a structured-output grammar (their masks are made per step)
+        self.vocab_size = 0  # the logits' width, for the grammar masks (the engine sets it)
 
     # -- admission -----------------------------------------------------------
 
@@ -86,6 +88,7 @@ class Scheduler:
         room = self.config.max_model_len - req.num_prompt_tokens
         req.max_tokens = room if req.max_tokens is None else min(req.max_tokens, room)
         self.requests[req.request_id] = req
+        self.num_grammar += req.grammar is not None
         self.waiting.append(req)
 
     def add_remote(self, req: Request) -> None:
@@ -97,6 +100,7 @@ class Scheduler:
         req.max_tokens = room if req.max_tokens is None else min(req.max_tokens, room)
         req.status = RequestStatus.WAITING_KV
         self.requests[req.request_id] = req
+        self.num_grammar += req.grammar is not None
         self.remote_waiting.append(req)
 
     def finish_requests(self, request_ids, status: RequestStatus = RequestStatus.FINISHED_ABORTED,
@@ -158,6 +162,7 @@ class Scheduler:
             req.status = RequestStatus.FINISHED_STOPPED
             self.kv.free(request_id)
             del self.requests[request_id]
+            self.num_grammar -= req.grammar is not None
         return req
 
     def kv_received(self, request_id: str, ok: bool) -> tuple[str, Request] | None:
@@ -266,7 +271,25 @@ class Scheduler:
         if new_rows:
             step.rows = np.concatenate([step.rows, np.asarray(new_rows, dtype=np.int32)])
             step.num_tokens = np.concatenate([step.num_tokens, np.asarray(new_n, dtype=np.int32)])
+        if self.num_grammar:
+            self._grammar_masks(step)
         return step
+
+    def _grammar_masks(self, step: StepInput) -> None:
+        """The bitmask of every grammar request that samples in this step: those with a
+        token pending now (a grammar request with one already pending is not scheduled)."""
+        rs = self.running
+        m = len(rs)
+        idx = np.flatnonzero(rs.grammar[:m] & (rs.pending[:m] > 0))
+        if not len(idx):
+            return
+        from ziggurat.actors.scheduler.structured import allocate_bitmask
+
+        bitmask = allocate_bitmask(len(idx), self.vocab_size)
+        for j, i in enumerate(idx.tolist()):
+            rs.reqs[i].grammar.fill_bitmask(bitmask, j)
+        step.grammar_rows = rs.row[idx].astype(np.int32)
+        step.grammar_bitmask = bitmask.numpy()
 
     def _schedule_running(self, step: StepInput, budget: int) -> tuple[int, bool]:
         """Spend the budget on running requests in admission order: each runs
@@ -283,6 +306,8 @@ class Scheduler:
         # Nothing to run until its pending token arrives, or it ends then.
         ends = (p > 0) & ((rs.out[:m] + p >= rs.max_out[:m]) | (k + p >= self.config.max_model_len))
         want[ends] = 0
+        if self.num_grammar:  # a grammar's next mask needs its pending token: wait for it
+            want[(p > 0) & rs.grammar[:m]] = 0
         n = np.minimum(want, np.maximum(budget - (np.cumsum(want) - want), 0))
         total = c + n
         slow = np.flatnonzero((n > 0) & ((total > rs.kv_cap[:m]) | (np.minimum(total, k) >= rs.kv_cache_lim[:m])))
@@ -390,6 +415,11 @@ class Scheduler:
         for r, t in zip(sel, tok_list):
             r.all_token_ids.append(t)
             r.output_token_ids.append(t)
+        rejected = []
+        if self.num_grammar:
+            for j in np.flatnonzero(rs.grammar[idx]).tolist():
+                if not sel[j].grammar.accept(tok_list[j]):  # cannot happen with the mask applied
+                    rejected.append(j)
         lps = out.logprobs
         if lps is not None and lps.count(None) != len(lps):
             for j, r in enumerate(sel):
@@ -405,6 +435,10 @@ class Scheduler:
         eos_hit = (toks == eos[0]) if len(eos) == 1 else (toks[:, None] == eos).any(1)  # np.isin is slow here
         maybe |= (n_out >= rs.min_tokens[idx]) & (rs.py_stop[idx] | eos_hit)
         done, handoff = [], []
+        for j in rejected:
+            sel[j].abort_reason = "structured output: a sampled token is outside the grammar"
+            done.append((ii[j], sel[j], RequestStatus.FINISHED_ABORTED))
+            maybe[j] = False
         for j in np.flatnonzero(maybe).tolist():
             req = sel[j]
             end = self._check_stop(req, tok_list[j])
@@ -452,6 +486,7 @@ class Scheduler:
             self._forget.append(req.row)
             self._free_row(req)
         del self.requests[req.request_id]
+        self.num_grammar -= req.grammar is not None
 
     def _free_row(self, req: Request) -> None:
         self.rows.release(req.row)
