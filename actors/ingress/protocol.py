@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from ziggurat.actors.scheduler.structured import GrammarSpec, StructuredOutputError, to_params
 from ziggurat.sampling_params import SamplingParams, SamplingParamsError
 
 
@@ -47,6 +48,7 @@ class ParsedRequest:
     messages: list = field(default_factory=list)
     cache_salt: str | None = None
     raw: dict = field(default_factory=dict)  # the body as sent (for request logs)
+    grammar: GrammarSpec | None = None  # the structured-output constraint, as the request put it
 
 
 def _type(body: dict, name: str, types, default=None):
@@ -64,6 +66,13 @@ def _names(types) -> str:
     types = types if isinstance(types, tuple) else (types,)
     return " or ".join({int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array",
                         dict: "an object"}.get(t, t.__name__) for t in types)
+
+
+def grammar_spec(body: dict) -> GrammarSpec | None:
+    try:
+        return GrammarSpec.from_openai(body)
+    except StructuredOutputError as e:
+        raise bad(str(e), e.field) from None
 
 
 def _sampling(body: dict, max_tokens: int | None, logprobs: int | None, defaults: dict | None) -> SamplingParams:
@@ -88,6 +97,7 @@ def _sampling(body: dict, max_tokens: int | None, logprobs: int | None, defaults
         if len(stop) > 16:
             raise bad("'stop' takes at most 16 strings", "stop")
         kw["stop"] = stop
+    kw["structured_outputs"] = to_params(grammar_spec(body))
     for name in _EXTRA_SAMPLING:
         if body.get(name) is not None:
             kw[name] = body[name]
@@ -163,6 +173,7 @@ def parse_completion(body: dict, defaults: dict | None = None) -> ParsedRequest:
         user=_type(body, "user", str),
         cache_salt=_type(body, "cache_salt", str),
         raw=body,
+        grammar=grammar_spec(body),
     )
 
 
@@ -218,6 +229,7 @@ def parse_chat(body: dict, defaults: dict | None = None) -> ParsedRequest:
         messages=msgs,
         cache_salt=_type(body, "cache_salt", str),
         raw=body,
+        grammar=grammar_spec(body),
     )
 
 

@@ -112,6 +112,7 @@ class OpenAIServer:
                         "tokenizer_config.json): /v1/chat/completions will answer 400; /v1/completions works",
                         replica.model)
         self.sampling_defaults = sampling_defaults(replica.model)
+        self._grammars = None  # GrammarCompiler for checking constraints, made on first use
         if self.sampling_defaults:
             log.info("the model's generation_config.json sets request defaults: %s", self.sampling_defaults)
         self.pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="tokenize")
@@ -252,6 +253,7 @@ class OpenAIServer:
         principal = await self.gate.authenticate(request.headers.get("authorization"))
         req = parse_completion(await self._body(request), self.sampling_defaults)
         self._check_model(req.model)
+        await self._check_grammar(req)
         texts = [p for p in req.prompts if isinstance(p, str)]
         for p in texts:
             self._text_bytes(p, "prompt")
@@ -263,6 +265,7 @@ class OpenAIServer:
         principal = await self.gate.authenticate(request.headers.get("authorization"))
         req = parse_chat(await self._body(request), self.sampling_defaults)
         self._check_model(req.model)
+        await self._check_grammar(req)
         total = sum(self._text_bytes(m["content"], "messages") for m in req.messages)
         if total > self.max_prompt_bytes:
             raise bad(f"messages: {total} bytes of text cannot fit max_model_len={self.limits.max_model_len} tokens",
@@ -272,6 +275,23 @@ class OpenAIServer:
         except Exception as e:  # template errors name the problem
             raise bad(f"chat template failed: {e}", "messages") from None
         return await self._serve(request, principal, req, [ids], "chatcmpl")
+
+    async def _check_grammar(self, req) -> None:
+        """A structured-output constraint is compiled here first (cached), so a bad schema,
+        regex or grammar is a 400 naming the field the client used."""
+        if req.grammar is None:
+            return
+        from ziggurat.actors.scheduler.structured import GrammarCompiler, StructuredOutputError
+
+        def compile_it():
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer, self.replica.vocab_size, any_whitespace=False)
+            self._grammars.compile(req.grammar)
+
+        try:
+            await self._off_loop(compile_it)
+        except StructuredOutputError as e:
+            raise bad(str(e), e.field) from None
 
     # -- the request path -------------------------------------------------------------------
 

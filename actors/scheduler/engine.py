@@ -116,8 +116,12 @@ class EngineCore:
             if self._grammars is None:
                 from ziggurat.models.tokenizer import Tokenizer
 
+                # JSON without free whitespace between tokens: small models otherwise spend
+                # their budget on newlines (seen with SmolLM2: 300 tokens of "\n" in a string's
+                # place), and vLLM offers the same switch (disable_any_whitespace).
                 self._grammars = so.GrammarCompiler(Tokenizer(self.config.model), self.model_config.vocab_size,
-                                                    stop_token_ids=list(self.model_config.eos_token_ids))
+                                                    stop_token_ids=list(self.model_config.eos_token_ids),
+                                                    any_whitespace=False)
             compiled = self._grammars.compile(spec)
         except so.StructuredOutputError as e:
             raise RequestError(str(e), e.field) from None

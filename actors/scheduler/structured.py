@@ -17,9 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 if TYPE_CHECKING:
+    import torch
     import xgrammar
     from ziggurat.models.tokenizer import Tokenizer
 
@@ -405,11 +404,15 @@ class GrammarState:
 # --- bitmasks ----------------------------------------------------------------------------------
 
 def allocate_bitmask(batch: int, vocab_size: int) -> torch.Tensor:
+    import torch
+
     """An int32 CPU bitmask [batch, ceil(vocab_size / 32)], every token allowed."""
     return torch.full((batch, (vocab_size + 31) // 32), -1, dtype=torch.int32)
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | list[int] | None = None) -> None:
+    import torch
+
     """Set logits[i, t] to -inf where bit t of bitmask[i] is 0, in place, for every row
     i of logits (or those in `rows`, which index both). logits [B, V] float on any
     device; the bitmask is moved there. The bitmask must cover all V columns."""
@@ -448,12 +451,17 @@ def _bit(i: int) -> int:
     return (1 << i) - (1 << 32 if i == 31 else 0)
 
 
-_BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()  # [256, 8]
+_BYTE_BITS = None  # [256, 8] bool: the bits of each byte (made on first use)
 
 
 def _unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
     """bool [n, vocab]: True where the bit is set (token allowed). Bit t of word w is
     token 32 w + t; little-endian, so byte b of the words holds tokens 8 b .. 8 b + 7."""
+    import torch
+
+    global _BYTE_BITS
+    if _BYTE_BITS is None:
+        _BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()
     table = _BYTE_BITS.to(bitmask.device)
     by = bitmask.contiguous().view(torch.uint8).long()
     return table[by].reshape(bitmask.shape[0], -1)[:, :vocab]
@@ -462,6 +470,8 @@ def _unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
 def _apply_bitmask_torch(logits: torch.Tensor, bitmask: torch.Tensor,
                          rows: torch.Tensor | list[int] | None = None) -> None:
     """apply_bitmask in plain torch (any device and dtype; no host sync)."""
+    import torch
+
     vocab = logits.shape[-1]
     if rows is None:
         logits.masked_fill_(~_unpack(bitmask[: logits.shape[0]], vocab), float("-inf"))
@@ -469,3 +479,18 @@ def _apply_bitmask_torch(logits: torch.Tensor, bitmask: torch.Tensor,
     idx = torch.as_tensor(rows, device=logits.device, dtype=torch.long)
     masked = logits.index_select(0, idx).masked_fill_(~_unpack(bitmask.index_select(0, idx), vocab), float("-inf"))
     logits.index_copy_(0, idx, masked)
+
+
+def to_params(spec: GrammarSpec | None):
+    """The SamplingParams field for a parsed constraint (None passes through)."""
+    from ziggurat.sampling_params import StructuredOutputsParams
+
+    if spec is None:
+        return None
+    if spec.kind == "json_schema":
+        return StructuredOutputsParams(json=spec.value)
+    if spec.kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if spec.kind == "choice":
+        return StructuredOutputsParams(choice=json.loads(spec.value))
+    return StructuredOutputsParams(**{spec.kind: spec.value})
