@@ -7,9 +7,11 @@ validation failure raises APIError, which the ingress turns into
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 
+from ziggurat.actors.ingress.tool_calls import ToolCallError, ToolRequest, forced_spec, parse_tools
 from ziggurat.actors.scheduler.structured import GrammarSpec, StructuredOutputError, to_params
 from ziggurat.sampling_params import SamplingParams, SamplingParamsError
 
@@ -49,6 +51,7 @@ class ParsedRequest:
     cache_salt: str | None = None
     raw: dict = field(default_factory=dict)  # the body as sent (for request logs)
     grammar: GrammarSpec | None = None  # the structured-output constraint, as the request put it
+    tools: ToolRequest | None = None  # chat: the tools offered and tool_choice
 
 
 def _type(body: dict, name: str, types, default=None):
@@ -75,7 +78,8 @@ def grammar_spec(body: dict) -> GrammarSpec | None:
         raise bad(str(e), e.field) from None
 
 
-def _sampling(body: dict, max_tokens: int | None, logprobs: int | None, defaults: dict | None) -> SamplingParams:
+def _sampling(body: dict, max_tokens: int | None, logprobs: int | None, defaults: dict | None,
+              forced: GrammarSpec | None = None) -> SamplingParams:
     """defaults: the model's generation-config sampling defaults (models/config.py::sampling_defaults)."""
     d = defaults or {}
     kw = dict(
@@ -97,7 +101,7 @@ def _sampling(body: dict, max_tokens: int | None, logprobs: int | None, defaults
         if len(stop) > 16:
             raise bad("'stop' takes at most 16 strings", "stop")
         kw["stop"] = stop
-    kw["structured_outputs"] = to_params(grammar_spec(body))
+    kw["structured_outputs"] = to_params(forced or grammar_spec(body))
     for name in _EXTRA_SAMPLING:
         if body.get(name) is not None:
             kw[name] = body[name]
@@ -178,6 +182,9 @@ def parse_completion(body: dict, defaults: dict | None = None) -> ParsedRequest:
 
 
 def _message_text(msg: dict, i: int) -> dict:
+    """One message as the chat template sees it: role, text content, and for tool use
+    the assistant's tool_calls (arguments as objects, as HF templates expect them), the
+    tool message's tool_call_id, and `name`."""
     if not isinstance(msg, dict) or "role" not in msg:
         raise bad(f"messages[{i}] must be an object with a 'role'", f"messages[{i}]")
     role = msg["role"]
@@ -195,7 +202,31 @@ def _message_text(msg: dict, i: int) -> dict:
         content = ""
     elif not isinstance(content, str):
         raise bad(f"messages[{i}].content must be a string or an array of text parts", f"messages[{i}].content")
-    return {"role": "system" if role == "developer" else role, "content": content}
+    out = {"role": "system" if role == "developer" else role, "content": content}
+    if isinstance(msg.get("name"), str):
+        out["name"] = msg["name"]
+    if role == "tool":
+        if not isinstance(msg.get("tool_call_id"), str):
+            raise bad(f"messages[{i}]: a tool message needs 'tool_call_id'", f"messages[{i}].tool_call_id")
+        out["tool_call_id"] = msg["tool_call_id"]
+    calls = msg.get("tool_calls")
+    if role == "assistant" and calls:
+        if not isinstance(calls, list):
+            raise bad(f"messages[{i}].tool_calls must be an array", f"messages[{i}].tool_calls")
+        out["tool_calls"] = []
+        for j, c in enumerate(calls):
+            fn = c.get("function") if isinstance(c, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise bad(f"messages[{i}].tool_calls[{j}] needs function.name", f"messages[{i}].tool_calls")
+            args = fn.get("arguments", "{}")
+            try:
+                args = json.loads(args) if isinstance(args, str) else args
+            except json.JSONDecodeError:
+                raise bad(f"messages[{i}].tool_calls[{j}].function.arguments is not valid JSON",
+                          f"messages[{i}].tool_calls") from None
+            out["tool_calls"].append({"id": c.get("id"), "type": "function",
+                                      "function": {"name": fn["name"], "arguments": args}})
+    return out
 
 
 def parse_chat(body: dict, defaults: dict | None = None) -> ParsedRequest:
@@ -205,8 +236,14 @@ def parse_chat(body: dict, defaults: dict | None = None) -> ParsedRequest:
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty array", "messages")
     msgs = [_message_text(m, i) for i, m in enumerate(messages)]
-    if body.get("tools"):
-        raise bad("'tools' is not supported by this server", "tools")
+    try:
+        tools = parse_tools(body)
+    except ToolCallError as e:
+        raise bad(str(e), e.field) from None
+    forced = forced_spec(tools)
+    if forced is not None and grammar_spec(body) is not None:
+        raise bad("tool_choice 'required' or a named function cannot be combined with response_format or "
+                  "guided decoding", "tool_choice")
     want_lp = bool(_type(body, "logprobs", bool, False))
     top = _type(body, "top_logprobs", int)
     if top is not None and not want_lp:
@@ -220,7 +257,7 @@ def parse_chat(body: dict, defaults: dict | None = None) -> ParsedRequest:
         kind="chat",
         model=_type(body, "model", str),
         prompts=[],
-        params=_sampling(body, max_tokens, lp, defaults),
+        params=_sampling(body, max_tokens, lp, defaults, forced),
         stream=stream,
         include_usage=_stream_options(body, stream),
         logprobs=lp,
@@ -229,7 +266,8 @@ def parse_chat(body: dict, defaults: dict | None = None) -> ParsedRequest:
         messages=msgs,
         cache_salt=_type(body, "cache_salt", str),
         raw=body,
-        grammar=grammar_spec(body),
+        grammar=forced or grammar_spec(body),
+        tools=tools,
     )
 
 

@@ -56,6 +56,7 @@ from ziggurat.actors.scheduler.block_pool import ROOT_HASH, hash_block_tokens
 from ziggurat.actors.scheduler.messages import ReplicaInfo
 from ziggurat.actors.scheduler.output_processor import Delta, RequestOutputs
 from ziggurat.actors.scheduler.validation import ModelLimits, RequestError, check_request
+from ziggurat.actors.ingress.tool_calls import ToolStream, call_json, parser_for
 from ziggurat.models.config import sampling_defaults
 from ziggurat.models.tokenizer import Tokenizer
 
@@ -76,6 +77,8 @@ class IngressConfig:
     """The HTTP front door's settings (the CLI makes a flag of each that has help and no cli=False)."""
 
     served_model_name: str | None = _opt(None, "the model name clients ask for (default: the model directory's)")
+    tool_call_parser: str | None = _opt(None, "how tool calls are found in the text: hermes, llama3_json or mistral "
+                                              "(default: recognised from the chat template)")
     host: str = _opt("127.0.0.1", "interface to listen on")
     port: int = _opt(8000, "port to listen on (0: any free port)")
     # Secrets: given by environment or file in the CLI (cluster/cli.py), never echoed.
@@ -113,6 +116,7 @@ class OpenAIServer:
                         replica.model)
         self.sampling_defaults = sampling_defaults(replica.model)
         self._grammars = None  # GrammarCompiler for checking constraints, made on first use
+        self._tool_parser = None  # the model family's tool-call parser (tool_calls.py), chosen on first use
         if self.sampling_defaults:
             log.info("the model's generation_config.json sets request defaults: %s", self.sampling_defaults)
         self.pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="tokenize")
@@ -270,11 +274,18 @@ class OpenAIServer:
         if total > self.max_prompt_bytes:
             raise bad(f"messages: {total} bytes of text cannot fit max_model_len={self.limits.max_model_len} tokens",
                       "messages", "context_length_exceeded")
+        kw = {"tools": req.tools.tools} if req.tools is not None else {}
         try:
-            ids = await self._off_loop(lambda: self.tokenizer.encode_chat(req.messages, add_generation_prompt=True))
+            ids = await self._off_loop(lambda: self.tokenizer.encode_chat(req.messages, add_generation_prompt=True,
+                                                                          **kw))
         except Exception as e:  # template errors name the problem
             raise bad(f"chat template failed: {e}", "messages") from None
         return await self._serve(request, principal, req, [ids], "chatcmpl")
+
+    def _tool_stream(self, req) -> ToolStream:
+        if self._tool_parser is None:
+            self._tool_parser = parser_for(self.tokenizer.template_for(tools=True), self.config.tool_call_parser)
+        return ToolStream(req.tools, self._tool_parser)
 
     async def _check_grammar(self, req) -> None:
         """A structured-output constraint is compiled here first (cached), so a bad schema,
@@ -471,9 +482,18 @@ class OpenAIServer:
         for s in outputs.samples:
             lps = self._lp_entries(s.logprobs) if req.logprobs is not None else None
             if req.kind == "chat":
-                choices.append({"index": s.index, "message": {"role": "assistant", "content": s.text},
+                message, finish = {"role": "assistant", "content": s.text}, s.finish_reason
+                if req.tools is not None:
+                    ts = self._tool_stream(req)
+                    content = ts.add(s.text)
+                    rest, calls = ts.finish()
+                    content += rest
+                    if calls:
+                        message = {"role": "assistant", "content": content or None, "tool_calls": call_json(calls)}
+                        finish = "tool_calls"
+                choices.append({"index": s.index, "message": message,
                                 "logprobs": chat_logprobs(lps) if lps is not None else None,
-                                "finish_reason": s.finish_reason, "stop_reason": s.stop_reason})
+                                "finish_reason": finish, "stop_reason": s.stop_reason})
             else:
                 choices.append({"index": s.index, "text": s.text,
                                 "logprobs": completion_logprobs(lps, 0) if lps is not None else None,
@@ -496,6 +516,7 @@ class OpenAIServer:
                 yield chunk([{"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None} for s in outputs.samples])
             offsets = [0] * len(outputs.samples)  # text offsets, for completions' logprobs
+            tools = [self._tool_stream(req) for _ in outputs.samples] if chat and req.tools is not None else None
             pending_lps: list[list] = [[] for _ in outputs.samples]  # logprobs ride with the chunk carrying their text
             while not outputs.finished:
                 d = await asyncio.wait_for(self._next(ctx), self.config.request_timeout_s)
@@ -516,13 +537,22 @@ class OpenAIServer:
                 lps = self._lp_entries(pending_lps[s.index]) if req.logprobs is not None else None
                 pending_lps[s.index] = []
                 if chat:
-                    choice = {"index": s.index, "delta": {"content": d.text} if d.text else {},
+                    text, calls = d.text, []
+                    if tools is not None:
+                        text = tools[s.index].add(d.text)
+                        if d.finished:
+                            rest, calls = tools[s.index].finish()
+                            text += rest
+                    delta = {"content": text} if text else {}
+                    if calls:
+                        delta["tool_calls"] = call_json(calls, with_index=True)
+                    choice = {"index": s.index, "delta": delta,
                               "logprobs": chat_logprobs(lps) if lps is not None else None}
                 else:
                     choice = {"index": s.index, "text": d.text,
                               "logprobs": completion_logprobs(lps, offsets[s.index]) if lps is not None else None}
                     offsets[s.index] += len(d.text)
-                choice["finish_reason"] = s.finish_reason
+                choice["finish_reason"] = "tool_calls" if chat and tools is not None and calls else s.finish_reason
                 if d.finished:
                     choice["stop_reason"] = s.stop_reason
                 ctx.sent_text = ctx.sent_text or bool(d.text)
