@@ -54,6 +54,73 @@ class ParsedRequest:
     tools: ToolRequest | None = None  # chat: the tools offered and tool_choice
 
 
+# The request bodies' fields: JSON type and meaning. One table for the type check every
+# request gets (check_fields) and for /openapi.json (openapi.py). Fields not listed are
+# ignored, as OpenAI does.
+_COMMON = {
+    "model": ("string", "the served model name (optional)"),
+    "n": ("integer", "samples per prompt"),
+    "temperature": ("number", "0 is greedy"),
+    "top_p": ("number", "nucleus sampling"),
+    "top_k": ("integer", "vLLM extra: top-k (0 or -1 off)"),
+    "min_p": ("number", "vLLM extra"),
+    "seed": ("integer", "reproducible sampling"),
+    "max_tokens": ("integer", "output tokens at most"),
+    "min_tokens": ("integer", "vLLM extra: no stop before this many"),
+    "stop": (["string", "array"], "stop strings (a string or up to 16)"),
+    "stop_token_ids": ("array", "vLLM extra"),
+    "ignore_eos": ("boolean", "vLLM extra"),
+    "presence_penalty": ("number", ""),
+    "frequency_penalty": ("number", ""),
+    "repetition_penalty": ("number", "vLLM extra"),
+    "logit_bias": ("object", "token id -> bias in [-100, 100]"),
+    "stream": ("boolean", "server-sent events"),
+    "stream_options": ("object", "{include_usage}"),
+    "user": ("string", "end-user id (logged)"),
+    "metadata": ("object", "kept with the request log"),
+    "response_format": ("object", "{type: text | json_object | json_schema, json_schema: {name, schema, strict}}"),
+    "guided_json": (["object", "string"], "vLLM extra: a JSON schema"),
+    "guided_regex": ("string", "vLLM extra"),
+    "guided_choice": ("array", "vLLM extra"),
+    "guided_grammar": ("string", "vLLM extra: EBNF"),
+    "structured_outputs": ("object", "vLLM extra: {json | regex | choice | grammar | json_object}"),
+    "skip_special_tokens": ("boolean", "vLLM extra"),
+    "include_stop_str_in_output": ("boolean", "vLLM extra"),
+    "cache_salt": ("string", "isolates this request's prefix cache"),
+}
+CHAT_FIELDS = {
+    "messages": ("array", "the conversation: {role, content (string or text parts), name, tool_calls, "
+                          "tool_call_id}"),
+    **_COMMON,
+    "max_completion_tokens": ("integer", "output tokens at most (OpenAI's newer name)"),
+    "logprobs": ("boolean", "return logprobs"),
+    "top_logprobs": ("integer", "alternatives per token, 0-20"),
+    "tools": ("array", "[{type: function, function: {name, description, parameters}}]"),
+    "tool_choice": (["string", "object"], "auto | none | required | {type: function, function: {name}}"),
+    "parallel_tool_calls": ("boolean", "more than one call per turn"),
+}
+COMPLETION_FIELDS = {
+    "prompt": (["string", "array"], "text, token ids, or a list of either"),
+    **_COMMON,
+    "logprobs": ("integer", "alternatives per token, 0-20"),
+    "echo": ("boolean", "not supported"),
+    "best_of": ("integer", "only equal to n"),
+}
+_PY = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list, "object": dict}
+
+
+def check_fields(body: dict, fields: dict) -> None:
+    """Every listed field present (and not null) has its JSON type, or a 400 naming it."""
+    for name, (types, _) in fields.items():
+        v = body.get(name)
+        if v is None:
+            continue
+        kinds = types if isinstance(types, list) else [types]
+        py = tuple(t for k in kinds for t in (_PY[k] if isinstance(_PY[k], tuple) else (_PY[k],)))
+        if (isinstance(v, bool) and "boolean" not in kinds) or not isinstance(v, py):
+            raise bad(f"'{name}' must be {' or '.join(kinds)}, got {type(v).__name__}", name)
+
+
 def _type(body: dict, name: str, types, default=None):
     v = body.get(name, default)
     if v is None:
@@ -76,6 +143,11 @@ def grammar_spec(body: dict) -> GrammarSpec | None:
         return GrammarSpec.from_openai(body)
     except StructuredOutputError as e:
         raise bad(str(e), e.field) from None
+
+
+def _refuse_unsupported(body: dict) -> None:
+    if body.get("logit_bias"):
+        raise bad("'logit_bias' is not supported by this server yet", "logit_bias")
 
 
 def _sampling(body: dict, max_tokens: int | None, logprobs: int | None, defaults: dict | None,
@@ -143,6 +215,8 @@ def _stream_options(body: dict, stream: bool) -> bool:
 def parse_completion(body: dict, defaults: dict | None = None) -> ParsedRequest:
     if not isinstance(body, dict):
         raise bad("request body must be a JSON object")
+    check_fields(body, COMPLETION_FIELDS)
+    _refuse_unsupported(body)
     prompt = body.get("prompt")
     if prompt is None:
         raise bad("'prompt' is required", "prompt")
@@ -232,6 +306,8 @@ def _message_text(msg: dict, i: int) -> dict:
 def parse_chat(body: dict, defaults: dict | None = None) -> ParsedRequest:
     if not isinstance(body, dict):
         raise bad("request body must be a JSON object")
+    check_fields(body, CHAT_FIELDS)
+    _refuse_unsupported(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty array", "messages")

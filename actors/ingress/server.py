@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 from ziggurat.actors import metrics
@@ -117,6 +117,7 @@ class OpenAIServer:
         self.sampling_defaults = sampling_defaults(replica.model)
         self._grammars = None  # GrammarCompiler for checking constraints, made on first use
         self._tool_parser = None  # the model family's tool-call parser (tool_calls.py), chosen on first use
+        self._started = now()
         if self.sampling_defaults:
             log.info("the model's generation_config.json sets request defaults: %s", self.sampling_defaults)
         self.pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="tokenize")
@@ -133,6 +134,13 @@ class OpenAIServer:
                 Route("/v1/completions", self.completions, methods=["POST"]),
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/v1/models", self.models, methods=["GET"]),
+                Route("/v1/models/{model:path}", self.model, methods=["GET"]),
+                Route("/v1/chat/completions/render", self.render_chat, methods=["POST"]),
+                Route("/tokenize", self.tokenize, methods=["POST"]),
+                Route("/detokenize", self.detokenize, methods=["POST"]),
+                Route("/version", self.version, methods=["GET"]),
+                Route("/openapi.json", self.openapi, methods=["GET"]),
+                Route("/docs", self.docs, methods=["GET"]),
                 Route("/health", self.health, methods=["GET"]),
                 Route("/metrics", self.prometheus, methods=["GET"]),
                 *admin_routes(self),
@@ -229,11 +237,96 @@ class OpenAIServer:
 
     # -- endpoints --------------------------------------------------------------------
 
+    def _model_card(self) -> dict:
+        return {"id": self.config.served_model_name, "object": "model", "created": self._started, "owned_by": "ziggurat",
+                "max_model_len": self.limits.max_model_len, "root": str(self.replica.model)}
+
     async def models(self, request):
         await self.gate.authenticate(request.headers.get("authorization"))
-        return JSONResponse({"object": "list", "data": [{
-            "id": self.config.served_model_name, "object": "model", "created": now(), "owned_by": "ziggurat",
-            "max_model_len": self.limits.max_model_len}]})
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request):
+        """GET /v1/models/{id} (the SDK's models.retrieve)."""
+        await self.gate.authenticate(request.headers.get("authorization"))
+        name = request.path_params["model"]
+        if name != self.config.served_model_name:
+            raise APIError(404, f"The model '{name}' does not exist", "invalid_request_error", "model",
+                           "model_not_found")
+        return JSONResponse(self._model_card())
+
+    async def _conversation_ids(self, body: dict) -> tuple[list[int], str]:
+        """A chat body's prompt: (token ids, rendered text), as /v1/chat/completions builds it."""
+        req = parse_chat(body, self.sampling_defaults)
+        self._check_model(req.model)
+        kw = {"tools": req.tools.tools} if req.tools is not None else {}
+        gen = body.get("add_generation_prompt", True)
+        try:
+            text = await self._off_loop(lambda: self.tokenizer.apply_chat_template(req.messages, gen, **kw))
+        except Exception as e:
+            raise bad(f"chat template failed: {e}", "messages") from None
+        return await self._off_loop(lambda: self.tokenizer.encode(text, add_special_tokens=False)), text
+
+    async def render_chat(self, request):
+        """POST /v1/chat/completions/render: the prompt a chat request becomes, without generating."""
+        await self.gate.authenticate(request.headers.get("authorization"))
+        ids, text = await self._conversation_ids(await self._body(request))
+        return JSONResponse({"model": self.config.served_model_name, "prompt": text, "prompt_token_ids": ids,
+                             "count": len(ids), "max_model_len": self.limits.max_model_len})
+
+    async def tokenize(self, request):
+        """POST /tokenize (vLLM's shape): {prompt} or {messages}; returns count, max_model_len, tokens."""
+        await self.gate.authenticate(request.headers.get("authorization"))
+        body = await self._body(request)
+        if not isinstance(body, dict):
+            raise bad("request body must be a JSON object")
+        if "messages" in body:
+            ids, _ = await self._conversation_ids(body)
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise bad("'prompt' (a string) or 'messages' is required", "prompt")
+            self._check_model(body.get("model"))
+            self._text_bytes(prompt, "prompt")
+            special = body.get("add_special_tokens", True)
+            if not isinstance(special, bool):
+                raise bad("'add_special_tokens' must be a boolean", "add_special_tokens")
+            ids = await self._off_loop(lambda: self.tokenizer.encode(prompt, add_special_tokens=special))
+        out = {"count": len(ids), "max_model_len": self.limits.max_model_len, "tokens": ids}
+        if body.get("return_token_strs"):
+            out["token_strs"] = [self.tokenizer.id_to_token(i) for i in ids]
+        return JSONResponse(out)
+
+    async def detokenize(self, request):
+        """POST /detokenize (vLLM's shape): {tokens} -> {prompt}."""
+        await self.gate.authenticate(request.headers.get("authorization"))
+        body = await self._body(request)
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise bad("'tokens' must be an array of token ids", "tokens")
+        self._check_model(body.get("model"))
+        bad_ids = [t for t in tokens if not 0 <= t < self.limits.vocab_size]
+        if bad_ids:
+            raise bad(f"'tokens': ids outside the vocabulary (0..{self.limits.vocab_size - 1}): {bad_ids[:5]}",
+                      "tokens")
+        text = await self._off_loop(lambda: self.tokenizer.decode(tokens, skip_special_tokens=False))
+        return JSONResponse({"prompt": text})
+
+    async def version(self, request):
+        from ziggurat import __version__
+
+        return JSONResponse({"version": __version__})
+
+    async def openapi(self, request):
+        from ziggurat import __version__
+        from ziggurat.actors.ingress.openapi import document
+
+        return JSONResponse(document("ziggurat", __version__, self.config.served_model_name or ""))
+
+    async def docs(self, request):
+        from ziggurat import __version__
+        from ziggurat.actors.ingress.openapi import docs_page, document
+
+        return HTMLResponse(docs_page(document("ziggurat", __version__, self.config.served_model_name or "")))
 
     async def health(self, request):
         healthy = await self.client.healthy()
@@ -646,6 +739,18 @@ class _RequestContext:
     first_token_at: float | None = None  # wall clock (the access log's TTFT)
 
 
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-")
+
+
+def _client_request_id(scope) -> str | None:
+    """The client's X-Request-Id, reduced to [A-Za-z0-9._:-] and 64 characters; None if absent or empty."""
+    for k, v in scope.get("headers", ()):
+        if k == b"x-request-id":
+            clean = "".join(c for c in v.decode("latin-1") if c in _ID_CHARS)[:64]
+            return clean or None
+    return None
+
+
 class RequestIdMiddleware:
     """Assigns the server's request id and returns it as X-Request-Id on every
     response. Outermost: an exception that escapes the app after its response
@@ -658,8 +763,14 @@ class RequestIdMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        rid = uuid.uuid4().hex
+        client_id = _client_request_id(scope)
+        # A gateway's id is kept as the prefix of ours (so the ledger and logs link to it)
+        # and echoed as it was sent; ours stays unique when a client reuses its ids.
+        rid = f"{client_id}-{uuid.uuid4().hex[:12]}" if client_id else uuid.uuid4().hex
         scope["ziggurat.request_id"] = rid
+        echo = [(b"x-request-id", (client_id or rid).encode())]
+        if client_id:
+            echo.append((b"x-ziggurat-request-id", rid.encode()))
         started = False
 
         async def send_with_id(message):
@@ -667,7 +778,7 @@ class RequestIdMiddleware:
             if message["type"] == "http.response.start":
                 started = True
                 message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
+                message["headers"] = list(message["headers"]) + echo
             await send(message)
 
         try:
@@ -677,5 +788,5 @@ class RequestIdMiddleware:
             if not started:
                 body = json.dumps(APIError(500, "internal error", "internal_error", code="internal").body()).encode()
                 await send({"type": "http.response.start", "status": 500,
-                            "headers": [(b"content-type", b"application/json"), (b"x-request-id", rid.encode())]})
+                            "headers": [(b"content-type", b"application/json"), *echo]})
                 await send({"type": "http.response.body", "body": body})
