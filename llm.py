@@ -45,11 +45,41 @@ class LLM:
         """SamplingParams() with the model's generation_config.json defaults applied (vLLM's rule)."""
         return SamplingParams(**self._defaults)
 
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None,
+    ) -> list[RequestOutput]:
+        """vLLM's LLM.chat: one conversation (a list of messages) or several, rendered with
+        the model's chat template (or `chat_template`), then generated like `generate`."""
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages: expected a conversation (a list of messages) or a list of them")
+        convs = messages if isinstance(messages[0], list) else [messages]
+        kw = dict(chat_template_kwargs or {})
+        if tools is not None:
+            kw["tools"] = tools
+        prompts = []
+        for i, conv in enumerate(convs):
+            if not isinstance(conv, list) or not all(isinstance(m, dict) and "role" in m for m in conv):
+                raise ValueError(f"messages[{i}]: a conversation is a list of {{'role', 'content'}} messages")
+            text = (self.tokenizer.render_template(chat_template, conv, add_generation_prompt, **kw) if chat_template
+                    else self.tokenizer.apply_chat_template(conv, add_generation_prompt, **kw))
+            prompts.append({"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False), "prompt": text})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
     def generate(
         self,
         prompts: PromptType | list[PromptType],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
     ) -> list[RequestOutput]:
+        """use_tqdm: a progress bar (requests done, tokens/s in and out) on runs longer
+        than a second; False silences it."""
         if self.engine is None:
             raise RuntimeError("this LLM has been shut down; make a new one")
         prompts = self._normalize_prompts(prompts)
@@ -78,14 +108,18 @@ class LLM:
             for s in group.samples:
                 by_id[s.request_id] = (group, s.index)
                 self.engine.add_request(ids, s.params, request_id=s.request_id)
+        bar = _Progress(len(groups), sum(len(ids) for ids, _ in encoded)) if use_tqdm else None
         try:
-            self._run(by_id)
+            self._run(by_id, bar)
         except BaseException:
             self.engine.abort(list(by_id))
             raise
+        finally:
+            if bar is not None:
+                bar.close()
         return [g.to_request_output(text) for g, (_, text) in zip(groups, encoded)]
 
-    def _run(self, by_id: dict[str, tuple[RequestOutputs, int]]) -> None:
+    def _run(self, by_id: dict[str, tuple[RequestOutputs, int]], bar=None) -> None:
         pending = set(by_id)
         while pending:
             for u in self.engine.step():
@@ -97,6 +131,8 @@ class LLM:
                     self.engine.abort([u.request_id], RequestStatus.FINISHED_STOPPED)
                 if delta.finished:
                     pending.discard(u.request_id)
+                    if bar is not None and group.finished:
+                        bar.done(group.completion_tokens)
 
     def _normalize_prompts(self, prompts) -> list:
         if isinstance(prompts, (str, dict)):
@@ -108,9 +144,14 @@ class LLM:
         return list(prompts)
 
     def _encode(self, p) -> tuple[list[int], str | None]:
+        text = None
         if isinstance(p, dict):
             if "prompt_token_ids" in p:
-                p = list(p["prompt_token_ids"])
+                text = p.get("prompt")  # LLM.chat passes the rendered text along
+                p = p["prompt_token_ids"]
+                if not isinstance(p, (list, tuple)):
+                    raise ValueError(f"prompt_token_ids: expected a list of token ids, got {type(p).__name__}")
+                p = list(p)
             elif "prompt" in p:
                 p = p["prompt"]
             else:
@@ -118,7 +159,7 @@ class LLM:
         if isinstance(p, str):
             return self.tokenizer.encode(p), p
         if isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            return list(p), None  # its ids are checked with the rest (validation.py)
+            return list(p), text  # its ids are checked with the rest (validation.py)
         raise ValueError(f"prompt: expected a string or a list of token ids, got {type(p).__name__}")
 
     def shutdown(self) -> None:
@@ -139,3 +180,26 @@ class LLM:
             self.shutdown()
         except Exception:
             pass
+
+
+class _Progress:
+    """The offline progress bar (tqdm): requests done of all, input and output tokens/s."""
+
+    def __init__(self, total: int, prompt_tokens: int):
+        import time
+
+        from tqdm.auto import tqdm
+
+        self._time = time.perf_counter
+        self.t0, self.prompt_tokens, self.out = self._time(), prompt_tokens, 0
+        self.bar = tqdm(total=total, desc="Processed prompts", unit="req", dynamic_ncols=True, delay=1.0)
+
+    def done(self, completion_tokens_so_far: int) -> None:
+        self.out += completion_tokens_so_far
+        dt = max(self._time() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"in: {self.prompt_tokens / dt:.0f} tok/s, out: {self.out / dt:.0f} tok/s",
+                                 refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()

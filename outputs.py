@@ -5,6 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+class Logprob(float):
+    """One token's logprob, as vLLM's Logprob carries it: `.logprob`, `.rank` (1 = the
+    most likely) and `.decoded_token`. A float itself, so arithmetic on it still works."""
+
+    __slots__ = ("rank", "decoded_token")
+
+    def __new__(cls, logprob: float, rank: int | None = None, decoded_token: str | None = None):
+        obj = super().__new__(cls, logprob)
+        obj.rank, obj.decoded_token = rank, decoded_token
+        return obj
+
+    @property
+    def logprob(self) -> float:
+        return float(self)
+
+    def __repr__(self) -> str:
+        return f"Logprob(logprob={float(self)!r}, rank={self.rank}, decoded_token={self.decoded_token!r})"
+
+
 @dataclass
 class CompletionOutput:
     index: int
@@ -13,9 +32,9 @@ class CompletionOutput:
     finish_reason: str | None  # "stop", "length", "abort"
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
     cumulative_logprob: float | None = None
-    # One dict per generated token: token id -> logprob, holding the sampled
+    # One dict per generated token: token id -> Logprob, holding the sampled
     # token and the top-k alternatives.
-    logprobs: list[dict[int, float]] | None = None
+    logprobs: list[dict[int, Logprob]] | None = None
 
 
 @dataclass

@@ -200,6 +200,11 @@ class Tokenizer:
         if not source:
             raise TokenizerError("this model has no chat template (chat_template.jinja, chat_template.json or "
                                  "tokenizer_config.json's chat_template); use completions instead")
+        return self.render_template(source, messages, add_generation_prompt, **kwargs)
+
+    def render_template(self, source: str, messages: list[dict], add_generation_prompt: bool = True,
+                        **kwargs) -> str:
+        """Render a conversation with the template `source` (the model's, or one the caller brings)."""
         if source not in self._compiled:
             self._compiled[source] = _compile_template(source)
         return self._compiled[source].render(

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from ziggurat.actors.scheduler.messages import UNKNOWN, RequestUpdate
 from ziggurat.models.step import Logprobs
 from ziggurat.models.tokenizer import TextStream, Tokenizer
-from ziggurat.outputs import CompletionOutput, RequestOutput
+from ziggurat.outputs import CompletionOutput, Logprob, RequestOutput
 from ziggurat.sampling_params import SamplingParams
 
 
@@ -67,6 +67,7 @@ class Delta:
 class RequestOutputs:
     def __init__(self, request_id: str, prompts: list[list[int]], params: SamplingParams, tokenizer: Tokenizer):
         self.request_id, self.prompts, self.params = request_id, prompts, params
+        self.tokenizer = tokenizer
         self.samples: list[Sample] = []
         for pi, ids in enumerate(prompts):
             for i in range(params.n):
@@ -128,9 +129,16 @@ class RequestOutputs:
     def to_request_output(self, prompt_text: str | None) -> RequestOutput:
         """vLLM's RequestOutput (one prompt): logprobs as {token id: logprob} per token."""
         want_lp = self.params.logprobs is not None
+        text = self.tokenizer.decode if self.tokenizer is not None else (lambda ids, **_: None)
+
+        def entry(lp) -> dict:
+            d = {a: Logprob(b, r, text([a], skip_special_tokens=False))
+                 for r, (a, b) in enumerate(zip(lp.top_ids, lp.top_logprobs), start=1)}
+            d[lp.token_id] = Logprob(lp.logprob, lp.rank, text([lp.token_id], skip_special_tokens=False))
+            return {lp.token_id: d.pop(lp.token_id), **d}  # the sampled token first
+
         outs = [CompletionOutput(
             index=s.index, text=s.text, token_ids=list(s.token_ids), finish_reason=s.finish_reason,
             stop_reason=s.stop_reason, cumulative_logprob=s.cumulative_logprob if want_lp else None,
-            logprobs=[{lp.token_id: lp.logprob, **dict(zip(lp.top_ids, lp.top_logprobs))} for lp in s.logprobs]
-            if want_lp else None) for s in self.samples]
+            logprobs=[entry(lp) for lp in s.logprobs] if want_lp else None) for s in self.samples]
         return RequestOutput(self.request_id, prompt_text, self.prompts[0], outs, self.cached_tokens, self.finished)

@@ -1,0 +1,55 @@
+"""vLLM's offline API: LLM.chat, the progress bar, prompt_token_ids dicts, Logprob objects."""
+
+from __future__ import annotations
+
+import pytest
+
+from ziggurat import LLM, SamplingParams, StructuredOutputsParams
+from ziggurat.outputs import Logprob
+
+CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def llm(llama_dir):
+    with LLM(str(llama_dir), num_kv_blocks=512) as llm:
+        yield llm
+
+
+def test_chat_equals_generate_on_the_templated_prompt(llm):
+    p = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    tok = llm.get_tokenizer()
+    convs = [CONV, CONV[1:], CONV + [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}]]
+    got = llm.chat(convs, p, use_tqdm=False)
+    for conv, out in zip(convs, got):
+        text = tok.apply_chat_template(conv)
+        want = llm.generate({"prompt_token_ids": tok.encode(text, add_special_tokens=False)}, p, use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == want.outputs[0].token_ids
+        assert out.prompt == text
+    one = llm.chat(CONV, p, use_tqdm=False)
+    assert len(one) == 1 and one[0].outputs[0].token_ids == got[0].outputs[0].token_ids
+    custom = llm.chat(CONV, p, use_tqdm=False, chat_template="{% for m in messages %}{{ m['content'] }}|{% endfor %}")
+    assert custom[0].prompt == "Be brief.|hi|"
+    with pytest.raises(ValueError, match="messages"):
+        llm.chat([], p)
+
+
+def test_progress_bar_on_long_runs_and_silenced(llm, capsys):
+    p = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    llm.generate([[1, 2, 3]] * 400, p)  # > 1 s on CPU: the bar shows
+    err = capsys.readouterr().err
+    assert "Processed prompts" in err and "400/400" in err and "tok/s" in err
+    llm.generate([[1, 2, 3]] * 400, p, use_tqdm=False)
+    assert "Processed prompts" not in capsys.readouterr().err
+
+
+def test_logprob_objects_and_structured_outputs_offline(llm):
+    out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(temperature=0, max_tokens=3, logprobs=2),
+                       use_tqdm=False)[0].outputs[0]
+    first = out.logprobs[0]
+    sampled = first[out.token_ids[0]]
+    assert isinstance(sampled, Logprob) and sampled.rank == 1 and isinstance(sampled.decoded_token, str)
+    assert sampled.logprob == float(sampled) <= 0 and len(first) == 2
+    assert sorted(v.rank for v in first.values()) == [1, 2]
+    so = SamplingParams(max_tokens=20, structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))
+    assert llm.generate("Answer:", so, use_tqdm=False)[0].outputs[0].text in ("yes", "no")
