@@ -418,7 +418,10 @@ class Scheduler:
         rejected = []
         if self.num_grammar:
             for j in np.flatnonzero(rs.grammar[idx]).tolist():
-                if not sel[j].grammar.accept(tok_list[j]):  # cannot happen with the mask applied
+                g = sel[j].grammar
+                if g.is_terminated():  # past its end only stop tokens are allowed (ignore_eos, min_tokens)
+                    continue
+                if not g.accept(tok_list[j]):  # cannot happen with the mask applied
                     rejected.append(j)
         lps = out.logprobs
         if lps is not None and lps.count(None) != len(lps):
