@@ -438,10 +438,25 @@ class ModelRunner:
         positions = [where[int(step.grammar_rows[j])] for j in keep]
         mask = step.grammar_bitmask if len(keep) == len(step.grammar_rows) else step.grammar_bitmask[keep]
         (pos,) = self.staging.upload(np.asarray(positions, dtype=np.int64))
-        bits = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int32))
-        if self.device.type == "cuda":
-            bits = bits.pin_memory().to(self.device, non_blocking=True)
-        apply_token_bitmask(logits, bits, pos)
+        apply_token_bitmask(logits, self._upload_mask(np.ascontiguousarray(mask, dtype=np.int32)), pos)
+
+    def _upload_mask(self, mask: np.ndarray) -> torch.Tensor:
+        """The bitmask on the device, through two pinned buffers used in turn (a step may be
+        launched while the previous one's upload is still queued behind its forward)."""
+        if self.device.type != "cuda":
+            return torch.from_numpy(mask)
+        k, w = mask.shape
+        bufs = getattr(self, "_mask_bufs", None)
+        if bufs is None or bufs[0][0].shape[0] < k or bufs[0][0].shape[1] != w:
+            rows = max(k, 64)
+            bufs = self._mask_bufs = [(torch.empty((rows, w), dtype=torch.int32, pin_memory=True),
+                                       torch.empty((rows, w), dtype=torch.int32, device=self.device)) for _ in range(2)]
+            self._mask_turn = 0
+        host, dev = bufs[self._mask_turn]
+        self._mask_turn ^= 1
+        host[:k].numpy()[:] = mask
+        dev[:k].copy_(host[:k], non_blocking=True)
+        return dev[:k]
 
     def _sample(self, logits: torch.Tensor, rs: list[_RunnerRequest]):
         """SamplerOutput for the sampling rows, on the device (no host sync)."""

@@ -71,13 +71,15 @@ def main(argv=None) -> int:
     valid = None
     for r in range(args.repeat):
         for mode, params in modes.items():
+            before = dict(llm.engine.seconds)
             t = time.perf_counter()
             outs = llm.generate(prompts, [params.clone(seed=1000 * r + i) for i in range(len(prompts))],
                                 use_tqdm=False)
             dt = time.perf_counter() - t
             n = sum(len(o.outputs[0].token_ids) for o in outs)
             runs[mode].append(n / dt)
-            print(f"run {r} {mode:12s} {n} tokens in {dt:.2f} s = {n / dt:,.0f} output tok/s")
+            parts = ", ".join(f"{k} {llm.engine.seconds[k] - before[k]:.2f}" for k in before)
+            print(f"run {r} {mode:12s} {n} tokens in {dt:.2f} s = {n / dt:,.0f} output tok/s  (engine s: {parts})")
             if mode == "json_schema":
                 ok = 0
                 for o in outs:

@@ -78,6 +78,7 @@ class Scheduler:
         self.admitted: list[str] = []  # requests admitted for the first time since the caller last emptied this
         self.num_grammar = 0  # requests with a structured-output grammar (their masks are made per step)
         self.vocab_size = 0  # the logits' width, for the grammar masks (the engine sets it)
+        self._bitmask = None  # the grammar masks' fill buffer (int32 [rows, vocab / 32])
 
     # -- admission -----------------------------------------------------------
 
@@ -285,11 +286,13 @@ class Scheduler:
             return
         from ziggurat.actors.scheduler.structured import allocate_bitmask
 
-        bitmask = allocate_bitmask(len(idx), self.vocab_size)
+        if self._bitmask is None or self._bitmask.shape[0] < len(idx):  # reused: the step copies it out at launch
+            self._bitmask = allocate_bitmask(max(len(idx), 64), self.vocab_size)
+        bitmask = self._bitmask
         for j, i in enumerate(idx.tolist()):
             rs.reqs[i].grammar.fill_bitmask(bitmask, j)
         step.grammar_rows = rs.row[idx].astype(np.int32)
-        step.grammar_bitmask = bitmask.numpy()
+        step.grammar_bitmask = bitmask[: len(idx)].numpy().copy()
 
     def _schedule_running(self, step: StepInput, budget: int) -> tuple[int, bool]:
         """Spend the budget on running requests in admission order: each runs
