@@ -79,6 +79,7 @@ class Scheduler:
         self.num_grammar = 0  # requests with a structured-output grammar (their masks are made per step)
         self.vocab_size = 0  # the logits' width, for the grammar masks (the engine sets it)
         self._bitmask = None  # the grammar masks' fill buffer (int32 [rows, vocab / 32])
+        self._grammar_batch = None  # GrammarBatch: fill and accept for all grammar rows at once
 
     # -- admission -----------------------------------------------------------
 
@@ -284,13 +285,14 @@ class Scheduler:
         idx = np.flatnonzero(rs.grammar[:m] & (rs.pending[:m] > 0))
         if not len(idx):
             return
-        from ziggurat.actors.scheduler.structured import allocate_bitmask
+        from ziggurat.actors.scheduler.structured import GrammarBatch, allocate_bitmask
 
         if self._bitmask is None or self._bitmask.shape[0] < len(idx):  # reused: the step copies it out at launch
             self._bitmask = allocate_bitmask(max(len(idx), 64), self.vocab_size)
+        if self._grammar_batch is None:
+            self._grammar_batch = GrammarBatch()
         bitmask = self._bitmask
-        for j, i in enumerate(idx.tolist()):
-            rs.reqs[i].grammar.fill_bitmask(bitmask, j)
+        self._grammar_batch.fill([rs.reqs[i].grammar for i in idx.tolist()], bitmask)
         step.grammar_rows = rs.row[idx].astype(np.int32)
         step.grammar_bitmask = bitmask[: len(idx)].numpy().copy()
 
@@ -420,12 +422,15 @@ class Scheduler:
             r.output_token_ids.append(t)
         rejected = []
         if self.num_grammar:
-            for j in np.flatnonzero(rs.grammar[idx]).tolist():
-                g = sel[j].grammar
-                if g.is_terminated():  # past its end only stop tokens are allowed (ignore_eos, min_tokens)
-                    continue
-                if not g.accept(tok_list[j]):  # cannot happen with the mask applied
-                    rejected.append(j)
+            # Past its end a grammar allows only stop tokens (ignore_eos, min_tokens): nothing to accept.
+            js = [j for j in np.flatnonzero(rs.grammar[idx]).tolist() if not sel[j].grammar.is_terminated()]
+            if js:
+                from ziggurat.actors.scheduler.structured import GrammarBatch
+
+                if self._grammar_batch is None:
+                    self._grammar_batch = GrammarBatch()
+                ok = self._grammar_batch.accept([sel[j].grammar for j in js], [tok_list[j] for j in js])
+                rejected = [j for j, good in zip(js, ok) if not good]  # cannot happen with the mask applied
         lps = out.logprobs
         if lps is not None and lps.count(None) != len(lps):
             for j, r in enumerate(sel):
