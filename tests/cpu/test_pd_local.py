@@ -253,3 +253,57 @@ def test_backpressure_and_the_deadline_on_the_decode_side(llama_dir):
     # One of them waited for room; both end (one may miss the 0.3 s deadline: cleanly, as an error).
     assert set(fin.values()) <= {"length", "error"} and "length" in fin.values()
     assert sorted(e.request_id for e in c.events()) == ["a", "b"]
+
+
+def test_structured_output_across_the_hand_off(llama_dir):
+    """The prefill side samples the first token under the grammar; the decode side
+    rebuilds the grammar state from it and goes on: the output is what a mixed replica
+    gives under the same constraint, and it matches."""
+    import re
+
+    pytest.importorskip("xgrammar")
+    from ziggurat import StructuredOutputsParams
+
+    so = StructuredOutputsParams(regex=r"[a-d]{3}-[0-9]{2,4}")
+    c = Cluster(llama_dir)
+    for rid, p in list(PROMPTS.items())[:3]:
+        sp = SamplingParams(max_tokens=12, temperature=0.0, structured_outputs=so)
+        assert c.prefill.submit(SubmitRequest(rid, list(p), sp, "ing", tenant="t", model="m", decode_replica=1)).ok
+    ids = list(PROMPTS)[:3]
+    c.pump(done(c, ids))
+    got, fin = c.tokens()
+    from ziggurat.models.tokenizer import Tokenizer
+
+    t = Tokenizer(llama_dir)
+    want = LLM_tokens(llama_dir, {r: PROMPTS[r] for r in ids}, so)
+    for rid in ids:
+        assert fin[rid] == "stop" and re.fullmatch(r"[a-d]{3}-[0-9]{2,4}", t.decode(got[rid])), t.decode(got[rid])
+        assert got[rid] == want[rid]
+    assert c.held_blocks() == [0, 0]
+
+
+def LLM_tokens(model, prompts, so):
+    from ziggurat import LLM
+
+    with LLM(str(model), num_kv_blocks=128, block_size=4, dtype="float32") as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts.values()],
+                            SamplingParams(max_tokens=12, temperature=0.0, structured_outputs=so), use_tqdm=False)
+    return {rid: o.outputs[0].token_ids for rid, o in zip(prompts, outs)}
+
+
+def test_structured_output_survives_preemption(llama_dir):
+    """A cache too small for every request at once: grammar requests are preempted and
+    resumed (their grammar state kept), and each still matches its regex."""
+    import re
+
+    pytest.importorskip("xgrammar")
+    from ziggurat import LLM, StructuredOutputsParams
+
+    so = StructuredOutputsParams(regex=r"(ab|cd){4,12}")
+    with LLM(str(llama_dir), num_kv_blocks=24, block_size=4, dtype="float32", max_model_len=96) as llm:
+        outs = llm.generate([{"prompt_token_ids": [5 + i] * 30} for i in range(6)],
+                            SamplingParams(max_tokens=40, temperature=0.8, seed=3, structured_outputs=so),
+                            use_tqdm=False)
+        assert llm.engine.scheduler.num_preemptions > 0
+    for o in outs:
+        assert re.fullmatch(r"(ab|cd){4,12}", o.outputs[0].text), o.outputs[0].text
