@@ -69,6 +69,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | None = None  # constrain the output (a schema, regex, ...)
+    logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit, in [-100, 100] (OpenAI's)
     # Token ids that end generation besides EOS, filled in by the engine from
     # generation_config.json; not user-facing.
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
@@ -136,6 +137,14 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:
                 bad("stop_token_ids", f"must be non-negative integers, got {t!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > 300:
+                bad("logit_bias", "must map at most 300 token ids to biases")
+            for t, b in self.logit_bias.items():
+                if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                    bad("logit_bias", f"keys must be token ids (non-negative integers), got {t!r}")
+                if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+                    bad("logit_bias", f"biases must be numbers in [-100, 100], got {b!r}")
         so = self.structured_outputs
         if so is not None and not isinstance(so, StructuredOutputsParams):
             bad("structured_outputs", f"must be a StructuredOutputsParams, got {type(so).__name__}")

@@ -119,6 +119,7 @@ class ModelRunner:
         self.penalties = PenaltyState(cfg.vocab_size, device)  # device tables, grown on first use
         self.staging = Staging(device)
         self.graphs = None  # DecodeGraphs once captured
+        self._num_biased = 0  # requests with a logit_bias among self.requests
         self._stepped = False
 
     # -- KV cache ----------------------------------------------------------------
@@ -214,6 +215,8 @@ class ModelRunner:
             r = self.requests.pop(row, None)
             if r is not None and r.pen_index >= 0:
                 self.penalties.release(r.pen_index)
+            if r is not None and r.params.logit_bias:
+                self._num_biased -= 1
         for new in step.new_requests:
             if new.row in self.requests:
                 raise RuntimeError(f"request {new.req_id}: row {new.row} is still held")
@@ -227,6 +230,7 @@ class ModelRunner:
                 row=new.row,
             )
             self._append_blocks(r, new.block_ids)
+            self._num_biased += bool(new.sampling_params.logit_bias)
             self._param_diff[r.row] = sampling_row(new.sampling_params)  # a reused row is overwritten
             if new.sampling_params.needs_penalties and self.tp.rank == 0:
                 r.pen_index = self.penalties.add(new.prompt_token_ids, new.output_token_ids)
@@ -388,6 +392,8 @@ class ModelRunner:
         if not reqs:
             return _InFlight.empty()
         logits = self.model.compute_logits(hidden)
+        if self.tp.rank == 0 and self._num_biased:
+            self._add_logit_bias(logits, reqs)
         if step.grammar_bitmask is not None and self.tp.rank == 0:
             self._mask_grammar_rows(logits, reqs, step)
         sampled = self._sample(logits, reqs) if self.tp.rank == 0 else None
@@ -428,6 +434,22 @@ class ModelRunner:
         h.reqs = []
         h.tokens = h.sampled = None  # free the device tensors
         h.resolved = True
+
+    def _add_logit_bias(self, logits: torch.Tensor, reqs: list[_RunnerRequest]) -> None:
+        """OpenAI's logit_bias: each biased request's (token, bias) pairs added to its row,
+        one scatter for the batch (index and value tensors made once per request)."""
+        rows, ids, vals = [], [], []
+        for i, r in enumerate(reqs):
+            b = r.params.logit_bias
+            if b:
+                rows.extend([i] * len(b))
+                ids.extend(b.keys())
+                vals.extend(b.values())
+        if not rows:
+            return
+        r_t, i_t = self.staging.upload(np.asarray(rows, dtype=np.int64), np.asarray(ids, dtype=np.int64))
+        v_t = torch.tensor(vals, dtype=logits.dtype).to(self.device, non_blocking=True)
+        logits.index_put_((r_t, i_t), v_t, accumulate=True)
 
     def _mask_grammar_rows(self, logits: torch.Tensor, reqs: list[_RunnerRequest], step: StepInput) -> None:
         """Structured outputs: disallowed tokens of the grammar rows to -inf before sampling."""

@@ -73,7 +73,7 @@ _COMMON = {
     "presence_penalty": ("number", ""),
     "frequency_penalty": ("number", ""),
     "repetition_penalty": ("number", "vLLM extra"),
-    "logit_bias": ("object", "token id -> bias in [-100, 100]"),
+    "logit_bias": ("object", "token id (as a string) -> bias in [-100, 100], added to its logit"),
     "stream": ("boolean", "server-sent events"),
     "stream_options": ("object", "{include_usage}"),
     "user": ("string", "end-user id (logged)"),
@@ -145,11 +145,6 @@ def grammar_spec(body: dict) -> GrammarSpec | None:
         raise bad(str(e), e.field) from None
 
 
-def _refuse_unsupported(body: dict) -> None:
-    if body.get("logit_bias"):
-        raise bad("'logit_bias' is not supported by this server yet", "logit_bias")
-
-
 def _sampling(body: dict, max_tokens: int | None, logprobs: int | None, defaults: dict | None,
               forced: GrammarSpec | None = None) -> SamplingParams:
     """defaults: the model's generation-config sampling defaults (models/config.py::sampling_defaults)."""
@@ -174,6 +169,12 @@ def _sampling(body: dict, max_tokens: int | None, logprobs: int | None, defaults
             raise bad("'stop' takes at most 16 strings", "stop")
         kw["stop"] = stop
     kw["structured_outputs"] = to_params(forced or grammar_spec(body))
+    bias = body.get("logit_bias")
+    if bias:  # OpenAI's keys are token ids as strings
+        try:
+            kw["logit_bias"] = {int(k): v for k, v in bias.items()}
+        except (TypeError, ValueError):
+            raise bad("'logit_bias' keys must be token ids", "logit_bias") from None
     for name in _EXTRA_SAMPLING:
         if body.get(name) is not None:
             kw[name] = body[name]
@@ -216,7 +217,6 @@ def parse_completion(body: dict, defaults: dict | None = None) -> ParsedRequest:
     if not isinstance(body, dict):
         raise bad("request body must be a JSON object")
     check_fields(body, COMPLETION_FIELDS)
-    _refuse_unsupported(body)
     prompt = body.get("prompt")
     if prompt is None:
         raise bad("'prompt' is required", "prompt")
@@ -307,7 +307,6 @@ def parse_chat(body: dict, defaults: dict | None = None) -> ParsedRequest:
     if not isinstance(body, dict):
         raise bad("request body must be a JSON object")
     check_fields(body, CHAT_FIELDS)
-    _refuse_unsupported(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty array", "messages")

@@ -68,6 +68,10 @@ def check_params(params: SamplingParams, limits: ModelLimits) -> None:
         if t >= limits.vocab_size:
             raise RequestError(f"stop_token_ids: token id {t} is outside the vocabulary [0, {limits.vocab_size})",
                                "stop_token_ids")
+    for t in params.logit_bias or ():
+        if t >= limits.vocab_size:
+            raise RequestError(f"logit_bias: token id {t} is outside the vocabulary [0, {limits.vocab_size})",
+                               "logit_bias")
     if params.min_tokens >= limits.max_model_len:
         raise RequestError(f"min_tokens: {params.min_tokens} does not fit max_model_len={limits.max_model_len}",
                            "min_tokens")

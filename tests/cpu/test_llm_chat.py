@@ -53,3 +53,16 @@ def test_logprob_objects_and_structured_outputs_offline(llm):
     assert sorted(v.rank for v in first.values()) == [1, 2]
     so = SamplingParams(max_tokens=20, structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))
     assert llm.generate("Answer:", so, use_tqdm=False)[0].outputs[0].text in ("yes", "no")
+
+
+def test_logit_bias_moves_only_its_own_request(llm):
+    plain = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    biased = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logit_bias={11: 100.0, 12: -100.0})
+    alone = llm.generate([[3, 4, 5]], plain, use_tqdm=False)[0].outputs[0].token_ids
+    both = llm.generate([[3, 4, 5], [3, 4, 5]], [plain, biased], use_tqdm=False)
+    assert both[0].outputs[0].token_ids == alone
+    assert both[1].outputs[0].token_ids == [11] * 6
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={1: 500})
+    with pytest.raises(ValueError, match="logit_bias"):
+        llm.generate([[3]], SamplingParams(logit_bias={10**9: 1.0}), use_tqdm=False)

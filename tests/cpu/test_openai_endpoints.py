@@ -117,7 +117,7 @@ def test_client_request_ids_are_kept_sanitized_and_echoed(app):
     assert len(c.headers["x-request-id"]) == 32 and "x-ziggurat-request-id" not in c.headers
 
 
-def test_chat_details_clients_send(app):
+def test_chat_details_clients_send(app, llama_dir):
     async def fn(http, sdk):
         r1 = await sdk.chat.completions.create(model="tiny", messages=CHAT, max_completion_tokens=5, temperature=0,
                                                user="u-1", metadata={"k": "v"}, stop="zzz",
@@ -126,11 +126,19 @@ def test_chat_details_clients_send(app):
                                                stop=["zzz", "yyy"])
         wrong = await http.post("/v1/chat/completions", json={"messages": CHAT, "temperature": "hot"})
         wrong2 = await http.post("/v1/chat/completions", json={"messages": CHAT, "user": 5})
-        bias = await http.post("/v1/chat/completions", json={"messages": CHAT, "logit_bias": {"5": 10}})
-        return r1, r2, wrong, wrong2, bias
+        bias = await sdk.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, temperature=0,
+                                                 logit_bias={"7": 100})
+        bad_bias = await http.post("/v1/chat/completions", json={"messages": CHAT, "logit_bias": {"5": 500}})
+        bad_bias2 = await http.post("/v1/chat/completions", json={"messages": CHAT, "logit_bias": {"99999999": 1}})
+        return r1, r2, wrong, wrong2, (bias, bad_bias, bad_bias2)
 
     r1, r2, wrong, wrong2, bias = app(fn)
     assert r1.usage.completion_tokens == 5 and r1.choices[0].message.content == r2.choices[0].message.content
     assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "temperature"
     assert wrong2.status_code == 400 and wrong2.json()["error"]["param"] == "user"
-    assert bias.status_code == 400 and bias.json()["error"]["param"] == "logit_bias"
+    biased, bad_bias, bad_bias2 = bias
+    # +100 on token 7: it wins every step
+    assert biased.choices[0].message.content == Tokenizer(llama_dir).decode([7] * 4)
+    assert bad_bias.status_code == 400 and bad_bias.json()["error"]["param"] == "logit_bias"
+    assert bad_bias2.status_code == 400 and bad_bias2.json()["error"]["param"] == "logit_bias"
+
