@@ -93,6 +93,13 @@ class IngressConfig:
     redact: str | None = _opt(None, "module:function applied to request logs before they are stored "
                                     "(e.g. ziggurat.actors.meter.tenancy:redact_pii)")
 
+    def __post_init__(self) -> None:
+        from ziggurat.actors.ingress.tool_calls import PARSERS
+
+        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
+            raise ValueError(f"tool_call_parser: unknown parser {self.tool_call_parser!r}; "
+                             f"known: {', '.join(PARSERS)}")
+
 
 async def _disconnected(request: Request) -> None:
     """Returns when the client goes away (the body has been read already)."""

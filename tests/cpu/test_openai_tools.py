@@ -209,3 +209,8 @@ def test_parser_chosen_from_the_template():
     assert parser_for(None, "mistral").name == "mistral"
     with pytest.raises(ValueError, match="unknown parser"):
         parser_for(None, "nope")
+
+
+def test_an_unknown_parser_flag_fails_at_start_up():
+    with pytest.raises(ValueError, match="tool_call_parser: unknown parser 'nope'"):
+        IngressConfig(tool_call_parser="nope")
