@@ -30,6 +30,8 @@ from tokenizers import (
 )
 from tokenizers.models import BPE
 
+from ziggurat.models.tokenizer import bytes_to_unicode
+
 
 class GGUFTokenizerError(ValueError):
     pass
@@ -170,17 +172,8 @@ def _special_id(metadata: dict, key: str, vocab_size: int, where: str) -> int | 
     return token_id
 
 
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character table: printable Latin-1 bytes stand for
-    themselves, the rest are shifted to code points from 256 up."""
-    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in kept}
-    shifted = (b for b in range(256) if b not in table)
-    return table | {b: chr(256 + i) for i, b in enumerate(shifted)}
-
-
 def _byte_level(metadata: dict, tokens: list[str], where: str) -> Tokenizer:
-    spelling = _byte_alphabet()
+    spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
     # A token written in plain text (outside the byte alphabet) is respelled byte by byte.
     vocab = {
@@ -245,7 +238,7 @@ def _add_tokens(tok: Tokenizer, tokens: list[str], types: list[int], byte_level:
     """Control tokens become special added tokens and user-defined ones plain added tokens, so
     they match whole in text; the named special tokens are marked special too. Nothing is added
     that is not already in the vocabulary under its own spelling."""
-    alphabet = set(_byte_alphabet().values()) if byte_level else None
+    alphabet = set(bytes_to_unicode().values()) if byte_level else None
     control = [t for t, k in zip(tokens, types) if k == _CONTROL and (alphabet is None or set(t) <= alphabet)]
     # The transformers classes add their default special tokens (when in the vocabulary).
     defaults = ["<|endoftext|>"] if byte_level else ["<unk>", "<s>", "</s>"]

@@ -437,7 +437,7 @@ class ModelRunner:
 
     def _add_logit_bias(self, logits: torch.Tensor, reqs: list[_RunnerRequest]) -> None:
         """OpenAI's logit_bias: each biased request's (token, bias) pairs added to its row,
-        one scatter for the batch (index and value tensors made once per request)."""
+        one upload and one scatter for the batch."""
         rows, ids, vals = [], [], []
         for i, r in enumerate(reqs):
             b = r.params.logit_bias

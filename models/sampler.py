@@ -54,14 +54,14 @@ _BITS = None
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, positions: torch.Tensor) -> None:
     """Structured outputs: logits[positions[i], t] = -inf where bit t of bitmask[i] is 0,
     in place on the logits' device (bitmask: int32 [k, ceil(V / 32)], as xgrammar fills it;
-    tokens beyond its width, such as padded vocabulary rows, are disallowed)."""
+    the scheduler sizes it for the model's logits, padded vocabulary rows included)."""
     global _BITS
+    vocab = logits.shape[-1]
+    if bitmask.shape[-1] * 32 < vocab:
+        raise ValueError(f"bitmask covers {bitmask.shape[-1] * 32} tokens, logits have {vocab}")
     if _BITS is None or _BITS.device != logits.device:
         _BITS = torch.arange(32, dtype=torch.int32, device=logits.device)
-    vocab = logits.shape[-1]
-    allowed = ((bitmask.unsqueeze(-1) >> _BITS) & 1).bool().flatten(1)  # [k, 32 W]
-    if allowed.shape[1] < vocab:
-        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    allowed = ((bitmask.to(logits.device).unsqueeze(-1) >> _BITS) & 1).bool().flatten(1)  # [k, 32 W]
     rows = logits.index_select(0, positions)
     logits.index_copy_(0, positions, rows.masked_fill(~allowed[:, :vocab], float("-inf")))
 

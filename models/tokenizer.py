@@ -72,28 +72,23 @@ def _find_chat_templates(path: Path, cfg: dict) -> tuple[dict[str, str], str | N
     return named, ("tokenizer_config.json" if named else None)
 
 
-def _decoder_type(tok: _HFTokenizer) -> str | None:
-    dec = json.loads(tok.to_str()).get("decoder") or {}
-    if dec.get("type") == "Sequence":
-        types = [d.get("type") for d in dec.get("decoders", [])]
-        return "ByteLevel" if "ByteLevel" in types else (types[0] if types else None)
-    return dec.get("type")
+def decoder_types(tok_json: dict) -> set[str]:
+    """The decoder types of a tokenizer.json (a Sequence's members), e.g. {"ByteLevel"}."""
+    dec = tok_json.get("decoder") or {}
+    parts = dec.get("decoders", []) if dec.get("type") == "Sequence" else [dec]
+    return {d.get("type") for d in parts if isinstance(d, dict)}
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte-level alphabet: each byte as a printable character."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    out, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(256 + extra)
-            extra += 1
-    return out
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: printable Latin-1 bytes stand for themselves, the
+    rest are shifted to code points from 256 up."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {b: chr(b) for b in kept}
+    shifted = (b for b in range(256) if b not in table)
+    return table | {b: chr(256 + i) for i, b in enumerate(shifted)}
 
 
-_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+_UNICODE_TO_BYTE = {c: b for b, c in bytes_to_unicode().items()}
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -223,7 +218,7 @@ class Tokenizer:
         if piece is None:
             return b""
         if self._byte_level is None:
-            self._byte_level = _decoder_type(self._tok) == "ByteLevel"
+            self._byte_level = "ByteLevel" in decoder_types(json.loads(self._tok.to_str()))
             self._added_ids = set(self._tok.get_added_tokens_decoder())
         if i in self._added_ids:  # added tokens are stored as their text
             return piece.encode("utf-8")

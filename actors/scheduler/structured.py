@@ -2,7 +2,8 @@
 
 GrammarSpec reads what a request asks for; GrammarCompiler turns it into a
 CompiledGrammar for one tokenizer (cached); GrammarState follows one sequence
-and fills its row of the token bitmask; apply_bitmask masks the logits.
+and fills its row of the token bitmask; the worker masks the logits with it
+(models/sampler.py::apply_token_bitmask).
 xgrammar is imported only when a grammar is compiled or applied.
 """
 
@@ -17,6 +18,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ziggurat.models.tokenizer import bytes_to_unicode, decoder_types
+
 if TYPE_CHECKING:
     import torch
     import xgrammar
@@ -29,7 +32,6 @@ __all__ = [
     "GrammarState",
     "StructuredOutputError",
     "allocate_bitmask",
-    "apply_bitmask",
     "tokenizer_info",
 ]
 
@@ -179,18 +181,6 @@ def _from_structured_outputs(so: Any) -> list[GrammarSpec]:
 
 # --- tokenizer -> xgrammar.TokenizerInfo -------------------------------------------------------
 
-def _decoder_types(tok_json: dict) -> set[str]:
-    dec = tok_json.get("decoder") or {}
-    parts = dec.get("decoders", []) if dec.get("type") == "Sequence" else [dec]
-    return {d.get("type") for d in parts if isinstance(d, dict)}
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    from ziggurat.models.tokenizer import _bytes_to_unicode as b2u
-
-    return b2u()
-
-
 def tokenizer_info(tokenizer: Tokenizer, vocab_size: int,
                    stop_token_ids: list[int] | None = None) -> xgrammar.TokenizerInfo:
     """xgrammar's view of our tokenizer, from its tokenizers JSON (no transformers).
@@ -204,7 +194,7 @@ def tokenizer_info(tokenizer: Tokenizer, vocab_size: int,
     xgr = _xgr()
     tok = tokenizer._tok
     spec = json.loads(tok.to_str())
-    types = _decoder_types(spec)
+    types = decoder_types(spec)
     if "ByteLevel" in types:
         vocab_type = xgr.VocabType.BYTE_LEVEL
     elif types & {"ByteFallback", "Metaspace"} or (spec.get("model") or {}).get("byte_fallback"):
@@ -215,7 +205,7 @@ def tokenizer_info(tokenizer: Tokenizer, vocab_size: int,
     encoded: list[str] = [""] * vocab_size
     for i in range(n):
         encoded[i] = tok.id_to_token(i) or ""
-    b2u = _bytes_to_unicode() if vocab_type == xgr.VocabType.BYTE_LEVEL else None
+    b2u = bytes_to_unicode() if vocab_type == xgr.VocabType.BYTE_LEVEL else None
     for i, added in tok.get_added_tokens_decoder().items():
         if i >= n:
             continue
@@ -410,75 +400,9 @@ def allocate_bitmask(batch: int, vocab_size: int) -> torch.Tensor:
     return torch.full((batch, (vocab_size + 31) // 32), -1, dtype=torch.int32)
 
 
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | list[int] | None = None) -> None:
-    import torch
-
-    """Set logits[i, t] to -inf where bit t of bitmask[i] is 0, in place, for every row
-    i of logits (or those in `rows`, which index both). logits [B, V] float on any
-    device; the bitmask is moved there. The bitmask must cover all V columns."""
-    if logits.dim() != 2 or bitmask.dim() != 2:
-        raise ValueError("logits and bitmask must be 2-D")
-    vocab = logits.shape[-1]
-    if bitmask.shape[-1] * 32 < vocab:
-        raise ValueError(f"bitmask covers {bitmask.shape[-1] * 32} tokens, logits have {vocab}")
-    bitmask = bitmask.to(logits.device, non_blocking=True).contiguous()
-    if rows is not None and len(rows) == 0:
-        return
-    kernel_dtype = logits.dtype in (torch.float32, torch.float16, torch.bfloat16)
-    if logits.device.type == "cpu" and kernel_dtype:
-        from xgrammar.kernels.apply_token_bitmask_inplace_cpu import (
-            apply_token_bitmask_inplace_cpu,
-        )
-
-        indices = rows.tolist() if isinstance(rows, torch.Tensor) else rows
-        apply_token_bitmask_inplace_cpu(logits, bitmask, vocab, indices)
-        return
-    if logits.device.type == "cuda" and kernel_dtype and logits.stride(-1) == 1:
-        try:
-            from xgrammar.kernels.apply_token_bitmask_inplace_triton import (
-                apply_token_bitmask_inplace_triton,
-            )
-        except ImportError:
-            pass
-        else:
-            apply_token_bitmask_inplace_triton(logits, bitmask, vocab, rows)
-            return
-    _apply_bitmask_torch(logits, bitmask, rows)
-
-
 def _bit(i: int) -> int:
     """Bit i of an int32 word, as a (signed) int32 value."""
     return (1 << i) - (1 << 32 if i == 31 else 0)
-
-
-_BYTE_BITS = None  # [256, 8] bool: the bits of each byte (made on first use)
-
-
-def _unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
-    """bool [n, vocab]: True where the bit is set (token allowed). Bit t of word w is
-    token 32 w + t; little-endian, so byte b of the words holds tokens 8 b .. 8 b + 7."""
-    import torch
-
-    global _BYTE_BITS
-    if _BYTE_BITS is None:
-        _BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()
-    table = _BYTE_BITS.to(bitmask.device)
-    by = bitmask.contiguous().view(torch.uint8).long()
-    return table[by].reshape(bitmask.shape[0], -1)[:, :vocab]
-
-
-def _apply_bitmask_torch(logits: torch.Tensor, bitmask: torch.Tensor,
-                         rows: torch.Tensor | list[int] | None = None) -> None:
-    """apply_bitmask in plain torch (any device and dtype; no host sync)."""
-    import torch
-
-    vocab = logits.shape[-1]
-    if rows is None:
-        logits.masked_fill_(~_unpack(bitmask[: logits.shape[0]], vocab), float("-inf"))
-        return
-    idx = torch.as_tensor(rows, device=logits.device, dtype=torch.long)
-    masked = logits.index_select(0, idx).masked_fill_(~_unpack(bitmask.index_select(0, idx), vocab), float("-inf"))
-    logits.index_copy_(0, idx, masked)
 
 
 def to_params(spec: GrammarSpec | None):

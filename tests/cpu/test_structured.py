@@ -18,12 +18,16 @@ from ziggurat.actors.scheduler.structured import (
     GrammarSpec,
     GrammarState,
     StructuredOutputError,
-    _apply_bitmask_torch,
-    _unpack,
     allocate_bitmask,
-    apply_bitmask,
 )
+from ziggurat.models.sampler import apply_token_bitmask
 from ziggurat.models.tokenizer import Tokenizer
+
+
+def apply_bitmask(logits, bitmask, rows=None):
+    """The worker's masking, row i of the bitmask for row i of the logits (or those in `rows`)."""
+    idx = torch.arange(logits.shape[0]) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+    apply_token_bitmask(logits, bitmask.index_select(0, idx), idx)
 
 TINY_MODEL_VOCAB = 1024  # the tiny model's embedding rows: more than its tokenizer's 1005 tokens
 
@@ -305,7 +309,7 @@ def test_rollback_rebuild_copy(best):
     assert not state.is_terminated() and len(state.accepted) == len(ids)
     # A terminated state allows only the stop token.
     only_eos = _rows(fork, best.vocab_size)
-    assert _unpack(only_eos[None], best.vocab_size)[0].nonzero().flatten().tolist() == [best.tok.eos_token_id]
+    assert _allowed(only_eos[None], best.vocab_size)[0].nonzero().flatten().tolist() == [best.tok.eos_token_id]
 
     for j in (len(ids) - 1, len(ids) // 2, 3, 0):
         state.rollback(len(state.accepted) - j)
@@ -333,9 +337,8 @@ def test_apply_bitmask(dtype, vocab):
     gen = torch.Generator().manual_seed(vocab)
     bitmask = torch.randint(-(2**31), 2**31 - 1, (4, (vocab + 31) // 32), dtype=torch.int32, generator=gen)
     allowed = _allowed(bitmask, vocab)
-    assert torch.equal(_unpack(bitmask, vocab), allowed)
     logits = torch.randn(4, vocab, generator=gen).to(dtype)
-    for fn in (apply_bitmask, _apply_bitmask_torch):
+    for fn in (apply_bitmask,):
         out = logits.clone()
         fn(out, bitmask)
         assert torch.equal(out[allowed], logits[allowed])
@@ -371,7 +374,7 @@ def test_padded_vocab_is_masked(tiny):
     for t in tiny.tok.encode("{}", add_special_tokens=False):
         assert state.accept(t)
     state.fill_bitmask(bitmask, 0)
-    assert _unpack(bitmask, TINY_MODEL_VOCAB)[0, tiny.tok.eos_token_id]
+    assert _allowed(bitmask, TINY_MODEL_VOCAB)[0, tiny.tok.eos_token_id]
 
 
 @pytest.mark.parametrize("batched", ["0", "1"])
