@@ -93,3 +93,42 @@ async def stream_completion(url: str, body: dict, on_token=None, timeout: float 
                     on_token()
                     on_token = None
     return rid, got, error
+
+
+class OpenAIApp:
+    """The HTTP app over an in-process engine (LocalEngineClient): no Ray, no sockets.
+    `run(fn)` runs `await fn(http, sdk)` on a fresh event loop: an httpx client on the
+    app (base http://t) and the official openai SDK over it (base http://t/v1)."""
+
+    def __init__(self, model, served_model_name: str = "tiny", **engine_kw):
+        from ziggurat.actors.ingress.gatekeeper import Gatekeeper
+        from ziggurat.actors.ingress.local_engine import LocalEngineClient
+        from ziggurat.actors.ingress.server import IngressConfig, OpenAIServer
+        from ziggurat.actors.scheduler.engine import EngineCore
+        from ziggurat.config import EngineConfig
+
+        engine_kw.setdefault("device", "cpu")
+        self.engine = EngineCore(EngineConfig(model=str(model), **engine_kw))
+        self.client = LocalEngineClient(self.engine)
+        self.server = OpenAIServer(IngressConfig(served_model_name=served_model_name), self.client, Gatekeeper(None),
+                                   self.client.info)
+        self.client.start()
+
+    def run(self, fn):
+        import asyncio
+
+        import httpx
+        import openai
+
+        async def main():
+            self.client.bind(asyncio.get_running_loop())
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=self.server.asgi), base_url="http://t",
+                                         timeout=600) as http:
+                sdk = openai.AsyncOpenAI(api_key="none", base_url="http://t/v1", http_client=http, max_retries=0)
+                return await fn(http, sdk)
+
+        return asyncio.run(main())
+
+    def close(self) -> None:
+        self.client.stop()
+        self.engine.shutdown()

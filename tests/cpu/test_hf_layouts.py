@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import multiprocessing
 import shutil
@@ -20,13 +19,9 @@ import shutil
 import pytest
 import torch
 
+from conftest import OpenAIApp
 from ziggurat import LLM, SamplingParams
-from ziggurat.actors.ingress.gatekeeper import Gatekeeper
-from ziggurat.actors.ingress.local_engine import LocalEngineClient
 from ziggurat.actors.ingress.protocol import parse_chat
-from ziggurat.actors.ingress.server import IngressConfig, OpenAIServer
-from ziggurat.actors.scheduler.engine import EngineCore
-from ziggurat.config import EngineConfig
 from ziggurat.models.config import ModelConfig, sampling_defaults
 from ziggurat.models.tokenizer import Tokenizer, TokenizerError
 
@@ -71,28 +66,19 @@ def test_save_pretrained_writes_the_current_layout(saved):
 
 
 def test_save_pretrained_model_serves_chat_through_the_openai_sdk(saved):
-    engine = EngineCore(EngineConfig(model=str(saved), device="cpu", num_kv_blocks=64))
-    client = LocalEngineClient(engine)
-    server = OpenAIServer(IngressConfig(served_model_name="tiny"), client, Gatekeeper(None), client.info)
-    client.start()
-
-    async def main():
-        client.bind(asyncio.get_running_loop())
-        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=server.asgi), base_url="http://test/v1")
-        sdk = openai.AsyncOpenAI(api_key="none", base_url="http://test/v1", http_client=http)
+    async def fn(http, sdk):
         r = await sdk.chat.completions.create(model="tiny", messages=CHAT, max_tokens=24, temperature=0,
                                               logprobs=True, top_logprobs=2)
         stream = await sdk.chat.completions.create(model="tiny", messages=CHAT, max_tokens=24, temperature=0,
                                                    stream=True)
         streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
-        await http.aclose()
         return r, streamed
 
+    app = OpenAIApp(saved, num_kv_blocks=64)
     try:
-        r, streamed = asyncio.run(main())
+        r, streamed = app.run(fn)
     finally:
-        client.stop()
-        engine.shutdown()
+        app.close()
     text = r.choices[0].message.content
     assert r.usage.completion_tokens > 0 and streamed == text
     raw = b"".join(bytes(t.bytes) for t in r.choices[0].logprobs.content)
@@ -124,25 +110,19 @@ def test_a_model_without_a_template_serves_completions_and_says_chat_needs_one(s
     bare = variant(saved, tmp_path / "bare", lambda d: (d / "chat_template.jinja").unlink())
     with pytest.raises(TokenizerError, match="no chat template"):
         Tokenizer(bare).apply_chat_template(CHAT)
-    engine = EngineCore(EngineConfig(model=str(bare), device="cpu", num_kv_blocks=64))
-    client = LocalEngineClient(engine)
     with caplog.at_level("WARNING", logger="ziggurat.ingress"):
-        server = OpenAIServer(IngressConfig(served_model_name="tiny"), client, Gatekeeper(None), client.info)
+        app = OpenAIApp(bare, num_kv_blocks=64)
     assert any("no chat template" in r.getMessage() for r in caplog.records)
-    client.start()
 
-    async def main():
-        client.bind(asyncio.get_running_loop())
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=server.asgi), base_url="http://t") as http:
-            chat = await http.post("/v1/chat/completions", json={"model": "tiny", "messages": CHAT})
-            comp = await http.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 3})
-            return chat, comp
+    async def fn(http, sdk):
+        chat = await http.post("/v1/chat/completions", json={"model": "tiny", "messages": CHAT})
+        comp = await http.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 3})
+        return chat, comp
 
     try:
-        chat, comp = asyncio.run(main())
+        chat, comp = app.run(fn)
     finally:
-        client.stop()
-        engine.shutdown()
+        app.close()
     assert chat.status_code == 400 and "chat template" in chat.json()["error"]["message"]
     assert comp.status_code == 200 and comp.json()["usage"]["completion_tokens"] == 3
 

@@ -15,6 +15,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 
 from ziggurat import LLM, SamplingParams  # noqa: E402
+from conftest import OpenAIApp  # noqa: E402
 from ziggurat.actors import metrics  # noqa: E402
 from ziggurat.actors.ingress.gatekeeper import Gatekeeper  # noqa: E402
 from ziggurat.actors.ingress.local_engine import LocalEngineClient  # noqa: E402
@@ -29,23 +30,9 @@ MAX_LEN = 256
 def app(llama_dir):
     """(run, server): run(coro_fn) runs coro_fn(http_client) on a fresh event loop
     bound to the app's engine client."""
-    engine = EngineCore(EngineConfig(model=str(llama_dir), device="cpu", num_kv_blocks=256, max_model_len=MAX_LEN))
-    client = LocalEngineClient(engine)
-    server = OpenAIServer(IngressConfig(served_model_name="tiny"), client, Gatekeeper(None), client.info)
-    client.start()
-
-    def run(fn):
-        async def main():
-            client.bind(asyncio.get_running_loop())
-            transport = httpx.ASGITransport(app=server.asgi)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
-                return await fn(http)
-
-        return asyncio.run(main())
-
-    yield run, server
-    client.stop()
-    engine.shutdown()
+    app = OpenAIApp(llama_dir, num_kv_blocks=256, max_model_len=MAX_LEN)
+    yield (lambda fn: app.run(lambda http, sdk: fn(http))), app.server
+    app.close()
 
 
 def post(run, path, body):

@@ -9,18 +9,12 @@ metadata; unknown fields ignored, wrong types refused.
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
-from ziggurat.actors.ingress.gatekeeper import Gatekeeper  # noqa: E402
-from ziggurat.actors.ingress.local_engine import LocalEngineClient  # noqa: E402
-from ziggurat.actors.ingress.server import IngressConfig, OpenAIServer  # noqa: E402
-from ziggurat.actors.scheduler.engine import EngineCore  # noqa: E402
-from ziggurat.config import EngineConfig  # noqa: E402
+from conftest import OpenAIApp  # noqa: E402
 from ziggurat.models.tokenizer import Tokenizer  # noqa: E402
 
 CHAT = [{"role": "developer", "content": "Be brief."},
@@ -29,24 +23,10 @@ CHAT = [{"role": "developer", "content": "Be brief."},
 
 @pytest.fixture(scope="module")
 def app(llama_dir):
-    engine = EngineCore(EngineConfig(model=str(llama_dir), device="cpu", num_kv_blocks=256, max_model_len=256))
-    client = LocalEngineClient(engine)
-    server = OpenAIServer(IngressConfig(served_model_name="tiny"), client, Gatekeeper(None), client.info)
-    client.start()
-
-    def run(fn):
-        async def main():
-            client.bind(asyncio.get_running_loop())
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=server.asgi), base_url="http://t",
-                                         timeout=60) as http:
-                sdk = openai.AsyncOpenAI(api_key="none", base_url="http://t/v1", http_client=http, max_retries=0)
-                return await fn(http, sdk)
-
-        return asyncio.run(main())
-
-    yield run
-    client.stop()
-    engine.shutdown()
+    """run(fn): await fn(http, sdk) against the app."""
+    app = OpenAIApp(llama_dir, num_kv_blocks=256, max_model_len=256)
+    yield app.run
+    app.close()
 
 
 def test_models_retrieve_and_version(app):

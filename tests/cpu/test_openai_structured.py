@@ -20,12 +20,8 @@ openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("xgrammar")
 
-from ziggurat.actors.ingress.gatekeeper import Gatekeeper  # noqa: E402
-from ziggurat.actors.ingress.local_engine import LocalEngineClient  # noqa: E402
-from ziggurat.actors.ingress.server import IngressConfig, OpenAIServer  # noqa: E402
-from ziggurat.actors.scheduler.engine import EngineCore  # noqa: E402
+from conftest import OpenAIApp  # noqa: E402
 from ziggurat.cluster.spec import packaged_default_model  # noqa: E402
-from ziggurat.config import EngineConfig  # noqa: E402
 
 WORDS = ["name", "city", "age", "score", "active", "tags", "color", "level", "title", "count", "kind", "owner"]
 
@@ -54,28 +50,10 @@ def random_schema(rng: random.Random, depth: int = 0) -> dict:
 
 @pytest.fixture(scope="module")
 def sdk_run(llama_dir):
-    model = packaged_default_model() or llama_dir
-    engine = EngineCore(EngineConfig(model=str(model), device="cpu", num_kv_blocks=2048, max_num_seqs=128))
-    client = LocalEngineClient(engine)
-    server = OpenAIServer(IngressConfig(served_model_name="m"), client, Gatekeeper(None), client.info)
-    client.start()
-
-    def run(fn):
-        async def main():
-            client.bind(asyncio.get_running_loop())
-            http = httpx.AsyncClient(transport=httpx.ASGITransport(app=server.asgi), base_url="http://t/v1",
-                                     timeout=600)
-            sdk = openai.AsyncOpenAI(api_key="none", base_url="http://t/v1", http_client=http, max_retries=0)
-            try:
-                return await fn(sdk)
-            finally:
-                await http.aclose()
-
-        return asyncio.run(main())
-
-    yield run
-    client.stop()
-    engine.shutdown()
+    """run(fn): await fn(sdk) against the app."""
+    app = OpenAIApp(packaged_default_model() or llama_dir, "m", num_kv_blocks=2048, max_num_seqs=128)
+    yield lambda fn: app.run(lambda http, sdk: fn(sdk))
+    app.close()
 
 
 def ask(i: int) -> list[dict]:

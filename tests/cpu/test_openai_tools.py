@@ -9,7 +9,6 @@ on its own below, text chunk by text chunk as a stream delivers it.
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -18,14 +17,11 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 pytest.importorskip("xgrammar")
 
-from ziggurat.actors.ingress.gatekeeper import Gatekeeper  # noqa: E402
-from ziggurat.actors.ingress.local_engine import LocalEngineClient  # noqa: E402
-from ziggurat.actors.ingress.server import IngressConfig, OpenAIServer  # noqa: E402
+from conftest import OpenAIApp  # noqa: E402
+from ziggurat.actors.ingress.server import IngressConfig  # noqa: E402
 from ziggurat.actors.ingress.tool_calls import (  # noqa: E402
     HermesParser, Llama3JsonParser, MistralParser, ToolRequest, ToolStream, parser_for)
-from ziggurat.actors.scheduler.engine import EngineCore  # noqa: E402
 from ziggurat.cluster.spec import packaged_default_model  # noqa: E402
-from ziggurat.config import EngineConfig  # noqa: E402
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -41,34 +37,15 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def app(llama_dir):
-    model = packaged_default_model() or llama_dir
-    engine = EngineCore(EngineConfig(model=str(model), device="cpu", num_kv_blocks=1024))
-    client = LocalEngineClient(engine)
-    server = OpenAIServer(IngressConfig(served_model_name="m"), client, Gatekeeper(None), client.info)
-    client.start()
-    yield client, server
-    client.stop()
-    engine.shutdown()
+    app = OpenAIApp(packaged_default_model() or llama_dir, "m", num_kv_blocks=1024)
+    yield app
+    app.close()
 
 
 @pytest.fixture
 def sdk_run(app):
-    client, server = app
-
-    def run(fn):
-        async def main():
-            client.bind(asyncio.get_running_loop())
-            http = httpx.AsyncClient(transport=httpx.ASGITransport(app=server.asgi), base_url="http://t/v1",
-                                     timeout=600)
-            sdk = openai.AsyncOpenAI(api_key="none", base_url="http://t/v1", http_client=http, max_retries=0)
-            try:
-                return await fn(sdk)
-            finally:
-                await http.aclose()
-
-        return asyncio.run(main())
-
-    return run
+    """run(fn): await fn(sdk) against the app."""
+    return lambda fn: app.run(lambda http, sdk: fn(sdk))
 
 
 def check_weather_call(call):
@@ -139,7 +116,6 @@ def test_bad_tool_requests_are_400s_naming_the_field(sdk_run, extra, field):
 
 def test_langchain_bind_tools_and_structured_output(app):
     lc = pytest.importorskip("langchain_openai")
-    client, server = app
     from pydantic import BaseModel, Field
 
     class Weather(BaseModel):
@@ -148,21 +124,16 @@ def test_langchain_bind_tools_and_structured_output(app):
         city: str = Field(max_length=20)
         unit: str = Field(pattern="^(celsius|fahrenheit)$")
 
-    async def main():
-        client.bind(asyncio.get_running_loop())
-        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=server.asgi), base_url="http://t/v1", timeout=600)
+    async def fn(http, sdk):
         llm = lc.ChatOpenAI(model="m", api_key="none", base_url="http://t/v1", http_async_client=http, temperature=0,
                             max_tokens=60, max_retries=0)
-        try:
-            called = await llm.bind_tools([Weather], tool_choice="Weather").ainvoke("Weather in Paris?")
-            structured = await llm.with_structured_output(Weather, method="json_schema").ainvoke("Weather in Rome?")
-            json_mode = await llm.with_structured_output(None, method="json_mode").ainvoke(
-                'Reply in JSON: {"city": ..., "unit": ...} for Rome in celsius.')
-        finally:
-            await http.aclose()
+        called = await llm.bind_tools([Weather], tool_choice="Weather").ainvoke("Weather in Paris?")
+        structured = await llm.with_structured_output(Weather, method="json_schema").ainvoke("Weather in Rome?")
+        json_mode = await llm.with_structured_output(None, method="json_mode").ainvoke(
+            'Reply in JSON: {"city": ..., "unit": ...} for Rome in celsius.')
         return called, structured, json_mode
 
-    called, structured, json_mode = asyncio.run(main())
+    called, structured, json_mode = app.run(fn)
     assert called.tool_calls and called.tool_calls[0]["name"] == "Weather"
     assert set(called.tool_calls[0]["args"]) == {"city", "unit"}
     assert isinstance(structured, Weather)
