@@ -16,16 +16,10 @@ import json
 import math
 import os
 import re
-import socket
 import sys
 import tempfile
 import time
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None) -> int:
@@ -57,7 +51,7 @@ def main(argv=None) -> int:
     ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, logging_level="ERROR")
     spans_path = os.path.join(tempfile.mkdtemp(), "spans.jsonl")
     for kind, endpoint in (("tracing_off", None), ("tracing_on", f"file://{spans_path}")):
-        dep = Deployment(DeploymentSpec.from_flat(model=args.model, served_model_name="m", port=_port(),
+        dep = Deployment(DeploymentSpec.from_flat(model=args.model, served_model_name="m", port=0,
                                                   dtype=args.dtype, device=args.device,
                                                   max_model_len=args.max_model_len, otlp_traces_endpoint=endpoint),
                          progress=lambda line: print("  " + line, flush=True))

@@ -21,17 +21,11 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import sys
 import tempfile
 import time
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None) -> int:
@@ -83,10 +77,10 @@ def main(argv=None) -> int:
     texts = {}
     for kind in kinds:
         if kind == "mixed":
-            spec = DeploymentSpec.from_flat(**common, port=_port())
+            spec = DeploymentSpec.from_flat(**common, port=0)
         else:
             eng = {"num_kv_blocks": args.kv_blocks} if args.kv_blocks else {}
-            spec = DeploymentSpec.from_flat(**common, port=_port(), pd_min_prompt_tokens=1,
+            spec = DeploymentSpec.from_flat(**common, port=0, pd_min_prompt_tokens=1,
                                             pools=(PoolSpec("prefill", 1, gpus_per_worker=args.gpus_per_worker,
                                                             engine=eng),
                                                    PoolSpec("decode", 1, gpus_per_worker=args.gpus_per_worker,

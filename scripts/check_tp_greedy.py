@@ -14,18 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import tempfile
 import time
 
 from ziggurat.scripts.report import emit
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(model: str, tp: int, dtype: str | None, prompts: list[str], max_tokens: int, device: str | None) -> list[list[str]]:
@@ -34,7 +28,7 @@ def run(model: str, tp: int, dtype: str | None, prompts: list[str], max_tokens: 
     from ziggurat.cluster.deploy import Deployment, DeploymentSpec
     from ziggurat.models.config import ModelConfig
 
-    dep = Deployment(DeploymentSpec.from_flat(model=model, served_model_name="m", port=_port(), tensor_parallel_size=tp,
+    dep = Deployment(DeploymentSpec.from_flat(model=model, served_model_name="m", port=0, tensor_parallel_size=tp,
                                     dtype=dtype, max_model_len=min(4096, ModelConfig.from_dir(model).max_position_embeddings),
                                     device=device))
     try:

@@ -396,7 +396,7 @@ class OpenAIServer:
 
         def compile_it():
             if self._grammars is None:
-                self._grammars = GrammarCompiler(self.tokenizer, self.replica.vocab_size, any_whitespace=False)
+                self._grammars = GrammarCompiler(self.tokenizer, self.replica.vocab_size)
             self._grammars.compile(req.grammar)
 
         try:

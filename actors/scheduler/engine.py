@@ -102,9 +102,18 @@ class EngineCore:
         return rid
 
     def grammar_state(self, params: SamplingParams, accepted: list[int] = ()):
-        """Structured outputs: the request's GrammarState (compiled once per distinct
-        constraint, cached), having accepted `accepted`; None without a constraint.
-        RequestError naming the field if the constraint is invalid."""
+        """Structured outputs: the request's GrammarState, having accepted `accepted`;
+        None without a constraint."""
+        compiled = self._compiled_grammar(params)
+        if compiled is None:
+            return None
+        from ziggurat.actors.scheduler.structured import GrammarState
+
+        return GrammarState.rebuild(compiled, list(accepted)) if accepted else GrammarState(compiled)
+
+    def _compiled_grammar(self, params: SamplingParams):
+        """The request's constraint compiled (once per distinct constraint, cached), or None;
+        RequestError naming the field if it is invalid."""
         if params.structured_outputs is None:
             return None
         from ziggurat.actors.scheduler import structured as so
@@ -116,21 +125,15 @@ class EngineCore:
             if self._grammars is None:
                 from ziggurat.models.tokenizer import Tokenizer
 
-                # JSON without free whitespace between tokens: small models otherwise spend
-                # their budget on newlines (seen with SmolLM2: 300 tokens of "\n" in a string's
-                # place), and vLLM offers the same switch (disable_any_whitespace).
                 self._grammars = so.GrammarCompiler(Tokenizer(self.config.model), self.model_config.vocab_size,
-                                                    stop_token_ids=list(self.model_config.eos_token_ids),
-                                                    any_whitespace=False)
-            compiled = self._grammars.compile(spec)
+                                                    stop_token_ids=list(self.model_config.eos_token_ids))
+            return self._grammars.compile(spec)
         except so.StructuredOutputError as e:
             raise RequestError(str(e), e.field) from None
-        return so.GrammarState.rebuild(compiled, list(accepted)) if accepted else so.GrammarState(compiled)
 
     def check_request(self, prompt_token_ids, params: SamplingParams, param: str = "prompt") -> None:
         check_request(prompt_token_ids, params, self.limits, param)
-        if params.structured_outputs is not None:
-            self.grammar_state(params)  # compiles (and caches) the constraint, or names what is wrong
+        self._compiled_grammar(params)  # a constraint compiles (and is cached), or its field is named
 
     def abort(self, request_ids, status: RequestStatus = RequestStatus.FINISHED_ABORTED, reason: str | None = None,
               force: bool = False) -> list[Request]:

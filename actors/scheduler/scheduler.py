@@ -287,14 +287,16 @@ class Scheduler:
             return
         from ziggurat.actors.scheduler.structured import GrammarBatch, allocate_bitmask
 
-        if self._bitmask is None or self._bitmask.shape[0] < len(idx):  # reused: the step copies it out at launch
+        # Reused every step: a step's launch (in-process, or its serialization for worker
+        # processes) reads the rows out before the next step is scheduled.
+        if self._bitmask is None or self._bitmask.shape[0] < len(idx):
             self._bitmask = allocate_bitmask(max(len(idx), 64), self.vocab_size)
         if self._grammar_batch is None:
             self._grammar_batch = GrammarBatch()
         bitmask = self._bitmask
         self._grammar_batch.fill([rs.reqs[i].grammar for i in idx.tolist()], bitmask)
         step.grammar_rows = rs.row[idx].astype(np.int32)
-        step.grammar_bitmask = bitmask[: len(idx)].numpy().copy()
+        step.grammar_bitmask = bitmask[: len(idx)].numpy()
 
     def _schedule_running(self, step: StepInput, budget: int) -> tuple[int, bool]:
         """Spend the budget on running requests in admission order: each runs
