@@ -72,12 +72,6 @@ def find_gguf(path: str | Path) -> Path | None:
     return found[0] if found else None
 
 
-def is_model_path(path: str | Path) -> bool:
-    """An HF directory or a GGUF file: what `--model` may name."""
-    p = Path(path)
-    return p.is_dir() or (p.is_file() and p.suffix == ".gguf")
-
-
 @functools.lru_cache(maxsize=4)
 def _reader(file: Path, mtime_ns: int):
     try:

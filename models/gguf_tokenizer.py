@@ -17,7 +17,6 @@ Only `gpt2` (byte-level BPE) and `llama` (sentencepiece BPE) vocabularies are su
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from tokenizers import (
     AddedToken,
@@ -94,19 +93,6 @@ _SPLIT_REGEXES = {
 
 # Architectures whose sentencepiece tokenizer differs from Llama's in ways we do not rebuild.
 _UNSUPPORTED_SPM_ARCHS = frozenset({"gemma", "gemma2", "gemma3"})
-
-
-def read_metadata(path: str | Path) -> dict:
-    """Every metadata key of a GGUF file, as plain Python values (strings decoded, arrays as lists)."""
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        raise GGUFTokenizerError(f"{path}: reading GGUF files needs the `gguf` package (pip install gguf)") from None
-    try:
-        reader = GGUFReader(str(path))
-    except (OSError, ValueError) as e:
-        raise GGUFTokenizerError(f"{path}: cannot read as GGUF ({e})") from None
-    return {key: field.contents() for key, field in reader.fields.items()}
 
 
 def tokenizer_from_gguf(metadata: dict, where: str = "") -> GGUFTokenizerParts:

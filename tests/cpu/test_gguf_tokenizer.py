@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from ziggurat.models.gguf import GGUFError
+from ziggurat.models.gguf import metadata as read_metadata
 from ziggurat.models.gguf_tokenizer import (
     GGUFTokenizerError,
-    read_metadata,
     tokenizer_from_gguf,
 )
 
@@ -210,7 +211,7 @@ def test_read_metadata_not_gguf(tmp_path):
     pytest.importorskip("gguf")
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"not a gguf file at all" * 4)
-    with pytest.raises(GGUFTokenizerError, match="x.gguf"):
+    with pytest.raises(GGUFError, match="x.gguf"):
         read_metadata(bad)
 
 
