@@ -18,6 +18,7 @@ _EXPORTS = {
     "CompletionOutput": "ziggurat.outputs",
     "SamplingParams": "ziggurat.sampling_params",
     "StructuredOutputsParams": "ziggurat.sampling_params",
+    "LoRARequest": "ziggurat.sampling_params",
 }
 
 

@@ -46,6 +46,13 @@ class EngineConfig:
                                                   "OTLP/HTTP collector URL (default: off)")
     kv_transfer_timeout_s: float = _opt(30.0, "prefill/decode: a KV hand-off not completed within this is abandoned "
                                                     "and its blocks freed on both sides")
+    # LoRA (models/lora.py): adapters applied per request, max_loras of them in one batch
+    # (weights in fixed GPU slots of max_lora_rank), max_cpu_loras kept in host memory.
+    enable_lora: bool = _opt(False, "serve LoRA adapters (their GPU slots are allocated at start-up)")
+    max_loras: int = _opt(4, "LoRA: distinct adapters in one batch at most (GPU slots per replica)")
+    max_lora_rank: int = _opt(16, "LoRA: the largest adapter rank served")
+    max_cpu_loras: int | None = _opt(None, "LoRA: adapters kept in host memory per replica, least recently used "
+                                           "evicted (default: max_loras)")
     extra: dict = field(default_factory=dict, metadata={"help": "worker-specific settings", "cli": False})
 
     def __post_init__(self) -> None:
@@ -69,6 +76,16 @@ class EngineConfig:
             raise ConfigError(f"max_model_len: must be at least 2, got {self.max_model_len}")
         if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ConfigError(f"device: must be cuda or cpu, got {self.device!r}")
+        for name in ("max_loras", "max_lora_rank"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{name}: must be a positive integer, got {v!r}")
+        if self.max_lora_rank > 512:
+            raise ConfigError(f"max_lora_rank: at most 512, got {self.max_lora_rank}")
+        if self.max_cpu_loras is not None and (not isinstance(self.max_cpu_loras, int) or isinstance(
+                self.max_cpu_loras, bool) or self.max_cpu_loras < self.max_loras):
+            raise ConfigError(f"max_cpu_loras: must be an integer >= max_loras ({self.max_loras}), "
+                              f"got {self.max_cpu_loras!r}")
         ep = self.otlp_traces_endpoint
         if ep is not None and not (ep == "console" or ep.startswith(("file://", "http://", "https://"))):
             raise ConfigError(f"otlp_traces_endpoint: must be console, file:///path or an http(s):// URL, got {ep!r}")

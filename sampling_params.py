@@ -34,6 +34,33 @@ class StructuredOutputsParams:
                                        if getattr(self, k) is not None}}
 
 
+@dataclass(frozen=True)
+class LoRARequest:
+    """A LoRA adapter to apply to a request (vLLM's shape): its name, an id unique per
+    (name, weights) among what one engine is asked to serve, and the PEFT directory
+    (adapter_config.json + adapter_model.safetensors). `rank` is filled in once the
+    adapter's config has been read (models/lora.py), so checks need not read it again."""
+
+    lora_name: str
+    lora_int_id: int
+    lora_path: str
+    rank: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lora_name, str) or not self.lora_name:
+            raise SamplingParamsError("lora_request", f"lora_name must be a non-empty string, got {self.lora_name!r}")
+        if isinstance(self.lora_int_id, bool) or not isinstance(self.lora_int_id, int) or self.lora_int_id < 1:
+            raise SamplingParamsError("lora_request", f"lora_int_id must be a positive integer, got {self.lora_int_id!r}")
+        if not isinstance(self.lora_path, str) or not self.lora_path:
+            raise SamplingParamsError("lora_request", f"lora_path must be a non-empty string, got {self.lora_path!r}")
+
+    @property
+    def key(self) -> str:
+        """The adapter's identity: prefix-cache hashes and the workers' weight caches are keyed by it,
+        so two adapters never share KV or a slot (a name reloaded from elsewhere gets a new key)."""
+        return f"{self.lora_name}#{self.lora_int_id}@{self.lora_path}"
+
+
 @dataclass
 class SamplingParams:
     """How to turn logits into tokens and when to stop.
@@ -70,6 +97,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | None = None  # constrain the output (a schema, regex, ...)
     logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit, in [-100, 100] (OpenAI's)
+    lora_request: LoRARequest | None = None  # the adapter applied to this request (None: the base model)
     # Token ids that end generation besides EOS, filled in by the engine from
     # generation_config.json; not user-facing.
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
@@ -145,6 +173,9 @@ class SamplingParams:
                     bad("logit_bias", f"keys must be token ids (non-negative integers), got {t!r}")
                 if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
                     bad("logit_bias", f"biases must be numbers in [-100, 100], got {b!r}")
+        lr = self.lora_request
+        if lr is not None and not isinstance(lr, LoRARequest):
+            bad("lora_request", f"must be a LoRARequest, got {type(lr).__name__}")
         so = self.structured_outputs
         if so is not None and not isinstance(so, StructuredOutputsParams):
             bad("structured_outputs", f"must be a StructuredOutputsParams, got {type(so).__name__}")

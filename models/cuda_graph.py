@@ -10,6 +10,13 @@ buffers that the runner fills before replay:
     tokens[5, N] int64   rows: input ids, positions, KV slots, context lengths, block-table rows
     block_tables[N, W]   gathered on the GPU from the runner's persistent table
 
+With LoRA, the batch's adapter tiles (kernels/lora.py) are static inputs too:
+
+    lora[N + n_tiles * 16 + n_tiles] int64   each token's slot | tile tokens | tile slots
+
+n_tiles follows from the bucket and the slot count alone, so any mix of
+adapters (or none: every tile unused) replays the same graph.
+
 A batch of b decodes replays the smallest bucket >= b. Padding rows have
 context length 0 and slot -1: they store no KV and their attention output is
 zero, and what the rest of the layers compute for them is never read. The
@@ -28,6 +35,7 @@ import numpy as np
 import torch
 
 from ziggurat.kernels.attention import AttentionMetadata
+from ziggurat.kernels.lora import BLOCK_M, LoRABatch, max_tiles, tile_layout
 from ziggurat.models.staging import Staging
 
 IDS, POSITIONS, SLOTS, SEQ_LENS, ROWS = range(5)
@@ -41,18 +49,38 @@ def bucket_sizes(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, device: torch.device, max_batch: int, max_model_len: int, table_width: int,
-                 staging: Staging):
+                 staging: Staging, lora_slots: int = 0):
+        """lora_slots: the model's LoRA slot count (0: no LoRA inputs)."""
         self.model, self.device, self.max_model_len = model, device, max_model_len
+        self.lora_slots = lora_slots
         self.buckets = bucket_sizes(max_batch)
         n = self.max_batch = self.buckets[-1]
         self.tokens = torch.zeros(5, n, dtype=torch.long, device=device)
         self.tokens[SLOTS].fill_(-1)
         self.block_tables = torch.zeros(n, table_width, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.long, device=device)
+        self.lora = torch.full((self._lora_len(n),), -1, dtype=torch.long, device=device) if lora_slots else None
         self.staging = staging
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
+
+    def _lora_len(self, bs: int) -> int:
+        t = max_tiles(bs, self.lora_slots)
+        return bs + t * BLOCK_M + t
+
+    def _lora_batch(self, bs: int) -> LoRABatch | None:
+        """Views of the static LoRA buffer for bucket bs."""
+        if self.lora is None:
+            return None
+        t = max_tiles(bs, self.lora_slots)
+        tiles = bs + t * BLOCK_M
+        return LoRABatch(self.lora[:bs], self.lora[bs:tiles], self.lora[tiles : tiles + t])
+
+    def _forward(self, bs: int, meta: AttentionMetadata):
+        args = (self.tokens[IDS, :bs], self.tokens[POSITIONS, :bs], meta)
+        lora = self._lora_batch(bs)
+        return self.model(*args, lora) if lora is not None else self.model(*args)
 
     def bucket(self, b: int) -> int:
         return next(s for s in self.buckets if s >= b)
@@ -75,23 +103,23 @@ class DecodeGraphs:
         pool = None
         for bs in reversed(self.buckets):
             meta = self._meta(bs)
-            args = (self.tokens[IDS, :bs], self.tokens[POSITIONS, :bs], meta)
-            self.model(*args)  # compiles any kernel this shape needs, outside the capture
+            self._forward(bs, meta)  # compiles any kernel this shape needs, outside the capture
             torch.cuda.synchronize(self.device)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
-                self.outputs[bs] = self.model(*args)
+                self.outputs[bs] = self._forward(bs, meta)
             pool = g.pool()
             self.graphs[bs] = g
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - t0
 
     def run(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, seq_lens: np.ndarray,
-            rows: np.ndarray, table: torch.Tensor, feedback=None) -> torch.Tensor:
+            rows: np.ndarray, table: torch.Tensor, feedback=None, lora_slots: np.ndarray | None = None) -> torch.Tensor:
         """One decode step of b = len(ids) sequences -> hidden states [b, hidden].
         `table` is the persistent GPU block table; `rows` index it. feedback =
         (token indices, ids), on the device, overrides those input ids (tokens
-        sampled by the step still in flight)."""
+        sampled by the step still in flight). lora_slots: each sequence's LoRA slot
+        (-1 none), or None when no sequence has an adapter."""
         b = len(ids)
         bs = self.bucket(b)
         host = self.staging.buffer(self.tokens.numel())[: self.tokens.numel()].view(5, -1)
@@ -103,7 +131,20 @@ class DecodeGraphs:
         if feedback is not None:
             self.tokens[IDS].index_copy_(0, *feedback)
         torch.index_select(table, 0, self.tokens[ROWS, :bs], out=self.block_tables[:bs])
+        if self.lora is not None:
+            self._fill_lora(bs, lora_slots)
         if bs not in self.graphs:  # never captured (CPU tests): same buffers, eager forward
-            return self.model(self.tokens[IDS, :bs], self.tokens[POSITIONS, :bs], self._meta(bs))[:b]
-        self.graphs[bs].replay()
+            return self._forward(bs, self._meta(bs))[:b]
+        self.graphs[bs].replay()  # (a graph reads the LoRA buffers even with no adapter in the batch: tiles unused)
         return self.outputs[bs][:b]
+
+    def _fill_lora(self, bs: int, lora_slots: np.ndarray | None) -> None:
+        n = self._lora_len(bs)
+        host = self.staging.buffer(n)[:n]
+        h = host.numpy()
+        h[:bs] = -1
+        if lora_slots is not None:
+            h[: len(lora_slots)] = lora_slots
+        t = max_tiles(bs, self.lora_slots)
+        h[bs : bs + t * BLOCK_M], h[bs + t * BLOCK_M :] = tile_layout(h[:bs], self.lora_slots, t)
+        self.staging.copy_to(self.lora[:n], host)

@@ -9,6 +9,11 @@ Each parameter carries `weight_loader(param, src, shard_id)`, which reads
 only this rank's slice from the checkpoint (see models/loader.py), and
 `shard_ids`, the checkpoint tensors merged into it (for the missing-tensor
 check).
+
+With LoRA enabled, a layer's `lora` holds its adapter slots (models/lora.py)
+and forward(x, lora_batch) adds each token's adapter delta to the base output
+(a row-parallel layer adds its partial delta before the all-reduce, so one
+collective sums both).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class ColumnParallelLinear(nn.Module):
         self.shard_index = {sid: i for i, sid in enumerate(shard_ids)}
         self.weight = _param((out_local, in_features), dtype, self._load, shard_ids)
         self.bias = _param((out_local,), dtype, self._load, shard_ids) if bias else None
+        self.lora = None  # LayerSlots (models/lora.py) when the engine serves adapters
 
     def _slice_for(self, shard_id) -> tuple[int, int, int, int]:
         """(offset in local param, local rows, start row in checkpoint tensor, full rows)."""
@@ -59,8 +65,11 @@ class ColumnParallelLinear(nn.Module):
         src.expect_shape(expected)
         param.data[offset : offset + local].copy_(src.read(0, start, local))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
+        y = linear(x, self.weight, self.bias)
+        if lora is not None and self.lora is not None:
+            self.lora.apply(y, x, lora)
+        return y
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -123,6 +132,7 @@ class RowParallelLinear(nn.Module):
         _, self.in_local = shard_range(in_features, 0, g.size, "input size")
         self.weight = _param((out_features, self.in_local), dtype, self._load_weight)
         self.bias = _param((out_features,), dtype, self._load_bias) if bias else None
+        self.lora = None  # LayerSlots (models/lora.py) when the engine serves adapters
 
     def _load_weight(self, param, src, shard_id=None) -> None:
         src.expect_shape((self.out_features, self.in_full))
@@ -132,6 +142,9 @@ class RowParallelLinear(nn.Module):
         src.expect_shape((self.out_features,))
         param.data.copy_(src.read())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(linear(x, self.weight))
+    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
+        y = linear(x, self.weight)
+        if lora is not None and self.lora is not None:
+            self.lora.apply(y, x, lora)  # x_r A_r^T B^T: summed over ranks with the base output
+        y = all_reduce(y)
         return y + self.bias if self.bias is not None else y

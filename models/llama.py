@@ -38,15 +38,15 @@ class Attention(nn.Module):
         # The attention layer rotates q/k as it stores the KV (one fused kernel).
         self.attn = PagedAttention(self.heads, self.kv_heads, cfg.head_dim, cfg.sliding_windows[layer], rotary)
 
-    def forward(self, positions, x, meta: AttentionMetadata):
+    def forward(self, positions, x, meta: AttentionMetadata, lora=None):
         t = x.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x, lora))
         q = q.reshape(t, self.heads, self.head_dim)
         k = k.reshape(t, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         out = self.attn(positions, q, k, v, meta)
-        return self.o_proj(out)
+        return self.o_proj(out, lora)
 
 
 class MLP(nn.Module):
@@ -55,8 +55,8 @@ class MLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, cfg.dtype)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, cfg.dtype)
 
-    def forward(self, x):
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x, lora=None):
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x, lora)), lora)
 
 
 class DecoderLayer(nn.Module):
@@ -67,14 +67,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
         self.mlp = MLP(cfg)
 
-    def forward(self, positions, x, residual, meta):
+    def forward(self, positions, x, residual, meta, lora=None):
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, meta)
+        x = self.self_attn(positions, x, meta, lora)
         x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        return self.mlp(x, lora), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -87,6 +87,13 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
     _MERGED_RE = re.compile(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.")
+    # LoRA: our layer -> the PEFT modules fused into it, with their shard ids (models/lora.py)
+    _LORA = {
+        "qkv_proj": (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")),
+        "o_proj": (("o_proj", None),),
+        "gate_up_proj": (("gate_proj", 0), ("up_proj", 1)),
+        "down_proj": (("down_proj", None),),
+    }
 
     def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
         super().__init__()
@@ -100,17 +107,27 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = rotary
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Returns final hidden states [T, hidden]."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                lora=None) -> torch.Tensor:
+        """Returns final hidden states [T, hidden]. lora: a kernels.lora.LoRABatch (each
+        token's adapter slot), or None for the base model alone."""
         x = self.embed_tokens(input_ids)
         residual = None
         for layer in self.layers:
-            x, residual = layer(positions, x, residual, meta)
+            x, residual = layer(positions, x, residual, meta, lora)
         x, _ = self.norm(x, residual)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return self.lm_head.logits(hidden)
+
+    def lora_targets(self):
+        """(layer index, linear layer, its PEFT modules) for every layer an adapter may change."""
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            for name, mod in (("qkv_proj", attn.qkv_proj), ("o_proj", attn.o_proj), ("gate_up_proj", mlp.gate_up_proj),
+                              ("down_proj", mlp.down_proj)):
+                yield i, mod, self._LORA[name]
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.layers]

@@ -53,6 +53,7 @@ class _HostStep:
     feed_dst: np.ndarray
     feed_src: np.ndarray
     feed_from: "_InFlight | None"
+    lora_slots: np.ndarray | None = None  # [T] each token's LoRA slot (-1: none); None: no adapter in the step
 
 
 @dataclass
@@ -68,6 +69,7 @@ class _InFlight:
     logprobs_k: list = field(default_factory=list)  # rank 0: each row's requested top-k logprobs (or None)
     output: StepOutput | None = None  # set once resolved
     resolved: bool = False
+    logits: torch.Tensor | None = None  # deferred sampling: the logits awaiting their grammar masks
 
     @staticmethod
     def empty() -> "_InFlight":
@@ -83,6 +85,7 @@ class _RunnerRequest:
     num_computed: int
     row: int  # its row in every per-request table (models/step.py)
     pen_index: int = -1  # its entry in ModelRunner.penalties (rank 0, penalty requests only)
+    lora_slot: int = -1  # its adapter's LoRA slot (models/lora.py); -1: the base model
     # Tokens sampled by steps still in flight, oldest first: (step handle, its
     # row there). Their values are on the GPU only. The engine runs at most one
     # step ahead, so a request has at most two.
@@ -90,7 +93,9 @@ class _RunnerRequest:
 
 
 class ModelRunner:
-    def __init__(self, cfg: ModelConfig, device: torch.device, block_size: int, max_model_len: int, seed: int = 0):
+    def __init__(self, cfg: ModelConfig, device: torch.device, block_size: int, max_model_len: int, seed: int = 0,
+                 lora=None):
+        """lora: models.lora.LoRALimits to serve adapters (slots allocated here), or None."""
         self.cfg, self.device, self.block_size = cfg, device, block_size
         self.max_model_len = max_model_len
         self.tp = tp()
@@ -99,6 +104,12 @@ class ModelRunner:
             self.model = model_class(cfg)(cfg, max_positions=max_model_len)
         load_weights(self.model, cfg.path)
         self.model.eval()
+        self.loras = None  # LoRAManager: adapter slots and their host cache
+        self._num_lora = 0  # live requests with an adapter
+        if lora is not None:
+            from ziggurat.models.lora import LoRAManager
+
+            self.loras = LoRAManager(self.model, lora, device, cfg.dtype)
         self.load_seconds = time.perf_counter() - t0
         self.sampler = Sampler(seed)
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -153,7 +164,7 @@ class ModelRunner:
         from ziggurat.models.cuda_graph import DecodeGraphs
 
         self.graphs = DecodeGraphs(self.model, self.device, max_batch, self.max_model_len, self.block_table.shape[1],
-                                   self.staging)
+                                   self.staging, self.loras.limits.max_loras if self.loras is not None else 0)
         if capture:
             self.graphs.capture()
         return self.graphs.capture_seconds
@@ -180,6 +191,8 @@ class ModelRunner:
         self._update_states(step)
         ids, pos, meta, _ = self._eager_inputs(self._prepare(step))
         self.model(ids, pos, meta)
+        if self.loras is not None:  # the LoRA kernels too, over slot 0 (zeros or an adapter: either compiles them)
+            self.model(ids, pos, meta, self.loras.batch(np.zeros(len(ids), dtype=np.int64), self.staging))
         self._update_states(StepInput(finished_rows=list(range(len(seqs)))))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -217,6 +230,9 @@ class ModelRunner:
                 self.penalties.release(r.pen_index)
             if r is not None and r.params.logit_bias:
                 self._num_biased -= 1
+            if r is not None and r.lora_slot >= 0:
+                self.loras.release(r.lora_slot)
+                self._num_lora -= 1
         for new in step.new_requests:
             if new.row in self.requests:
                 raise RuntimeError(f"request {new.req_id}: row {new.row} is still held")
@@ -230,6 +246,8 @@ class ModelRunner:
                 row=new.row,
             )
             self._append_blocks(r, new.block_ids)
+            if new.sampling_params.lora_request is not None:
+                self._take_lora_slot(r, new.sampling_params.lora_request)
             self._num_biased += bool(new.sampling_params.logit_bias)
             self._param_diff[r.row] = sampling_row(new.sampling_params)  # a reused row is overwritten
             if new.sampling_params.needs_penalties and self.tp.rank == 0:
@@ -238,6 +256,12 @@ class ModelRunner:
             r = self.requests[c.row]
             self._append_blocks(r, c.new_block_ids)
             r.num_computed = c.num_computed_tokens
+
+    def _take_lora_slot(self, r: "_RunnerRequest", lora) -> None:
+        if self.loras is None:
+            raise RuntimeError(f"adapter {lora.lora_name!r}: LoRA is not enabled on this replica (enable_lora)")
+        r.lora_slot = self.loras.acquire(lora)
+        self._num_lora += 1
 
     def _ensure_rows(self, n: int) -> None:
         """Tables at least n rows tall (grown by doubling; rare: rows are reused)."""
@@ -315,9 +339,14 @@ class ModelRunner:
                 src.append(row)
         # Requests whose known tokens are all computed after this step sample.
         sampling = np.nonzero(end == known)[0]
+        lora_slots = None
+        if self._num_lora:
+            per_req = np.fromiter((r.lora_slot for r in reqs), dtype=np.int64, count=len(reqs))
+            if (per_req >= 0).any():
+                lora_slots = np.repeat(per_req, n)
         return _HostStep(ids, positions, kv_slots, end, qsl, rows, qsl[1:][sampling] - 1,
                          [reqs[i] for i in sampling.tolist()], step.rows[sampling], int(n.max()),
-                         np.asarray(dst, dtype=np.int64), np.asarray(src, dtype=np.int64), feed_from)
+                         np.asarray(dst, dtype=np.int64), np.asarray(src, dtype=np.int64), feed_from, lora_slots)
 
     def _advance(self, step: StepInput) -> None:
         """After a step is prepared: each request's computed count moves past its
@@ -355,6 +384,8 @@ class ModelRunner:
         """(token indices, ids) for the tokens the step in flight sampled, both on the device."""
         if not len(hs.feed_dst):
             return None
+        if hs.feed_from.tokens is None:
+            raise RuntimeError("inputs pending from a step whose sampling was deferred and not done")
         dst, src = self.staging.upload(hs.feed_dst, hs.feed_src)
         return dst, hs.feed_from.tokens[src]
 
@@ -364,12 +395,13 @@ class ModelRunner:
         if hs.max_query_len == 1 and self.graphs is not None and len(hs.rows) <= self.graphs.max_batch:
             self._apply_table_diff()
             return self.graphs.run(hs.ids, hs.positions, hs.slot_mapping, hs.seq_lens, hs.rows, self.device_table,
-                                   self._feedback(hs))
+                                   self._feedback(hs), hs.lora_slots)
         ids, pos, meta, sample_idx = self._eager_inputs(hs)
         fb = self._feedback(hs)
         if fb is not None:
             ids.index_copy_(0, *fb)
-        hidden = self.model(ids, pos, meta)
+        lora = self.loras.batch(hs.lora_slots, self.staging) if hs.lora_slots is not None else None
+        hidden = self.model(ids, pos, meta, lora) if lora is not None else self.model(ids, pos, meta)
         return hidden if len(hs.sample_idx) == len(hs.ids) else hidden[sample_idx]
 
     def execute(self, step: StepInput) -> StepOutput | None:
@@ -380,7 +412,11 @@ class ModelRunner:
     def execute_async(self, step: StepInput) -> _InFlight:
         """Launch one step and return without waiting for the GPU. The next
         step may be launched before this one is waited for: tokens it samples
-        feed that step's inputs on the GPU (see _prepare)."""
+        feed that step's inputs on the GPU (see _prepare).
+
+        A step whose grammar masks are not known yet (step.defers_sampling)
+        launches its forward only; sample_deferred() then masks and samples it,
+        so the host fills the masks while the GPU runs the forward."""
         self._stepped = True
         self._update_states(step)
         if step.is_empty:
@@ -394,8 +430,31 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)
         if self.tp.rank == 0 and self._num_biased:
             self._add_logit_bias(logits, reqs)
-        if step.grammar_bitmask is not None and self.tp.rank == 0:
-            self._mask_grammar_rows(logits, reqs, step)
+        # tokens (set when sampled, before any later step is prepared) feed later steps' inputs.
+        handle = _InFlight(reqs, hs.sample_rows, None, None, None)
+        for i, r in enumerate(reqs):
+            r.pending.append((handle, i))
+        if step.defers_sampling:
+            handle.logits = logits
+            return handle
+        self._sample_into(handle, logits, step.grammar_rows, step.grammar_bitmask)
+        return handle
+
+    @torch.inference_mode()
+    def sample_deferred(self, handle: _InFlight, masks) -> None:
+        """Mask (masks: models/step.py::GrammarMasks, rank 0) and sample a step launched with
+        deferred sampling; every rank calls it (the sampled ids are broadcast)."""
+        logits = getattr(handle, "logits", None)
+        if logits is None:
+            raise RuntimeError("sample_deferred: the step was not launched with deferred sampling, or was sampled")
+        handle.logits = None
+        rows, bitmask = (masks.rows, masks.bitmask) if masks is not None else (None, None)
+        self._sample_into(handle, logits, rows, bitmask)
+
+    def _sample_into(self, handle: _InFlight, logits: torch.Tensor, grammar_rows, grammar_bitmask) -> None:
+        reqs = handle.reqs
+        if grammar_bitmask is not None and self.tp.rank == 0:
+            self._mask_grammar_rows(logits, reqs, grammar_rows, grammar_bitmask)
         sampled = self._sample(logits, reqs) if self.tp.rank == 0 else None
         tokens = sampled.token_ids if sampled is not None else torch.empty(len(reqs), dtype=torch.long,
                                                                           device=self.device)
@@ -408,11 +467,8 @@ class ModelRunner:
             event.record()
         else:
             host, event = tokens, None
-        handle = _InFlight(reqs, hs.sample_rows, tokens, host, event, sampled,
-                           [r.params.logprobs for r in reqs] if sampled is not None else [])
-        for i, r in enumerate(reqs):
-            r.pending.append((handle, i))
-        return handle
+        handle.tokens, handle.host, handle.event, handle.sampled = tokens, host, event, sampled
+        handle.logprobs_k = [r.params.logprobs for r in reqs] if sampled is not None else []
 
     def wait(self, handle: _InFlight) -> StepOutput | None:
         """The step's sampled tokens (rank 0; None elsewhere), once the GPU is done."""
@@ -422,6 +478,8 @@ class ModelRunner:
     def _resolve(self, h: _InFlight) -> None:
         if h.resolved:
             return
+        if h.host is None:
+            raise RuntimeError("a step with deferred sampling is waited for before sample_deferred()")
         if h.event is not None:
             h.event.synchronize()
         token_ids = h.host.tolist()
@@ -451,14 +509,16 @@ class ModelRunner:
         v_t = torch.tensor(vals, dtype=logits.dtype).to(self.device, non_blocking=True)
         logits.index_put_((r_t, i_t), v_t, accumulate=True)
 
-    def _mask_grammar_rows(self, logits: torch.Tensor, reqs: list[_RunnerRequest], step: StepInput) -> None:
+    def _mask_grammar_rows(self, logits: torch.Tensor, reqs: list[_RunnerRequest], grammar_rows: np.ndarray,
+                           grammar_bitmask: np.ndarray) -> None:
         """Structured outputs: disallowed tokens of the grammar rows to -inf before sampling."""
         where = {r.row: i for i, r in enumerate(reqs)}
-        keep = [j for j, row in enumerate(step.grammar_rows.tolist()) if row in where]
+        listed = grammar_rows.tolist()
+        keep = [j for j, row in enumerate(listed) if row in where]
         if not keep:
             return
-        positions = [where[int(step.grammar_rows[j])] for j in keep]
-        mask = step.grammar_bitmask if len(keep) == len(step.grammar_rows) else step.grammar_bitmask[keep]
+        positions = [where[listed[j]] for j in keep]
+        mask = grammar_bitmask if len(keep) == len(listed) else grammar_bitmask[keep]
         (pos,) = self.staging.upload(np.asarray(positions, dtype=np.int64))
         apply_token_bitmask(logits, self._upload_mask(np.ascontiguousarray(mask, dtype=np.int32)), pos)
 

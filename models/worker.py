@@ -12,6 +12,7 @@ from ziggurat.config import EngineConfig
 from ziggurat.kernels.backend import use_triton
 from ziggurat.models.config import ModelConfig
 from ziggurat.models.kv_transfer import KVSide
+from ziggurat.models.lora import LoRALimits
 from ziggurat.models.runner import ModelRunner
 from ziggurat.models.step import KVEndpoint, KVPull, KVTransferRecord, StepInput, StepOutput
 from ziggurat.topology.distributed import init_tensor_parallel
@@ -41,7 +42,8 @@ class Worker:
         init_tensor_parallel(rank, config.tensor_parallel_size, init_method or "", backend)
         torch.manual_seed(config.seed)
         self.model_config = ModelConfig.from_dir(config.model, config.dtype)
-        self.runner = ModelRunner(self.model_config, self.device, config.block_size, max_model_len, config.seed)
+        self.runner = ModelRunner(self.model_config, self.device, config.block_size, max_model_len, config.seed,
+                                  lora=LoRALimits.of(config))
         self.kv: KVSide | None = None  # prefill/decode transfers, once the cache exists
 
     def determine_num_blocks(self) -> int:
@@ -101,6 +103,10 @@ class Worker:
         if step.inject_fault:  # a failure drill: every rank fails this step, before any collective
             raise RuntimeError(f"injected fault in the forward pass (rank {self.rank}, step {step.step_id})")
         return self.runner.execute_async(step)
+
+    def sample_deferred(self, handle, masks) -> None:
+        """Sample a step launched with deferred sampling, under its grammar masks (GrammarMasks)."""
+        self.runner.sample_deferred(handle, masks)
 
     def wait(self, handle) -> StepOutput | None:
         return self.runner.wait(handle)

@@ -1,0 +1,302 @@
+"""LoRA adapters: PEFT checkpoints read into our fused, TP-sharded layout, and the slots
+that hold the adapters one replica's batches use.
+
+A PEFT LoRA adapter is a directory with adapter_config.json (r, lora_alpha,
+target_modules, use_rslora, ...) and adapter_model.safetensors holding, per
+adapted module, lora_A [r, in] and lora_B [out, r]; the module computes
+W x + scaling * B A x, scaling = alpha / r (alpha / sqrt(r) with rsLoRA).
+
+Our layers are fused and sharded (models/linear.py), so PEFT's per-module
+pairs map onto them as:
+
+    qkv_proj  (column)  q, k, v: A stacked by rank, B rows where the layer keeps
+                        that projection's rows on this rank (its own _slice_for)
+    gate_up   (column)  gate, up: likewise
+    o_proj, down_proj   (row)  A's columns split like the weight's input columns,
+                        B whole: each rank's partial x_r A_r^T B^T is summed by
+                        the layer's one all-reduce, together with the base output
+
+Each layer holds max_loras slots (kernels/lora.py draws the layout), zeros
+where an adapter's rank is below max_lora_rank or where it leaves a module
+out; scaling is folded into B. LoRAManager gives a request's adapter a slot
+when the request arrives and takes it back when no live request uses it
+(least recently used first); adapters read from disk stay in a host cache of
+max_cpu_loras entries, so bringing one back to a slot is one copy. Every TP
+rank sees the same requests in the same order, so all ranks choose the same
+slots without talking.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ziggurat.kernels.lora import LoRABatch, add_lora, lora_batch
+from ziggurat.sampling_params import LoRARequest
+
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_TENSOR = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
+
+
+class LoRAError(ValueError):
+    """An adapter that cannot be served; the message names the file and the field or tensor."""
+
+
+@dataclass(frozen=True)
+class LoRALimits:
+    """A replica's LoRA capacity (config.py::EngineConfig's settings)."""
+
+    max_loras: int  # slots: distinct adapters in the running batch at most
+    max_rank: int
+    max_cpu_loras: int  # adapters kept in host memory (LRU), resident without reading the disk
+
+    @staticmethod
+    def of(config) -> "LoRALimits | None":
+        """An EngineConfig's limits; None when LoRA is off."""
+        if not config.enable_lora:
+            return None
+        return LoRALimits(config.max_loras, config.max_lora_rank, config.max_cpu_loras or config.max_loras)
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    path: Path
+    rank: int
+    alpha: float
+    use_rslora: bool
+    target_modules: tuple[str, ...] | str
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+def read_adapter_config(path: str | Path) -> AdapterConfig:
+    """adapter_config.json checked: a plain LoRA of supported modules, or LoRAError naming the field."""
+    d = Path(path)
+    f = d / CONFIG_FILE
+    if not d.is_dir():
+        raise LoRAError(f"{d}: not a directory (a LoRA adapter is a directory with {CONFIG_FILE})")
+    if not f.is_file():
+        raise LoRAError(f"{f}: missing (a PEFT LoRA adapter has {CONFIG_FILE} and {WEIGHTS_FILE})")
+    if not (d / WEIGHTS_FILE).is_file():
+        raise LoRAError(f"{d / WEIGHTS_FILE}: missing (only safetensors adapters are read)")
+    try:
+        c = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoRAError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(c, dict):
+        raise LoRAError(f"{f}: must be a JSON object")
+
+    def refuse(field: str, why: str):
+        raise LoRAError(f"{f}: {field}: {why}")
+
+    if c.get("peft_type", "LORA") != "LORA":
+        refuse("peft_type", f"only LORA adapters are supported, got {c.get('peft_type')!r}")
+    r, alpha = c.get("r"), c.get("lora_alpha", c.get("r"))
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        refuse("r", f"must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        refuse("lora_alpha", f"must be a number, got {alpha!r}")
+    for name, why in (("use_dora", "DoRA adapters are not supported"),
+                      ("fan_in_fan_out", "transposed (Conv1D-style) weights are not supported"),
+                      ("lora_bias", "LoRA biases are not supported")):
+        if c.get(name):
+            refuse(name, why)
+    if c.get("bias", "none") != "none":
+        refuse("bias", f"adapters that train biases are not supported, got {c.get('bias')!r}")
+    for name in ("modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform", "layer_replication",
+                 "target_parameters", "trainable_token_indices"):
+        if c.get(name):
+            refuse(name, "not supported (only plain LoRA on q/k/v/o/gate/up/down projections)")
+    rslora = c.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        refuse("use_rslora", f"must be a boolean, got {rslora!r}")
+    targets = c.get("target_modules")
+    if isinstance(targets, list):
+        names = tuple(t.rsplit(".", 1)[-1] for t in targets if isinstance(t, str))
+        other = sorted(set(names) - set(MODULES))
+        if len(names) != len(targets) or other or not names:
+            refuse("target_modules", f"supported modules are {', '.join(MODULES)}; got {other or targets!r}")
+        targets = names
+    elif isinstance(targets, str):  # a regex or "all-linear": the tensors present decide (checked when read)
+        pass
+    else:
+        refuse("target_modules", f"must be a list of module names or a string, got {targets!r}")
+    return AdapterConfig(d, r, float(alpha), rslora, targets)
+
+
+def inspect(lora: LoRARequest) -> LoRARequest:
+    """The request with its rank read from the adapter's config (LoRAError if it cannot be served)."""
+    if lora.rank is not None:
+        return lora
+    cfg = read_adapter_config(lora.lora_path)
+    return LoRARequest(lora.lora_name, lora.lora_int_id, lora.lora_path, cfg.rank)
+
+
+def read_adapter(path: str | Path, num_layers: int) -> tuple[AdapterConfig, dict[tuple[int, str], tuple]]:
+    """The adapter's config and its tensors: (layer, module) -> (A [r, in], B [out, r]), float32."""
+    from safetensors import safe_open
+
+    cfg = read_adapter_config(path)
+    f = cfg.path / WEIGHTS_FILE
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    try:
+        handle = safe_open(str(f), framework="pt", device="cpu")
+    except Exception as e:
+        raise LoRAError(f"{f}: not a readable safetensors file ({e})") from None
+    with handle:
+        for name in handle.keys():
+            m = _TENSOR.search(name)
+            if m is None or m.group(2) not in MODULES:
+                raise LoRAError(f"{f}: tensor '{name}' is not a lora_A/lora_B weight of a supported module "
+                                f"({', '.join(MODULES)})")
+            layer = int(m.group(1))
+            if layer >= num_layers:
+                raise LoRAError(f"{f}: tensor '{name}' is for layer {layer}; the model has {num_layers}")
+            pairs.setdefault((layer, m.group(2)), {})[m.group(3)] = handle.get_tensor(name).float()
+    out = {}
+    for (layer, module), ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise LoRAError(f"{f}: layer {layer} {module} has lora_{''.join(ab)} without its pair")
+        a, b = ab["A"], ab["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != cfg.rank or b.shape[1] != cfg.rank:
+            raise LoRAError(f"{f}: layer {layer} {module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} "
+                            f"do not have rank r={cfg.rank}")
+        out[(layer, module)] = (a, b)
+    if not out:
+        raise LoRAError(f"{f}: holds no LoRA weights")
+    return cfg, out
+
+
+class LayerSlots:
+    """One LoRA-capable layer's stacked adapter weights (kernels/lora.py's layout).
+
+    `layer` is a ColumnParallelLinear (subs: (peft module, shard id) per fused part)
+    or a RowParallelLinear (one sub)."""
+
+    def __init__(self, layer, subs: tuple, num_slots: int, max_rank: int, dtype: torch.dtype, device):
+        self.layer, self.subs, self.rank = layer, subs, max_rank
+        self.row_parallel = not hasattr(layer, "local_sizes")
+        if self.row_parallel:
+            in_local, self.sub_sizes = layer.in_local, (layer.out_features,)
+        else:
+            in_local, self.sub_sizes = layer.in_features, tuple(layer.local_sizes)
+        out = sum(self.sub_sizes)
+        self.a = torch.zeros(num_slots, len(subs) * max_rank, in_local, dtype=dtype, device=device)
+        self.b = torch.zeros(num_slots, out, max_rank, dtype=dtype, device=device)
+
+    def shard(self, module: str, a: torch.Tensor, b: torch.Tensor, scaling: float, where: str):
+        """This rank's part of one module's pair: (sub index, A rows, B row offset, B rows), checked."""
+        i = next(j for j, (m, _) in enumerate(self.subs) if m == module)
+        L = self.layer
+        if self.row_parallel:
+            full_in, full_out = L.in_full, L.out_features
+        else:
+            _, _, _, full_out = L._slice_for(self.subs[i][1])
+            full_in = L.in_features
+        if a.shape[1] != full_in or b.shape[0] != full_out:
+            raise LoRAError(f"{where}: {module}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit the "
+                            f"model's {module} ({full_out} x {full_in})")
+        b = b * scaling
+        if self.row_parallel:
+            return i, a[:, L.tp_rank * L.in_local : (L.tp_rank + 1) * L.in_local], 0, b
+        offset, local, start, _ = L._slice_for(self.subs[i][1])
+        return i, a, offset, b[start : start + local]
+
+    def write(self, slot: int, parts: list) -> None:
+        """Fill a slot from `shard` outputs (host tensors in the layer's dtype); the rest zero."""
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        r = self.rank
+        for i, a, off, b in parts:
+            k = a.shape[0]
+            self.a[slot, i * r : i * r + k].copy_(a, non_blocking=True)
+            self.b[slot, off : off + b.shape[0], :k].copy_(b, non_blocking=True)
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, batch: LoRABatch) -> None:
+        add_lora(y, x, self.a, self.b, self.sub_sizes, batch)
+
+
+class LoRAManager:
+    """The slots of one rank's model, and the adapters in them and in host memory."""
+
+    def __init__(self, model, limits: LoRALimits, device: torch.device, dtype: torch.dtype):
+        self.limits, self.device, self.dtype = limits, device, dtype
+        self.num_layers = len(model.layers)
+        self.layers: dict[tuple[int, str], LayerSlots] = {}  # (layer index, peft module) -> its fused layer's slots
+        self._all: list[LayerSlots] = []
+        for i, layer, subs in model.lora_targets():
+            ls = LayerSlots(layer, subs, limits.max_loras, limits.max_rank, dtype, device)
+            layer.lora = ls
+            self._all.append(ls)
+            for m, _ in subs:
+                self.layers[(i, m)] = ls
+        n = limits.max_loras
+        self.slot_key: list[str | None] = [None] * n
+        self.refs = [0] * n
+        self.last_use = [0] * n
+        self._clock = 0
+        self.cpu: OrderedDict[str, dict] = OrderedDict()  # adapter key -> {LayerSlots id: parts}, LRU order
+        self.loads = 0  # slot fills (a copy from host memory)
+        self.disk_reads = 0
+
+    def acquire(self, lora: LoRARequest) -> int:
+        """The slot holding `lora` for one more live request (filled now if it is not in one)."""
+        self._clock += 1
+        key = lora.key
+        if key in self.slot_key:
+            s = self.slot_key.index(key)
+        else:
+            free = [s for s in range(len(self.refs)) if self.refs[s] == 0]
+            if not free:
+                raise RuntimeError(f"adapter {lora.lora_name!r}: all {len(self.refs)} LoRA slots are in use "
+                                   "(the scheduler caps distinct adapters at max_loras)")
+            s = min(free, key=lambda j: (self.slot_key[j] is not None, self.last_use[j]))
+            parts = self._host(lora)
+            for ls in self._all:
+                ls.write(s, parts.get(id(ls), []))
+            self.slot_key[s] = key
+            self.loads += 1
+        self.refs[s] += 1
+        self.last_use[s] = self._clock
+        return s
+
+    def release(self, slot: int) -> None:
+        self.refs[slot] -= 1
+
+    def _host(self, lora: LoRARequest) -> dict:
+        key = lora.key
+        if key in self.cpu:
+            self.cpu.move_to_end(key)
+            return self.cpu[key]
+        cfg, tensors = read_adapter(lora.lora_path, self.num_layers)
+        if cfg.rank > self.limits.max_rank:
+            raise LoRAError(f"{cfg.path / CONFIG_FILE}: r: rank {cfg.rank} exceeds max_lora_rank "
+                            f"({self.limits.max_rank})")
+        parts: dict[int, list] = {}
+        pin = self.device.type == "cuda"
+        for (layer, module), (a, b) in tensors.items():
+            ls = self.layers[(layer, module)]
+            i, a_s, off, b_s = ls.shard(module, a, b, cfg.scaling, f"{cfg.path / WEIGHTS_FILE}: layer {layer}")
+            a_s, b_s = a_s.to(self.dtype).contiguous(), b_s.to(self.dtype).contiguous()
+            if pin:
+                a_s, b_s = a_s.pin_memory(), b_s.pin_memory()
+            parts.setdefault(id(ls), []).append((i, a_s, off, b_s))
+        self.disk_reads += 1
+        self.cpu[key] = parts
+        while len(self.cpu) > self.limits.max_cpu_loras:
+            self.cpu.popitem(last=False)
+        return parts
+
+    def batch(self, token_slots: np.ndarray, staging=None) -> LoRABatch:
+        return lora_batch(token_slots, self.limits.max_loras, self.device, staging)
