@@ -61,8 +61,18 @@ class StepInput:
     inject_fault: bool = False  # a failure drill: every rank raises on this step (see EngineCore)
     # Structured outputs: the rows whose token this step samples under a grammar, and
     # each one's allowed-token bitmask (int32 [k, ceil(vocab / 32)], bit t = token t).
+    # Rows without a bitmask: the masks are not known yet (their tokens from the step
+    # in flight must reach the grammars first); the workers run the forward and wait
+    # for GrammarMasks before sampling (deferred sampling; see EngineCore.step).
     grammar_rows: np.ndarray | None = None
     grammar_bitmask: np.ndarray | None = None
+    # The previous step's deferred masks, when they travel with the next step (the
+    # pipelined worker actor samples that step before launching this one).
+    prev_masks: "GrammarMasks | None" = None
+
+    @property
+    def defers_sampling(self) -> bool:
+        return self.grammar_rows is not None and self.grammar_bitmask is None
 
     @property
     def total_tokens(self) -> int:
@@ -79,13 +89,23 @@ class StepInput:
     def __reduce__(self):
         return _step_input, (self.new_requests, self.cached_requests, _ints(self.rows).tobytes(),
                              _ints(self.num_tokens).tobytes(), self.finished_rows, self.step_id, self.inject_fault,
-                             self.grammar_rows, self.grammar_bitmask)
+                             self.grammar_rows, self.grammar_bitmask, self.prev_masks)
 
 
 def _step_input(new, cached, rows: bytes, num_tokens: bytes, finished, step_id, fault=False, grammar_rows=None,
-                grammar_bitmask=None) -> StepInput:
+                grammar_bitmask=None, prev_masks=None) -> StepInput:
     return StepInput(new, cached, np.frombuffer(rows, dtype=np.int32), np.frombuffer(num_tokens, dtype=np.int32),
-                     finished, step_id, fault, grammar_rows, grammar_bitmask)
+                     finished, step_id, fault, grammar_rows, grammar_bitmask, prev_masks)
+
+
+@dataclass
+class GrammarMasks:
+    """A deferred step's grammar masks, sent once the grammars have the tokens before it:
+    rows[j]'s allowed tokens are bitmask[j] (a subset of the step's grammar_rows; rows
+    left out sample unmasked: their requests ended meanwhile)."""
+
+    rows: np.ndarray
+    bitmask: np.ndarray
 
 
 @dataclass

@@ -28,6 +28,9 @@ class CompiledGraphExecutor:
     sends an empty step to flush it out."""
 
     overlaps = True
+    # Deferred sampling: a step's grammar masks ride on the next call (StepInput.prev_masks),
+    # which the worker applies before launching that call's step (WorkerActor.execute_pipelined).
+    defers_sampling = True
 
     def __init__(self, workers: list, config: EngineConfig, max_model_len: int):
         from ray.dag import InputNode, MultiOutputNode
@@ -44,6 +47,7 @@ class CompiledGraphExecutor:
         self._submitted = 0  # calls made
         self._read = 0  # replies read
         self._outputs: dict[int, object] = {}  # call number -> its step's output, once a later reply brought it
+        self._masks = None  # the last call's deferred grammar masks, sent with the next call
 
     def determine_num_blocks(self) -> int:
         return self._num_blocks
@@ -52,7 +56,17 @@ class CompiledGraphExecutor:
         ray.get([w.initialize_cache.remote(num_blocks) for w in self.workers])
         self.dag = self._dag_def.experimental_compile()
 
+    def sample_async(self, call: int, masks) -> None:
+        """The masks of `call` (the last step submitted, launched with deferred sampling):
+        they go with the next call, a step or a flush."""
+        if call != self._submitted - 1:
+            raise RuntimeError(f"deferred masks for call {call}, but the last call is {self._submitted - 1}")
+        self._masks = masks
+
     def execute_async(self, step) -> int:
+        masks, self._masks = self._masks, None
+        if masks is not None:
+            step.prev_masks = masks
         self._refs.append(self.dag.execute(step))  # returns at once; the workers run steps in order
         self._submitted += 1
         return self._submitted - 1

@@ -63,11 +63,14 @@ class EngineCore:
         self._inflight = None  # (StepInput, executor handle) submitted, outputs not yet applied
         # Only worth it when the executor runs a step while the scheduler works.
         self.async_scheduling = config.async_scheduling and getattr(self.executor, "overlaps", True)
+        # Grammar requests run every step: the next step's forward is launched before this
+        # step's tokens are accepted, and its masks follow (see step()).
+        self.scheduler.defer_masks = self.async_scheduling and getattr(self.executor, "defers_sampling", False)
         # Failure drills: when this file appears, the next step fails on every rank
         # (extra={"inject_fault_file": path}; tests and scripts/chaos.py use it).
         self._fault_file = config.extra.get("inject_fault_file")
         # Seconds spent in each part of step(), summed (the control-plane benchmark reports them).
-        self.seconds = {"schedule": 0.0, "launch": 0.0, "wait": 0.0, "update": 0.0}
+        self.seconds = {"schedule": 0.0, "launch": 0.0, "wait": 0.0, "update": 0.0, "masks": 0.0}
         self._kv_sources = None
         self._pulls: list = []  # (executor handle, request ids) of KV pulls in flight
         self._ready_pulls: list = []  # hand-offs that needed no transfer
@@ -225,26 +228,46 @@ class EngineCore:
                 self._inflight = self._plan()
                 if self._inflight is None:
                     return StepUpdates()
+                self._send_masks(*self._inflight)
             step, handle = self._inflight
-            self._inflight = self._plan() if self.async_scheduling else None
+            self._inflight = nxt = self._plan() if self.async_scheduling else None
             t = time.perf_counter()
             out = self.executor.wait(handle)
             sec["wait"] += time.perf_counter() - t
         except BaseException as e:
-            # Blocks entered in the prefix cache when these steps were scheduled
-            # may never have been written: end every request and forget all
-            # cached prefixes, so nothing can ever read that KV.
-            self._inflight = None
-            aborted = self.abort(list(self.scheduler.requests), force=True)
-            # Steps scheduled (or half-scheduled) but never applied, and their
-            # row frees, are gone: the next step frees every row in the workers.
-            self.scheduler.steps_abandoned()
-            self.kv.reset_prefix_cache()
-            raise StepFailed(aborted) from e
+            raise self._failed(e) from e
         t = time.perf_counter()
         updates = self.scheduler.update_from_output(step, out)
         sec["update"] += time.perf_counter() - t
+        if nxt is not None:
+            # Deferred sampling: the GPU runs nxt's forward while its masks are filled
+            # from the grammars that just accepted this step's tokens.
+            try:
+                self._send_masks(*nxt)
+            except BaseException as e:
+                raise self._failed(e) from e
         return updates
+
+    def _failed(self, e: BaseException) -> StepFailed:
+        """After a failed step: every request ended, the prefix cache forgotten."""
+        # Blocks entered in the prefix cache when these steps were scheduled
+        # may never have been written: end every request and forget all
+        # cached prefixes, so nothing can ever read that KV.
+        self._inflight = None
+        aborted = self.abort(list(self.scheduler.requests), force=True)
+        # Steps scheduled (or half-scheduled) but never applied, and their
+        # row frees, are gone: the next step frees every row in the workers.
+        self.scheduler.steps_abandoned()
+        self.kv.reset_prefix_cache()
+        return StepFailed(aborted)
+
+    def _send_masks(self, step, handle) -> None:
+        """A step launched with deferred sampling gets its grammar masks (now that every
+        token before it is accepted) and is sampled."""
+        if step.defers_sampling:
+            t = time.perf_counter()
+            self.executor.sample_async(handle, self.scheduler.masks_for(step))
+            self.seconds["masks"] += time.perf_counter() - t
 
     def _plan(self):
         """Schedule the next step and launch it: (step, executor handle), or None if it is empty."""

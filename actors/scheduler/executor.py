@@ -21,6 +21,9 @@ class InProcessExecutor:
     # The worker launches a step without waiting for it, so the engine schedules
     # and launches the next one while the GPU runs this one.
     overlaps = True
+    # A step may be launched before its grammar masks are known (StepInput.defers_sampling):
+    # sample_async() masks and samples it once they are.
+    defers_sampling = True
 
     def __init__(self, config: EngineConfig, max_model_len: int):
         from ziggurat.models.worker import Worker
@@ -35,6 +38,9 @@ class InProcessExecutor:
 
     def execute_async(self, step: StepInput):
         return self.worker.execute_async(step)
+
+    def sample_async(self, handle, masks) -> None:
+        self.worker.sample_deferred(handle, masks)
 
     def wait(self, handle) -> StepOutput:
         return self.worker.wait(handle)

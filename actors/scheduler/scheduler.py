@@ -47,7 +47,7 @@ from ziggurat.actors.scheduler.kv_manager import KVCacheManager
 from ziggurat.actors.scheduler.messages import StepUpdates
 from ziggurat.actors.scheduler.request import Request, RequestStatus
 from ziggurat.actors.scheduler.running import RunningSet, RowPool
-from ziggurat.models.step import CachedRequestData, NewRequestData, StepInput, StepOutput
+from ziggurat.models.step import CachedRequestData, GrammarMasks, NewRequestData, StepInput, StepOutput
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._forget: list[int] = []  # rows the workers must free at the next step
         self.rows = RowPool()
+        self.loras = None  # AdapterSlots (actors/scheduler/lora.py) when the engine serves LoRA adapters
         self.num_preemptions = 0
         # Prefill/decode (see the module docstring).
         self.sending: dict[str, Request] = {}  # prefill side: KV held for the decode replica
@@ -80,6 +81,13 @@ class Scheduler:
         self.vocab_size = 0  # the logits' width, for the grammar masks (the engine sets it)
         self._bitmask = None  # the grammar masks' fill buffer (int32 [rows, vocab / 32])
         self._grammar_batch = None  # GrammarBatch: fill and accept for all grammar rows at once
+        # Deferred sampling (the engine sets it when its executor can): a grammar request is
+        # scheduled while its previous token is still in flight, and its mask is filled once
+        # that token is accepted (masks_for), while the workers run the step's forward.
+        # Without it, such a request waits for its token and its mask goes with the step.
+        self.defer_masks = False
+        self._sampling_grammar: list[Request] = []  # grammar requests that sample in the step being scheduled
+        self._due: tuple[int, list[Request], np.ndarray] | None = None  # (step id, requests, rows) awaiting masks
 
     # -- admission -----------------------------------------------------------
 
@@ -247,6 +255,10 @@ class Scheduler:
         # is under pressure, and admitting would preempt someone next step.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if self.loras is not None and not self.loras.fits(req):  # max_loras distinct adapters run already
+                if not self.loras.first_fitting(self.waiting):
+                    break
+                req = self.waiting[0]
             if req.preallocated:  # a decode hand-off: its prompt's KV is in its blocks already
                 hit_ids, num_hit = (), req.num_computed_tokens
             else:
@@ -273,30 +285,41 @@ class Scheduler:
         if new_rows:
             step.rows = np.concatenate([step.rows, np.asarray(new_rows, dtype=np.int32)])
             step.num_tokens = np.concatenate([step.num_tokens, np.asarray(new_n, dtype=np.int32)])
-        if self.num_grammar:
-            self._grammar_masks(step)
+        if self._sampling_grammar:
+            reqs, self._sampling_grammar = self._sampling_grammar, []
+            step.grammar_rows = np.fromiter((r.row for r in reqs), dtype=np.int32, count=len(reqs))
+            if self.defer_masks:
+                self._due = (step.step_id, reqs, step.grammar_rows)
+            else:
+                step.grammar_bitmask = self._fill_masks(reqs)
         return step
 
-    def _grammar_masks(self, step: StepInput) -> None:
-        """The bitmask of every grammar request that samples in this step: those with a
-        token pending now (a grammar request with one already pending is not scheduled)."""
-        rs = self.running
-        m = len(rs)
-        idx = np.flatnonzero(rs.grammar[:m] & (rs.pending[:m] > 0))
-        if not len(idx):
-            return
+    def masks_for(self, step: StepInput) -> GrammarMasks | None:
+        """Deferred sampling: the grammar masks of `step` (the last one scheduled), filled now
+        that every token before it is accepted. Requests that ended meanwhile are left out."""
+        due, self._due = self._due, None
+        if due is None or due[0] != step.step_id:
+            return None
+        _, reqs, rows = due
+        live = [j for j, r in enumerate(reqs) if not r.finished]
+        if not live:
+            return None
+        if len(live) < len(reqs):
+            reqs, rows = [reqs[j] for j in live], rows[live]
+        return GrammarMasks(rows, self._fill_masks(reqs))
+
+    def _fill_masks(self, reqs: list[Request]) -> np.ndarray:
+        """The allowed-token bitmask of each request's next token (its grammar's state now)."""
         from ziggurat.actors.scheduler.structured import GrammarBatch, allocate_bitmask
 
         # Reused every step: a step's launch (in-process, or its serialization for worker
-        # processes) reads the rows out before the next step is scheduled.
-        if self._bitmask is None or self._bitmask.shape[0] < len(idx):
-            self._bitmask = allocate_bitmask(max(len(idx), 64), self.vocab_size)
+        # processes) reads the rows out before the next masks are filled.
+        if self._bitmask is None or self._bitmask.shape[0] < len(reqs):
+            self._bitmask = allocate_bitmask(max(len(reqs), 64), self.vocab_size)
         if self._grammar_batch is None:
             self._grammar_batch = GrammarBatch()
-        bitmask = self._bitmask
-        self._grammar_batch.fill([rs.reqs[i].grammar for i in idx.tolist()], bitmask)
-        step.grammar_rows = rs.row[idx].astype(np.int32)
-        step.grammar_bitmask = bitmask[: len(idx)].numpy()
+        self._grammar_batch.fill([r.grammar for r in reqs], self._bitmask)
+        return self._bitmask[: len(reqs)].numpy()
 
     def _schedule_running(self, step: StepInput, budget: int) -> tuple[int, bool]:
         """Spend the budget on running requests in admission order: each runs
@@ -313,7 +336,7 @@ class Scheduler:
         # Nothing to run until its pending token arrives, or it ends then.
         ends = (p > 0) & ((rs.out[:m] + p >= rs.max_out[:m]) | (k + p >= self.config.max_model_len))
         want[ends] = 0
-        if self.num_grammar:  # a grammar's next mask needs its pending token: wait for it
+        if self.num_grammar and not self.defer_masks:  # a grammar's next mask needs its pending token: wait for it
             want[(p > 0) & rs.grammar[:m]] = 0
         n = np.minimum(want, np.maximum(budget - (np.cumsum(want) - want), 0))
         total = c + n
@@ -342,7 +365,10 @@ class Scheduler:
         new_c = c + n
         # A request whose known tokens are all computed after this step samples
         # one: pending until the step's output arrives.
-        rs.pending[:m] += ran & (new_c == rs.known[:m] + rs.pending[:m])
+        samples = ran & (new_c == rs.known[:m] + rs.pending[:m])
+        rs.pending[:m] += samples
+        if self.num_grammar:
+            self._sampling_grammar.extend(rs.reqs[i] for i in np.flatnonzero(samples & rs.grammar[:m]).tolist())
         rs.computed[:m] = new_c
         if ran.all():
             step.rows, step.num_tokens = rs.row[:m].astype(np.int32), n.astype(np.int32)
@@ -361,6 +387,8 @@ class Scheduler:
         or resumes after preemption), in a fresh row. The caller adds its
         row and `n` to the step's batch."""
         req.row = self.rows.take()
+        if self.loras is not None:
+            self.loras.take(req)
         step.new_requests.append(
             NewRequestData(
                 req_id=req.request_id,
@@ -377,6 +405,8 @@ class Scheduler:
         req.num_computed_tokens += n
         if req.num_computed_tokens == req.num_tokens + req.num_pending:
             req.num_pending += 1
+            if req.grammar is not None:
+                self._sampling_grammar.append(req)
 
     def _preempt(self, req: Request, step: StepInput) -> None:
         self.kv.free(req.request_id)
@@ -502,5 +532,7 @@ class Scheduler:
         self.num_grammar -= req.grammar is not None
 
     def _free_row(self, req: Request) -> None:
+        if self.loras is not None:
+            self.loras.release(req)
         self.rows.release(req.row)
         req.row = -1

@@ -22,6 +22,7 @@ class WorkerActor:
         self.config, self.rank, self.worker_cls = config, rank, worker_cls
         self.worker = None
         self._prev = None  # the last step launched by execute_pipelined, not yet answered
+        self._prev_deferred = False  # and whether its sampling waits for the next call's masks
 
     def address(self) -> str:
         """A TCP rendezvous address on this node, for rank 0."""
@@ -47,13 +48,17 @@ class WorkerActor:
     def execute_pipelined(self, step):
         """Launch `step` and return the previous call's output (None on the
         first call): the GPU runs this step while that output goes back. See
-        CompiledGraphExecutor."""
+        CompiledGraphExecutor. A previous step launched with deferred sampling
+        is sampled first, under the masks this step carries (step.prev_masks)."""
         try:
+            if self._prev is not None and self._prev_deferred:
+                self.worker.sample_deferred(self._prev, step.prev_masks)
             handle = self.worker.execute_async(step)
+            self._prev_deferred = step.defers_sampling
             prev, self._prev = self._prev, handle
             return None if prev is None else self.worker.wait(prev)
         except BaseException:
-            self._prev = None  # the engine aborts everything on a failed step; start afresh
+            self._prev, self._prev_deferred = None, False  # the engine aborts everything on a failed step; start afresh
             raise
 
     # -- KV transfer between replicas (models/kv_transfer.py), beside the step graph ---------
