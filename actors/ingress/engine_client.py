@@ -29,7 +29,7 @@ import logging
 import time
 
 from ziggurat.actors.ingress.protocol import APIError, bad
-from ziggurat.actors.router.policy import Route
+from ziggurat.actors.router.messages import Route
 from ziggurat.actors.scheduler.messages import (
     UNKNOWN,
     Registration,
@@ -84,7 +84,10 @@ class EngineClient:
 
     # -- the transport: a subclass's ---------------------------------------------------------
 
-    async def pick(self, prefix_hashes: list[bytes], num_prompt_tokens: int = 0) -> Route | int | None:
+    async def pick(self, prefix_hashes: list[bytes], num_prompt_tokens: int = 0,
+                   adapter: str | None = None) -> Route | int | None:
+        """The router's choice (one round trip): by the prompt's block hashes, its length
+        and its LoRA adapter (None: the base model)."""
         raise NotImplementedError
 
     async def submit_batch(self, replica: int, reqs: list[SubmitRequest]) -> list[SubmitResult]:
@@ -242,9 +245,12 @@ class EngineClient:
         updates go to `queue` as (sample index, RequestUpdate). meta: tenant,
         key_id, http_request_id, model for metering. Raises APIError."""
         samples, n = outputs.samples, outputs.params.n
+        # The adapter the router weighs (its residency): the request's LoRA, which is
+        # also the first of the cache extra keys (lora id, cache salt).
+        adapter = meta.get("lora") or (cache_extra_keys[0] if cache_extra_keys else None)
         for _attempt in range(3):
             t0 = time.time()
-            route = await self._pick(prefix_hashes, max(map(len, outputs.prompts)))
+            route = await self._pick(prefix_hashes, max(map(len, outputs.prompts)), adapter)
             kind = "none" if route is None else ("pair" if route.decode is not None else "whole")
             self.routes[kind] = self.routes.get(kind, 0) + 1
             if self.tracing is not None and meta.get("trace"):
@@ -252,7 +258,7 @@ class EngineClient:
                     "ziggurat.replica": route.replica if route else None,
                     "ziggurat.decode_replica": route.decode if route else None})
             if route is None:
-                route = await self._cold_start(prefix_hashes, max(map(len, outputs.prompts)))
+                route = await self._cold_start(prefix_hashes, max(map(len, outputs.prompts)), adapter)
             if route is None:
                 raise APIError(503, "no healthy replica is available", "service_unavailable", code="no_replica")
             replica, decode = route.replica, route.decode
@@ -280,11 +286,11 @@ class EngineClient:
                 await self.mark_unhealthy(replica)
         raise APIError(503, "no healthy replica is available", "service_unavailable", code="no_replica")
 
-    async def _pick(self, prefix_hashes, num_prompt_tokens: int = 0) -> Route | None:
+    async def _pick(self, prefix_hashes, num_prompt_tokens: int = 0, adapter: str | None = None) -> Route | None:
         """The router's choice; if the router cannot answer (restarting), round robin
         (every replica can serve a request whole)."""
         try:
-            r = await asyncio.wait_for(self.pick(prefix_hashes, num_prompt_tokens), 5.0)
+            r = await asyncio.wait_for(self.pick(prefix_hashes, num_prompt_tokens, adapter), 5.0)
             return Route(r) if isinstance(r, int) else r
         except APIError:
             raise
@@ -308,7 +314,7 @@ class EngineClient:
         """Ask for a replica (autoscaling from zero); True if one may come. The transport's."""
         return False
 
-    async def _cold_start(self, prefix_hashes, num_prompt_tokens: int) -> Route | None:
+    async def _cold_start(self, prefix_hashes, num_prompt_tokens: int, adapter: str | None = None) -> Route | None:
         """No replica serves now: if the deployment can scale one up, wait for it (up to
         cold_start_timeout_s; the wait shows as cold_start_waiting on /metrics)."""
         if self.cold_start_timeout_s <= 0 or not await self.request_capacity():
@@ -318,7 +324,7 @@ class EngineClient:
             deadline = time.monotonic() + self.cold_start_timeout_s
             while time.monotonic() < deadline:
                 await asyncio.sleep(0.25)
-                route = await self._pick(prefix_hashes, num_prompt_tokens)
+                route = await self._pick(prefix_hashes, num_prompt_tokens, adapter)
                 if route is not None and self.can_submit(route.replica):
                     return route
                 await self.request_capacity()  # keep the demand fresh while we wait

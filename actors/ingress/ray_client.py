@@ -2,6 +2,10 @@
 
 Scheduler actors are looked up by name, so a replica the supervisor rebuilt
 (a new actor under the same name) is reached by attaching again (`attach`).
+
+With several router actors (they share one view: every scheduler feeds them
+all), requests take them in turn, one round trip each; a router that fails to
+answer sends the next request to the next one.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ SUBMIT_TIMEOUT_S = 15.0  # a scheduler that takes longer to accept a submission 
 class RayEngineClient(EngineClient):
     def __init__(self, ingress_id: str, router, scheduler_names: list[str], epoch: str = "", me=None,
                  supervisor: str | None = None, cold_start_timeout_s: float = 0.0):
-        """router: its handle (a restartable actor keeps its handle); me: this ingress's own handle;
-        supervisor: its name (asked for capacity when no replica serves: autoscaling from zero)."""
+        """router: its handle, or several (a restartable actor keeps its handle); me: this ingress's
+        own handle; supervisor: its name (asked for capacity when no replica serves: autoscaling from zero)."""
         super().__init__(ingress_id, epoch)
-        self.router, self.names, self.me = router, list(scheduler_names), me
+        self.routers = list(router) if isinstance(router, (list, tuple)) else [router]
+        self._next_router = 0
+        self.names, self.me = list(scheduler_names), me
         self.supervisor_name = supervisor
         self.cold_start_timeout_s = cold_start_timeout_s if supervisor else 0.0
         self.schedulers: list = [None] * len(self.names)
@@ -61,8 +67,20 @@ class RayEngineClient(EngineClient):
             log.warning("could not ask for capacity (%s)", type(e).__name__)
             return False
 
-    async def pick(self, prefix_hashes: list[bytes], num_prompt_tokens: int = 0):
-        return await refs.result(self.router.route.remote(prefix_hashes, num_prompt_tokens), 5.0)
+    @property
+    def router(self):
+        return self.routers[self._next_router % len(self.routers)]
+
+    async def pick(self, prefix_hashes: list[bytes], num_prompt_tokens: int = 0, adapter: str | None = None):
+        router = self.router
+        self._next_router += 1
+        try:
+            return await refs.result(router.route.remote(prefix_hashes, num_prompt_tokens, adapter), 5.0)
+        except Exception:
+            if len(self.routers) == 1:
+                raise
+            # That router is restarting: the next one answers (it sees the same events).
+            return await refs.result(self.router.route.remote(prefix_hashes, num_prompt_tokens, adapter), 5.0)
 
     async def submit_batch(self, replica: int, reqs: list[SubmitRequest]) -> list[SubmitResult]:
         handle = self.schedulers[replica]
@@ -82,10 +100,11 @@ class RayEngineClient(EngineClient):
             handle.abort.remote(request_ids, reason)
 
     async def mark_unhealthy(self, replica: int) -> None:
-        try:
-            await asyncio.wait_for(refs.result(self.router.mark_unhealthy.remote(replica)), 5.0)
-        except Exception as e:  # the router restarting: the supervisor tells it again
-            log.warning("router not told that replica %d is down (%s)", replica, type(e).__name__)
+        for router in self.routers:
+            try:
+                await asyncio.wait_for(refs.result(router.mark_unhealthy.remote(replica)), 5.0)
+            except Exception as e:  # the router restarting: the supervisor tells it again
+                log.warning("router not told that replica %d is down (%s)", replica, type(e).__name__)
 
     async def healthy(self) -> list[int]:
         """The router's view; if the router cannot answer, the replicas that answer a stats call."""

@@ -1,115 +1,224 @@
-"""Replica choice: prefix affinity first, least load otherwise.
+"""Replica choice: which replica (or prefill/decode pair) serves a request.
 
 The router sees each request once, before it starts (never on the token
-path). Requests carry the chained hashes of their first full prompt blocks
-(the same hashes the prefix cache uses); the router remembers which replica
-last served each hash. A replica whose cache likely holds the longest prefix
-wins unless it is much busier than the least-loaded replica. Load = queued +
-running requests (from the replicas' periodic reports plus picks made since)
-weighted by KV usage.
+path): the chained hashes of its prompt's full blocks (block_pool.py's, the
+ones the prefix cache looks it up by), its prompt length and its LoRA adapter.
+One setting (RouterConfig.routing_policy) picks how:
 
-The index is fed by what the router itself routed (`observe`), so it is
-approximate: it does not see evictions.
+    kv-aware         the exact index (kv_index.KVIndex, fed by every replica's
+                     KVEvents, plus this router's own picks not yet reported)
+                     gives each replica's leading cached blocks; the replica
+                     with the lowest scoring.replica_cost wins (a hit's prefill
+                     saving against its queue, running requests, KV room and a
+                     cold adapter load)
+    prefix-affinity  the earlier policy, kept for A/B: an approximate index of
+                     what this router sent where; the longest match wins unless
+                     that replica is `routing_affinity_slack` requests busier
+    least-load       fewest queued + running requests, weighted by KV usage
+    round-robin      in turn
+
+Load is each replica's last ReplicaStats plus what *this* router sent it since
+that report, so several router actors (each fed the same events and reports)
+never count each other's picks twice, and the index is the same in all of
+them. A restarted router rebuilds its index from the replicas' snapshots (it
+asks for them on the first message it cannot place in sequence).
 
 With prefill and decode pools, a prompt of at least `pd_min_prompt_tokens`
-gets a pair (`route`): the prefill replica by the same prefix affinity and
-load, the decode replica by load weighted by KV usage (its headroom for the
-pulled blocks). Shorter prompts, or a deployment missing one of the two
-pools, are served whole: by a mixed replica, else a decode one, else a
-prefill one.
+gets a pair (`route`): the prefill replica by the policy above, the decode
+replica by load weighted by KV usage (its headroom for the pulled blocks).
+Shorter prompts, or a deployment missing one of the two pools, are served
+whole: by a mixed replica, else a decode one, else a prefill one.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
+from ziggurat.actors.router.kv_index import AffinityIndex, KVIndex, RecentPicks, leading_matches
+from ziggurat.actors.router.messages import ReplicaLoad, Route
+from ziggurat.actors.router.scoring import RouterConfig, replica_cost
+from ziggurat.actors.scheduler.messages import KVEvents, ReplicaStats
 
-@dataclass(frozen=True)
-class Route:
-    """Where a request goes: submitted to `replica`, which computes its prompt;
-    with `decode` set, that replica hands it off after the first token."""
-
-    replica: int
-    decode: int | None = None
+__all__ = ["Decision", "Route", "Router", "RouterConfig"]
 
 
 @dataclass
 class _Replica:
+    role: str = "mixed"
     healthy: bool = True
-    reported_load: int = 0
+    # Its last report.
+    num_waiting: int = 0
+    num_running: int = 0
+    waiting_tokens: int = 0
     kv_usage: float = 0.0
-    picked_since_report: int = 0
+    adapters: frozenset = frozenset()
+    num_receiving: int = 0
+    num_sending: int = 0
+    # What this router sent it since that report.
+    picks_since: int = 0
+    tokens_since: int = 0
+    adapters_since: set = field(default_factory=set)
+    routed: int = 0
+
+    @property
+    def requests(self) -> int:
+        return self.num_waiting + self.num_receiving + self.num_running + self.picks_since
 
     @property
     def load(self) -> float:
-        return (self.reported_load + self.picked_since_report) * (1.0 + self.kv_usage)
+        return self.requests * (1.0 + self.kv_usage)
+
+    def resident(self, adapter: str) -> bool:
+        return adapter in self.adapters or adapter in self.adapters_since
+
+
+@dataclass
+class Decision:
+    """The last choice, for tests and counters: each candidate's leading cached
+    blocks as the router believed, and the one chosen."""
+
+    chosen: int
+    matches: dict
+    costs: dict
+
+    @property
+    def best_match(self) -> int:
+        return max(self.matches.values(), default=0)
+
+    @property
+    def load_override(self) -> bool:
+        """A replica held a longer prefix than the chosen one (load won)."""
+        return self.matches.get(self.chosen, 0) < self.best_match
 
 
 class Router:
-    def __init__(self, num_replicas: int, max_index_entries: int = 100_000, affinity_slack: float = 8.0,
-                 roles: list[str] | None = None, pd_min_prompt_tokens: int = 64):
-        self.replicas = [_Replica() for _ in range(num_replicas)]
-        self.roles = list(roles) if roles is not None else ["mixed"] * num_replicas
-        self.pd_min_prompt_tokens = pd_min_prompt_tokens
-        self.index: OrderedDict[bytes, int] = OrderedDict()  # block hash -> replica, LRU
-        self.max_entries = max_index_entries
-        self.slack = affinity_slack  # extra load tolerated to keep a prefix hit
+    def __init__(self, num_replicas: int, roles: list[str] | None = None, pd_min_prompt_tokens: int = 64,
+                 config: RouterConfig | None = None, block_size: int = 16, clock=time.monotonic):
+        self.config = config or RouterConfig()
+        roles = list(roles) if roles is not None else ["mixed"] * num_replicas
+        self.replicas = [_Replica(role) for role in roles]
+        self.pd_min_prompt_tokens, self.block_size = pd_min_prompt_tokens, block_size
+        self.kv = KVIndex(clock)
+        self.recent = RecentPicks(self.config.routing_recent_ttl_s, clock=clock)
+        self.affinity = AffinityIndex()
+        self._rr = 0
+        self.last: Decision | None = None
+        self.counters = {"picks": 0, "hit_blocks": 0, "load_overrides": 0, "adapter_cold": 0}
+
+    @property
+    def roles(self) -> list[str]:
+        return [r.role for r in self.replicas]
 
     def healthy(self) -> list[int]:
         return [i for i, r in enumerate(self.replicas) if r.healthy]
 
-    def route(self, prefix_hashes: list[bytes], num_prompt_tokens: int = 0) -> Route | None:
+    # -- choosing ------------------------------------------------------------------------
+
+    def route(self, prefix_hashes: list[bytes], num_prompt_tokens: int = 0, adapter: str | None = None) -> Route | None:
         live = self.healthy()
-        by_role = {role: [i for i in live if self.roles[i] == role] for role in ("mixed", "prefill", "decode")}
+        by_role = {role: [i for i in live if self.replicas[i].role == role] for role in ("mixed", "prefill", "decode")}
         if by_role["prefill"] and by_role["decode"] and num_prompt_tokens >= self.pd_min_prompt_tokens:
-            p = self._pick(prefix_hashes, by_role["prefill"])
+            p = self._pick(prefix_hashes, num_prompt_tokens, adapter, by_role["prefill"])
             d = min(by_role["decode"], key=lambda i: (self.replicas[i].load, self.replicas[i].kv_usage, i))
-            self.replicas[d].picked_since_report += 1
+            self.replicas[d].picks_since += 1
+            self.replicas[d].routed += 1
             return Route(p, d)
         pool = by_role["mixed"] or by_role["decode"] or by_role["prefill"]
-        return Route(self._pick(prefix_hashes, pool)) if pool else None
+        return Route(self._pick(prefix_hashes, num_prompt_tokens, adapter, pool)) if pool else None
 
-    def pick(self, prefix_hashes: list[bytes]) -> int | None:
+    def pick(self, prefix_hashes: list[bytes], num_prompt_tokens: int = 0, adapter: str | None = None) -> int | None:
         """A replica for the whole request (no hand-off)."""
         live = self.healthy()
-        return self._pick(prefix_hashes, live) if live else None
+        return self._pick(prefix_hashes, num_prompt_tokens, adapter, live) if live else None
 
-    def _pick(self, prefix_hashes: list[bytes], live: list[int]) -> int:
-        least = min(live, key=lambda i: (self.replicas[i].load, i))
-        best, best_len = least, 0
+    def _pick(self, hashes: list[bytes], num_tokens: int, adapter: str | None, live: list[int]) -> int:
+        policy = self.config.routing_policy
+        num_tokens = num_tokens or len(hashes) * self.block_size
+        if policy == "round-robin":
+            self._rr += 1
+            choice, matches, costs = live[self._rr % len(live)], {}, {}
+        elif policy == "least-load":
+            choice, matches, costs = min(live, key=lambda i: (self.replicas[i].load, i)), {}, {}
+        elif policy == "prefix-affinity":
+            choice, matches, costs = self._affinity(hashes, live)
+        else:
+            choice, matches, costs = self._kv_aware(hashes, num_tokens, adapter, live)
+        self._took(choice, hashes, num_tokens, adapter, matches.get(choice, 0))
+        self.last = Decision(choice, matches, costs)
+        self.counters["picks"] += 1
+        self.counters["hit_blocks"] += matches.get(choice, 0)
+        self.counters["load_overrides"] += self.last.load_override
+        return choice
+
+    def _kv_aware(self, hashes, num_tokens, adapter, live):
+        kv, recent = self.kv, self.recent
+        matches = leading_matches(hashes, live, lambda h: kv.mask(h) | recent.mask(h))
+        costs = {}
         for i in live:
-            n = self._match_len(prefix_hashes, i)
-            if n > best_len:
-                best, best_len = i, n
-        if best_len and self.replicas[best].load > self.replicas[least].load + self.slack:
+            r = self.replicas[i]
+            hit = min(matches[i] * self.block_size, max(num_tokens - 1, 0))
+            costs[i] = replica_cost(self.config, uncached_tokens=num_tokens - hit,
+                                    queued_tokens=r.waiting_tokens + r.tokens_since,
+                                    running=r.num_running + r.picks_since, kv_usage=r.kv_usage,
+                                    cold_adapter=adapter is not None and not r.resident(adapter))
+        n = len(self.replicas)
+        self._rr += 1
+        choice = min(live, key=lambda i: (round(costs[i], 9), self.replicas[i].requests, (i - self._rr) % n))
+        if adapter is not None and not self.replicas[choice].resident(adapter):
+            self.counters["adapter_cold"] += 1
+        return choice, matches, costs
+
+    def _affinity(self, hashes, live):
+        matches = leading_matches(hashes, live, self.affinity.mask)
+        least = min(live, key=lambda i: (self.replicas[i].load, i))
+        best = max(live, key=lambda i: (matches[i], -i))
+        if not matches[best] or self.replicas[best].load > self.replicas[least].load + self.config.routing_affinity_slack:
             best = least
-        self.replicas[best].picked_since_report += 1
-        self.observe(prefix_hashes, best)
-        return best
+        return best, matches, {}
 
-    def _match_len(self, hashes: list[bytes], replica: int) -> int:
-        n = 0
-        for h in hashes:
-            if self.index.get(h) != replica:
-                break
-            n += 1
-        return n
+    def _took(self, i: int, hashes, num_tokens: int, adapter, hit_blocks: int) -> None:
+        r = self.replicas[i]
+        r.picks_since += 1
+        r.routed += 1
+        r.tokens_since += max(num_tokens - hit_blocks * self.block_size, 1)
+        if adapter is not None:
+            r.adapters_since.add(adapter)
+        if self.config.routing_policy == "prefix-affinity":
+            self.affinity.observe(hashes, i)
+        else:
+            self.recent.add(hashes, i)
 
-    def observe(self, hashes: list[bytes], replica: int) -> None:
-        for h in hashes:
-            self.index[h] = replica
-            self.index.move_to_end(h)
-        while len(self.index) > self.max_entries:
-            self.index.popitem(last=False)
+    # -- what replicas tell us -------------------------------------------------------------
 
-
-    def report(self, replica: int, num_waiting: int, num_running: int, kv_usage: float) -> None:
-        r = self.replicas[replica]
-        r.reported_load, r.kv_usage, r.picked_since_report = num_waiting + num_running, kv_usage, 0
+    def report(self, stats: ReplicaStats) -> None:
+        r = self.replicas[stats.replica]
+        r.num_waiting = stats.num_waiting
+        r.num_running, r.kv_usage = stats.num_running, stats.kv_usage
+        r.waiting_tokens = stats.num_waiting_tokens
+        r.adapters = frozenset(stats.adapters)
+        r.num_receiving, r.num_sending = stats.num_receiving, stats.num_sending
+        r.role = stats.role or r.role
+        r.picks_since = r.tokens_since = 0
+        r.adapters_since = set()
         r.healthy = True
+
+    def kv_events(self, ev: KVEvents) -> bool:
+        """Apply a replica's KV events; True: it should send a snapshot."""
+        if ev.removed:
+            self.recent.evicted(ev.replica, ev.removed)
+        return self.kv.apply(ev)
 
     def mark_unhealthy(self, replica: int) -> None:
         self.replicas[replica].healthy = False
-        for h in [h for h, rep in self.index.items() if rep == replica]:
-            del self.index[h]
+        self.affinity.forget(replica)
+        self.recent.forget(replica)
+
+    # -- the autoscaling signal ------------------------------------------------------------
+
+    def load_signal(self) -> list[ReplicaLoad]:
+        """Per replica: queue depth, KV usage and resident adapters as this router sees them."""
+        return [ReplicaLoad(i, r.role, r.healthy, r.num_waiting + r.picks_since, r.num_running,
+                            r.waiting_tokens + r.tokens_since, r.kv_usage, sorted(r.adapters | r.adapters_since),
+                            self.kv.num_blocks(i), r.routed, r.num_receiving, r.num_sending)
+                for i, r in enumerate(self.replicas)]

@@ -1,14 +1,16 @@
 """SchedulerActor: one per replica, a thin Ray shell around SchedulerLoop (loop.py).
 
 It owns the replica's engine core, drives its TP worker group through a Ray
-compiled graph (compiled_graph.py) and runs three threads:
+compiled graph (compiled_graph.py) and runs these threads:
 
     scheduler-N   SchedulerLoop.run_once, forever: inbox -> engine.step() -> TokenBatches
     tokens-N      sends queued TokenBatches to their ingresses (a step never waits on Ray)
     usage-N       delivers usage events to the Meter until acknowledged
+    kv-N          sends KV events (prefix-cache blocks stored/evicted) to every router,
+                  fire and forget; an answer asking for a snapshot is read on its next pass
 
 Actor methods (submit, abort, register_ingress, stats) only validate and
-enqueue; replica stats go to the router and the Ray dashboard every 0.2 s.
+enqueue; replica stats go to the routers and the Ray dashboard every 0.2 s.
 
 Prefill/decode: hand-offs to a decode replica and their answers travel on a
 small thread pool (`RayPeers`), releases are fire-and-forget; the decode
@@ -34,6 +36,7 @@ from ziggurat.actors.scheduler.loop import SchedulerLoop
 from ziggurat.actors.scheduler.messages import (
     Handoff,
     HandoffResult,
+    KVEvents,
     Registration,
     ReplicaHealth,
     ReplicaInfo,
@@ -92,7 +95,9 @@ class SchedulerActor:
         gpu = ray.get(workers[0].gpu_info.remote())
         self.engine = EngineCore(config, executor_factory=lambda cfg, n: CompiledGraphExecutor(workers, cfg, n))
         self.ingresses: dict[str, object] = {}
-        self.router, self.meter, self.model_name = router, meter, model_name
+        # router: one handle or several (every router gets the stats and KV events).
+        self.routers = list(router) if isinstance(router, (list, tuple)) else [router] if router is not None else []
+        self.meter, self.model_name = meter, model_name
         gpu_type = gpu["name"] if config.device != "cpu" and gpu["count"] else "cpu"
         self.peers = RayPeers(peer_names) if peer_names else None
         self.tracing = Tracing(config.otlp_traces_endpoint, f"ziggurat-scheduler-{replica}")
@@ -122,6 +127,11 @@ class SchedulerActor:
         self._thread.start()
         self._flusher = threading.Thread(target=self._flush_usage, name=f"usage-{replica}", daemon=True)
         self._flusher.start()
+        self._kvq: collections.deque = collections.deque()
+        self._kv_cv = threading.Condition()
+        if self.routers:
+            self.loop.publish_kv_events(self._queue_kv_events)
+            threading.Thread(target=self._send_kv_events, name=f"kv-{replica}", daemon=True).start()
         self.workers = workers
         self.gpu_problems: list[str] = []
         if config.device != "cpu":
@@ -146,6 +156,41 @@ class SchedulerActor:
                 time.sleep(0.2)
                 if self._stop and time.monotonic() > self._stop_deadline:
                     return
+
+    def _queue_kv_events(self, ev: KVEvents) -> None:
+        with self._kv_cv:
+            if len(self._kvq) >= 1024:  # the sender is stuck: what is queued is moot, a snapshot says it all
+                self._kvq.clear()
+                self.loop.request_kv_snapshot()
+            self._kvq.append(ev)
+            self._kv_cv.notify()
+
+    def _send_kv_events(self) -> None:
+        """Every router gets every KVEvents, in order (one call per router per pass).
+        A router's answer (True: send a snapshot) is read on the next pass."""
+        answers: list = []
+        while not self._stop:
+            with self._kv_cv:
+                while not self._kvq and not self._stop:
+                    self._kv_cv.wait(0.1)
+                batch = list(self._kvq)
+                self._kvq.clear()
+            if answers:
+                done, answers = ray.wait(answers, num_returns=len(answers), timeout=0)
+                for ref in done:
+                    try:
+                        if ray.get(ref):
+                            self.loop.request_kv_snapshot()
+                    except Exception:  # that router is restarting: it asks again once it is back
+                        pass
+            if not batch:
+                continue
+            for r in self.routers:
+                try:
+                    answers.append(r.kv_events.remote(batch))
+                except Exception as e:
+                    log.warning("KV events not sent to a router: %s", type(e).__name__)
+            answers = answers[-4 * len(self.routers):]  # answers to old passes no longer matter
 
     def _watch_gpus(self) -> None:
         """Every 2 s: the workers' GPU problems (they end this replica's health) and telemetry."""
@@ -201,14 +246,14 @@ class SchedulerActor:
                 log.exception("scheduler step failed; replica %d is out of service", self.loop.replica)
                 self.failed = True
                 self.loop.fail_all("error", getattr(e, "requests", ()))
-                if self.router is not None:
-                    self.router.mark_unhealthy.remote(self.loop.replica)
+                for r in self.routers:
+                    r.mark_unhealthy.remote(self.loop.replica)
                 return
             now = time.monotonic()
             if now - last_report > 0.2:
                 stats = self.loop.stats()
-                if self.router is not None:
-                    self.router.report.remote(stats)
+                for r in self.routers:
+                    r.report.remote(stats)
                 metrics.update(stats, self.loop.metrics)
                 last_report = now
 

@@ -16,6 +16,16 @@ block by block and accepts block i only if its key matches and its recorded
 parent is exactly the incarnation accepted at block i-1. By induction every
 accepted block holds exactly the prompt's prefix, even if H collides
 everywhere; a collision can only cost a cache hit, never return wrong KV.
+
+KV events (for the router's exact index, actors/router/kv_index.py). Once
+`record_events()` is called, the pool notes every hash it starts or stops
+caching, coalesced to the last thing that happened to each hash (one dict
+store per cached or evicted block: no per-token work); `take_events()` hands
+them over. The pending set is bounded: past `max_events` distinct hashes it is
+dropped and flagged, and the taker sends a full snapshot (`cached_hashes`)
+instead. An entry cached under a parent incarnation that has since been
+evicted stays reported as cached until it is replaced or evicted: a router
+may expect one block too many there, costing one miss, never wrong KV.
 """
 
 from __future__ import annotations
@@ -53,6 +63,20 @@ def _encode(obj, out: bytearray) -> None:
 
 _TOKEN_STRUCTS: dict[int, struct.Struct] = {}  # block length -> "<I{n}q" (compiled once)
 _NO_EXTRA = b"t" + struct.pack("<I", 0)  # _encode(()) : the common case, precomputed
+
+
+def prompt_block_hashes(token_ids: Sequence[int], block_size: int, extra_keys: tuple = (),
+                        max_blocks: int | None = None) -> list[bytes]:
+    """The chained hashes of a prompt's full blocks (at most max_blocks): what the
+    prefix cache will look the prompt up by, and what the router matches."""
+    n = len(token_ids) // block_size
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    out, h = [], ROOT_HASH
+    for b in range(n):
+        h = hash_block_tokens(h, token_ids[b * block_size:(b + 1) * block_size], extra_keys)
+        out.append(h)
+    return out
 
 
 def hash_block_tokens(parent_hash: bytes, token_ids: Sequence[int], extra_keys: tuple = ()) -> bytes:
@@ -150,6 +174,10 @@ class BlockPool:
         self.free_queue = FreeBlockQueue(self.blocks)  # initially [0, 1, ..., n-1]
         self._cached: dict[bytes, Block] = {}  # one block per hash: first comer wins
         self._next_seq = 1
+        # KV events since the last take: hash -> True (now cached) / False (evicted). None: not recorded.
+        self._events: dict[bytes, bool] | None = None
+        self.max_events = max(4 * num_blocks, 4096)
+        self.events_overflowed = False
 
     @property
     def num_free_blocks(self) -> int:
@@ -161,6 +189,36 @@ class BlockPool:
     def free_queue_ids(self) -> list[int]:
         """Free block ids, head (evicted next) to tail. O(num_blocks): tests only."""
         return self.free_queue.ids()
+
+    # ---- KV events -----------------------------------------------------------
+    def record_events(self) -> None:
+        """Start noting cached/evicted hashes (a taker must call take_events regularly)."""
+        if self._events is None:
+            self._events = {}
+
+    def take_events(self) -> tuple[list[bytes], list[bytes], bool]:
+        """(stored, removed, overflowed) since the last take, each hash's last change
+        only; overflowed: some were dropped, the taker must send a snapshot."""
+        ev, over = self._events, self.events_overflowed
+        if not ev and not over:
+            return [], [], False
+        self._events, self.events_overflowed = {}, False
+        stored = [h for h, cached in ev.items() if cached]
+        removed = [h for h, cached in ev.items() if not cached]
+        return stored, removed, over
+
+    def cached_hashes(self) -> list[bytes]:
+        """Every hash cached now (a snapshot); pending events are dropped with it."""
+        if self._events is not None:
+            self._events, self.events_overflowed = {}, False
+        return list(self._cached)
+
+    def _note(self, block_hash: bytes, cached: bool) -> None:
+        ev = self._events
+        ev[block_hash] = cached
+        if len(ev) > self.max_events:  # nobody took them: forget them, flag a snapshot
+            ev.clear()
+            self.events_overflowed = True
 
     def get_new_blocks(self, n: int) -> list[Block]:
         """Pop n blocks from the free-queue head (LRU), evicting their cached hashes."""
@@ -225,11 +283,15 @@ class BlockPool:
         block.parent, block.parent_seq = parent, pseq
         block.seq, self._next_seq = self._next_seq, self._next_seq + 1
         self._cached[block_hash] = block
+        if self._events is not None:
+            self._note(block_hash, True)
         return block
 
     def _uncache(self, b: Block) -> None:
         # Resetting seq kills every child's lineage (child.parent_seq != 0).
         del self._cached[b.block_hash]
+        if self._events is not None:
+            self._note(b.block_hash, False)
         b.block_hash = b.key = b.parent = None
         b.seq = b.parent_seq = 0
 

@@ -61,6 +61,31 @@ class KVCacheManager:
     def num_cached_blocks(self) -> int:
         return self.pool.num_cached_blocks()
 
+    # ---- KV events (block_pool.py) and read-only lookups ----------------------
+    def record_events(self) -> None:
+        self.pool.record_events()
+
+    def take_events(self) -> tuple[list[bytes], list[bytes], bool]:
+        return self.pool.take_events()
+
+    def cached_hashes(self) -> list[bytes]:
+        return self.pool.cached_hashes()
+
+    def probe(self, token_ids: Sequence[int], extra_keys: tuple = ()) -> int:
+        """Leading prompt tokens a lookup would hit now, touching nothing (an oracle's view)."""
+        if not self.enable_prefix_caching:
+            return 0
+        bs, extra = self.block_size, tuple(extra_keys)
+        parent, parent_hash, n = None, ROOT_HASH, 0
+        for i in range(max(0, (len(token_ids) - 1) // bs)):
+            blk = tuple(token_ids[i * bs:(i + 1) * bs])
+            h = self._hash_fn(parent_hash, blk, extra)
+            b = self.pool.get_cached_block(h, parent_hash, blk, extra, parent)
+            if b is None:
+                break
+            parent, parent_hash, n = b, h, n + bs
+        return n
+
     def get_block_ids(self, request_id: str) -> list[int]:
         st = self._reqs.get(request_id)
         return [b.block_id for b in st.blocks] if st else []

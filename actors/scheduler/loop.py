@@ -7,6 +7,12 @@ methods only validate and enqueue, so submitting never waits for a step:
            updates = engine.step()                         # schedule -> workers -> update
            meter what finished; one TokenBatch per ingress  (_publish)
 
+KV events (for the routers' exact prefix index): once `publish_kv_events` is
+called, the loop sends what the prefix cache stored and evicted as KVEvents,
+coalesced over at most `interval_s` of steps (at once when it goes idle); the
+first message, and any asked for with `request_kv_snapshot` (a router that
+restarted or saw a gap in `seq`), is a full snapshot.
+
 Metering is usage.py's UsageBook, per-ingress routing and batch numbering is
 streams.py's IngressStreams; this module only sequences them.
 
@@ -32,6 +38,7 @@ from ziggurat.actors.metrics import Histogram
 from ziggurat.actors.scheduler.engine import EngineCore
 from ziggurat.actors.scheduler.messages import (
     Handoff,
+    KVEvents,
     HandoffResult,
     Registration,
     ReplicaHealth,
@@ -48,6 +55,8 @@ from ziggurat.actors.scheduler.usage import UsageBook
 from ziggurat.actors.scheduler.validation import RequestError
 
 log = logging.getLogger("ziggurat.scheduler")
+
+KV_EVENTS_INTERVAL_S = 0.01  # KV events go out at most this often while steps run (at once when idle)
 
 
 class SchedulerLoop:
@@ -79,6 +88,13 @@ class SchedulerLoop:
         self.streams = IngressStreams(replica, self.incarnation)
         self.last_progress = time.monotonic()  # when the last step ended (or the loop went idle)
         self.num_pending = 0  # submitted, not yet taken into the engine
+        self.pending_tokens = 0  # their prompt tokens
+        # KV events (publish_kv_events): where they go, their numbering, a snapshot wanted.
+        self.send_kv_events = None
+        self.kv_events_interval_s = KV_EVENTS_INTERVAL_S
+        self._kv_seq = 0
+        self._kv_snapshot = False
+        self._kv_next = 0.0
         # Counters for ReplicaStats.
         self.steps = 0
         self.step_seconds = self.busy_seconds = self.publish_seconds = 0.0
@@ -97,6 +113,7 @@ class SchedulerLoop:
             return SubmitResult(False, "the server's queue is full; retry later", "queue_full")
         with self.wakeup:
             self.num_pending += 1
+            self.pending_tokens += len(req.prompt_token_ids)
             self.inbox.append(("add", req))
             self.wakeup.notify()
         return SubmitResult(True)
@@ -151,6 +168,41 @@ class SchedulerLoop:
                 self.wakeup.notify()
         return Registration(self.replica, self.incarnation, next_seq)
 
+    def publish_kv_events(self, send, interval_s: float = KV_EVENTS_INTERVAL_S) -> None:
+        """From now on, send(KVEvents) (it must not block) with the prefix cache's
+        changes; the first message is a snapshot. Call before the loop runs."""
+        self.engine.kv.record_events()
+        self.send_kv_events, self.kv_events_interval_s = send, interval_s
+        self._kv_snapshot = True
+
+    def request_kv_snapshot(self) -> None:
+        """The next KVEvents is a full snapshot (any thread)."""
+        self._kv_snapshot = True
+
+    def _kv_publish(self, force: bool) -> None:
+        """Loop thread: one KVEvents with what changed, if anything did and the interval passed (or force)."""
+        send = self.send_kv_events
+        if send is None:
+            return
+        now = time.monotonic()
+        if not force and now < self._kv_next:
+            return
+        kv = self.engine.kv
+        if self._kv_snapshot:
+            self._kv_snapshot = False
+            msg = KVEvents(self.replica, self.incarnation, self._kv_seq, kv.cached_hashes(), [], True)
+        else:
+            stored, removed, overflowed = kv.take_events()
+            if overflowed:  # some were dropped: a snapshot says it all
+                msg = KVEvents(self.replica, self.incarnation, self._kv_seq, kv.cached_hashes(), [], True)
+            elif stored or removed:
+                msg = KVEvents(self.replica, self.incarnation, self._kv_seq, stored, removed)
+            else:
+                return
+        self._kv_seq += 1
+        self._kv_next = now + self.kv_events_interval_s
+        send(msg)
+
     def health(self, failed: bool = False, gpu_errors=()) -> ReplicaHealth:
         busy = self.engine.has_unfinished() or bool(self.inbox)
         return ReplicaHealth(self.replica, self.incarnation, failed, busy,
@@ -174,6 +226,7 @@ class SchedulerLoop:
             self._expire()
         if not e.has_unfinished():
             self.last_progress = time.monotonic()
+            self._kv_publish(force=True)
             return 0
         t1 = time.perf_counter()
         updates = self.engine.step()
@@ -187,6 +240,7 @@ class SchedulerLoop:
         t2 = time.perf_counter()
         self.last_progress = time.monotonic()
         self._publish(updates)
+        self._kv_publish(force=False)
         t3 = time.perf_counter()
         self.publish_seconds += t3 - t2
         self.busy_seconds += t3 - t0
@@ -198,6 +252,7 @@ class SchedulerLoop:
             kind, arg = self.inbox.popleft()
             if kind == "add":
                 self.num_pending -= 1
+                self.pending_tokens -= len(arg.prompt_token_ids)
                 self.streams.add(arg.request_id, arg.ingress_id)
                 self.usage.start(arg)
                 try:
@@ -421,6 +476,10 @@ class SchedulerLoop:
             replica=self.replica,
             num_waiting=s.num_waiting + self.num_pending,
             num_running=s.num_running,
+            # list() copies the deque in one C call: safe against the loop thread appending.
+            num_waiting_tokens=self.pending_tokens + sum(r.num_tokens - r.num_computed_tokens
+                                                         for r in list(s.waiting)),
+            adapters=list(_resident_adapters(self.engine)),
             kv_usage=kv.usage,
             num_free_blocks=kv.num_free_blocks,
             num_blocks=kv.num_blocks,
@@ -451,3 +510,10 @@ class SchedulerLoop:
             kv_transfer_bytes_hist=self.hist["bytes"].snapshot(),
             kv_transfer_blocks_hist=self.hist["blocks"].snapshot(),
         )
+
+
+def _resident_adapters(engine) -> tuple:
+    """The LoRA adapters the engine holds now (names), for the router: EngineCore's
+    resident_adapters() where the engine has multi-LoRA, else none."""
+    fn = getattr(engine, "resident_adapters", None)
+    return tuple(fn()) if fn is not None else ()

@@ -3,6 +3,7 @@
     Ingress --SubmitRequest--> Scheduler --SubmitResult--> Ingress
     Scheduler --TokenBatch (one per ingress per step, StepUpdates inside)--> Ingress
     Scheduler --ReplicaStats--> Router (periodically, off the token path)
+    Scheduler --KVEvents--> every Router (prefix-cache blocks stored/evicted, coalesced; a snapshot on request)
     Scheduler --ReplicaInfo--> launcher and ingress (once, at start-up)
 
 The scheduler <-> worker channel is models/step.py (StepInput/StepOutput): it
@@ -201,6 +202,21 @@ class ReplicaHealth:
 
 
 @dataclass
+class KVEvents:
+    """What one replica's prefix cache started and stopped holding since its last
+    KVEvents (each block hash's last change only), or with `snapshot`, every hash
+    it holds now. The hashes are block_pool.py's chained hashes, so they carry the
+    LoRA id and the tenant salt (extra keys)."""
+
+    replica: int
+    epoch: str  # the scheduler incarnation: a rebuilt replica numbers afresh from an empty cache
+    seq: int  # per epoch, from 0, one per message (a snapshot too): a gap means a lost message
+    stored: list = field(default_factory=list)  # bytes hashes
+    removed: list = field(default_factory=list)
+    snapshot: bool = False  # stored is everything held now (removed is empty)
+
+
+@dataclass
 class ReplicaStats:
     replica: int
     num_waiting: int
@@ -210,6 +226,10 @@ class ReplicaStats:
     num_blocks: int
     num_preemptions: int
     steps: int
+    num_waiting_tokens: int = 0  # prompt tokens of queued requests not computed yet (the router's queue cost)
+    # LoRA adapters resident on the replica (names), and how many it may hold (0: unknown).
+    adapters: list = field(default_factory=list)
+    max_adapters: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
     generation_tokens: int = 0

@@ -147,7 +147,7 @@ def test_engine_client_batches_a_turns_submissions_and_fails_them_together(llama
     calls = []
 
     class Router:
-        route = Method(lambda hashes, n: Ref(0))
+        route = Method(lambda hashes, n, adapter=None: Ref(0))
         mark_unhealthy = Method(lambda r: Ref(None))
 
     class Scheduler:

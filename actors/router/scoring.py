@@ -1,0 +1,77 @@
+"""The router's settings and the kv-aware cost of sending a request to a replica.
+
+The cost is an estimate, in seconds, of what the request waits for before its
+first token on that replica, plus what it costs the replica to take it:
+
+    cost(r) = (uncached_r + queued_tokens_r) / prefill_tokens_per_s     prefill: ours and the queue ahead
+            + running_r * routing_running_s                            each running request's share of steps
+            + routing_kv_full_s * max(0, kv_usage_r - kv_high) / (1 - kv_high)   no room: waits, evicts hits
+            + routing_adapter_load_s   if the request's adapter is not resident on r (a cold load)
+
+    uncached_r = prompt tokens - the leading prompt blocks replica r caches (x block size)
+
+A cache hit saves exactly its tokens' prefill; a queue costs its tokens'
+prefill: both are measured in the same unit, so a hit is worth keeping only
+while it saves more than the extra queue costs. Two consequences:
+
+  * a miss everywhere goes to the least-loaded replica (the uncached term is
+    equal), never to whichever replica holds the least (SGLang's "death
+    spiral", where misses pile onto the smallest tree whatever its load);
+  * a short shared prefix (a 3-block system prompt: 48 tokens, ~2 ms at the
+    default rate) never outweighs a queue (one queued 600-token prompt:
+    ~30 ms), so chats sharing it spread by load, while a conversation's own
+    history (hundreds of tokens) keeps it on its replica unless that replica's
+    queue grows longer than the history.
+
+Ties (equal cost) go to the replica with fewer requests, then rotate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+POLICIES = ("kv-aware", "prefix-affinity", "least-load", "round-robin")
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    routing_policy: str = _opt("kv-aware", "router: kv-aware (exact prefix index from KV events, against load), "
+                                           "prefix-affinity (approximate, what it routed itself), least-load, "
+                                           "round-robin")
+    routing_prefill_tokens_per_s: float = _opt(20000.0, "router cost: prompt tokens a replica prefills per second "
+                                                        "(a hit saves its tokens' share, a queue costs its tokens')")
+    routing_running_s: float = _opt(0.002, "router cost: seconds each running request adds to a new request's wait")
+    routing_adapter_load_s: float = _opt(0.05, "router cost: seconds a LoRA adapter takes to load where it is "
+                                               "not resident")
+    routing_kv_high: float = _opt(0.9, "router cost: KV usage above which a replica counts as short of room")
+    routing_kv_full_s: float = _opt(0.05, "router cost: seconds added at full KV usage (scaled from kv_high)")
+    routing_recent_ttl_s: float = _opt(2.0, "router: a prefix just routed counts as cached there for this long "
+                                            "(until its KV events arrive); 0: only KV events")
+    routing_affinity_slack: float = _opt(8.0, "prefix-affinity policy: extra load tolerated to keep a prefix hit")
+
+    def __post_init__(self) -> None:
+        if self.routing_policy not in POLICIES:
+            raise ValueError(f"routing_policy: must be one of {', '.join(POLICIES)}, got {self.routing_policy!r}")
+        if not self.routing_prefill_tokens_per_s > 0:
+            raise ValueError(f"routing_prefill_tokens_per_s: must be positive, got {self.routing_prefill_tokens_per_s}")
+        for name in ("routing_running_s", "routing_adapter_load_s", "routing_kv_full_s", "routing_recent_ttl_s",
+                     "routing_affinity_slack"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be non-negative, got {getattr(self, name)}")
+        if not 0 <= self.routing_kv_high < 1:
+            raise ValueError(f"routing_kv_high: must be in [0, 1), got {self.routing_kv_high}")
+
+
+def replica_cost(cfg: RouterConfig, *, uncached_tokens: int, queued_tokens: int, running: int, kv_usage: float,
+                 cold_adapter: bool) -> float:
+    """The estimate above, in seconds (lower is better)."""
+    cost = (uncached_tokens + queued_tokens) / cfg.routing_prefill_tokens_per_s + running * cfg.routing_running_s
+    if kv_usage > cfg.routing_kv_high:
+        cost += cfg.routing_kv_full_s * (kv_usage - cfg.routing_kv_high) / (1.0 - cfg.routing_kv_high)
+    if cold_adapter:
+        cost += cfg.routing_adapter_load_s
+    return cost
