@@ -17,7 +17,7 @@ from ziggurat.config import EngineConfig
 from ziggurat.models.config import sampling_defaults
 from ziggurat.models.tokenizer import Tokenizer
 from ziggurat.outputs import RequestOutput
-from ziggurat.sampling_params import SamplingParams
+from ziggurat.sampling_params import LoRARequest, SamplingParams
 
 PromptType = str | list[int] | dict
 
@@ -54,6 +54,7 @@ class LLM:
         add_generation_prompt: bool = True,
         tools: list[dict] | None = None,
         chat_template_kwargs: dict | None = None,
+        lora_request: LoRARequest | list[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """vLLM's LLM.chat: one conversation (a list of messages) or several, rendered with
         the model's chat template (or `chat_template`), then generated like `generate`."""
@@ -70,16 +71,18 @@ class LLM:
             text = (self.tokenizer.render_template(chat_template, conv, add_generation_prompt, **kw) if chat_template
                     else self.tokenizer.apply_chat_template(conv, add_generation_prompt, **kw))
             prompts.append({"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False), "prompt": text})
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def generate(
         self,
         prompts: PromptType | list[PromptType],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | list[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """use_tqdm: a progress bar (requests done, tokens/s in and out) on runs longer
-        than a second; False silences it."""
+        than a second; False silences it. lora_request: the adapter for every prompt, or
+        one per prompt (None: the base model); needs LLM(..., enable_lora=True)."""
         if self.engine is None:
             raise RuntimeError("this LLM has been shut down; make a new one")
         prompts = self._normalize_prompts(prompts)
@@ -91,6 +94,8 @@ class LLM:
             raise ValueError(
                 f"sampling_params: got {len(sampling_params)} for {len(prompts)} prompts; pass one or one per prompt"
             )
+        if lora_request is not None:
+            sampling_params = self._with_lora(sampling_params, lora_request)
         # Validate and tokenize everything before adding anything, so a bad
         # prompt leaves the engine untouched.
         encoded = [self._encode(p) for p in prompts]
@@ -98,6 +103,8 @@ class LLM:
             try:
                 self.engine.check_request(ids, params)
             except RequestError as e:
+                if e.param == "model":
+                    raise ValueError(f"lora_request: {e.message.removeprefix('model: ')}") from None
                 raise ValueError(f"prompt {i}: {e.message.removeprefix('prompt: ')}") from None
         groups: list[RequestOutputs] = []
         by_id: dict[str, tuple[RequestOutputs, int]] = {}  # engine request -> (its request, sample index)
@@ -133,6 +140,24 @@ class LLM:
                     pending.discard(u.request_id)
                     if bar is not None and group.finished:
                         bar.done(group.completion_tokens)
+
+    @staticmethod
+    def _with_lora(params: list[SamplingParams], lora) -> list[SamplingParams]:
+        """Each prompt's params carrying its adapter (its rank read once, here: errors name the file)."""
+        from ziggurat.models.lora import LoRAError, inspect
+
+        loras = lora if isinstance(lora, list) else [lora] * len(params)
+        if len(loras) != len(params):
+            raise ValueError(f"lora_request: got {len(loras)} for {len(params)} prompts; pass one or one per prompt")
+        out = []
+        for p, lr in zip(params, loras):
+            if lr is not None and not isinstance(lr, LoRARequest):
+                raise ValueError(f"lora_request: expected a LoRARequest, got {type(lr).__name__}")
+            try:
+                out.append(p.clone(lora_request=inspect(lr)) if lr is not None else p)
+            except LoRAError as e:
+                raise ValueError(f"lora_request: {e}") from None
+        return out
 
     def _normalize_prompts(self, prompts) -> list:
         if isinstance(prompts, (str, dict)):

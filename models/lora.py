@@ -28,6 +28,7 @@ slots without talking.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -135,11 +136,26 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
     return AdapterConfig(d, r, float(alpha), rslora, targets)
 
 
+@functools.lru_cache(maxsize=256)
+def _config_at(path: str, mtime_ns: int) -> AdapterConfig:
+    return read_adapter_config(path)
+
+
+def read_adapter_config_cached(path: str | Path) -> AdapterConfig:
+    """read_adapter_config, read again only when the file changes (the per-request check)."""
+    f = Path(path) / CONFIG_FILE
+    try:
+        mtime = f.stat().st_mtime_ns
+    except OSError:
+        return read_adapter_config(path)  # names what is missing
+    return _config_at(str(path), mtime)
+
+
 def inspect(lora: LoRARequest) -> LoRARequest:
     """The request with its rank read from the adapter's config (LoRAError if it cannot be served)."""
     if lora.rank is not None:
         return lora
-    cfg = read_adapter_config(lora.lora_path)
+    cfg = read_adapter_config_cached(lora.lora_path)
     return LoRARequest(lora.lora_name, lora.lora_int_id, lora.lora_path, cfg.rank)
 
 
@@ -227,6 +243,61 @@ class LayerSlots:
         add_lora(y, x, self.a, self.b, self.sub_sizes, batch)
 
 
+class SlotTable:
+    """Which adapter each slot holds and which adapters host memory keeps: the decisions
+    alone, by adapter key. The workers (LoRAManager) and the scheduler
+    (actors/scheduler/lora.py) run the same table over the same sequence of acquires
+    and releases (a request's arrival in the workers, its row's release), so the
+    scheduler knows, without asking, what every worker holds."""
+
+    def __init__(self, num_slots: int, cpu_capacity: int):
+        self.slot_key: list[str | None] = [None] * num_slots
+        self.refs = [0] * num_slots
+        self.last_use = [0] * num_slots
+        self.cpu: OrderedDict[str, None] = OrderedDict()  # keys in host memory, least recently used first
+        self.cpu_capacity = cpu_capacity
+        self._clock = 0
+
+    def acquire(self, key: str) -> tuple[int, bool, bool, list[str]]:
+        """(slot, fill it, read from disk first, keys dropped from host memory) for one more user of `key`."""
+        self._clock += 1
+        if key in self.cpu:
+            self.cpu.move_to_end(key)
+        fill = read = False
+        evicted: list[str] = []
+        if key in self.slot_key:
+            s = self.slot_key.index(key)
+        else:
+            free = [j for j in range(len(self.refs)) if self.refs[j] == 0]
+            if not free:
+                raise RuntimeError(f"all {len(self.refs)} LoRA slots are in use (distinct adapters are capped at "
+                                   "max_loras)")
+            s = min(free, key=lambda j: (self.slot_key[j] is not None, self.last_use[j]))
+            self.slot_key[s], fill, read = key, True, key not in self.cpu
+            if read:
+                self.cpu[key] = None
+                while len(self.cpu) > self.cpu_capacity:
+                    evicted.append(self.cpu.popitem(last=False)[0])
+        self.refs[s] += 1
+        self.last_use[s] = self._clock
+        return s, fill, read, evicted
+
+    def release(self, slot: int) -> None:
+        if self.refs[slot] <= 0:
+            raise RuntimeError(f"LoRA slot {slot} released more often than acquired")
+        self.refs[slot] -= 1
+
+    def in_use(self) -> int:
+        return sum(1 for r in self.refs if r)
+
+    def holds(self, key: str) -> bool:
+        return key in self.slot_key and self.refs[self.slot_key.index(key)] > 0
+
+    def resident(self) -> set[str]:
+        """Keys in a slot or in host memory: a request for them reads no disk."""
+        return set(self.cpu) | {k for k in self.slot_key if k is not None}
+
+
 class LoRAManager:
     """The slots of one rank's model, and the adapters in them and in host memory."""
 
@@ -241,44 +312,30 @@ class LoRAManager:
             self._all.append(ls)
             for m, _ in subs:
                 self.layers[(i, m)] = ls
-        n = limits.max_loras
-        self.slot_key: list[str | None] = [None] * n
-        self.refs = [0] * n
-        self.last_use = [0] * n
-        self._clock = 0
-        self.cpu: OrderedDict[str, dict] = OrderedDict()  # adapter key -> {LayerSlots id: parts}, LRU order
-        self.loads = 0  # slot fills (a copy from host memory)
+        self.table = SlotTable(limits.max_loras, limits.max_cpu_loras)
+        self.host: dict[str, dict] = {}  # adapter key -> {id(LayerSlots): parts} for the keys the table keeps
+        self.loads = 0  # slot fills (a host-to-device copy)
         self.disk_reads = 0
 
     def acquire(self, lora: LoRARequest) -> int:
         """The slot holding `lora` for one more live request (filled now if it is not in one)."""
-        self._clock += 1
         key = lora.key
-        if key in self.slot_key:
-            s = self.slot_key.index(key)
-        else:
-            free = [s for s in range(len(self.refs)) if self.refs[s] == 0]
-            if not free:
-                raise RuntimeError(f"adapter {lora.lora_name!r}: all {len(self.refs)} LoRA slots are in use "
-                                   "(the scheduler caps distinct adapters at max_loras)")
-            s = min(free, key=lambda j: (self.slot_key[j] is not None, self.last_use[j]))
-            parts = self._host(lora)
+        s, fill, read, evicted = self.table.acquire(key)
+        if fill:
+            parts = self._read(lora) if read or key not in self.host else self.host[key]
             for ls in self._all:
                 ls.write(s, parts.get(id(ls), []))
-            self.slot_key[s] = key
             self.loads += 1
-        self.refs[s] += 1
-        self.last_use[s] = self._clock
+            if key in self.table.cpu:
+                self.host[key] = parts
+        for k in evicted:
+            self.host.pop(k, None)
         return s
 
     def release(self, slot: int) -> None:
-        self.refs[slot] -= 1
+        self.table.release(slot)
 
-    def _host(self, lora: LoRARequest) -> dict:
-        key = lora.key
-        if key in self.cpu:
-            self.cpu.move_to_end(key)
-            return self.cpu[key]
+    def _read(self, lora: LoRARequest) -> dict:
         cfg, tensors = read_adapter(lora.lora_path, self.num_layers)
         if cfg.rank > self.limits.max_rank:
             raise LoRAError(f"{cfg.path / CONFIG_FILE}: r: rank {cfg.rank} exceeds max_lora_rank "
@@ -293,9 +350,6 @@ class LoRAManager:
                 a_s, b_s = a_s.pin_memory(), b_s.pin_memory()
             parts.setdefault(id(ls), []).append((i, a_s, off, b_s))
         self.disk_reads += 1
-        self.cpu[key] = parts
-        while len(self.cpu) > self.limits.max_cpu_loras:
-            self.cpu.popitem(last=False)
         return parts
 
     def batch(self, token_slots: np.ndarray, staging=None) -> LoRABatch:

@@ -51,13 +51,18 @@ class EngineCore:
         self.num_blocks = num_blocks
         # A lone request must always fit, or preemption could never make room.
         self.max_model_len = min(max_len, num_blocks * config.block_size)
-        self.limits = ModelLimits(self.max_model_len, self.model_config.vocab_size)
+        self.limits = ModelLimits(self.max_model_len, self.model_config.vocab_size,
+                                  config.max_lora_rank if config.enable_lora else 0)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv,
             tuple(self.model_config.eos_token_ids),
         )
         self.scheduler.vocab_size = self.model_config.vocab_size
+        if config.enable_lora:  # the per-batch adapter cap and the mirror of the workers' slots
+            from ziggurat.actors.scheduler.lora import AdapterSlots
+
+            self.scheduler.loras = AdapterSlots(config.max_loras, config.max_cpu_loras or config.max_loras)
         self._grammars = None  # GrammarCompiler, made with the first structured-output request
         self._ids = itertools.count()
         self._inflight = None  # (StepInput, executor handle) submitted, outputs not yet applied
@@ -137,6 +142,11 @@ class EngineCore:
     def check_request(self, prompt_token_ids, params: SamplingParams, param: str = "prompt") -> None:
         check_request(prompt_token_ids, params, self.limits, param)
         self._compiled_grammar(params)  # a constraint compiles (and is cached), or its field is named
+
+    def resident_loras(self) -> list[str]:
+        """Names of the LoRA adapters this replica holds in memory (GPU slots or host): serving
+        them reads no disk. Cheap (the scheduler's mirror of the workers' tables)."""
+        return self.scheduler.loras.resident() if self.scheduler.loras is not None else []
 
     def abort(self, request_ids, status: RequestStatus = RequestStatus.FINISHED_ABORTED, reason: str | None = None,
               force: bool = False) -> list[Request]:

@@ -32,6 +32,12 @@ class RequestStatus(enum.Enum):
 _FINISHED = frozenset((RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED))
 
 
+def cache_extra_keys(lora=None, salt: str | None = None) -> tuple:
+    """What a request mixes into its prefix-cache block hashes: (its adapter's key, its cache salt).
+    KV computed under one adapter is never reused under another (or under the base model)."""
+    return (lora.key if lora is not None else None, salt)
+
+
 @dataclass(eq=False)
 class Request:
     request_id: str
@@ -69,6 +75,11 @@ class Request:
         self.all_token_ids = list(self.prompt_token_ids)
         p = self.sampling_params
         self.max_tokens = p.max_tokens
+        lora = p.lora_request
+        if lora is not None and (self.cache_extra_keys[:1] or (None,))[0] != lora.key:
+            # The adapter keys its KV whatever the caller passed (the ingress passes it already).
+            self.cache_extra_keys = cache_extra_keys(lora, self.cache_extra_keys[1] if len(self.cache_extra_keys) > 1
+                                                     else None)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -15,7 +15,9 @@ Rules:
     finish reason "length", when the context is full (as vLLM does; the
     scheduler clamps max_tokens to the room left, so no count overflows);
   * stop_token_ids lie in the vocabulary; min_tokens fits the context;
-  * n <= MAX_N; a seed (and seed + n, the last sample's) fits an int64.
+  * n <= MAX_N; a seed (and seed + n, the last sample's) fits an int64;
+  * a LoRA adapter only where LoRA is enabled, readable, of rank <= max_lora_rank
+    (its error names `model`: adapters are addressed as models over HTTP).
 
 Errors name the request field at fault (`param`: "prompt" for completions
 and offline prompts, "messages" for chat) and carry a code the HTTP layer
@@ -38,6 +40,7 @@ class ModelLimits:
 
     max_model_len: int
     vocab_size: int
+    max_lora_rank: int = 0  # 0: the replica serves no LoRA adapters
 
 
 class RequestError(ValueError):
@@ -72,9 +75,28 @@ def check_params(params: SamplingParams, limits: ModelLimits) -> None:
         if t >= limits.vocab_size:
             raise RequestError(f"logit_bias: token id {t} is outside the vocabulary [0, {limits.vocab_size})",
                                "logit_bias")
+    if params.lora_request is not None:
+        check_lora(params.lora_request, limits)
     if params.min_tokens >= limits.max_model_len:
         raise RequestError(f"min_tokens: {params.min_tokens} does not fit max_model_len={limits.max_model_len}",
                            "min_tokens")
+
+
+def check_lora(lora, limits: ModelLimits) -> None:
+    if not limits.max_lora_rank:
+        raise RequestError(f"model: adapter {lora.lora_name!r} requested, but this replica serves no LoRA adapters "
+                           "(start it with enable_lora)", "model")
+    rank = lora.rank
+    if rank is None:
+        from ziggurat.models.lora import LoRAError, read_adapter_config_cached
+
+        try:
+            rank = read_adapter_config_cached(lora.lora_path).rank
+        except LoRAError as e:
+            raise RequestError(f"model: adapter {lora.lora_name!r}: {e}", "model") from None
+    if rank > limits.max_lora_rank:
+        raise RequestError(f"model: adapter {lora.lora_name!r} has rank {rank}, above max_lora_rank="
+                           f"{limits.max_lora_rank}", "model")
 
 
 def check_request(token_ids, params: SamplingParams, limits: ModelLimits, param: str = "prompt") -> None:
