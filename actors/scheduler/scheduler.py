@@ -70,7 +70,6 @@ class Scheduler:
         self._forget: list[int] = []  # rows the workers must free at the next step
         self.rows = RowPool()
         self.loras = None  # AdapterSlots (actors/scheduler/lora.py) when the engine serves LoRA adapters
-        self.loras = None  # AdapterSlots (actors/scheduler/lora.py) when the engine serves LoRA adapters
         self.num_preemptions = 0
         # Prefill/decode (see the module docstring).
         self.sending: dict[str, Request] = {}  # prefill side: KV held for the decode replica
@@ -260,10 +259,6 @@ class Scheduler:
                 if not self.loras.first_fitting(self.waiting):
                     break
                 req = self.waiting[0]
-            if self.loras is not None and not self.loras.fits(req):  # max_loras distinct adapters run already
-                if not self.loras.first_fitting(self.waiting):
-                    break
-                req = self.waiting[0]
             if req.preallocated:  # a decode hand-off: its prompt's KV is in its blocks already
                 hit_ids, num_hit = (), req.num_computed_tokens
             else:
@@ -392,8 +387,6 @@ class Scheduler:
         or resumes after preemption), in a fresh row. The caller adds its
         row and `n` to the step's batch."""
         req.row = self.rows.take()
-        if self.loras is not None:
-            self.loras.take(req)
         if self.loras is not None:
             self.loras.take(req)
         step.new_requests.append(
