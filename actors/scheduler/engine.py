@@ -143,7 +143,7 @@ class EngineCore:
         check_request(prompt_token_ids, params, self.limits, param)
         self._compiled_grammar(params)  # a constraint compiles (and is cached), or its field is named
 
-    def resident_loras(self) -> list[str]:
+    def resident_adapters(self) -> list[str]:
         """Names of the LoRA adapters this replica holds in memory (GPU slots or host): serving
         them reads no disk. Cheap (the scheduler's mirror of the workers' tables)."""
         return self.scheduler.loras.resident() if self.scheduler.loras is not None else []

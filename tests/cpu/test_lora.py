@@ -160,8 +160,8 @@ def test_mixed_batch_equals_each_alone(adapters):
             assert (mirror.slot_key, list(mirror.cpu), mirror.refs) == (worker.slot_key, list(worker.cpu),
                                                                          worker.refs)
             names = {lr.key: lr.lora_name for lr in loras}
-            assert llm.engine.resident_loras() == sorted(names[k] for k in worker.resident())
-            assert len(llm.engine.resident_loras()) >= min(4, max_loras + 1)
+            assert llm.engine.resident_adapters() == sorted(names[k] for k in worker.resident())
+            assert len(llm.engine.resident_adapters()) >= min(4, max_loras + 1)
         finally:
             llm.shutdown()
 
