@@ -375,30 +375,3 @@ def test_padded_vocab_is_masked(tiny):
         assert state.accept(t)
     state.fill_bitmask(bitmask, 0)
     assert _allowed(bitmask, TINY_MODEL_VOCAB)[0, tiny.tok.eos_token_id]
-
-
-@pytest.mark.parametrize("batched", ["0", "1"])
-def test_grammar_batch_fill_and_accept_equal_the_per_row_calls(llama_dir, monkeypatch, batched):
-    """The scheduler's GrammarBatch, both ways, against GrammarState's own calls."""
-    from ziggurat.actors.scheduler.structured import GrammarBatch, GrammarCompiler, GrammarSpec, GrammarState
-    from ziggurat.models.tokenizer import Tokenizer
-
-    monkeypatch.setenv("ZIGGURAT_GRAMMAR_BATCH", batched)
-    tok = Tokenizer(llama_dir)
-    comp = GrammarCompiler(tok, 1024)
-    g = comp.compile(GrammarSpec("regex", "[a-c]{2,6}"))
-    batch = GrammarBatch(max_threads=2)
-    states, refs = [GrammarState(g) for _ in range(4)], [GrammarState(g) for _ in range(4)]
-    rng = torch.Generator().manual_seed(0)
-    for _ in range(5):
-        got, want = allocate_bitmask(4, 1024), allocate_bitmask(4, 1024)
-        batch.fill(states, got)
-        for j, s in enumerate(refs):
-            s.fill_bitmask(want, j)
-        assert torch.equal(got, want)
-        toks = []
-        for j in range(4):
-            allowed = [t for t in range(1024) if (int(want[j, t // 32]) >> (t % 32)) & 1]
-            toks.append(allowed[int(torch.randint(len(allowed), (1,), generator=rng))])
-        assert batch.accept(states, toks) == [s.accept(t) for s, t in zip(refs, toks)]
-    assert [s.accepted for s in states] == [s.accepted for s in refs]
