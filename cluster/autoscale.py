@@ -12,6 +12,11 @@ work itself, never CPU:
     down  a replica with nothing running or queued for scale_down_idle_s (the last one
           too, down to min_replicas, which may be 0)
 
+`stats` are ReplicaStats (the replicas' own reports) or the routers' view of
+them, RouterActor.load_signal() (router/messages.py ReplicaLoad: the last
+report plus that router's picks since, and resident adapters), whose fields
+`decide` reads by the same names.
+
 One step at a time per pool (a replica starting blocks the next scale-up). The
 supervisor (cluster/supervisor.py) acts on `decide` and asks the Ray autoscaler
 for the nodes its replicas need (ray.autoscaler.sdk.request_resources).

@@ -84,10 +84,11 @@ def _serve(args) -> int:
     from ziggurat.cluster.spec import DeploymentSpec, HealthConfig
     from ziggurat.config import EngineConfig
 
+    from ziggurat.actors.router.scoring import RouterConfig
     from ziggurat.cluster.autoscale import AutoscalingConfig
 
     flags = {**given(args, EngineConfig), **given(args, IngressConfig), **given(args, HealthConfig),
-             **given(args, AutoscalingConfig),
+             **given(args, AutoscalingConfig), **given(args, RouterConfig),
              **given(args, DeploymentSpec)}
     flat = {**file_kw, **flags}
     flat["api_keys"] = tuple(read_secret_file(keys_file, "API keys")) or _secret_list("ZIGGURAT_API_KEYS")
@@ -276,6 +277,9 @@ def main(argv=None) -> int:
     from ziggurat.cluster.autoscale import AutoscalingConfig
 
     add_fields(s.add_argument_group("autoscaling (pools with max_replicas > min_replicas)"), AutoscalingConfig)
+    from ziggurat.actors.router.scoring import RouterConfig
+
+    add_fields(s.add_argument_group("routing"), RouterConfig)
     s.add_argument("--api-keys-file", default=None,
                    help="require these API keys, one per line (or ZIGGURAT_API_KEYS=a,b); never on the command line")
     s.add_argument("--admin-key-file", default=None, help="enables the /admin API (or ZIGGURAT_ADMIN_KEY)")

@@ -5,8 +5,9 @@
     dep.run_forever()         # or dep.shutdown()
 
 For each replica: a STRICT_PACK placement group with one bundle per TP rank,
-WorkerActors in it, and a SchedulerActor that drives them. One RouterActor
-and one IngressActor (HTTP) serve all replicas. Replicas come in pools
+WorkerActors in it, and a SchedulerActor that drives them. RouterActors
+(`routers`, fed alike by every scheduler) and IngressActors (HTTP) serve all
+replicas. Replicas come in pools
 (spec.PoolSpec): mixed, or prefill and decode, e.g.
 
     serve(model=..., prefill_replicas=1, decode_replicas=2, decode_tensor_parallel_size=1)
@@ -55,11 +56,16 @@ class Deployment:
         # Named, so a (restartable) ingress takes names, not handles: Ray cannot
         # rebuild an actor whose constructor arguments are references (ray#53727).
         self.meter_name, self.router_name = f"ziggurat-meter-{tag}", f"ziggurat-router-{tag}"
+        self.router_names = [self.router_name] + [f"ziggurat-router-{tag}-{i}" for i in range(1, spec.routers)]
         self.scheduler_names = [f"ziggurat-scheduler-{tag}-{r}" for r in range(spec.replicas)]
         self.meter = MeterActor.options(name=self.meter_name).remote(self.db)
-        self.router = RouterActor.options(name=self.router_name, max_restarts=-1).remote(
-            spec.replicas, spec.roles, spec.pd_min_prompt_tokens)
-        names = dict(router=self.router_name, meter=self.meter_name, schedulers=self.scheduler_names,
+        # Several routers share one view: every scheduler sends each its stats and KV events.
+        self.routers = [RouterActor.options(name=n, max_restarts=-1).remote(
+            spec.replicas, spec.roles, spec.pd_min_prompt_tokens, spec.router, cfg.block_size)
+            for n in self.router_names]
+        self.router = self.routers[0]
+        names = dict(router=self.router_name, routers=self.router_names, meter=self.meter_name,
+                     schedulers=self.scheduler_names,
                      journal_dir=str(spec.journal_path / tag))
         self.supervisor_name = f"ziggurat-supervisor-{tag}"
         self.supervisor = SupervisorActor.options(name=self.supervisor_name).remote(
@@ -92,7 +98,7 @@ class Deployment:
                 # Ingresses share the port of this (the driver's) node.
                 here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
                 self.ingresses.append(IngressActor.options(name=ingress_id, scheduling_strategy=here).remote(
-                    icfg, limits, ingress_id, self.router_name, self.scheduler_names, self.meter_name,
+                    icfg, limits, ingress_id, self.router_names, self.scheduler_names, self.meter_name,
                     str(spec.journal_path / tag), cfg.otlp_traces_endpoint, self.supervisor_name,
                     spec.autoscaling.cold_start_timeout_s if any(p.scales and p.lo == 0 for p in spec.pools)
                     else 0.0))
@@ -152,7 +158,8 @@ class Deployment:
             ray.get(self.supervisor.shutdown.remote(), timeout=60)  # schedulers drain and meter what is left
         except Exception:
             pass
-        for actor in list(self.ingresses) + [self.router, self.supervisor, getattr(self, "meter", None)]:
+        for actor in list(self.ingresses) + list(getattr(self, "routers", [])) + [self.supervisor,
+                                                                                   getattr(self, "meter", None)]:
             if actor is not None:
                 try:
                     ray.kill(actor, no_restart=True)

@@ -26,14 +26,15 @@ from pathlib import Path
 import yaml
 
 from ziggurat.actors.ingress.server import IngressConfig
+from ziggurat.actors.router.scoring import RouterConfig
 from ziggurat.cluster.autoscale import AutoscalingConfig
 from ziggurat.cluster.spec import DeploymentSpec, HealthConfig, PoolSpec
 from ziggurat.config import ConfigError, EngineConfig
 
 SECTIONS = {"engine": EngineConfig, "ingress": IngressConfig, "health": HealthConfig,
-            "autoscaling": AutoscalingConfig}
+            "autoscaling": AutoscalingConfig, "router": RouterConfig}
 _OWN = {f.name: f for f in dataclasses.fields(DeploymentSpec) if f.name not in ("engine", "ingress", "health", "pools",
-                                                                                "replicas", "autoscaling")}
+                                                                                "replicas", "autoscaling", "router")}
 # Top-level keys that are not DeploymentSpec fields.
 EXTRA = {"model": "str", "address": "str", "api_keys_file": "str", "admin_key_file": "str", "replicas": "int",
          "pools": "list"}

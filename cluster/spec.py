@@ -4,6 +4,7 @@
       engine:  EngineConfig   (config.py: every engine knob, for every replica)
       ingress: IngressConfig  (actors/ingress/server.py: the HTTP front door)
       health:  HealthConfig   (how the supervisor judges replicas)
+      router:  RouterConfig   (actors/router/scoring.py: the routing policy and its cost constants)
       replicas, ingresses, max_waiting, worker_cls, db   (the deployment's own)
 
 `DeploymentSpec.from_flat(model=..., tensor_parallel_size=2, port=8000, ...)`
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ziggurat.actors.ingress.server import IngressConfig
+from ziggurat.actors.router.scoring import RouterConfig
 from ziggurat.cluster.autoscale import AutoscalingConfig
 from ziggurat.config import EngineConfig
 
@@ -148,6 +150,8 @@ class DeploymentSpec:
     ingress: IngressConfig = field(default_factory=IngressConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    routers: int = _opt(1, "router actors; every scheduler feeds them all (one view), ingresses take them in turn")
     replicas: int | None = _opt(None, "mixed replicas of the model, each a scheduler and a TP group of workers "
                                       "(default: 1, or 0 when prefill/decode replicas are given)")
     prefill_replicas: int = _opt(0, "replicas that compute prompts and hand their KV to a decode replica")
@@ -172,9 +176,10 @@ class DeploymentSpec:
     db: str | None = _opt(None, "ledger: SQLite path or postgresql:// URL (default: ~/.cache/ziggurat/tenancy.db)")
 
     def __post_init__(self) -> None:
-        v = self.ingresses
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"ingresses: must be a positive integer, got {v!r}")
+        for name in ("ingresses", "routers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {v!r}")
         for name in ("replicas", "prefill_replicas", "decode_replicas"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
@@ -236,8 +241,9 @@ class DeploymentSpec:
         ing = {f.name for f in fields(IngressConfig)}
         hea = {f.name for f in fields(HealthConfig)}
         aut = {f.name for f in fields(AutoscalingConfig)}
-        own = {f.name for f in fields(cls)} - {"engine", "ingress", "health", "autoscaling"}
-        unknown = set(kw) - eng - ing - hea - aut - own
+        rou = {f.name for f in fields(RouterConfig)}
+        own = {f.name for f in fields(cls)} - {"engine", "ingress", "health", "autoscaling", "router"}
+        unknown = set(kw) - eng - ing - hea - aut - rou - own
         if unknown:
             raise TypeError(f"unknown deployment setting(s): {', '.join(sorted(unknown))}")
         e = {k: v for k, v in kw.items() if k in eng}
@@ -248,5 +254,7 @@ class DeploymentSpec:
             i["api_keys"] = tuple(i["api_keys"])
         h = {k: v for k, v in kw.items() if k in hea}
         a = {k: v for k, v in kw.items() if k in aut}
+        r = {k: v for k, v in kw.items() if k in rou}
         return cls(engine=EngineConfig(**e), ingress=IngressConfig(**i), health=HealthConfig(**h),
-                   autoscaling=AutoscalingConfig(**a), **{k: v for k, v in kw.items() if k in own})
+                   autoscaling=AutoscalingConfig(**a), router=RouterConfig(**r),
+                   **{k: v for k, v in kw.items() if k in own})

@@ -88,6 +88,9 @@ class SupervisorActor:
         self._last_ok: dict[str, float] = {}  # restartable actor -> when it last answered its health check
         self.unresponsive_s = 60.0  # alive but silent this long: killed, so that Ray restarts it
 
+    def _routers(self) -> list:
+        return [ray.get_actor(n) for n in self.names.get("routers", [self.names["router"]])]
+
     # -- building ------------------------------------------------------------------------
 
     async def start(self) -> list:
@@ -130,7 +133,7 @@ class SupervisorActor:
         opts = dict(num_gpus=gpus if self.use_gpu else 0, num_cpus=1, resources=dict(pool.resources))
         workers = [WorkerActor.options(scheduling_strategy=bundle_strategy(pg, rank), **opts).remote(
             cfg, rank, self.spec.worker_cls) for rank in range(tp)]
-        router = ray.get_actor(self.names["router"])
+        router = self._routers()  # every router gets the scheduler's stats and KV events
         meter = ray.get_actor(self.names["meter"])
         journal = f"{self.names['journal_dir']}/{rep.name}.jsonl"
         scheduler = SchedulerActor.options(num_cpus=0, name=rep.name).remote(
@@ -183,10 +186,10 @@ class SupervisorActor:
             if why is not None:
                 rep.state = "rebuilding"
                 asyncio.get_running_loop().create_task(self._rebuild(rep, why))
-        router = ray.get_actor(self.names["router"])
-        for rep in self.replicas:  # a restarted router believes every replica healthy
-            if rep.state != "serving":
-                router.mark_unhealthy.remote(rep.index)
+        for router in self._routers():
+            for rep in self.replicas:  # a restarted router believes every replica healthy
+                if rep.state != "serving":
+                    router.mark_unhealthy.remote(rep.index)
 
     async def _watch_restartable(self) -> None:
         while True:
@@ -200,9 +203,10 @@ class SupervisorActor:
         """Router, meter and ingresses restart in place when they die (Ray does it); one
         that is alive but has not answered its health check for unresponsive_s (a
         wedged event loop, say) is killed, so that Ray restarts it."""
-        router = ray.get_actor(self.names["router"])
         meter = ray.get_actor(self.names["meter"])
-        probes = {"router": (router, router.healthy.remote()), "meter": (meter, meter.has_keys.remote())}
+        probes = {"meter": (meter, meter.has_keys.remote())}
+        for i, router in enumerate(self._routers()):
+            probes["router" if i == 0 else f"router{i}"] = (router, router.healthy.remote())
         for i, ing in enumerate(self.ingresses):
             probes[f"ingress{i}"] = (ing, ing.health.remote())
 
@@ -234,7 +238,8 @@ class SupervisorActor:
         log.warning("replica %d is dead (%s); rebuilding", rep.index, why)
         self.events.append({"replica": rep.index, "event": "dead", "why": why, "at": time.time()})
         try:
-            ray.get_actor(self.names["router"]).mark_unhealthy.remote(rep.index)
+            for router in self._routers():
+                router.mark_unhealthy.remote(rep.index)
         except Exception:
             pass
         for ing in self.ingresses:
@@ -334,7 +339,8 @@ class SupervisorActor:
     async def _scale_down(self, rep: _Replica) -> None:
         log.warning("replica %d (%s): idle, scaling down", rep.index, rep.pool.role)
         try:
-            ray.get_actor(self.names["router"]).mark_unhealthy.remote(rep.index)  # no new requests
+            for router in self._routers():
+                router.mark_unhealthy.remote(rep.index)  # no new requests
         except Exception:
             pass
         deadline = time.monotonic() + 30

@@ -35,7 +35,7 @@ class IngressActor:
     """Restartable: a restarted ingress binds the same port, numbers its token
     batches under a fresh epoch, and re-registers with every scheduler."""
 
-    def __init__(self, config: IngressConfig, replica: ReplicaInfo, ingress_id: str, router: str,
+    def __init__(self, config: IngressConfig, replica: ReplicaInfo, ingress_id: str, router: str | list[str],
                  schedulers: list[str], meter: str | None = None, journal_dir: str | None = None,
                  traces_endpoint: str | None = None, supervisor: str | None = None,
                  cold_start_timeout_s: float = 0.0):
@@ -44,7 +44,7 @@ class IngressActor:
         import uvicorn
 
         configure_logging()
-        router = ray.get_actor(router)
+        router = [ray.get_actor(n) for n in ([router] if isinstance(router, str) else router)]  # one or several
         meter = ray.get_actor(meter) if meter is not None else None
         self.config = config
         epoch = uuid.uuid4().hex

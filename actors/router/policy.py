@@ -42,6 +42,8 @@ from ziggurat.actors.scheduler.messages import KVEvents, ReplicaStats
 
 __all__ = ["Decision", "Route", "Router", "RouterConfig"]
 
+TRAFFIC_DECAY = 1.0 - 1.0 / 64  # per request routed: traffic shares cover about the last 64
+
 
 @dataclass
 class _Replica:
@@ -57,9 +59,19 @@ class _Replica:
     num_sending: int = 0
     # What this router sent it since that report.
     picks_since: int = 0
-    tokens_since: int = 0
     adapters_since: set = field(default_factory=set)
     routed: int = 0
+    traffic: float = 0.0  # requests routed here, decayed per request routed anywhere (TRAFFIC_DECAY)
+    # Prompt tokens queued there, as a leaky bucket: the report's, plus what this router
+    # sent since, drained at the prefill rate the cost assumes (a report every 0.2 s is
+    # stale for requests that end sooner than that).
+    queued: float = 0.0
+    queued_at: float = 0.0
+
+    def queued_tokens(self, now: float, rate: float) -> float:
+        self.queued = max(0.0, self.queued - rate * (now - self.queued_at))
+        self.queued_at = now
+        return self.queued
 
     @property
     def requests(self) -> int:
@@ -102,6 +114,7 @@ class Router:
         self.kv = KVIndex(clock)
         self.recent = RecentPicks(self.config.routing_recent_ttl_s, clock=clock)
         self.affinity = AffinityIndex()
+        self.clock = clock
         self._rr = 0
         self.last: Decision | None = None
         self.counters = {"picks": 0, "hit_blocks": 0, "load_overrides": 0, "adapter_cold": 0}
@@ -154,12 +167,14 @@ class Router:
     def _kv_aware(self, hashes, num_tokens, adapter, live):
         kv, recent = self.kv, self.recent
         matches = leading_matches(hashes, live, lambda h: kv.mask(h) | recent.mask(h))
-        costs = {}
+        costs, now, rate = {}, self.clock(), self.config.routing_prefill_tokens_per_s
+        total = sum(self.replicas[i].traffic for i in live) or 1.0
         for i in live:
             r = self.replicas[i]
             hit = min(matches[i] * self.block_size, max(num_tokens - 1, 0))
-            costs[i] = replica_cost(self.config, uncached_tokens=num_tokens - hit,
-                                    queued_tokens=r.waiting_tokens + r.tokens_since,
+            costs[i] = replica_cost(self.config, prompt_tokens=num_tokens, uncached_tokens=num_tokens - hit,
+                                    traffic_share=r.traffic / total,
+                                    queued_tokens=r.queued_tokens(now, rate),
                                     running=r.num_running + r.picks_since, kv_usage=r.kv_usage,
                                     cold_adapter=adapter is not None and not r.resident(adapter))
         n = len(self.replicas)
@@ -178,10 +193,14 @@ class Router:
         return best, matches, {}
 
     def _took(self, i: int, hashes, num_tokens: int, adapter, hit_blocks: int) -> None:
+        for x in self.replicas:
+            x.traffic *= TRAFFIC_DECAY
         r = self.replicas[i]
+        r.traffic += 1.0
         r.picks_since += 1
         r.routed += 1
-        r.tokens_since += max(num_tokens - hit_blocks * self.block_size, 1)
+        r.queued_tokens(self.clock(), self.config.routing_prefill_tokens_per_s)
+        r.queued += max(num_tokens - hit_blocks * self.block_size, 1)
         if adapter is not None:
             r.adapters_since.add(adapter)
         if self.config.routing_policy == "prefix-affinity":
@@ -196,17 +215,23 @@ class Router:
         r.num_waiting = stats.num_waiting
         r.num_running, r.kv_usage = stats.num_running, stats.kv_usage
         r.waiting_tokens = stats.num_waiting_tokens
+        r.queued, r.queued_at = float(stats.num_waiting_tokens), self.clock()
         r.adapters = frozenset(stats.adapters)
         r.num_receiving, r.num_sending = stats.num_receiving, stats.num_sending
         r.role = stats.role or r.role
-        r.picks_since = r.tokens_since = 0
+        r.picks_since = 0
         r.adapters_since = set()
         r.healthy = True
 
     def kv_events(self, ev: KVEvents) -> bool:
-        """Apply a replica's KV events; True: it should send a snapshot."""
+        """Apply a replica's KV events and the queue they came with; True: it should send a snapshot."""
         if ev.removed:
             self.recent.evicted(ev.replica, ev.removed)
+        r = self.replicas[ev.replica]
+        r.num_waiting, r.num_running, r.kv_usage = ev.num_waiting, ev.num_running, ev.kv_usage
+        r.picks_since = 0  # they are in the replica's counts now (or about to be)
+        if not ev.num_waiting:
+            r.queued = 0.0  # nothing waits there: no prefill is queued
         return self.kv.apply(ev)
 
     def mark_unhealthy(self, replica: int) -> None:
@@ -219,6 +244,6 @@ class Router:
     def load_signal(self) -> list[ReplicaLoad]:
         """Per replica: queue depth, KV usage and resident adapters as this router sees them."""
         return [ReplicaLoad(i, r.role, r.healthy, r.num_waiting + r.picks_since, r.num_running,
-                            r.waiting_tokens + r.tokens_since, r.kv_usage, sorted(r.adapters | r.adapters_since),
+                            int(r.queued_tokens(self.clock(), self.config.routing_prefill_tokens_per_s)), r.kv_usage, sorted(r.adapters | r.adapters_since),
                             self.kv.num_blocks(i), r.routed, r.num_receiving, r.num_sending)
                 for i, r in enumerate(self.replicas)]

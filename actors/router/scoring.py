@@ -7,6 +7,20 @@ first token on that replica, plus what it costs the replica to take it:
             + running_r * routing_running_s                            each running request's share of steps
             + routing_kv_full_s * max(0, kv_usage_r - kv_high) / (1 - kv_high)   no room: waits, evicts hits
             + routing_adapter_load_s   if the request's adapter is not resident on r (a cold load)
+            + routing_balance_s * share_r * (1/4 + 3/4 * uncached_r / prompt tokens)   where prefixes settle
+
+    share_r = replica r's share of the last ~64 requests routed
+
+The last term places *new* prefixes where traffic is light (three quarters
+of it scale with the part of the prompt that is new there): prefixes stick
+where they are first computed, so the replica a miss lands on takes that
+prefix's future requests too; balancing the misses by recent traffic
+balances the prefixes' homes, not just this instant's queues. The quarter
+that applies to hits too lets a replica far above its share shed requests
+whose hit is small (a chat's first turns) before it sheds big ones. On the
+issue-15 workload (scripts/bench_routing.py) this term took the busiest
+replica from up to 1.9x the least busy's requests to at most 1.34x, at
+96.7-102.6% of the oracle's hit rate and 0-2 conversation moves a run.
 
     uncached_r = prompt tokens - the leading prompt blocks replica r caches (x block size)
 
@@ -31,6 +45,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 POLICIES = ("kv-aware", "prefix-affinity", "least-load", "round-robin")
+BALANCE_FLOOR = 0.25  # the part of the balance term that applies to a full hit too
 
 
 def _opt(default, help: str):
@@ -49,6 +64,8 @@ class RouterConfig:
                                                "not resident")
     routing_kv_high: float = _opt(0.9, "router cost: KV usage above which a replica counts as short of room")
     routing_kv_full_s: float = _opt(0.05, "router cost: seconds added at full KV usage (scaled from kv_high)")
+    routing_balance_s: float = _opt(0.05, "router cost: seconds added, at a full miss, per unit of a replica's share "
+                                          "of recent requests (new prefixes go where traffic is light)")
     routing_recent_ttl_s: float = _opt(2.0, "router: a prefix just routed counts as cached there for this long "
                                             "(until its KV events arrive); 0: only KV events")
     routing_affinity_slack: float = _opt(8.0, "prefix-affinity policy: extra load tolerated to keep a prefix hit")
@@ -58,7 +75,8 @@ class RouterConfig:
             raise ValueError(f"routing_policy: must be one of {', '.join(POLICIES)}, got {self.routing_policy!r}")
         if not self.routing_prefill_tokens_per_s > 0:
             raise ValueError(f"routing_prefill_tokens_per_s: must be positive, got {self.routing_prefill_tokens_per_s}")
-        for name in ("routing_running_s", "routing_adapter_load_s", "routing_kv_full_s", "routing_recent_ttl_s",
+        for name in ("routing_running_s", "routing_adapter_load_s", "routing_kv_full_s", "routing_balance_s",
+                     "routing_recent_ttl_s",
                      "routing_affinity_slack"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be non-negative, got {getattr(self, name)}")
@@ -66,10 +84,12 @@ class RouterConfig:
             raise ValueError(f"routing_kv_high: must be in [0, 1), got {self.routing_kv_high}")
 
 
-def replica_cost(cfg: RouterConfig, *, uncached_tokens: int, queued_tokens: int, running: int, kv_usage: float,
-                 cold_adapter: bool) -> float:
+def replica_cost(cfg: RouterConfig, *, prompt_tokens: int, uncached_tokens: int, queued_tokens: float, running: int,
+                 kv_usage: float, cold_adapter: bool, traffic_share: float = 0.0) -> float:
     """The estimate above, in seconds (lower is better)."""
     cost = (uncached_tokens + queued_tokens) / cfg.routing_prefill_tokens_per_s + running * cfg.routing_running_s
+    placed = BALANCE_FLOOR + (1.0 - BALANCE_FLOOR) * uncached_tokens / max(prompt_tokens, 1)
+    cost += cfg.routing_balance_s * traffic_share * placed
     if kv_usage > cfg.routing_kv_high:
         cost += cfg.routing_kv_full_s * (kv_usage - cfg.routing_kv_high) / (1.0 - cfg.routing_kv_high)
     if cold_adapter:

@@ -9,9 +9,10 @@ methods only validate and enqueue, so submitting never waits for a step:
 
 KV events (for the routers' exact prefix index): once `publish_kv_events` is
 called, the loop sends what the prefix cache stored and evicted as KVEvents,
-coalesced over at most `interval_s` of steps (at once when it goes idle); the
-first message, and any asked for with `request_kv_snapshot` (a router that
-restarted or saw a gap in `seq`), is a full snapshot.
+coalesced over at most `interval_s` of steps (at once when it goes idle),
+with the queue's length at that moment (a message also goes when only that
+changed); the first message, and any asked for with `request_kv_snapshot`
+(a router that restarted or saw a gap in `seq`), is a full snapshot.
 
 Metering is usage.py's UsageBook, per-ingress routing and batch numbering is
 streams.py's IngressStreams; this module only sequences them.
@@ -95,6 +96,7 @@ class SchedulerLoop:
         self._kv_seq = 0
         self._kv_snapshot = False
         self._kv_next = 0.0
+        self._kv_load = (0, 0)  # (waiting, running) as last sent
         # Counters for ReplicaStats.
         self.steps = 0
         self.step_seconds = self.busy_seconds = self.publish_seconds = 0.0
@@ -187,7 +189,8 @@ class SchedulerLoop:
         now = time.monotonic()
         if not force and now < self._kv_next:
             return
-        kv = self.engine.kv
+        kv, s = self.engine.kv, self.engine.scheduler
+        load = (s.num_waiting + self.num_pending, s.num_running)
         if self._kv_snapshot:
             self._kv_snapshot = False
             msg = KVEvents(self.replica, self.incarnation, self._kv_seq, kv.cached_hashes(), [], True)
@@ -195,10 +198,12 @@ class SchedulerLoop:
             stored, removed, overflowed = kv.take_events()
             if overflowed:  # some were dropped: a snapshot says it all
                 msg = KVEvents(self.replica, self.incarnation, self._kv_seq, kv.cached_hashes(), [], True)
-            elif stored or removed:
+            elif stored or removed or load != self._kv_load:
                 msg = KVEvents(self.replica, self.incarnation, self._kv_seq, stored, removed)
             else:
                 return
+        msg.num_waiting, msg.num_running, msg.kv_usage = load[0], load[1], kv.usage
+        self._kv_load = load
         self._kv_seq += 1
         self._kv_next = now + self.kv_events_interval_s
         send(msg)

@@ -3,7 +3,8 @@
     Ingress --SubmitRequest--> Scheduler --SubmitResult--> Ingress
     Scheduler --TokenBatch (one per ingress per step, StepUpdates inside)--> Ingress
     Scheduler --ReplicaStats--> Router (periodically, off the token path)
-    Scheduler --KVEvents--> every Router (prefix-cache blocks stored/evicted, coalesced; a snapshot on request)
+    Scheduler --KVEvents--> every Router (prefix-cache blocks stored/evicted and the queue, coalesced per step;
+                                          a snapshot on request)
     Scheduler --ReplicaInfo--> launcher and ingress (once, at start-up)
 
 The scheduler <-> worker channel is models/step.py (StepInput/StepOutput): it
@@ -178,6 +179,7 @@ class ReplicaInfo:
     placement: list | None = None  # per rank: node, GPU ids
     incarnation: str = ""  # this scheduler's run (a rebuilt replica has a new one)
     role: str = "mixed"  # its pool: mixed | prefill | decode
+    max_lora_rank: int = 0  # LoRA: the largest adapter rank it serves (0: it serves no adapters)
 
 
 @dataclass(frozen=True)
@@ -214,6 +216,11 @@ class KVEvents:
     stored: list = field(default_factory=list)  # bytes hashes
     removed: list = field(default_factory=list)
     snapshot: bool = False  # stored is everything held now (removed is empty)
+    # The replica's queue as the message leaves (a report every 0.2 s is stale for
+    # requests shorter than that; these travel as often as the cache changes).
+    num_waiting: int = 0
+    num_running: int = 0
+    kv_usage: float = 0.0
 
 
 @dataclass
