@@ -182,7 +182,7 @@ class NoModelExecutor:
 @dataclass
 class SimConfig:
     replicas: int = 4
-    num_blocks: int = 224  # per replica: about a third of the workload's distinct reused prefix blocks
+    num_blocks: int = 224  # per replica: 27% of the workload's distinct reused prefix blocks
     concurrency: int = 4
     step_s: float = 0.004
     prefill_tokens_per_s: float = 20000.0

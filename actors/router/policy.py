@@ -110,6 +110,8 @@ class Router:
         self.config = config or RouterConfig()
         roles = list(roles) if roles is not None else ["mixed"] * num_replicas
         self.replicas = [_Replica(role) for role in roles]
+        for r in self.replicas:  # shares start even: as if the last ~64 requests had been spread evenly
+            r.traffic = 1.0 / (1.0 - TRAFFIC_DECAY) / len(self.replicas)
         self.pd_min_prompt_tokens, self.block_size = pd_min_prompt_tokens, block_size
         self.kv = KVIndex(clock)
         self.recent = RecentPicks(self.config.routing_recent_ttl_s, clock=clock)
