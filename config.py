@@ -34,6 +34,12 @@ class EngineConfig:
     max_model_len: int | None = _opt(None, "context length (default: the model's max_position_embeddings)")
     max_num_seqs: int = _opt(256, "requests in the running batch at most")
     max_num_batched_tokens: int = _opt(8192, "the per-step token budget (chunked prefill)")
+    # How a step's budget is spent (actors/scheduler/scheduler.py): "decode_first" runs every
+    # decode, then at most max_prefill_tokens prompt tokens while anything decodes (so a long
+    # prompt cannot stretch the step its decodes wait on); "fcfs" spends the whole budget in
+    # admission order (the policy before, for A/B).
+    schedule_policy: str = _opt("decode_first", "decode_first or fcfs: how each step's token budget is spent")
+    max_prefill_tokens: int = _opt(2048, "decode_first: prompt tokens per step at most while requests decode")
     enable_prefix_caching: bool = _opt(True, "reuse the KV of cached prompt prefixes")
     # Schedule step N+1 while step N runs (its sampled tokens count as pending).
     async_scheduling: bool = _opt(True, "schedule the next step while the current one runs")
@@ -62,10 +68,12 @@ class EngineConfig:
         if not (p.is_dir() or p.suffix == ".gguf"):
             raise ConfigError(f"model: {self.model!r} is neither a model directory nor a .gguf file")
         for name in ("tensor_parallel_size", "block_size", "max_num_seqs", "max_num_batched_tokens",
-                     "cuda_graph_max_batch"):
+                     "cuda_graph_max_batch", "max_prefill_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name}: must be a positive integer, got {v!r}")
+        if self.schedule_policy not in ("decode_first", "fcfs"):
+            raise ConfigError(f"schedule_policy: must be decode_first or fcfs, got {self.schedule_policy!r}")
         if self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size: must be a power of two, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     ap.add_argument("--offline-peer", action="store_true",
                     help="after the sweep, run the same random workload through the offline engine (LLM) in this "
                          "process and report HTTP+Ray overhead at saturation against it")
+    ap.add_argument("--policies", nargs="+", default=["default"], metavar="POLICY",
+                    help="scheduling policies to compare, one deployment each, in this run: default (the "
+                         "engine's), fcfs, or decode_first[:MAX_PREFILL_TOKENS]")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -62,47 +65,69 @@ def main(argv=None) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    t = time.perf_counter()
-    dep = Deployment(DeploymentSpec.from_flat(model=args.model, served_model_name="m", port=port, tensor_parallel_size=args.tp,
-                                    dtype=args.dtype, max_model_len=args.max_model_len, device=args.device,
-                                    ingresses=args.ingresses, max_num_batched_tokens=args.max_num_batched_tokens))
-    startup = time.perf_counter() - t
-    print(f"deployment up in {startup:.0f}s: {dep.info}", flush=True)
     machine = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    rows = []
-    try:
-        for rate in args.rates:
-            cfg = BenchConfig(base_url=dep.url, model="m", num_prompts=args.num_prompts,
-                              request_rate=math.inf if rate == "inf" else float(rate),
-                              random_input_len=args.input_len, random_output_len=args.output_len,
-                              vocab_size=min(vocab, 10000), warmup_requests=2 if not rows else 0,
-                              seed=1000 + len(rows))  # fresh prompts per rate: no prefix-cache hits across runs
-            before = ray.get(dep.schedulers[0].stats.remote())
-            m = asyncio.run(run_benchmark(cfg))
-            after = ray.get(dep.schedulers[0].stats.remote())
-            print(f"\n== request rate {rate} ==\n" + format_table(m), flush=True)
-            m.pop("config", None)
-            m["scheduler"] = sched = step_phases(before, after)
-            print("replica 0, per step: " + ", ".join(f"{k} {v:.0f} us" for k, v in sched["phase_us"].items())
-                  + f"; loop iteration {sched['loop_iteration_us']:.0f} us over {sched['steps']} steps", flush=True)
-            rows.append(dict(rate=rate, **m))
-    finally:
-        dep.shutdown()
-        ray.shutdown()
+    policies = [_policy(p) for p in args.policies]
+    by_policy = {}
+    for name, engine_kw in policies:
+        t = time.perf_counter()
+        dep = Deployment(DeploymentSpec.from_flat(model=args.model, served_model_name="m", port=port,
+                                                  tensor_parallel_size=args.tp, dtype=args.dtype,
+                                                  max_model_len=args.max_model_len, device=args.device,
+                                                  ingresses=args.ingresses,
+                                                  max_num_batched_tokens=args.max_num_batched_tokens, **engine_kw))
+        startup = time.perf_counter() - t
+        print(f"[{name}] deployment up in {startup:.0f}s: {dep.info}", flush=True)
+        rows = []
+        try:
+            for rate in args.rates:
+                cfg = BenchConfig(base_url=dep.url, model="m", num_prompts=args.num_prompts,
+                                  request_rate=math.inf if rate == "inf" else float(rate),
+                                  random_input_len=args.input_len, random_output_len=args.output_len,
+                                  vocab_size=min(vocab, 10000), warmup_requests=2 if not rows else 0,
+                                  seed=1000 + len(rows))  # fresh prompts per rate, the same for every policy
+                before = ray.get(dep.schedulers[0].stats.remote())
+                m = asyncio.run(run_benchmark(cfg))
+                after = ray.get(dep.schedulers[0].stats.remote())
+                print(f"\n== [{name}] request rate {rate} ==\n" + format_table(m), flush=True)
+                m.pop("config", None)
+                m["scheduler"] = sched = step_phases(before, after)
+                print("replica 0, per step: " + ", ".join(f"{k} {v:.0f} us" for k, v in sched["phase_us"].items())
+                      + f"; loop iteration {sched['loop_iteration_us']:.0f} us over {sched['steps']} steps",
+                      flush=True)
+                rows.append(dict(rate=rate, policy=name, **m))
+        finally:
+            dep.shutdown()
+        by_policy[name] = (rows, startup)
+    ray.shutdown()
+    rows = [r for name, _ in policies for r in by_policy[name][0]]
+    startup = by_policy[policies[0][0]][1]
     summary = dict(bench="serving-sweep", machine=machine, model=args.model, tp=args.tp, dtype=args.dtype,
                    max_num_batched_tokens=args.max_num_batched_tokens, ingresses=args.ingresses,
                    input_len=args.input_len, output_len=args.output_len, num_prompts=args.num_prompts,
-                   startup_s=startup, date=time.strftime("%Y-%m-%d"), runs=rows)
+                   startup_s=startup, date=time.strftime("%Y-%m-%d"), policies=args.policies, runs=rows)
     sat = next((r for r in rows if r["rate"] == "inf"), None)
     if args.offline_peer and sat is not None:
         summary["offline"] = offline_peer(args, vocab, sat)
-    keys = ["rate", "request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms",
+    keys = ["policy", "rate", "request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms",
             "p99_tpot_ms", "median_itl_ms", "p99_itl_ms", "median_e2e_ms", "failed"]
     print("\n" + " ".join(f"{k:>15}" for k in keys))
     for r in rows:
         print(" ".join(f"{r.get(k):>15.2f}" if isinstance(r.get(k), float) else f"{str(r.get(k)):>15}" for k in keys))
     emit(summary, args.json)
     return 0
+
+
+def _policy(spec: str) -> tuple[str, dict]:
+    """'fcfs' / 'decode_first[:N]' / 'default' -> (name, engine settings)."""
+    name, _, n = spec.partition(":")
+    if name == "default":
+        return spec, {}
+    if name not in ("fcfs", "decode_first"):
+        raise SystemExit(f"--policies: unknown policy {spec!r} (default, fcfs, decode_first[:N])")
+    kw = {"schedule_policy": name}
+    if n:
+        kw["max_prefill_tokens"] = int(n)
+    return spec, kw
 
 
 def step_phases(before, after) -> dict:

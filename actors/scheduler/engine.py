@@ -55,7 +55,8 @@ class EngineCore:
                                   config.max_lora_rank if config.enable_lora else 0)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv,
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
+                            config.schedule_policy, config.max_prefill_tokens), self.kv,
             tuple(self.model_config.eos_token_ids),
         )
         self.scheduler.vocab_size = self.model_config.vocab_size
