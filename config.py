@@ -15,6 +15,10 @@ class ConfigError(ValueError):
     pass
 
 
+QUANTIZATION_METHODS = ("fp8",)  # models/quantization.py
+KV_CACHE_DTYPES = ("auto", "fp8")
+
+
 def _opt(default, help: str, **meta):
     return field(default=default, metadata={"help": help, **meta})
 
@@ -23,6 +27,12 @@ def _opt(default, help: str, **meta):
 class EngineConfig:
     model: str = field(metadata={"help": "HF-format model directory, or a GGUF file"})
     dtype: str | None = _opt(None, "weights and activations: float32, float16, bfloat16 (default: the checkpoint's)")
+    # FP8 (models/quantization.py): checkpoints already in FP8 (compressed-tensors, vLLM fp8) load as such;
+    # this quantizes a 16-bit one at load.
+    quantization: str | None = _opt(None, "fp8: quantize the linear layers to FP8 at load (per-channel weight "
+                                          "scales, per-token activation scales)")
+    kv_cache_dtype: str = _opt("auto", "auto (the model's dtype) or fp8 (e4m3, a scale per layer: 1.0 or the "
+                                       "checkpoint's k_scale/v_scale)")
     tensor_parallel_size: int = _opt(1, "GPUs (ranks) per replica", short="-tp")
     device: str | None = _opt(None, "cuda or cpu (default: cuda if available)")
     block_size: int = _opt(16, "tokens per KV-cache block (a power of two)")
@@ -74,6 +84,10 @@ class EngineConfig:
                 raise ConfigError(f"{name}: must be a positive integer, got {v!r}")
         if self.schedule_policy not in ("decode_first", "fcfs"):
             raise ConfigError(f"schedule_policy: must be decode_first or fcfs, got {self.schedule_policy!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ConfigError(f"quantization: must be one of {list(QUANTIZATION_METHODS)}, got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype: must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size: must be a power of two, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

@@ -68,26 +68,31 @@ def paged_attention(
     sliding_window: int | None = None,
     k: torch.Tensor | None = None,
     v: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: [T, Hq, D]; caches: [num_blocks, block_size, Hkv, D]. Returns [T, Hq, D].
     k, v: this step's keys/values [T, Hkv, D] (already stored), which lets
-    fresh prompts skip the cache."""
+    fresh prompts skip the cache. k_scale / v_scale: an FP8 cache's 0-d scales
+    (the cache holds k / k_scale: kernels/kv_cache.py)."""
     if use_triton(q):
         from ziggurat.kernels import attention_triton as T
 
         if meta.decode_only:
             return T.paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale,
-                                  sliding_window)
-        use_sdpa = k is not None and sliding_window is None and os.environ.get("ZIGGURAT_FRESH_PREFILL") == "sdpa"
+                                  sliding_window, k_scale=k_scale, v_scale=v_scale)
+        # An FP8 cache holds rounded keys: fresh prompts read it too, so every row sees the same numbers.
+        use_sdpa = k is not None and k_cache.dtype != torch.float8_e4m3fn and sliding_window is None and os.environ.get("ZIGGURAT_FRESH_PREFILL") == "sdpa"
         fresh, skip = _fresh_prompts(meta, q) if use_sdpa else ((), None)
         out = torch.empty_like(q)
         if len(fresh) < meta.num_seqs:
             T.paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                            meta.max_query_len, scale, sliding_window, skip=skip, out=out)
+                            meta.max_query_len, scale, sliding_window, skip=skip, out=out, k_scale=k_scale,
+                            v_scale=v_scale)
         for qs, qe in fresh:
             out[qs:qe] = _sdpa_causal(q[qs:qe], k[qs:qe], v[qs:qe], scale)
         return out
-    return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window)
+    return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale)
 
 
 def _fresh_prompts(meta: AttentionMetadata, q: torch.Tensor):
@@ -119,16 +124,23 @@ def _sdpa_causal(q, k, v, scale, backends=None):
     return out.squeeze(0).transpose(0, 1)
 
 
-def paged_attention_ref(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window=None):
+def paged_attention_ref(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window=None,
+                        k_scale=None, v_scale=None):
     if meta.decode_only:
-        return _decode(q, k_cache, v_cache, meta, scale, sliding_window)
+        return _decode(q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale)
     out = torch.empty_like(q)
     for b in range(meta.num_seqs):
         qs, qe = meta.query_start_loc_cpu[b], meta.query_start_loc_cpu[b + 1]
         out[qs:qe] = _one_sequence(
-            q[qs:qe], k_cache, v_cache, meta.block_tables[b], meta.seq_lens_cpu[b], scale, sliding_window
+            q[qs:qe], k_cache, v_cache, meta.block_tables[b], meta.seq_lens_cpu[b], scale, sliding_window,
+            k_scale, v_scale
         )
     return out
+
+
+def _dequant(x: torch.Tensor, scale) -> torch.Tensor:
+    """Cache values in fp32: an FP8 cache's times its scale (None: 1.0)."""
+    return x.float() if scale is None else x.float() * scale.float()
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, ctx_len: int) -> torch.Tensor:
@@ -138,13 +150,13 @@ def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, ctx_len: int
     return blocks.reshape(-1, *cache.shape[2:])[:ctx_len]
 
 
-def _one_sequence(q, k_cache, v_cache, block_table, ctx_len, scale, window):
+def _one_sequence(q, k_cache, v_cache, block_table, ctx_len, scale, window, k_scale=None, v_scale=None):
     q_len, hq, d = q.shape
-    k = _gather_context(k_cache, block_table, ctx_len)  # [ctx, Hkv, D]
-    v = _gather_context(v_cache, block_table, ctx_len)
+    k = _dequant(_gather_context(k_cache, block_table, ctx_len), k_scale)  # [ctx, Hkv, D]
+    v = _dequant(_gather_context(v_cache, block_table, ctx_len), v_scale)
     group = hq // k.shape[1]
-    k = k.repeat_interleave(group, dim=1).transpose(0, 1).float()  # [Hq, ctx, D]
-    v = v.repeat_interleave(group, dim=1).transpose(0, 1).float()
+    k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, ctx, D]
+    v = v.repeat_interleave(group, dim=1).transpose(0, 1)
     qf = q.transpose(0, 1).float()  # [Hq, L, D]
     scores = torch.matmul(qf, k.transpose(1, 2)) * scale  # [Hq, L, ctx]
     q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device).unsqueeze(1)
@@ -157,7 +169,7 @@ def _one_sequence(q, k_cache, v_cache, block_table, ctx_len, scale, window):
     return torch.matmul(probs, v).transpose(0, 1).to(q.dtype)
 
 
-def _decode(q, k_cache, v_cache, meta, scale, window):
+def _decode(q, k_cache, v_cache, meta, scale, window, k_scale=None, v_scale=None):
     """All sequences have one query: batched gather of their blocks."""
     b, hq, d = q.shape
     nb, bs, hkv, _ = k_cache.shape
@@ -165,8 +177,8 @@ def _decode(q, k_cache, v_cache, meta, scale, window):
     tables = meta.block_tables[:, :max_blocks].long()
     # In fp32 like the prefill path, so a position's result does not depend
     # on whether it ran as decode or as a prefill chunk.
-    k = k_cache[tables].reshape(b, max_blocks * bs, hkv, d).float()
-    v = v_cache[tables].reshape(b, max_blocks * bs, hkv, d).float()
+    k = _dequant(k_cache[tables].reshape(b, max_blocks * bs, hkv, d), k_scale)
+    v = _dequant(v_cache[tables].reshape(b, max_blocks * bs, hkv, d), v_scale)
     qg = q.float().view(b, hkv, hq // hkv, d)
     scores = torch.einsum("bkgd,bskd->bkgs", qg, k) * scale
     k_pos = torch.arange(max_blocks * bs, device=q.device).view(1, 1, 1, -1)

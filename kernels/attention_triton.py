@@ -17,6 +17,11 @@ attention layer stores before attending), so every key comes from pages.
 
 Both gather pages through the block table inside the kernel; nothing is
 copied into a dense context first.
+
+FP8 caches (e4m3, kernels/kv_cache.py): pages are widened to q's dtype as
+they are read (exact: every e4m3 value is a bf16 value); the k scale folds
+into the softmax scale and the v scale multiplies the accumulator once, so
+dequantizing costs no per-element multiply.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ def _online_softmax(s, v, m_i, l_i, acc, PREC: tl.constexpr):
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr,
-    acc_ptr, ml_ptr,
+    acc_ptr, ml_ptr, ks_ptr, vs_ptr,
     scale, window,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -54,7 +59,7 @@ def _decode_split_kernel(
     stride_mt, stride_mh, stride_ms,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, KV_SCALED: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -77,6 +82,8 @@ def _decode_split_kernel(
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+    if KV_SCALED:
+        scale = scale * tl.load(ks_ptr)
     if start < seq_len:
         q = tl.load(q_ptr + seq * stride_qt + (kvh * G + g)[:, None] * stride_qh + d[None, :],
                     mask=g_ok[:, None] & d_ok[None, :], other=0.0)
@@ -89,12 +96,14 @@ def _decode_split_kernel(
             page = tl.load(tables_ptr + seq * stride_tb + t // BLOCK_SIZE, mask=t < end, other=0)
             off = t % BLOCK_SIZE
             k = tl.load(k_ptr + page[:, None] * stride_kb + off[:, None] * stride_ks + kvh * stride_kh + d[None, :],
-                        mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+                        mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(q_ptr.dtype.element_ty)
             s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale  # [G_PAD, TILE]
             s = tl.where(t_ok[None, :], s, float("-inf"))
             v = tl.load(v_ptr + page[:, None] * stride_vb + off[:, None] * stride_vs + kvh * stride_vh + d[None, :],
-                        mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+                        mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(q_ptr.dtype.element_ty)
             m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, PREC)
+    if KV_SCALED:
+        acc = acc * tl.load(vs_ptr)
     heads = kvh * G + g
     tl.store(acc_ptr + seq * stride_at + heads[:, None] * stride_ah + split * stride_as + d[None, :], acc,
              mask=g_ok[:, None] & d_ok[None, :])
@@ -133,6 +142,14 @@ def _precision(q) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
+def _kv_scales(k_cache, k_scale, v_scale):
+    """(k scale, v scale, scaled?) for the kernels: an FP8 cache's scales (1.0 when not given)."""
+    if k_cache.dtype != torch.float8_e4m3fn:
+        return k_cache, k_cache, False  # unused pointers
+    one = torch.ones((), device=k_cache.device)
+    return (one if k_scale is None else k_scale), (one if v_scale is None else v_scale), True
+
+
 def _check_caches(q, k_cache, v_cache):
     if k_cache.shape != v_cache.shape or k_cache.dim() != 4:
         raise ValueError(f"k/v caches must both be [blocks, block_size, kv_heads, head_dim], got "
@@ -154,8 +171,9 @@ def num_decode_splits(batch: int, num_kv_heads: int, max_seq_len: int, device) -
 
 
 def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len: int, scale: float,
-                 sliding_window: int | None = None, num_splits: int | None = None, pages_per_tile: int | None = None):
-    """q: [B, Hq, D] (one query per sequence) -> [B, Hq, D].
+                 sliding_window: int | None = None, num_splits: int | None = None, pages_per_tile: int | None = None,
+                 k_scale=None, v_scale=None):
+    """q: [B, Hq, D] (one query per sequence) -> [B, Hq, D]. k_scale / v_scale: an FP8 cache's 0-d scales.
 
     max_seq_len only bounds the number of splits; under a CUDA graph pass the
     largest length the graph will see (the grid is fixed at capture)."""
@@ -172,8 +190,9 @@ def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len: int, 
     ml = torch.empty(b, hq, num_splits, 2, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
     d_pad = triton.next_power_of_2(d)
+    ks, vs, scaled = _kv_scales(k_cache, k_scale, v_scale)
     _decode_split_kernel[(b, hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, acc, ml,
+        q, k_cache, v_cache, block_tables, seq_lens, acc, ml, ks, vs,
         scale, sliding_window or 0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -183,7 +202,7 @@ def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len: int, 
         ml.stride(0), ml.stride(1), ml.stride(2),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, D_PAD=d_pad,
         BLOCK_SIZE=bs, PAGES=pages, NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None,
-        PREC=_precision(q),
+        PREC=_precision(q), KV_SCALED=scaled,
     )
     _decode_merge_kernel[(b, hq)](
         acc, ml, out,
@@ -197,7 +216,7 @@ def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len: int, 
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, skip_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, skip_ptr, ks_ptr, vs_ptr,
     scale, window,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -206,7 +225,7 @@ def _prefill_kernel(
     stride_tb,
     G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr, USE_WINDOW: tl.constexpr,
-    PREC: tl.constexpr, HAS_SKIP: tl.constexpr,
+    PREC: tl.constexpr, HAS_SKIP: tl.constexpr, KV_SCALED: tl.constexpr,
 ):
     tile = tl.program_id(0)
     seq = tl.program_id(1)
@@ -229,6 +248,8 @@ def _prefill_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+        if KV_SCALED:
+            scale = scale * tl.load(ks_ptr)
         TILE: tl.constexpr = BLOCK_SIZE * PAGES
         hi = tl.minimum(seq_len, ctx0 + (tile + 1) * BLOCK_M)  # causal limit of this tile
         lo = 0
@@ -241,15 +262,17 @@ def _prefill_kernel(
             page = tl.load(tables_ptr + seq * stride_tb + t // BLOCK_SIZE, mask=t_ok, other=0)
             off = t % BLOCK_SIZE
             k = tl.load(k_ptr + page[:, None] * stride_kb + off[:, None] * stride_ks + kvh * stride_kh + d[None, :],
-                        mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+                        mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(q_ptr.dtype.element_ty)
             s = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * scale
             visible = t_ok[None, :] & (t[None, :] <= q_pos[:, None])
             if USE_WINDOW:
                 visible = visible & (t[None, :] > q_pos[:, None] - window)
             s = tl.where(visible, s, float("-inf"))
             v = tl.load(v_ptr + page[:, None] * stride_vb + off[:, None] * stride_vs + kvh * stride_vh + d[None, :],
-                        mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+                        mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(q_ptr.dtype.element_ty)
             m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, PREC)
+        if KV_SCALED:
+            acc = acc * tl.load(vs_ptr)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + (q_start + i)[:, None] * stride_ot + h * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & d_ok[None, :])
@@ -257,9 +280,11 @@ def _prefill_kernel(
 
 def paged_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len: int, scale: float,
                   sliding_window: int | None = None, block_m: int | None = None, pages_per_tile: int | None = None,
-                  num_warps: int | None = None, num_stages: int | None = None, skip=None, out=None):
+                  num_warps: int | None = None, num_stages: int | None = None, skip=None, out=None,
+                  k_scale=None, v_scale=None):
     """q: [T, Hq, D] flattened over sequences (query_start_loc [B+1]) -> [T, Hq, D].
-    skip: optional int32 [B]; nonzero rows are left untouched in `out`."""
+    skip: optional int32 [B]; nonzero rows are left untouched in `out`.
+    k_scale / v_scale: an FP8 cache's 0-d scales."""
     _check_caches(q, k_cache, v_cache)
     t, hq, d = q.shape
     _, bs, hkv, _ = k_cache.shape
@@ -270,9 +295,10 @@ def paged_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, 
     out = torch.empty_like(q) if out is None else out
     b = seq_lens.shape[0]
     grid = (triton.cdiv(max_query_len, block_m), b, hq)
+    ks, vs, scaled = _kv_scales(k_cache, k_scale, v_scale)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, skip if skip is not None else seq_lens,
-        scale, sliding_window or 0,
+        ks, vs, scale, sliding_window or 0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -280,7 +306,7 @@ def paged_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, 
         block_tables.stride(0),
         G=hq // hkv, D=d, D_PAD=triton.next_power_of_2(d),
         BLOCK_M=block_m, BLOCK_SIZE=bs, PAGES=pages, USE_WINDOW=sliding_window is not None,
-        PREC=_precision(q), HAS_SKIP=skip is not None, **launch,
+        PREC=_precision(q), HAS_SKIP=skip is not None, KV_SCALED=scaled, **launch,
     )
     return out
 

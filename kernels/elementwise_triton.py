@@ -1,5 +1,7 @@
 """Triton versions of the small per-token ops: KV store (alone or with rotary), (fused add +) RMSNorm, SiLU-mul.
 
+The KV stores write 16-bit caches as they are and FP8 caches scaled (kernels/kv_cache.py).
+
 Each program handles one token row; shapes and strides are checked by the
 wrappers, which mirror the reference functions' signatures exactly.
 """
@@ -12,29 +14,51 @@ import triton.language as tl
 
 
 @triton.jit
-def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, stride_kt, stride_vt, stride_cs,
-                     HD: tl.constexpr, HD_PAD: tl.constexpr):
+def _to_cache(x, scale_ptr, cache_ptr, FP8: tl.constexpr):
+    """x as the cache stores it: an FP8 cache holds round(x / scale) clamped to +-448
+    (kernels/kv_cache.py::to_cache), a 16-bit one x itself."""
+    if FP8:
+        x = tl.minimum(tl.maximum(x.to(tl.float32) / tl.load(scale_ptr), -448.0), 448.0)
+    return x.to(cache_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, ks_ptr, vs_ptr, stride_kt, stride_vt, stride_cs,
+                     HD: tl.constexpr, HD_PAD: tl.constexpr, FP8: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(slots_ptr + t)
     if slot >= 0:
         i = tl.arange(0, HD_PAD)
         ok = i < HD
-        tl.store(kc_ptr + slot * stride_cs + i, tl.load(k_ptr + t * stride_kt + i, mask=ok), mask=ok)
-        tl.store(vc_ptr + slot * stride_cs + i, tl.load(v_ptr + t * stride_vt + i, mask=ok), mask=ok)
+        k = _to_cache(tl.load(k_ptr + t * stride_kt + i, mask=ok), ks_ptr, kc_ptr, FP8)
+        v = _to_cache(tl.load(v_ptr + t * stride_vt + i, mask=ok), vs_ptr, vc_ptr, FP8)
+        tl.store(kc_ptr + slot * stride_cs + i, k, mask=ok)
+        tl.store(vc_ptr + slot * stride_cs + i, v, mask=ok)
 
 
-def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """k, v: [T, Hkv, D] (each row contiguous); caches [blocks, block_size, Hkv, D] contiguous."""
+def _fp8_scales(k_cache, k_scale, v_scale):
+    """(FP8 flag, k scale, v scale) for the kernels: an FP8 cache without scales gets 1.0."""
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if not fp8:
+        return False, k_cache, k_cache  # unused pointers
+    one = None if k_scale is not None and v_scale is not None else torch.ones((), device=k_cache.device)
+    return True, (k_scale if k_scale is not None else one), (v_scale if v_scale is not None else one)
+
+
+def store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
+    """k, v: [T, Hkv, D] (each row contiguous); caches [blocks, block_size, Hkv, D] contiguous;
+    k_scale / v_scale: an FP8 cache's 0-d fp32 scales."""
     t, h, d = k.shape
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("KV caches must be contiguous")
     if k.stride(2) != 1 or k.stride(1) != d or v.stride(2) != 1 or v.stride(1) != d:
         raise ValueError("k and v rows must be contiguous [Hkv, D]")
-    if k.dtype != k_cache.dtype:
+    fp8, ks, vs = _fp8_scales(k_cache, k_scale, v_scale)
+    if k.dtype != k_cache.dtype and not fp8:
         k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
     hd = h * d
-    _store_kv_kernel[(t,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0), hd,
-                           HD=hd, HD_PAD=triton.next_power_of_2(hd))
+    _store_kv_kernel[(t,)](k, v, k_cache, v_cache, slot_mapping, ks, vs, k.stride(0), v.stride(0), hd,
+                           HD=hd, HD_PAD=triton.next_power_of_2(hd), FP8=fp8)
 
 
 @triton.jit
@@ -105,10 +129,11 @@ def silu_and_mul(x):
 
 @triton.jit
 def _rotary_store_kv_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, ko_ptr, kc_ptr, vc_ptr, pos_ptr, slots_ptr, cache_ptr,
+                            ks_ptr, vs_ptr,
                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                             stride_qot, stride_kot, stride_c, stride_cs,
                             HQ: tl.constexpr, HQ_PAD: tl.constexpr, HK: tl.constexpr, HK_PAD: tl.constexpr,
-                            HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+                            HALF: tl.constexpr, HALF_PAD: tl.constexpr, FP8: tl.constexpr):
     """One token: rotate q and k, write the rotated q and k out, and store the
     rotated k and the v in the cache slot (slot -1: padding, nothing stored)."""
     t = tl.program_id(0)
@@ -143,15 +168,15 @@ def _rotary_store_kv_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, ko_ptr, kc_ptr, vc_ptr,
     if slot >= 0:
         inner = hk[:, None] * (2 * HALF) + j[None, :]
         kc = kc_ptr + slot * stride_cs + inner
-        tl.store(kc, r1.to(kc_ptr.dtype.element_ty), mask=mk)
-        tl.store(kc + HALF, r2.to(kc_ptr.dtype.element_ty), mask=mk)
+        tl.store(kc, _to_cache(r1, ks_ptr, kc_ptr, FP8), mask=mk)
+        tl.store(kc + HALF, _to_cache(r2, ks_ptr, kc_ptr, FP8), mask=mk)
         vb = v_ptr + t * stride_vt + hk[:, None] * stride_vh + j[None, :]
         vc = vc_ptr + slot * stride_cs + inner
-        tl.store(vc, tl.load(vb, mask=mk, other=0.0).to(vc_ptr.dtype.element_ty), mask=mk)
-        tl.store(vc + HALF, tl.load(vb + HALF, mask=mk, other=0.0).to(vc_ptr.dtype.element_ty), mask=mk)
+        tl.store(vc, _to_cache(tl.load(vb, mask=mk, other=0.0), vs_ptr, vc_ptr, FP8), mask=mk)
+        tl.store(vc + HALF, _to_cache(tl.load(vb + HALF, mask=mk, other=0.0), vs_ptr, vc_ptr, FP8), mask=mk)
 
 
-def rotary_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping):
+def rotary_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
     """q: [T, Hq, D], k/v: [T, Hkv, D] -> rotated (q, k), both new contiguous
     tensors; rotated k and v are stored at slot_mapping in the caches."""
     t, hq, d = q.shape
@@ -164,12 +189,13 @@ def rotary_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_ma
         raise ValueError("q, k and v must be contiguous in head_dim")
     q_out = torch.empty((t, hq, d), dtype=q.dtype, device=q.device)
     k_out = torch.empty((t, hk, d), dtype=k.dtype, device=k.device)
+    fp8, ks, vs = _fp8_scales(k_cache, k_scale, v_scale)
     if t:
         half = d // 2
         _rotary_store_kv_kernel[(t,)](
-            q, k, v, q_out, k_out, k_cache, v_cache, positions, slot_mapping, cos_sin_cache,
+            q, k, v, q_out, k_out, k_cache, v_cache, positions, slot_mapping, cos_sin_cache, ks, vs,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             q_out.stride(0), k_out.stride(0), cos_sin_cache.stride(0), hk * d,
             HQ=hq, HQ_PAD=triton.next_power_of_2(hq), HK=hk, HK_PAD=triton.next_power_of_2(hk),
-            HALF=half, HALF_PAD=triton.next_power_of_2(half))
+            HALF=half, HALF_PAD=triton.next_power_of_2(half), FP8=fp8)
     return q_out, k_out

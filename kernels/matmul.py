@@ -5,7 +5,8 @@ Skinny inputs (a decode step of one or two sequences) go to the Triton GEMV
 BENCHMARKS.md) it streams the Llama-3.1-8B weights 5-10% faster than
 cuBLAS at M <= 2 and needs no split-K reduce kernel. Every other shape, and
 every non-CUDA tensor, is torch's (cuBLAS) matmul. ZIGGURAT_GEMV=cublas
-turns the Triton GEMV off (A/B runs).
+turns the Triton GEMV off (A/B runs). FP8 weights (with their scales: models/quantization.py)
+go to kernels/fp8.py.
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ GEMV_MAX_M = 2  # beyond this cuBLAS's tensor-core kernels win (bench_gemv: M=4 
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
+           x_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """w_scale / x_scale: an FP8 weight's per-channel scale and static input scale (else None)."""
+    if w_scale is not None:
+        from ziggurat.kernels.fp8 import fp8_linear
+
+        return fp8_linear(x, w, w_scale, b, x_scale)
     if (x.dim() == 2 and x.shape[0] <= GEMV_MAX_M and x.dtype in _GEMV_DTYPES and w.is_contiguous()
             and x.stride(1) == 1 and use_triton(x) and os.environ.get("ZIGGURAT_GEMV", "triton") != "cublas"):
         from ziggurat.kernels.gemv_triton import gemv

@@ -23,6 +23,8 @@ class PagedAttention(nn.Module):
         self.sliding_window = sliding_window
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        # An FP8 cache's 0-d fp32 scales (parameters: the checkpoint may carry them; models/quantization.py).
+        self.k_scale = self.v_scale = None
 
     def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         self.k_cache, self.v_cache = k_cache, v_cache
@@ -35,8 +37,9 @@ class PagedAttention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.rotary is not None:
             q, k = rotary_store_kv(q, k, v, positions, self.rotary.cos_sin_cache, self.k_cache, self.v_cache,
-                                   meta.slot_mapping)
+                                   meta.slot_mapping, self.k_scale, self.v_scale)
         else:
-            store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        out = paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window, k, v)
+            store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+        out = paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window, k, v,
+                              self.k_scale, self.v_scale)
         return out.reshape(t, self.num_heads * self.head_dim)

@@ -76,6 +76,8 @@ class ModelConfig:
     dtype: torch.dtype
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...] = field(default=())
+    quantization: object = None  # models/quantization.py::FP8Spec when the linear layers are FP8
+    kv_cache_dtype: torch.dtype | None = None  # None: the model's dtype
 
     @property
     def q_size(self) -> int:
@@ -86,8 +88,10 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     @staticmethod
-    def from_dir(path: str | Path, dtype: str | torch.dtype | None = None) -> "ModelConfig":
-        """An HF-format directory's config.json, or a GGUF file's metadata (models/gguf.py)."""
+    def from_dir(path: str | Path, dtype: str | torch.dtype | None = None, quantization: str | None = None,
+                 kv_cache_dtype: str | None = None) -> "ModelConfig":
+        """An HF-format directory's config.json, or a GGUF file's metadata (models/gguf.py).
+        quantization / kv_cache_dtype: EngineConfig's (models/quantization.py)."""
         from ziggurat.models import gguf
 
         path = Path(path)
@@ -97,7 +101,8 @@ class ModelConfig:
         except gguf.GGUFError as e:
             raise ModelConfigError(str(e)) from None
         if gguf_file:
-            return ModelConfig.from_dict(raw, path=path, dtype=dtype, where=gguf_file)
+            return ModelConfig.from_dict(raw, path=path, dtype=dtype, where=gguf_file, quantization=quantization,
+                                         kv_cache_dtype=kv_cache_dtype)
         if not path.is_dir():
             raise ModelConfigError(f"{path}: model directory does not exist")
         cfg_file = path / "config.json"
@@ -110,11 +115,15 @@ class ModelConfig:
         if not isinstance(raw, dict):
             raise ModelConfigError(f"{cfg_file}: expected a JSON object")
         gen = _read_generation_config(path)
-        return ModelConfig.from_dict(raw, path=path, dtype=dtype, generation_config=gen)
+        return ModelConfig.from_dict(raw, path=path, dtype=dtype, generation_config=gen, quantization=quantization,
+                                     kv_cache_dtype=kv_cache_dtype)
 
     @staticmethod
     def from_dict(raw: dict, path: Path = Path("."), dtype=None, generation_config: dict | None = None,
-                  where: Path | None = None) -> "ModelConfig":
+                  where: Path | None = None, quantization: str | None = None,
+                  kv_cache_dtype: str | None = None) -> "ModelConfig":
+        from ziggurat.models import quantization as fp8
+
         where = where or path / "config.json"
 
         def get(name, typ, default=...):
@@ -203,6 +212,8 @@ class ModelConfig:
             dtype=parse_dtype(dtype if dtype is not None else cfg_dtype, "dtype" if dtype is not None else f"{where}: torch_dtype"),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            quantization=fp8.resolve(fp8.parse_config(raw.get("quantization_config"), where), quantization, where),
+            kv_cache_dtype=fp8.kv_cache_torch_dtype(kv_cache_dtype),
         )
 
 

@@ -52,6 +52,7 @@ class ColumnParallelLinear(nn.Module):
         self.weight = _param((out_local, in_features), dtype, self._load, shard_ids)
         self.bias = _param((out_local,), dtype, self._load, shard_ids) if bias else None
         self.lora = None  # LayerSlots (models/lora.py) when the engine serves adapters
+        self.weight_scale = self.input_scale = None  # FP8 weights' scales (models/quantization.py)
 
     def _slice_for(self, shard_id) -> tuple[int, int, int, int]:
         """(offset in local param, local rows, start row in checkpoint tensor, full rows)."""
@@ -66,7 +67,7 @@ class ColumnParallelLinear(nn.Module):
         param.data[offset : offset + local].copy_(src.read(0, start, local))
 
     def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias, self.weight_scale, self.input_scale)
         if lora is not None and self.lora is not None:
             self.lora.apply(y, x, lora)
         return y
@@ -133,6 +134,7 @@ class RowParallelLinear(nn.Module):
         self.weight = _param((out_features, self.in_local), dtype, self._load_weight)
         self.bias = _param((out_features,), dtype, self._load_bias) if bias else None
         self.lora = None  # LayerSlots (models/lora.py) when the engine serves adapters
+        self.weight_scale = self.input_scale = None  # FP8 weights' scales (models/quantization.py)
 
     def _load_weight(self, param, src, shard_id=None) -> None:
         src.expect_shape((self.out_features, self.in_full))
@@ -143,7 +145,7 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(src.read())
 
     def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
-        y = linear(x, self.weight)
+        y = linear(x, self.weight, None, self.weight_scale, self.input_scale)
         if lora is not None and self.lora is not None:
             self.lora.apply(y, x, lora)  # x_r A_r^T B^T: summed over ranks with the base output
         y = all_reduce(y)

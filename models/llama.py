@@ -23,6 +23,7 @@ from ziggurat.models.config import ModelConfig
 from ziggurat.models.embedding import ParallelLMHead, VocabParallelEmbedding
 from ziggurat.models.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ziggurat.models.norm import RMSNorm
+from ziggurat.models.quantization import checkpoint_name, prepare_model
 from ziggurat.models.rotary import RotaryEmbedding
 
 
@@ -106,6 +107,7 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = rotary
+        prepare_model(self, cfg.quantization, cfg.kv_cache_dtype)  # FP8 weights / KV scales, if any
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 lora=None) -> torch.Tensor:
@@ -140,6 +142,9 @@ class LlamaForCausalLM(nn.Module):
             return None if self.cfg.tie_word_embeddings else ("lm_head.weight", None)
         if name.startswith("model."):
             name = name[len("model.") :]
+        name = checkpoint_name(name, self.cfg)  # FP8 scales: renamed or skipped
+        if name is None:
+            return None
         m = self._MERGED_RE.search(name)
         if m:
             merged, shard = self._MERGED[m.group(1)]

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ziggurat.models.quantization import check_source, finish_loading
+
 
 class ModelLoadError(ValueError):
     pass
@@ -26,6 +28,7 @@ class TensorSource:
         self.name, self.file, self._handle = name, file, handle
         self._slice = handle.get_slice(name)
         self.shape = tuple(self._slice.get_shape())
+        self.dtype = self._slice.get_dtype()  # safetensors' name: BF16, F8_E4M3, ...
 
     def read(self, dim: int | None = None, start: int = 0, length: int | None = None) -> torch.Tensor:
         try:
@@ -103,6 +106,7 @@ def load_weights(model: torch.nn.Module, model_dir: Path) -> None:
         if pname not in params:
             raise ModelLoadError(f"{src.file}: unexpected tensor '{src.name}' (no such parameter in {type(model).__name__})")
         p = params[pname]
+        check_source(p, src, pname)
         with torch.no_grad():
             p.weight_loader(p, src, shard_id)
         loaded.add(f"{pname}/{shard_id}")
@@ -115,3 +119,5 @@ def load_weights(model: torch.nn.Module, model_dir: Path) -> None:
         raise ModelLoadError(
             f"{model_dir}: checkpoint is missing {len(missing)} tensor(s), e.g. " + ", ".join(missing[:5])
         )
+    with torch.no_grad():
+        finish_loading(model, getattr(getattr(model, "cfg", None), "quantization", None))

@@ -11,6 +11,11 @@ torch, safetensors, tokenizers and the standard library.
 
     python -m ziggurat.models.maker OUT --arch qwen3 --preset tiny \
         --dtype bfloat16 --no-tie --kv-heads 1 --shard-size 2GB --set num_hidden_layers=3
+
+``--quantize fp8`` writes an llm-compressor (compressed-tensors) FP8 checkpoint
+instead: the decoder's linear weights as float8_e4m3fn with per-channel
+``weight_scale`` [out, 1] (in the model dtype), activations dynamic per token,
+lm_head and embeddings left in the model dtype (models/quantization.py reads it).
 """
 
 from __future__ import annotations
@@ -344,13 +349,13 @@ def parse_size(size: str | int | None) -> int | None:
     return int(num * mult)
 
 
-def _plan_shards(specs, itemsize: int, max_shard_bytes: int) -> list[list[int]]:
-    """Greedy split in state-dict order, as huggingface_hub does."""
+def _plan_shards(specs, itemsize: int, max_shard_bytes: int, size_of=None) -> list[list[int]]:
+    """Greedy split in state-dict order, as huggingface_hub does. size_of(spec): bytes, if not numel * itemsize."""
     shards: list[list[int]] = []
     cur: list[int] = []
     cur_size = 0
     for i, (_, shape, _) in enumerate(specs):
-        nbytes = _numel(shape) * itemsize
+        nbytes = _numel(shape) * itemsize if size_of is None else size_of(specs[i])
         if cur and cur_size + nbytes > max_shard_bytes:
             shards.append(cur)
             cur, cur_size = [], 0
@@ -431,12 +436,73 @@ def _save_group(path: pathlib.Path, specs, dtype, seed, device, stream: bool) ->
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
+# --------------------------------------------------------------------------
+# FP8 (compressed-tensors) checkpoints
+
+QUANTIZE = ("fp8",)
+_FP8_WEIGHT = re.compile(r"\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
+
+
+def fp8_quantization_config() -> dict:
+    """config.json's quantization_config, as llm-compressor's FP8_DYNAMIC scheme writes it."""
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False,
+                        "group_size": None, "block_structure": None, "observer": "minmax"},
+            "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True,
+                                  "dynamic": True, "observer": None},
+            "output_activations": None,
+        }},
+        "ignore": ["lm_head"],
+        "kv_cache_scheme": None,
+    }
+
+
+def _fp8_entries(spec, dtype):
+    """(name, shape, safetensors dtype, bytes) of what one tensor spec becomes in an FP8 file."""
+    name, shape, _ = spec
+    if not _FP8_WEIGHT.search(name):
+        return [(name, tuple(shape), _ST_DTYPE[dtype], _numel(shape) * dtype.itemsize)]
+    return [(name, tuple(shape), "F8_E4M3", _numel(shape)), (name + "_scale", (shape[0], 1), _ST_DTYPE[dtype],
+                                                               shape[0] * dtype.itemsize)]
+
+
+def _fp8_tensors(name: str, t: torch.Tensor) -> list[torch.Tensor]:
+    if not _FP8_WEIGHT.search(name):
+        return [t]
+    from ziggurat.models.quantization import quantize_weight  # the same function as quantize-at-load
+
+    q, scale = quantize_weight(t, t.dtype)
+    return [q, scale.reshape(-1, 1)]
+
+
+def _save_fp8_group(path: pathlib.Path, specs, dtype, seed, device) -> None:
+    """One FP8 safetensors file, streamed a tensor at a time. Sorted by name, each
+    weight_scale follows its weight, so entries come in the specs' sorted order."""
+    order = sorted(specs, key=lambda s: s[0])
+    entries = [e for sp in order for e in _fp8_entries(sp, dtype)]
+    assert [e[0] for e in entries] == sorted(e[0] for e in entries)
+    with open(path, "wb") as f:
+        f.write(_st_header(entries, {"format": "pt"}))
+        for name, t in _generate(order, dtype, seed, device):
+            for part in _fp8_tensors(name, t):
+                f.write(memoryview(part.contiguous().view(-1).view(torch.uint8).numpy()))
+
+
 def write_weights(out: pathlib.Path, cfg: dict, *, dtype, seed: int = 0, max_shard_bytes: int | None = None,
-                  device: str = "cpu", stream_threshold: int | None = None, live_vocab: int | None = None) -> list[str]:
+                  device: str = "cpu", stream_threshold: int | None = None, live_vocab: int | None = None,
+                  quantize: str | None = None) -> list[str]:
     """Write the weights for ``cfg``; returns the file names written. Rows of
-    the output projection for ids >= live_vocab are zero (see weight_specs)."""
+    the output projection for ids >= live_vocab are zero (see weight_specs).
+    quantize="fp8": the FP8 layout (see fp8_quantization_config)."""
     tdtype = _resolve_dtype(dtype)
     specs = weight_specs(cfg, live_vocab)
+    if quantize is not None:
+        return _write_fp8(out, specs, tdtype, seed, max_shard_bytes, device)
     itemsize = torch.empty((), dtype=tdtype).element_size()
     total = sum(_numel(s) for _, s, _ in specs) * itemsize
     threshold = _STREAM_THRESHOLD if stream_threshold is None else stream_threshold
@@ -457,6 +523,28 @@ def write_weights(out: pathlib.Path, cfg: dict, *, dtype, seed: int = 0, max_sha
         names.append(fname)
         for name, _, _ in group:
             weight_map[name] = fname
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return names + ["model.safetensors.index.json"]
+
+
+def _write_fp8(out: pathlib.Path, specs, tdtype, seed, max_shard_bytes, device) -> list[str]:
+    size_of = lambda sp: sum(e[3] for e in _fp8_entries(sp, tdtype))  # noqa: E731
+    total = sum(map(size_of, specs))
+    for stale in list(out.glob("model*.safetensors")) + [out / "model.safetensors.index.json"]:
+        if stale.is_file():
+            stale.unlink()
+    if max_shard_bytes is None or total <= max_shard_bytes:
+        _save_fp8_group(out / "model.safetensors", specs, tdtype, seed, device)
+        return ["model.safetensors"]
+    shards = _plan_shards(specs, 0, int(max_shard_bytes), size_of)
+    names, weight_map = [], {}
+    for k, idx in enumerate(shards, start=1):
+        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        group = [specs[i] for i in idx]
+        _save_fp8_group(out / fname, group, tdtype, seed, device)
+        names.append(fname)
+        weight_map.update({e[0]: fname for sp in group for e in _fp8_entries(sp, tdtype)})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return names + ["model.safetensors.index.json"]
@@ -702,8 +790,12 @@ def make_model(
     seed: int = 0,
     overrides: dict | None = None,
     device: str = "cpu",
+    quantize: str | None = None,
 ) -> pathlib.Path:
-    """Write a random-weight HF checkpoint (config, weights, tokenizer) to ``path``."""
+    """Write a random-weight HF checkpoint (config, weights, tokenizer) to ``path``.
+    quantize="fp8": an FP8 (compressed-tensors) checkpoint of the same weights."""
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ValueError(f"unknown quantize {quantize!r}; choose from {QUANTIZE}")
     out = pathlib.Path(path)
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; choose from {ARCHITECTURES}")
@@ -717,6 +809,8 @@ def make_model(
                        num_kv_heads=num_kv_heads, overrides=overrides, special_ids=ids)
     if tok.get_vocab_size() > cfg["vocab_size"]:
         raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens > vocab_size={cfg['vocab_size']}")
+    if quantize == "fp8":
+        cfg["quantization_config"] = fp8_quantization_config()
 
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", cfg)
@@ -735,7 +829,8 @@ def make_model(
     _write_json(out / "tokenizer_config.json",
                 _tokenizer_config(family, tok, ids, cfg["max_position_embeddings"]))
     write_weights(out, cfg, dtype=cfg["torch_dtype"], seed=seed,
-                  max_shard_bytes=parse_size(max_shard_bytes), device=device, live_vocab=tok.get_vocab_size())
+                  max_shard_bytes=parse_size(max_shard_bytes), device=device, live_vocab=tok.get_vocab_size(),
+                  quantize=quantize)
     return out
 
 
@@ -759,6 +854,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard-size", default=None, help="max shard size, e.g. 2GB, 500MiB, 1000000")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="where to generate the weights (cpu, cuda)")
+    ap.add_argument("--quantize", choices=QUANTIZE, default=None,
+                    help="fp8: an FP8 checkpoint (compressed-tensors, per-channel weights, dynamic per-token "
+                         "activations), the same weights as without it")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config.json field; VALUE is parsed as JSON when it can be")
     args = ap.parse_args(argv)
@@ -771,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = make_model(args.out, args.arch, args.preset, dtype=args.dtype, tie_word_embeddings=args.tie,
                          num_kv_heads=args.kv_heads, max_shard_bytes=parse_size(args.shard_size),
-                         seed=args.seed, overrides=overrides or None, device=args.device)
+                         seed=args.seed, overrides=overrides or None, device=args.device, quantize=args.quantize)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

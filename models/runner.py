@@ -137,7 +137,7 @@ class ModelRunner:
 
     def kv_block_bytes(self) -> int:
         attn = self.model.attention_layers()[0]
-        per_token = 2 * attn.num_kv_heads * attn.head_dim * self.cfg.dtype.itemsize
+        per_token = 2 * attn.num_kv_heads * attn.head_dim * self.kv_cache_dtype.itemsize
         return per_token * self.block_size * len(self.model.attention_layers())
 
     def available_kv_bytes(self, gpu_memory_utilization: float) -> int:
@@ -148,13 +148,18 @@ class ModelRunner:
         peak = torch.cuda.max_memory_allocated(self.device)
         return int(total * gpu_memory_utilization) - used_by_others - peak
 
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        """The model's dtype, or float8_e4m3fn with --kv-cache-dtype fp8 (1-byte elements)."""
+        return self.cfg.kv_cache_dtype or self.cfg.dtype
+
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         for attn in self.model.attention_layers():
             shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
             attn.bind_kv_cache(
-                torch.empty(shape, dtype=self.cfg.dtype, device=self.device),
-                torch.empty(shape, dtype=self.cfg.dtype, device=self.device),
+                torch.empty(shape, dtype=self.kv_cache_dtype, device=self.device),
+                torch.empty(shape, dtype=self.kv_cache_dtype, device=self.device),
             )
 
     def capture_decode_graphs(self, max_batch: int, capture: bool = True) -> float:

@@ -41,7 +41,7 @@ class Worker:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         init_tensor_parallel(rank, config.tensor_parallel_size, init_method or "", backend)
         torch.manual_seed(config.seed)
-        self.model_config = ModelConfig.from_dir(config.model, config.dtype)
+        self.model_config = ModelConfig.from_dir(config.model, config.dtype, config.quantization, config.kv_cache_dtype)
         self.runner = ModelRunner(self.model_config, self.device, config.block_size, max_model_len, config.seed,
                                   lora=LoRALimits.of(config))
         self.kv: KVSide | None = None  # prefill/decode transfers, once the cache exists

@@ -1,0 +1,111 @@
+"""Triton kernels of the FP8 linear layers: per-token activation quantization and the fp8-weight GEMV.
+
+quantize_per_token: program m owns token row m. Pass 1 walks the row in
+BLOCK chunks for its absmax (skipped with a static scale), pass 2 writes
+round(x / scale) as e4m3 (clamped to +-448, so the cast never overflows).
+Reference: kernels/fp8.py::quantize_per_token_ref (same fp32 operations, so
+the same bytes).
+
+fp8_gemv: as kernels/gemv_triton.py (program p owns BLOCK_N output features,
+walks K in BLOCK_K chunks, fp32 accumulator, no split-K), but the weight
+tile is read as fp8 (half the bytes of bf16: decode streams weights, so the
+step is twice as short at the copy rate) and widened in registers; the
+channel scale multiplies the finished dot product once per output, which
+equals dequantizing each weight first. Reference: kernels/fp8.py::fp8_linear_ref.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ziggurat.kernels.fp8 import FP8, FP8_MAX, MIN_SCALE
+
+
+@triton.jit
+def _quant_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_x, stride_q, min_scale,
+                  STATIC: tl.constexpr, BLOCK: tl.constexpr, FMAX: tl.constexpr):
+    m = tl.program_id(0)
+    x_row = x_ptr + m.to(tl.int64) * stride_x
+    if STATIC:
+        scale = tl.load(static_ptr).to(tl.float32)
+    else:
+        amax = tl.zeros([BLOCK], tl.float32)
+        for k0 in range(0, K, BLOCK):
+            k = k0 + tl.arange(0, BLOCK)
+            x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = tl.maximum(tl.max(amax, 0) / FMAX, min_scale)
+    q_row = q_ptr + m.to(tl.int64) * stride_q
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(x / scale, -FMAX), FMAX)
+        tl.store(q_row + k, q.to(tl.float8e4nv), mask=k < K)
+    tl.store(s_ptr + m, scale)
+
+
+def quantize_per_token(x: torch.Tensor, x_scale: torch.Tensor | None = None, block: int = 1024):
+    """x [M, K] (rows contiguous) -> (fp8 [M, K], fp32 scales [M, 1]); x_scale: a static [1] scale."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"quantize_per_token: x must be [M, K] with contiguous rows, got {tuple(x.shape)}")
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=FP8, device=x.device)
+    s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    if m:
+        _quant_kernel[(m,)](x, q, s, x_scale if x_scale is not None else s, k, x.stride(0), q.stride(0), MIN_SCALE,
+                            STATIC=x_scale is not None, BLOCK=min(block, triton.next_power_of_2(k)), FMAX=FP8_MAX)
+    return q, s
+
+
+@triton.jit
+def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    m = tl.arange(0, BLOCK_M)
+    m_ok = m < M
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        w = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    acc = acc * tl.load(s_ptr + n, mask=n_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + m[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+# (block_n, block_k, num_warps, num_stages) by weight shape (N, K). An fp8 tile of
+# BLOCK_K bytes per row is half a bf16 one, so the default reads twice the K of
+# gemv_triton's for the same bytes in flight; scripts/bench_fp8.py --gemv-sweep
+# measures the candidates on a GPU and prints the best per shape for this table.
+DEFAULT_CONFIG = (4, 2048, 4, 3)
+CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+MAX_M = 8
+
+
+def fp8_gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, b: torch.Tensor | None = None,
+             config=None) -> torch.Tensor:
+    """x [M, K] (M <= 8, rows contiguous), w [N, K] fp8 contiguous, w_scale [N] fp32 -> [M, N] in x's dtype."""
+    m, k = x.shape
+    n = w.shape[0]
+    if m > MAX_M or w.shape[1] != k or not w.is_contiguous() or x.stride(1) != 1 or w.dtype != FP8:
+        raise ValueError(f"fp8_gemv: x {tuple(x.shape)} and w {tuple(w.shape)} {w.dtype} do not fit "
+                         f"(M <= {MAX_M}, contiguous K, fp8 weights)")
+    if w_scale.shape != (n,) or w_scale.dtype != torch.float32:
+        raise ValueError(f"fp8_gemv: w_scale must be float32 [{n}], got {w_scale.dtype} {tuple(w_scale.shape)}")
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    bn, bk, warps, stages = config or CONFIGS.get((n, k), DEFAULT_CONFIG)
+    bk = min(bk, max(16, triton.next_power_of_2(k)))
+    _fp8_gemv_kernel[(triton.cdiv(n, bn),)](
+        x, w, w_scale, b if b is not None else w_scale, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
+        HAS_BIAS=b is not None, BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=warps, num_stages=stages)
+    return out
