@@ -100,7 +100,8 @@ class OpenAIApp:
     `run(fn)` runs `await fn(http, sdk)` on a fresh event loop: an httpx client on the
     app (base http://t) and the official openai SDK over it (base http://t/v1)."""
 
-    def __init__(self, model, served_model_name: str = "tiny", **engine_kw):
+    def __init__(self, model, served_model_name: str = "tiny", ingress: dict | None = None, **engine_kw):
+        """ingress: more IngressConfig fields (admin_key, lora_modules, ...)."""
         from ziggurat.actors.ingress.gatekeeper import Gatekeeper
         from ziggurat.actors.ingress.local_engine import LocalEngineClient
         from ziggurat.actors.ingress.server import IngressConfig, OpenAIServer
@@ -110,7 +111,8 @@ class OpenAIApp:
         engine_kw.setdefault("device", "cpu")
         self.engine = EngineCore(EngineConfig(model=str(model), **engine_kw))
         self.client = LocalEngineClient(self.engine)
-        self.server = OpenAIServer(IngressConfig(served_model_name=served_model_name), self.client, Gatekeeper(None),
+        self.server = OpenAIServer(IngressConfig(served_model_name=served_model_name, **(ingress or {})), self.client,
+                                   Gatekeeper(None),
                                    self.client.info)
         self.client.start()
 

@@ -11,8 +11,11 @@
     PUT    /admin/prices/{model}     {"input_per_mtok", "cached_input_per_mtok", "output_per_mtok"}
     GET    /admin/usage?tenant=T&since=ISO|epoch&until=...&by=model|key|day&format=csv
     GET    /admin/logs?tenant=T&request_id=R
+    POST   /v1/load_lora_adapter     {"lora_name", "lora_path"}   (vLLM's shape; adapters.py)
+    POST   /v1/unload_lora_adapter   {"lora_name"}
 
-Every call goes to the Meter actor; no admin key configured = API disabled.
+Every /admin call goes to the Meter actor; the LoRA calls change this ingress's
+adapter table. No admin key configured = API disabled.
 """
 
 from __future__ import annotations
@@ -46,9 +49,9 @@ def parse_time(value: str | None, name: str) -> float | None:
 def admin_routes(server) -> list[Route]:
     key = (server.config.admin_key or "").encode()
 
-    def guarded(fn):
+    def guarded(fn, needs_meter: bool = True):
         async def handler(request):
-            if not key or server.meter is None:
+            if not key or (needs_meter and server.meter is None):
                 raise APIError(404, "the admin API is disabled (start serve with --admin-key)", code="not_found")
             auth = request.headers.get("authorization", "")
             token = auth[7:].strip().encode() if auth[:7].lower() == "bearer " else b""
@@ -124,7 +127,19 @@ def admin_routes(server) -> list[Route]:
             raise bad("'tenant' is required", "tenant")
         return JSONResponse({"data": await refs.result(meter.logs.remote(q["tenant"], q.get("request_id")))})
 
+    async def load_lora(request):
+        b = await body(request)
+        lora = server.adapters.load(b.get("lora_name"), b.get("lora_path"))
+        return PlainTextResponse(f"Success: LoRA adapter '{lora.lora_name}' added successfully.")
+
+    async def unload_lora(request):
+        b = await body(request)
+        server.adapters.unload(b.get("lora_name"))
+        return PlainTextResponse(f"Success: LoRA adapter '{b['lora_name']}' removed successfully.")
+
     return [
+        Route("/v1/load_lora_adapter", guarded(load_lora, needs_meter=False), methods=["POST"]),
+        Route("/v1/unload_lora_adapter", guarded(unload_lora, needs_meter=False), methods=["POST"]),
         Route("/admin/tenants", guarded(create_tenant), methods=["POST"]),
         Route("/admin/tenants", guarded(list_tenants), methods=["GET"]),
         Route("/admin/tenants/{tenant}", guarded(update_tenant), methods=["PATCH"]),

@@ -104,7 +104,7 @@ class DeliveryJournal:
             prompt = m["prompt_tokens"] if got and m.get("bill_prompt", True) else 0
             events.append(UsageEvent(
                 request_id=rid, http_request_id=m.get("http_request_id"), tenant=m["tenant"], key_id=m.get("key_id"),
-                model=m["model"], lora=None, replica=m.get("replica"), gpu_type=None, prompt_tokens=prompt,
+                model=m["model"], lora=m.get("lora"), replica=m.get("replica"), gpu_type=None, prompt_tokens=prompt,
                 cached_tokens=0, completion_tokens=got, status="replica_failed", arrived_at=m.get("arrived", now),
                 finished_at=now, ttft_ms=None, duration_ms=(now - m.get("arrived", now)) * 1e3))
         path.write_text("")

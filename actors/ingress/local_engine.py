@@ -58,7 +58,7 @@ class LocalEngineClient(EngineClient):
     def info(self) -> ReplicaInfo:
         e = self.engine
         return ReplicaInfo(0, e.config.model, min(x.max_model_len for x in self.engines), e.model_config.vocab_size,
-                           e.config.block_size, e.num_blocks)
+                           e.config.block_size, e.num_blocks, max_lora_rank=e.limits.max_lora_rank)
 
     def num_replicas(self) -> int:
         return len(self.engines)

@@ -34,6 +34,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, S
 from starlette.routing import Route
 
 from ziggurat.actors import metrics
+from ziggurat.actors.ingress.adapters import AdapterTable, parse_lora_modules
 from ziggurat.actors.ingress.admin import admin_routes
 from ziggurat.actors.ingress.engine_client import EngineClient
 from ziggurat.actors.ingress.gatekeeper import Gatekeeper
@@ -54,6 +55,7 @@ from ziggurat.actors.ingress.protocol import (
 from ziggurat.actors.process import load_object
 from ziggurat.actors.scheduler.block_pool import prompt_block_hashes
 from ziggurat.actors.scheduler.messages import ReplicaInfo
+from ziggurat.actors.scheduler.request import cache_extra_keys
 from ziggurat.actors.scheduler.output_processor import Delta, RequestOutputs
 from ziggurat.actors.scheduler.validation import ModelLimits, RequestError, check_request
 from ziggurat.actors.ingress.tool_calls import ToolStream, call_json, parser_for
@@ -79,6 +81,8 @@ class IngressConfig:
     """The HTTP front door's settings (the CLI makes a flag of each that has help and no cli=False)."""
 
     served_model_name: str | None = _opt(None, "the model name clients ask for (default: the model directory's)")
+    lora_modules: str | None = _opt(None, "LoRA adapters served as models: name=path[,name=path ...] (needs "
+                                          "--enable-lora; also addressed as <served name>:<name>)")
     tool_call_parser: str | None = _opt(None, "how tool calls are found in the text: hermes, llama3_json or mistral "
                                               "(default: recognised from the chat template)")
     host: str = _opt("127.0.0.1", "interface to listen on")
@@ -98,6 +102,7 @@ class IngressConfig:
     def __post_init__(self) -> None:
         from ziggurat.actors.ingress.tool_calls import PARSERS
 
+        parse_lora_modules(self.lora_modules)  # the format (the adapters are read when the server starts)
         if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
             raise ValueError(f"tool_call_parser: unknown parser {self.tool_call_parser!r}; "
                              f"known: {', '.join(PARSERS)}")
@@ -117,7 +122,10 @@ class OpenAIServer:
         self.tracing = tracing or Tracing(None)
         client.tracing = self.tracing
         self.replica = replica
-        self.limits = ModelLimits(replica.max_model_len, replica.vocab_size)
+        self.limits = ModelLimits(replica.max_model_len, replica.vocab_size, replica.max_lora_rank)
+        # LoRA adapters addressed as models (adapters.py); load/unload through admin.py.
+        self.adapters = AdapterTable(config.served_model_name, replica.max_lora_rank,
+                                     parse_lora_modules(config.lora_modules))
         self.tokenizer = Tokenizer(replica.model)
         if not self.tokenizer.chat_template:
             log.warning("model %s has no chat template (chat_template.jinja, chat_template.json or "
@@ -240,9 +248,9 @@ class OpenAIServer:
                       param, "context_length_exceeded")
         return n
 
-    def _check_model(self, name: str | None) -> None:
-        if name is not None and name != self.config.served_model_name:
-            raise APIError(404, f"The model '{name}' does not exist", "invalid_request_error", "model", "model_not_found")
+    def _check_model(self, name: str | None):
+        """The LoRARequest a request's `model` names (None: the base model), or a 404 naming `model`."""
+        return self.adapters.resolve(name)
 
     # -- endpoints --------------------------------------------------------------------
 
@@ -252,16 +260,18 @@ class OpenAIServer:
 
     async def models(self, request):
         await self.gate.authenticate(request.headers.get("authorization"))
-        return JSONResponse({"object": "list", "data": [self._model_card()]})
+        return JSONResponse({"object": "list", "data": [self._model_card(),
+                                                        *self.adapters.cards(self.limits.max_model_len)]})
 
     async def model(self, request):
         """GET /v1/models/{id} (the SDK's models.retrieve)."""
         await self.gate.authenticate(request.headers.get("authorization"))
         name = request.path_params["model"]
-        if name != self.config.served_model_name:
-            raise APIError(404, f"The model '{name}' does not exist", "invalid_request_error", "model",
-                           "model_not_found")
-        return JSONResponse(self._model_card())
+        lora = self._check_model(name)
+        if lora is None:
+            return JSONResponse(self._model_card())
+        card = next(c for c in self.adapters.cards(self.limits.max_model_len) if c["id"] == lora.lora_name)
+        return JSONResponse({**card, "id": name})
 
     async def _conversation_ids(self, body: dict) -> tuple[list[int], str]:
         """A chat body's prompt: (token ids, rendered text), as /v1/chat/completions builds it."""
@@ -358,7 +368,7 @@ class OpenAIServer:
     async def completions(self, request: Request):
         principal = await self.gate.authenticate(request.headers.get("authorization"))
         req = parse_completion(await self._body(request), self.sampling_defaults)
-        self._check_model(req.model)
+        self._use_adapter(req)
         await self._check_grammar(req)
         texts = [p for p in req.prompts if isinstance(p, str)]
         for p in texts:
@@ -370,7 +380,7 @@ class OpenAIServer:
     async def chat(self, request: Request):
         principal = await self.gate.authenticate(request.headers.get("authorization"))
         req = parse_chat(await self._body(request), self.sampling_defaults)
-        self._check_model(req.model)
+        self._use_adapter(req)
         await self._check_grammar(req)
         total = sum(self._text_bytes(m["content"], "messages") for m in req.messages)
         if total > self.max_prompt_bytes:
@@ -383,6 +393,12 @@ class OpenAIServer:
         except Exception as e:  # template errors name the problem
             raise bad(f"chat template failed: {e}", "messages") from None
         return await self._serve(request, principal, req, [ids], "chatcmpl")
+
+    def _use_adapter(self, req: ParsedRequest) -> None:
+        """The adapter the request's `model` names goes with its sampling parameters."""
+        lora = self._check_model(req.model)
+        if lora is not None:
+            req.params = req.params.clone(lora_request=lora)
 
     def _tool_stream(self, req) -> ToolStream:
         if self._tool_parser is None:
@@ -423,11 +439,12 @@ class OpenAIServer:
         n_samples = len(prompts) * req.params.n
         adm = await self.gate.admit(principal, self.config.served_model_name, sum(map(len, prompts)),
                                     max_new * n_samples, bounded=req.params.max_tokens is not None)
-        extra = (None, self.gate.cache_salt(principal, req.cache_salt))  # (lora id, cache salt)
+        lora = req.params.lora_request
+        extra = cache_extra_keys(lora, self.gate.cache_salt(principal, req.cache_salt))  # (lora id, cache salt)
         # One routing decision per HTTP request, by the first prompt's prefix.
         hashes = prompt_block_hashes(prompts[0], self.replica.block_size, extra, ROUTING_BLOCKS)
         meta = dict(tenant=principal.tenant_id, key_id=principal.key_id, http_request_id=request_id,
-                    model=self.config.served_model_name)
+                    model=self.config.served_model_name, lora=lora.lora_name if lora is not None else None)
         span = None
         if self.tracing.enabled:
             p = req.params
@@ -446,7 +463,8 @@ class OpenAIServer:
             self.gate.release(adm, 0)
             raise
         self._count(200)
-        body_meta = dict(id=f"{prefix}-{request_id}", created=now(), model=self.config.served_model_name)
+        body_meta = dict(id=f"{prefix}-{request_id}", created=now(),
+                         model=req.model if lora is not None else self.config.served_model_name)
         if req.stream:
             return ClosingStream(self._stream(ctx, body_meta),
                                  on_close=lambda: self._finish(ctx, "client_disconnected"),

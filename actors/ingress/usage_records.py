@@ -39,7 +39,7 @@ class UsageRecords:
             prompt = len(outputs.prompts[s.prompt_index]) if got and s.index % n == 0 else 0
             self.pending.append(UsageEvent(
                 request_id=s.request_id, http_request_id=meta.get("http_request_id"), tenant=meta["tenant"],
-                key_id=meta.get("key_id"), model=meta["model"], lora=None, replica=replica, gpu_type=None,
+                key_id=meta.get("key_id"), model=meta["model"], lora=meta.get("lora"), replica=replica, gpu_type=None,
                 prompt_tokens=prompt, cached_tokens=min(s.num_cached_tokens, prompt), completion_tokens=got,
                 status="replica_failed", arrived_at=arrived, finished_at=now, ttft_ms=None,
                 duration_ms=(now - arrived) * 1e3))

@@ -18,7 +18,7 @@ class UsageEvent:
     tenant: str
     key_id: str | None
     model: str
-    lora: str | None
+    lora: str | None  # the LoRA adapter served (its name; None: the base model)
     replica: int | None
     gpu_type: str | None
     prompt_tokens: int

@@ -261,7 +261,7 @@ class SchedulerActor:
         e = self.engine
         return ReplicaInfo(self.loop.replica, e.config.model, e.max_model_len, e.model_config.vocab_size,
                            e.config.block_size, e.num_blocks, getattr(e.executor, "placement", None),
-                           self.loop.incarnation, self.loop.role)
+                           self.loop.incarnation, self.loop.role, max_lora_rank=e.limits.max_lora_rank)
 
     def register_ingress(self, ingress_id: str, handle, epoch: str = "") -> Registration:
         self.ingresses[ingress_id] = handle

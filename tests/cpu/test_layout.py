@@ -82,6 +82,11 @@ RAY_FREE = [
     "ziggurat.cluster.deployment_file",
     "ziggurat.actors.tracing",
     "ziggurat.topology.nvml",
+    "ziggurat.models.lora",
+    "ziggurat.models.lora_maker",
+    "ziggurat.kernels.lora",
+    "ziggurat.actors.scheduler.lora",
+    "ziggurat.actors.ingress.adapters",
 ]
 
 
