@@ -307,3 +307,25 @@ def test_offline_errors_name_the_adapter(adapters, tmp_path):
             plain.generate([[1, 2]], GREEDY, lora_request=loras[0], use_tqdm=False)
     finally:
         plain.shutdown()
+
+
+def test_decode_through_graph_inputs_equals_eager(adapters):
+    """Decode steps through DecodeGraphs' static buffers (the LoRA tiles among them; on a CPU the
+    graph is never captured and the same buffers run eagerly) give the eager path's tokens."""
+    path, loras = adapters
+    prompts = prompts_for(6, seed=7)
+    which = [loras[0], None, loras[1], loras[2], loras[0], None]
+    got = []
+    for graphs in (False, True):
+        llm = LLM(path, device="cpu", enable_lora=True, max_loras=3, num_kv_blocks=128)
+        try:
+            runner = llm.engine.executor.worker.runner
+            if graphs:
+                runner.capture_decode_graphs(8, capture=False)
+                assert runner.graphs.lora is not None
+            got.append(tokens(llm.generate(prompts, GREEDY, lora_request=which, use_tqdm=False)))
+            if graphs:  # the decode steps went through the graph buffers: the last one's slots are there
+                assert (runner.graphs.lora[:8] >= 0).any()
+        finally:
+            llm.shutdown()
+    assert got[0] == got[1]
