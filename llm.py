@@ -141,22 +141,27 @@ class LLM:
                     if bar is not None and group.finished:
                         bar.done(group.completion_tokens)
 
-    @staticmethod
-    def _with_lora(params: list[SamplingParams], lora) -> list[SamplingParams]:
-        """Each prompt's params carrying its adapter (its rank read once, here: errors name the file)."""
-        from ziggurat.models.lora import LoRAError, inspect
+    def _with_lora(self, params: list[SamplingParams], lora) -> list[SamplingParams]:
+        """Each prompt's params carrying its adapter, checked against the model once (errors name the file)."""
+        from ziggurat.models.lora import LoRAError, check_adapter
 
         loras = lora if isinstance(lora, list) else [lora] * len(params)
         if len(loras) != len(params):
             raise ValueError(f"lora_request: got {len(loras)} for {len(params)} prompts; pass one or one per prompt")
-        out = []
+        out, checked = [], {}
         for p, lr in zip(params, loras):
-            if lr is not None and not isinstance(lr, LoRARequest):
+            if lr is None:
+                out.append(p)
+                continue
+            if not isinstance(lr, LoRARequest):
                 raise ValueError(f"lora_request: expected a LoRARequest, got {type(lr).__name__}")
-            try:
-                out.append(p.clone(lora_request=inspect(lr)) if lr is not None else p)
-            except LoRAError as e:
-                raise ValueError(f"lora_request: {e}") from None
+            if lr.key not in checked:
+                try:
+                    rank = check_adapter(lr.lora_path, self.engine.model_config).rank
+                except LoRAError as e:
+                    raise ValueError(f"lora_request: {e}") from None
+                checked[lr.key] = LoRARequest(lr.lora_name, lr.lora_int_id, lr.lora_path, rank)
+            out.append(p.clone(lora_request=checked[lr.key]))
         return out
 
     def _normalize_prompts(self, prompts) -> list:

@@ -151,14 +151,6 @@ def read_adapter_config_cached(path: str | Path) -> AdapterConfig:
     return _config_at(str(path), mtime)
 
 
-def inspect(lora: LoRARequest) -> LoRARequest:
-    """The request with its rank read from the adapter's config (LoRAError if it cannot be served)."""
-    if lora.rank is not None:
-        return lora
-    cfg = read_adapter_config_cached(lora.lora_path)
-    return LoRARequest(lora.lora_name, lora.lora_int_id, lora.lora_path, cfg.rank)
-
-
 def read_adapter(path: str | Path, num_layers: int) -> tuple[AdapterConfig, dict[tuple[int, str], tuple]]:
     """The adapter's config and its tensors: (layer, module) -> (A [r, in], B [out, r]), float32."""
     from safetensors import safe_open
@@ -192,6 +184,50 @@ def read_adapter(path: str | Path, num_layers: int) -> tuple[AdapterConfig, dict
     if not out:
         raise LoRAError(f"{f}: holds no LoRA weights")
     return cfg, out
+
+
+def module_shapes(cfg) -> dict[str, tuple[int, int]]:
+    """PEFT module -> (out, in) features of a ModelConfig's layers."""
+    h, q, kv, i = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q), "gate_proj": (i, h),
+            "up_proj": (i, h), "down_proj": (h, i)}
+
+
+def check_adapter(path: str | Path, model_cfg) -> AdapterConfig:
+    """The adapter's config, and its tensors' names and shapes against the model (the safetensors
+    header only, no weights read): LoRAError naming the file and the tensor if it does not fit."""
+    from safetensors import safe_open
+
+    cfg = read_adapter_config(path)
+    f = cfg.path / WEIGHTS_FILE
+    shapes = module_shapes(model_cfg)
+    seen: dict[tuple[int, str], set] = {}
+    try:
+        handle = safe_open(str(f), framework="pt", device="cpu")
+    except Exception as e:
+        raise LoRAError(f"{f}: not a readable safetensors file ({e})") from None
+    with handle:
+        for name in handle.keys():
+            m = _TENSOR.search(name)
+            if m is None or m.group(2) not in MODULES:
+                raise LoRAError(f"{f}: tensor '{name}' is not a lora_A/lora_B weight of a supported module "
+                                f"({', '.join(MODULES)})")
+            layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
+            if layer >= model_cfg.num_layers:
+                raise LoRAError(f"{f}: tensor '{name}' is for layer {layer}; the model has {model_cfg.num_layers}")
+            out, inp = shapes[module]
+            want = [cfg.rank, inp] if ab == "A" else [out, cfg.rank]
+            got = list(handle.get_slice(name).get_shape())
+            if got != want:
+                raise LoRAError(f"{f}: tensor '{name}' has shape {got}, the model needs {want} (r={cfg.rank}): "
+                                "an adapter for another base model?")
+            seen.setdefault((layer, module), set()).add(ab)
+    half = next((k for k, v in seen.items() if v != {"A", "B"}), None)
+    if half is not None:
+        raise LoRAError(f"{f}: layer {half[0]} {half[1]} has lora_{''.join(seen[half])} without its pair")
+    if not seen:
+        raise LoRAError(f"{f}: holds no LoRA weights")
+    return cfg
 
 
 class LayerSlots:

@@ -20,7 +20,7 @@ import itertools
 import time
 
 from ziggurat.actors.ingress.protocol import APIError, bad
-from ziggurat.models.lora import LoRAError, read_adapter_config
+from ziggurat.models.lora import LoRAError, check_adapter, read_adapter_config
 from ziggurat.sampling_params import LoRARequest
 
 
@@ -40,9 +40,10 @@ def _not_found(name: str) -> APIError:
 
 
 class AdapterTable:
-    def __init__(self, base: str | None, max_lora_rank: int, modules: list[tuple[str, str]] = ()):
-        """max_lora_rank: the replicas' (0: they serve no adapters)."""
-        self.base, self.max_rank = base, max_lora_rank
+    def __init__(self, base: str | None, max_lora_rank: int, modules: list[tuple[str, str]] = (), model_config=None):
+        """max_lora_rank: the replicas' (0: they serve no adapters); model_config: the base model's
+        ModelConfig, which adapters' tensor shapes must fit."""
+        self.base, self.max_rank, self.model_config = base, max_lora_rank, model_config
         self.adapters: dict[str, LoRARequest] = {}
         self.created: dict[str, int] = {}
         self._ids = itertools.count(1)
@@ -74,7 +75,8 @@ class AdapterTable:
             raise bad(f"lora_name: the adapter '{name}' has already been loaded" if name in self.adapters else
                       f"lora_name: '{name}' is the base model's name", "lora_name")
         try:
-            cfg = read_adapter_config(path)
+            cfg = check_adapter(path, self.model_config) if self.model_config is not None else \
+                read_adapter_config(path)
         except LoRAError as e:
             raise bad(f"lora_path: {e}", "lora_path") from None
         if cfg.rank > self.max_rank:

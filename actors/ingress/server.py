@@ -59,7 +59,7 @@ from ziggurat.actors.scheduler.request import cache_extra_keys
 from ziggurat.actors.scheduler.output_processor import Delta, RequestOutputs
 from ziggurat.actors.scheduler.validation import ModelLimits, RequestError, check_request
 from ziggurat.actors.ingress.tool_calls import ToolStream, call_json, parser_for
-from ziggurat.models.config import sampling_defaults
+from ziggurat.models.config import ModelConfig, sampling_defaults
 from ziggurat.models.tokenizer import Tokenizer
 
 log = logging.getLogger("ziggurat.ingress")
@@ -125,7 +125,8 @@ class OpenAIServer:
         self.limits = ModelLimits(replica.max_model_len, replica.vocab_size, replica.max_lora_rank)
         # LoRA adapters addressed as models (adapters.py); load/unload through admin.py.
         self.adapters = AdapterTable(config.served_model_name, replica.max_lora_rank,
-                                     parse_lora_modules(config.lora_modules))
+                                     parse_lora_modules(config.lora_modules),
+                                     ModelConfig.from_dir(replica.model) if replica.max_lora_rank else None)
         self.tokenizer = Tokenizer(replica.model)
         if not self.tokenizer.chat_template:
             log.warning("model %s has no chat template (chat_template.jinja, chat_template.json or "

@@ -289,7 +289,7 @@ def test_bad_tensors_are_refused_naming_the_file(model_factory, tmp_path):
         read_adapter_config(ad)
 
 
-def test_offline_errors_name_the_adapter(adapters, tmp_path):
+def test_offline_errors_name_the_adapter(adapters, qwen3_dir, tmp_path):
     path, loras = adapters
     big = LoRARequest("big", 9, str(make_adapter(path, tmp_path / "big", rank=32, seed=0)))
     llm = LLM(path, device="cpu", enable_lora=True, max_loras=1, max_lora_rank=16, num_kv_blocks=64)
@@ -299,6 +299,14 @@ def test_offline_errors_name_the_adapter(adapters, tmp_path):
         assert llm.engine.scheduler.requests == {}  # refused before anything was queued
         with pytest.raises(ValueError, match="lora_request: .*adapter_config.json: missing"):
             llm.generate([[1, 2]], GREEDY, lora_request=LoRARequest("gone", 3, str(tmp_path)), use_tqdm=False)
+    finally:
+        llm.shutdown()
+    other = make_adapter(qwen3_dir, tmp_path / "qwen3", rank=4, seed=0)  # another base model's shapes
+    llm = LLM(path, device="cpu", enable_lora=True, max_loras=1, num_kv_blocks=64)
+    try:
+        with pytest.raises(ValueError, match=r"k_proj.lora_B.weight' has shape \[64, 4\], the model needs "
+                                             r"\[32, 4\] .*another base model"):  # tiny qwen3's head_dim is 32
+            llm.generate([[1, 2]], GREEDY, lora_request=LoRARequest("q", 4, str(other)), use_tqdm=False)
     finally:
         llm.shutdown()
     plain = LLM(path, device="cpu", num_kv_blocks=64)

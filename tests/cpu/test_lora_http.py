@@ -18,6 +18,7 @@ def lora_app(model_factory, tmp_path_factory):
     root = tmp_path_factory.mktemp("http-adapters")
     ads = {n: make_adapter(path, root / n, rank=r, seed=s, scale=0.3) for n, r, s in (("a0", 8, 0), ("a1", 16, 1),
                                                                                       ("big", 32, 2))}
+    ads["qwen3"] = make_adapter(model_factory("qwen3"), root / "qwen3", rank=4, seed=0)
     app = OpenAIApp(path, ingress=dict(admin_key="adm", lora_modules=f"a0={ads['a0']}"), enable_lora=True,
                     max_loras=2, num_kv_blocks=128)
     yield app, ads
@@ -89,6 +90,7 @@ def test_bad_adapters_and_names_are_refused(lora_app, tmp_path):
             ({"lora_name": "big", "lora_path": str(ads["big"])}, "lora_path", "rank 32 exceeds max_lora_rank (16)"),
             ({"lora_path": str(ads["a1"])}, "lora_name", "non-empty string"),
             ({"lora_name": "tiny", "lora_path": str(ads["a1"])}, "lora_name", "base model"),
+            ({"lora_name": "q", "lora_path": str(ads["qwen3"])}, "lora_path", "another base model"),
         ):
             r = await http.post("/v1/load_lora_adapter", headers=ADMIN, json=body)
             err = r.json()["error"]
