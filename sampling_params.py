@@ -50,7 +50,8 @@ class LoRARequest:
         if not isinstance(self.lora_name, str) or not self.lora_name:
             raise SamplingParamsError("lora_request", f"lora_name must be a non-empty string, got {self.lora_name!r}")
         if isinstance(self.lora_int_id, bool) or not isinstance(self.lora_int_id, int) or self.lora_int_id < 1:
-            raise SamplingParamsError("lora_request", f"lora_int_id must be a positive integer, got {self.lora_int_id!r}")
+            raise SamplingParamsError("lora_request",
+                                      f"lora_int_id must be a positive integer, got {self.lora_int_id!r}")
         if not isinstance(self.lora_path, str) or not self.lora_path:
             raise SamplingParamsError("lora_request", f"lora_path must be a non-empty string, got {self.lora_path!r}")
 
