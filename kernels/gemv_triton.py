@@ -38,16 +38,45 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, st
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-# (block_n, block_k, num_warps, num_stages) by weight shape (N, K): the best of
-# `bench_gemv --sweep` on an H100 (2026-11-24) for Llama-3.1-8B's layers at TP=1.
+# (block_n, block_k, num_warps, num_stages) by GPU and weight shape (N, K): the best of
+# `bench_gemv --sweep` for Llama-3.1-8B's layers at TP=1, measured on each GPU (BENCHMARKS.md).
+# None: cuBLAS streams that shape faster there (matmul.py uses it).
 DEFAULT_CONFIG = (4, 1024, 4, 3)
-CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {
-    (6144, 4096): (16, 1024, 4, 1),  # qkv
-    (4096, 4096): (4, 1024, 4, 3),  # o
-    (28672, 4096): (4, 1024, 4, 3),  # gate_up
-    (4096, 14336): (4, 1024, 4, 1),  # down
-    (128256, 4096): (4, 1024, 4, 2),  # lm_head
+TABLES: dict[str, dict[tuple[int, int], tuple[int, int, int, int] | None]] = {
+    "H100": {  # 2026-11-24
+        (6144, 4096): (16, 1024, 4, 1),  # qkv
+        (4096, 4096): (4, 1024, 4, 3),  # o
+        (28672, 4096): (4, 1024, 4, 3),  # gate_up
+        (4096, 14336): (4, 1024, 4, 1),  # down
+        (128256, 4096): (4, 1024, 4, 2),  # lm_head
+    },
+    "H200": {  # 2026-12-01, M = 1: Triton / cuBLAS GB/s of the best config
+        (6144, 4096): None,  # qkv: 2,251 / 2,258
+        (4096, 4096): (4, 1024, 4, 2),  # o: 1,947 / 1,764
+        (28672, 4096): None,  # gate_up: 3,387 / 3,415
+        (4096, 14336): (4, 1024, 4, 3),  # down: 2,859 / 2,818
+        (128256, 4096): (16, 1024, 4, 2),  # lm_head: 4,280 / 4,220
+    },
 }
+_tables: dict[int, dict] = {}  # device index -> its table
+
+
+def table_for(device: torch.device) -> dict:
+    """The config table of this GPU (by name: "NVIDIA H200" -> H200; unknown GPUs get the
+    H100's, the nearest measured); shapes not listed use DEFAULT_CONFIG."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    t = _tables.get(idx)
+    if t is None:
+        name = torch.cuda.get_device_name(idx)
+        t = _tables[idx] = next((v for k, v in TABLES.items() if k in name), TABLES["H100"])
+    return t
+
+
+def config_for(device: torch.device, n: int, k: int) -> tuple[int, int, int, int] | None:
+    """The launch config for an (N, K) weight on this GPU; None where cuBLAS wins."""
+    return table_for(device).get((n, k), DEFAULT_CONFIG)
+
+
 MAX_M = 8
 
 
@@ -58,7 +87,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, config
     if m > MAX_M or w.shape[1] != k or w.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError(f"gemv: x {tuple(x.shape)} and w {tuple(w.shape)} do not fit (M <= {MAX_M}, contiguous K)")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    bn, bk, warps, stages = config or CONFIGS.get((n, k), DEFAULT_CONFIG)
+    bn, bk, warps, stages = config or (config_for(x.device, n, k) if x.is_cuda else None) or DEFAULT_CONFIG
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x, w, b if b is not None else w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
         HAS_BIAS=b is not None, BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=bn, BLOCK_K=bk,

@@ -1,9 +1,10 @@
 """y = x W^T (+ b) for the model's linear layers.
 
 Skinny inputs (a decode step of one or two sequences) go to the Triton GEMV
-(kernels/gemv_triton.py): measured on an H100 (scripts/bench_gemv.py,
-BENCHMARKS.md) it streams the Llama-3.1-8B weights 5-10% faster than
-cuBLAS at M <= 2 and needs no split-K reduce kernel. Every other shape, and
+(kernels/gemv_triton.py) with a launch config per GPU and weight shape,
+where it beats cuBLAS on that GPU (its table, from scripts/bench_gemv.py
+--sweep; BENCHMARKS.md): on an H100 5-10% faster at M <= 2 for every
+Llama-3.1-8B layer; on an H200 for o, down and the LM head only. Every other shape, and
 every non-CUDA tensor, is torch's (cuBLAS) matmul. ZIGGURAT_GEMV=cublas
 turns the Triton GEMV off (A/B runs). FP8 weights (with their scales: models/quantization.py)
 go to kernels/fp8.py.
@@ -31,7 +32,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, w_sc
         return fp8_linear(x, w, w_scale, b, x_scale)
     if (x.dim() == 2 and x.shape[0] <= GEMV_MAX_M and x.dtype in _GEMV_DTYPES and w.is_contiguous()
             and x.stride(1) == 1 and use_triton(x) and os.environ.get("ZIGGURAT_GEMV", "triton") != "cublas"):
-        from ziggurat.kernels.gemv_triton import gemv
+        from ziggurat.kernels.gemv_triton import config_for, gemv
 
-        return gemv(x, w, b)
+        if not x.is_cuda:  # the Triton interpreter (tests)
+            return gemv(x, w, b)
+        config = config_for(x.device, w.shape[0], w.shape[1])
+        if config is not None:  # None: cuBLAS streams this shape faster on this GPU
+            return gemv(x, w, b, config)
     return F.linear(x, w, b)

@@ -5,7 +5,7 @@ streamed and as a fraction of the copy bandwidth measured in the same run.
     python -m ziggurat.scripts.bench_gemv [--sweep] [--batches 1 2 4 8]
 
 --sweep times every (block_n, block_k, warps, stages) on each shape and
-prints the best per K (the table kernels/gemv_triton.py's CONFIGS holds).
+prints the best per K and shape (what kernels/gemv_triton.py's TABLES hold per GPU).
 """
 
 from __future__ import annotations

@@ -4,10 +4,11 @@ There is no prefill phase and no decode phase: each step has one token
 budget (max_num_batched_tokens) that running requests spend first (a decode
 costs 1, an unfinished prompt costs up to the rest of the budget), then
 waiting requests, whose prompts may start from cached prefix blocks and be
-split across steps. Under the default policy (decode_first) every decode
-runs first and, while anything decodes, prompts get at most
-max_prefill_tokens of the budget, which bounds the step time decodes wait
-on (inter-token latency); fcfs spends it in admission order (_split_budget).
+split across steps. The default policy (fcfs) spends it in admission order;
+under decode_first every decode runs first and, while anything decodes,
+prompts get at most max_prefill_tokens of the budget, which bounds the step
+time decodes wait on (inter-token latency) at a cost in throughput
+(_split_budget).
 
 When the KV cache cannot grow a running request, the most recently admitted
 running request is preempted: its blocks are freed (they stay in the prefix
