@@ -60,6 +60,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, table_width, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.long, device=device)
         self.lora = torch.full((self._lora_len(n),), -1, dtype=torch.long, device=device) if lora_slots else None
+        self._lora_idle = True  # the LoRA buffer holds no adapter (all -1): a base-only step need not refill it
         self.staging = staging
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
@@ -139,12 +140,17 @@ class DecodeGraphs:
         return self.outputs[bs][:b]
 
     def _fill_lora(self, bs: int, lora_slots: np.ndarray | None) -> None:
+        if lora_slots is None and self._lora_idle:
+            return
+        self._lora_idle = lora_slots is None
+        if lora_slots is None:  # back to idle: every bucket's view of the buffer reads -1
+            self.lora.fill_(-1)
+            return
         n = self._lora_len(bs)
         host = self.staging.buffer(n)[:n]
         h = host.numpy()
         h[:bs] = -1
-        if lora_slots is not None:
-            h[: len(lora_slots)] = lora_slots
+        h[: len(lora_slots)] = lora_slots
         t = max_tiles(bs, self.lora_slots)
         h[bs : bs + t * BLOCK_M], h[bs + t * BLOCK_M :] = tile_layout(h[:bs], self.lora_slots, t)
         self.staging.copy_to(self.lora[:n], host)

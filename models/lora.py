@@ -296,27 +296,33 @@ class SlotTable:
 
     def acquire(self, key: str) -> tuple[int, bool, bool, list[str]]:
         """(slot, fill it, read from disk first, keys dropped from host memory) for one more user of `key`."""
+        plan = self.plan(key)
+        return plan + (self.commit(key, plan[0]),)
+
+    def plan(self, key: str) -> tuple[int, bool, bool]:
+        """What acquire(key) would do, changing nothing: (slot, fill it, read from disk first)."""
+        if key in self.slot_key:
+            return self.slot_key.index(key), False, False
+        free = [j for j in range(len(self.refs)) if self.refs[j] == 0]
+        if not free:
+            raise RuntimeError(f"all {len(self.refs)} LoRA slots are in use (distinct adapters are capped at "
+                               "max_loras)")
+        return min(free, key=lambda j: (self.slot_key[j] is not None, self.last_use[j])), True, key not in self.cpu
+
+    def commit(self, key: str, slot: int) -> list[str]:
+        """Record one more user of `key` in `slot` (as planned); returns the keys dropped from host memory."""
         self._clock += 1
+        evicted: list[str] = []
         if key in self.cpu:
             self.cpu.move_to_end(key)
-        fill = read = False
-        evicted: list[str] = []
-        if key in self.slot_key:
-            s = self.slot_key.index(key)
-        else:
-            free = [j for j in range(len(self.refs)) if self.refs[j] == 0]
-            if not free:
-                raise RuntimeError(f"all {len(self.refs)} LoRA slots are in use (distinct adapters are capped at "
-                                   "max_loras)")
-            s = min(free, key=lambda j: (self.slot_key[j] is not None, self.last_use[j]))
-            self.slot_key[s], fill, read = key, True, key not in self.cpu
-            if read:
-                self.cpu[key] = None
-                while len(self.cpu) > self.cpu_capacity:
-                    evicted.append(self.cpu.popitem(last=False)[0])
-        self.refs[s] += 1
-        self.last_use[s] = self._clock
-        return s, fill, read, evicted
+        elif self.slot_key[slot] != key:
+            self.cpu[key] = None
+            while len(self.cpu) > self.cpu_capacity:
+                evicted.append(self.cpu.popitem(last=False)[0])
+        self.slot_key[slot] = key
+        self.refs[slot] += 1
+        self.last_use[slot] = self._clock
+        return evicted
 
     def release(self, slot: int) -> None:
         if self.refs[slot] <= 0:
@@ -356,16 +362,16 @@ class LoRAManager:
     def acquire(self, lora: LoRARequest) -> int:
         """The slot holding `lora` for one more live request (filled now if it is not in one)."""
         key = lora.key
-        s, fill, read, evicted = self.table.acquire(key)
-        if fill:
-            parts = self._read(lora) if read or key not in self.host else self.host[key]
+        s, fill, read = self.table.plan(key)
+        if fill:  # read (which may fail, naming the file) before the table changes
+            parts = self._read(lora) if read else self.host[key]
             for ls in self._all:
                 ls.write(s, parts.get(id(ls), []))
             self.loads += 1
-            if key in self.table.cpu:
-                self.host[key] = parts
-        for k in evicted:
+        for k in self.table.commit(key, s):
             self.host.pop(k, None)
+        if fill and key in self.table.cpu:
+            self.host[key] = parts
         return s
 
     def release(self, slot: int) -> None:

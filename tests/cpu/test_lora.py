@@ -337,3 +337,19 @@ def test_decode_through_graph_inputs_equals_eager(adapters):
         finally:
             llm.shutdown()
     assert got[0] == got[1]
+
+
+def test_a_failed_read_changes_no_slot(adapters, tmp_path):
+    """A worker that cannot read an adapter (files gone since it was checked) fails that step
+    naming the file, and its slot table is as before: nothing points at weights never written."""
+    path, loras = adapters
+    runner = ModelRunner(ModelConfig.from_dir(path), torch.device("cpu"), 16, 512, lora=LoRALimits(2, 16, 2))
+    m = runner.loras
+    gone = LoRARequest("gone", 7, str(tmp_path / "nowhere"))
+    before = (list(m.table.slot_key), list(m.table.refs), list(m.table.cpu))
+    with pytest.raises(LoRAError, match="nowhere: not a directory"):
+        m.acquire(gone)
+    assert (list(m.table.slot_key), list(m.table.refs), list(m.table.cpu)) == before
+    b = LoRARequest("b", 7, loras[1].lora_path)
+    assert m.acquire(loras[0]) == 0 and m.acquire(b) == 1
+    assert m.disk_reads == 2 and set(m.host) == {loras[0].key, b.key}
