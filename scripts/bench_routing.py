@@ -308,8 +308,8 @@ def simulate(engines, workload: Workload, policy: str, cfg: SimConfig | None = N
             if what == "kv":
                 if router[0].kv_events(msg):
                     loops[msg.replica].request_kv_snapshot()
-            else:
-                router[0].report(msg)
+            elif router[0].report(msg):
+                loops[msg.replica].request_kv_snapshot()
             continue
         if kind == "step":
             lp, ex = loops[r], engines[r].executor

@@ -92,7 +92,9 @@ class LocalEngineClient(EngineClient):
             if self.router is not None and now - last_report > self.report_interval_s:
                 stats = lp.stats()
                 with self._lock:
-                    self.router.report(stats)
+                    want = self.router.report(stats)
+                if want:  # the router does not mirror this replica's cache (it is idle: no KV events)
+                    lp.request_kv_snapshot()
                 last_report = now
 
     def stop(self) -> None:

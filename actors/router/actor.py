@@ -30,9 +30,11 @@ class RouterActor:
     def route(self, prefix_hashes: list[bytes], num_prompt_tokens: int = 0, adapter: str | None = None) -> Route | None:
         return self.router.route(prefix_hashes, num_prompt_tokens, adapter)
 
-    def report(self, stats: ReplicaStats) -> None:
+    def report(self, stats: ReplicaStats) -> bool:
+        """A replica's stats. True: it should send a KV snapshot (this router does not
+        mirror its cache: it is new or restarted and the replica idle, or a gap)."""
         self.stats[stats.replica] = stats
-        self.router.report(stats)
+        return self.router.report(stats)
 
     def kv_events(self, events: list[KVEvents]) -> bool:
         """One replica's KVEvents, in order. True: it should send a snapshot next (a gap,

@@ -9,7 +9,9 @@ schedulers' KVEvents (actors/scheduler/messages.py), one bit per replica:
 Each replica's messages are numbered per incarnation (epoch, seq). A message
 that is not the next one (a lost message, a router that restarted, a replica
 rebuilt) is applied anyway and answered "send a snapshot"; the snapshot then
-replaces that replica's entries. Memory is bounded by the caches themselves:
+replaces that replica's entries. A replica that is heard from only through its
+stats (an idle one sends no KV events) is asked too (`wants_snapshot`), so a
+new router learns an idle replica's cache within one report. Memory is bounded by the caches themselves:
 at most one entry per cached block of each replica.
 
 RecentPicks bridges the events' latency: blocks of requests this router has
@@ -98,6 +100,17 @@ class KVIndex:
             self.asked_at[r] = now
             return True
         return False
+
+    def wants_snapshot(self, r: int) -> bool:
+        """Replica r is alive (it reported) but its cache is not mirrored here (never heard
+        of, or a gap not yet mended): True, at most once per RESYNC_S, to ask it for one."""
+        if self.synced.get(r, False):
+            return False
+        now = self.clock()
+        if now - self.asked_at.get(r, -RESYNC_S) < RESYNC_S:
+            return False
+        self.asked_at[r] = now
+        return True
 
     def _apply(self, r: int, stored, removed) -> None:
         bit, holders, held = 1 << r, self.holders, self.held.setdefault(r, set())

@@ -20,8 +20,10 @@ One setting (RouterConfig.routing_policy) picks how:
 Load is each replica's last ReplicaStats plus what *this* router sent it since
 that report, so several router actors (each fed the same events and reports)
 never count each other's picks twice, and the index is the same in all of
-them. A restarted router rebuilds its index from the replicas' snapshots (it
-asks for them on the first message it cannot place in sequence).
+them. A restarted router rebuilds its index from the replicas' snapshots: it
+asks for one on the first KV message it cannot place in sequence, and on the
+first report of a replica whose cache it does not mirror (an idle replica
+sends reports but no KV events).
 
 With prefill and decode pools, a prompt of at least `pd_min_prompt_tokens`
 gets a pair (`route`): the prefill replica by the policy above, the decode
@@ -212,7 +214,9 @@ class Router:
 
     # -- what replicas tell us -------------------------------------------------------------
 
-    def report(self, stats: ReplicaStats) -> None:
+    def report(self, stats: ReplicaStats) -> bool:
+        """Apply a replica's report; True: it should send a KV snapshot (this router does
+        not mirror its cache yet: new, restarted, or a gap not mended)."""
         r = self.replicas[stats.replica]
         r.num_waiting = stats.num_waiting
         r.num_running, r.kv_usage = stats.num_running, stats.kv_usage
@@ -224,6 +228,7 @@ class Router:
         r.picks_since = 0
         r.adapters_since = set()
         r.healthy = True
+        return self.kv.wants_snapshot(stats.replica)
 
     def kv_events(self, ev: KVEvents) -> bool:
         """Apply a replica's KV events and the queue they came with; True: it should send a snapshot."""

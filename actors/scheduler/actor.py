@@ -10,7 +10,9 @@ compiled graph (compiled_graph.py) and runs these threads:
                   fire and forget; an answer asking for a snapshot is read on its next pass
 
 Actor methods (submit, abort, register_ingress, stats) only validate and
-enqueue; replica stats go to the routers and the Ray dashboard every 0.2 s.
+enqueue; replica stats go to the routers and the Ray dashboard every 0.2 s
+(a router's answer "send a snapshot", for a replica idle since that router
+started, is read on the next report).
 
 Prefill/decode: hand-offs to a decode replica and their answers travel on a
 small thread pool (`RayPeers`), releases are fire-and-forget; the decode
@@ -234,8 +236,23 @@ class SchedulerActor:
                 except Exception as e:  # an ingress gone for good: its streams are aborted on re-registration
                     log.warning("tokens for ingress %s not delivered: %s", ingress_id, type(e).__name__)
 
+    def _report_answers(self, refs: list) -> list:
+        """The routers' answers to earlier reports, read without waiting: one that does not
+        mirror this replica's cache (new, restarted; an idle replica sends no KV events
+        that would show it a gap) gets a snapshot. Returns the unanswered ones (bounded)."""
+        if not refs:
+            return refs
+        done, refs = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for ref in done:
+            try:
+                if ray.get(ref):
+                    self.loop.request_kv_snapshot()
+            except Exception:  # that router is restarting: it asks again once it is back
+                pass
+        return refs[-4 * len(self.routers):]
+
     def _run(self) -> None:
-        last_report = 0.0
+        last_report, reports = 0.0, []
         metrics = RayExporter(self.loop.replica, self.model_name)
         while not self._stop:
             try:
@@ -252,8 +269,8 @@ class SchedulerActor:
             now = time.monotonic()
             if now - last_report > 0.2:
                 stats = self.loop.stats()
-                for r in self.routers:
-                    r.report.remote(stats)
+                reports = self._report_answers(reports)
+                reports += [r.report.remote(stats) for r in self.routers]
                 metrics.update(stats, self.loop.metrics)
                 last_report = now
 

@@ -97,3 +97,42 @@ def test_a_gap_asks_for_a_snapshot_which_replaces_the_entries():
     fresh = KVIndex()
     assert fresh.apply(KVEvents(1, "e9", 41, [a], []))
     assert fresh.mask(a) == 2  # applied anyway meanwhile
+
+
+def test_a_new_router_learns_an_idle_replicas_cache_from_its_report(llama_dir):
+    """An idle replica sends no KV events, so a router that starts after it went idle
+    never sees a gap; its report is answered "send a snapshot" (once per RESYNC_S),
+    the loop sends one while idle, and the new router's index equals the cache."""
+    from ziggurat.actors.router.policy import Router
+
+    (engine,) = make_engines(llama_dir, SimConfig(replicas=1, num_blocks=40))
+    msgs = []
+    lp = SchedulerLoop(engine, 0, lambda _i, b: None, max_waiting=10)
+    lp.register_ingress("ing", "e")
+    lp.publish_kv_events(msgs.append, interval_s=0.0)
+    prompt = [(i * 13) % 900 + 1 for i in range(100)]
+    lp.submit(SubmitRequest("r0", prompt, SamplingParams(max_tokens=2, ignore_eos=True), "ing"))
+    while engine.has_unfinished():
+        lp.run_once(idle_timeout=0.0)
+    lp.run_once(idle_timeout=0.0)
+    lp.run_once(idle_timeout=0.0)
+    old = Router(1, block_size=16)
+    for m in msgs:
+        old.kv_events(m)
+    assert old.kv.num_blocks(0) == 6  # 100 prompt tokens + 1 computed output: 6 full blocks
+    msgs.clear()
+    for _ in range(3):  # idle: nothing changes, nothing is sent
+        lp.run_once(idle_timeout=0.0)
+    assert msgs == []
+    t = [0.0]
+    new = Router(1, block_size=16, clock=lambda: t[0])
+    assert new.report(lp.stats())  # it mirrors nothing of replica 0: ask
+    assert not new.report(lp.stats())  # asked already: not again at once
+    assert not old.report(lp.stats())  # in sync: never asks
+    lp.request_kv_snapshot()
+    lp.run_once(idle_timeout=0.0)
+    assert len(msgs) == 1 and msgs[0].snapshot
+    assert not new.kv_events(msgs[0]) and not new.report(lp.stats())
+    assert new.kv.held[0] == set(engine.kv.cached_hashes()) == old.kv.held[0]
+    prefix = prompt_block_hashes(prompt, 16)
+    assert new.route(prefix, len(prompt)).replica == 0 and new.last.matches[0] == 6
