@@ -12,10 +12,14 @@ work itself, never CPU:
     down  a replica with nothing running or queued for scale_down_idle_s (the last one
           too, down to min_replicas, which may be 0)
 
-`stats` are ReplicaStats (the replicas' own reports) or the routers' view of
-them, RouterActor.load_signal() (router/messages.py ReplicaLoad: the last
-report plus that router's picks since, and resident adapters), whose fields
-`decide` reads by the same names.
+`stats` are the router's view, RouterActor.load_signal() (router/messages.py
+ReplicaLoad: each replica's last report plus that router's picks since, and
+its resident adapters; one round trip a decision, `router_view`), or the
+replicas' own ReplicaStats where no router answers; `decide` reads both by the
+same names. The router's view counts requests routed but not yet queued at
+the replica (so a burst reads as pressure before the replicas report it);
+resident adapters choose which idle replica goes: the one whose adapters
+other replicas also hold, so that scaling down strands no adapter's only home.
 
 One step at a time per pool (a replica starting blocks the next scale-up). The
 supervisor (cluster/supervisor.py) acts on `decide` and asks the Ray autoscaler
@@ -87,9 +91,29 @@ def decide(cfg: AutoscalingConfig, state: PoolState, now: float, stats: list, st
         if r not in live:
             del state.idle_since[r]
     if size > min_replicas:
-        idle = [(t, r) for r, t in state.idle_since.items() if now - t >= cfg.scale_down_idle_s]
+        idle = [r for r, t in state.idle_since.items() if now - t >= cfg.scale_down_idle_s]
         if idle:
-            _, r = max(idle, key=lambda x: x[1])  # the highest slot first: slots fill from the bottom
+            only = _sole_holders(stats)
+            # The fewest adapters held nowhere else, then the highest slot: slots fill from the bottom.
+            r = max(idle, key=lambda r: (-only.get(r, 0), r))
             del state.idle_since[r]
             return "down", r
     return "hold", None
+
+
+def _sole_holders(stats) -> dict:
+    """replica -> how many of its resident adapters no other replica of the pool holds."""
+    held: dict[str, int] = {}
+    for s in stats:
+        for a in getattr(s, "adapters", ()):
+            held[a] = held.get(a, 0) + 1
+    return {s.replica: sum(held[a] == 1 for a in getattr(s, "adapters", ())) for s in stats}
+
+
+def router_view(loads: list | None, serving: list[int]) -> tuple[list, list[int]]:
+    """The router's ReplicaLoad of each serving replica, and the serving replicas it
+    cannot speak for (no answer, or no report of them since it started: ask those
+    replicas themselves)."""
+    by = {x.replica: x for x in loads or ()}
+    have = [by[r] for r in serving if r in by and by[r].reported]
+    return have, [r for r in serving if r not in by or not by[r].reported]

@@ -15,6 +15,10 @@ under the same actor names: its new scheduler replays the usage events its
 predecessor journaled and never saw acknowledged; the ingresses register
 with it; the router takes it back when it reports.
 
+Autoscaling (cluster/autoscale.py's `decide`) reads the router's view of the
+replicas, RouterActor.load_signal(): one round trip a decision round, the
+replicas asked directly only for what the router cannot speak for.
+
 The router, the meter and the ingresses are restartable actors that Ray
 restarts in place; the supervisor re-tells a restarted router which
 replicas are down. `judge` is the policy, plain Python; `SupervisorActor`
@@ -80,6 +84,7 @@ class SupervisorActor:
             rep.state = "starting" if on else "stopped"  # a stopped slot is built when its pool scales up
         self._scaling: dict[int, object] = {}  # id(pool) -> autoscale.PoolState
         self._demand_at = 0.0  # when an ingress last had a request no replica could take (a cold start)
+        self._loads = None  # this autoscaling round's RouterActor.load_signal()
         # Prefill/decode: every scheduler can reach the others by name (hand-offs, releases).
         self.pd = bool({"prefill", "decode"} & set(spec.roles))
         self.ingresses: list = []
@@ -295,6 +300,7 @@ class SupervisorActor:
 
         now = time.monotonic()
         demand = now - self._demand_at < 5.0
+        self._loads = None  # the router's view: one call for every pool of this round
         for pool in self.spec.pools:
             if not pool.scales:
                 continue
@@ -302,13 +308,7 @@ class SupervisorActor:
             serving = [r for r in reps if r.state == "serving"]
             starting = sum(r.state in ("starting", "rebuilding", "attaching") for r in reps)
 
-            async def stats(r):
-                try:
-                    return await asyncio.wait_for(r.scheduler.stats.remote(), 2.0)
-                except BaseException:  # noqa: BLE001 - its health check deals with it
-                    return None
-
-            got = [s for s in await asyncio.gather(*[stats(r) for r in serving]) if s is not None]
+            got = await self._pool_signal(serving)
             state = self._scaling.setdefault(id(pool), PoolState())
             action, which = decide(self.spec.autoscaling, state, now, got, starting, len(serving) + starting,
                                    pool.lo, pool.hi, demand)
@@ -321,6 +321,35 @@ class SupervisorActor:
                 rep = self.replicas[which]
                 rep.state = "stopping"
                 asyncio.get_running_loop().create_task(self._scale_down(rep))
+
+    async def _router_loads(self) -> list | None:
+        """The router's view of every replica (RouterActor.load_signal), one round trip;
+        the next router if one does not answer; None if none does."""
+        for router in self._routers():
+            try:
+                return await asyncio.wait_for(router.load_signal.remote(), 2.0)
+            except BaseException:  # noqa: BLE001 - restarting: the next one sees the same
+                continue
+        return None
+
+    async def _pool_signal(self, serving: list) -> list:
+        """What `decide` reads for these serving replicas: the router's view (queue depth with
+        its picks since, KV usage, resident adapters), fetched once a decision round; a
+        replica the router cannot speak for is asked itself."""
+        from ziggurat.cluster.autoscale import router_view
+
+        if self._loads is None:
+            self._loads = await self._router_loads()
+        got, ask = router_view(self._loads, [r.index for r in serving])
+
+        async def stats(r):
+            try:
+                return await asyncio.wait_for(r.scheduler.stats.remote(), 2.0)
+            except BaseException:  # noqa: BLE001 - its health check deals with it
+                return None
+
+        direct = await asyncio.gather(*[stats(self.replicas[i]) for i in ask])
+        return got + [s for s in direct if s is not None]
 
     async def _scale_up(self, rep: _Replica) -> None:
         t0 = time.monotonic()

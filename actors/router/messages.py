@@ -37,3 +37,4 @@ class ReplicaLoad:
     routed: int = 0  # requests this router sent it, in all
     num_receiving: int = 0  # decode side of prefill/decode: hand-offs waiting (reported)
     num_sending: int = 0
+    reported: bool = False  # this router has a report of it (a restarted router has none until the next)

@@ -59,6 +59,7 @@ class _Replica:
     adapters: frozenset = frozenset()
     num_receiving: int = 0
     num_sending: int = 0
+    reported: bool = False  # a report (or KV events with the queue) came since this router started
     # What this router sent it since that report.
     picks_since: int = 0
     adapters_since: set = field(default_factory=set)
@@ -227,7 +228,7 @@ class Router:
         r.role = stats.role or r.role
         r.picks_since = 0
         r.adapters_since = set()
-        r.healthy = True
+        r.healthy = r.reported = True
         return self.kv.wants_snapshot(stats.replica)
 
     def kv_events(self, ev: KVEvents) -> bool:
@@ -242,15 +243,17 @@ class Router:
         return self.kv.apply(ev)
 
     def mark_unhealthy(self, replica: int) -> None:
-        self.replicas[replica].healthy = False
+        self.replicas[replica].healthy = self.replicas[replica].reported = False
         self.affinity.forget(replica)
         self.recent.forget(replica)
 
     # -- the autoscaling signal ------------------------------------------------------------
 
     def load_signal(self) -> list[ReplicaLoad]:
-        """Per replica: queue depth, KV usage and resident adapters as this router sees them."""
+        """Per replica: queue depth, KV usage and resident adapters as this router sees them
+        (cluster/supervisor.py's autoscaling reads it, one call a decision)."""
+        rate = self.config.routing_prefill_tokens_per_s
         return [ReplicaLoad(i, r.role, r.healthy, r.num_waiting + r.picks_since, r.num_running,
-                            int(r.queued_tokens(self.clock(), self.config.routing_prefill_tokens_per_s)), r.kv_usage, sorted(r.adapters | r.adapters_since),
-                            self.kv.num_blocks(i), r.routed, r.num_receiving, r.num_sending)
+                            int(r.queued_tokens(self.clock(), rate)), r.kv_usage, sorted(r.adapters | r.adapters_since),
+                            self.kv.num_blocks(i), r.routed, r.num_receiving, r.num_sending, r.reported)
                 for i, r in enumerate(self.replicas)]

@@ -157,3 +157,39 @@ def test_the_autoscaling_signal_is_what_the_router_sees_and_drives_the_policy():
     state = PoolState()
     cfg = AutoscalingConfig(scale_up_queue=4.0, scale_up_delay_s=0.0)
     assert decide(cfg, state, 0.0, loads, 0, 2, 1, 4, False) == ("up", None)
+
+
+def test_the_supervisor_reads_the_routers_view_and_asks_replicas_only_for_the_rest():
+    """autoscale.router_view: what the supervisor's decision round takes from one
+    load_signal() call. A burst routed but not yet reported reads as pressure; a
+    replica the router has no report of (restarted router, rebuilt replica) is left
+    for a direct stats call; scaling down keeps an adapter's only home."""
+    from ziggurat.cluster.autoscale import router_view
+
+    r = kv_router(3)
+    r.report(stats(0, adapters=["a", "b"]))
+    r.report(stats(1, adapters=["a"]))
+    for i in range(12):  # a burst: the replicas have not reported it yet
+        route(r, prompt(20 + i, 64))
+    got, ask = router_view(r.load_signal(), [0, 1, 2])
+    assert [x.replica for x in got] == [0, 1] and ask == [2]  # no report of 2 yet
+    assert sum(x.num_waiting for x in got) >= 8  # what the replicas' own stats (0 waiting) cannot show
+    cfg = AutoscalingConfig(scale_up_queue=2.0, scale_up_delay_s=0.0, scale_down_idle_s=1.0)
+    assert decide(cfg, PoolState(), 0.0, got, 0, 2, 1, 3, False) == ("up", None)
+    assert decide(cfg, PoolState(), 0.0, [stats(0), stats(1)], 0, 2, 1, 3, False) == ("hold", None)
+    r.mark_unhealthy(1)  # scaled down or dead: its old report no longer speaks for it
+    assert router_view(r.load_signal(), [0, 1])[1] == [1]
+    assert router_view(None, [0, 1]) == ([], [0, 1])  # no router answered: ask them all
+    # Idle for long enough: slot 1 goes unless it is the only home of an adapter.
+    idle = [stats(0, adapters=["a"]), stats(1, adapters=["b"]), stats(2, adapters=["a"])]
+    state = PoolState()
+    assert decide(cfg, state, 0.0, idle, 0, 3, 1, 3, False) == ("hold", None)
+    assert decide(cfg, state, 2.0, idle, 0, 3, 1, 3, False) == ("down", 2)  # "b" lives only on 1
+    plain = [stats(0), stats(1), stats(2)]
+    state = PoolState()
+    decide(cfg, state, 0.0, plain, 0, 3, 1, 3, False)
+    assert decide(cfg, state, 2.0, plain, 0, 3, 1, 3, False) == ("down", 2)
+    idle = [stats(0, adapters=["a"]), stats(1), stats(2, adapters=["c"])]
+    state = PoolState()
+    decide(cfg, state, 0.0, idle, 0, 3, 1, 3, False)
+    assert decide(cfg, state, 2.0, idle, 0, 3, 1, 3, False) == ("down", 1)  # 2 is "c"'s only home
