@@ -51,6 +51,7 @@ class FakeRunner(ModelRunner):
         self.param_table = torch.zeros(4, 7)
         self._param_diff = {}
         self._num_biased = 0  # requests with a logit_bias (ModelRunner keeps the count)
+        self.loras, self._num_lora = None, 0  # no LoRA (ModelRunner's adapter slots and count)
         self.kv_tok = np.full(num_blocks * block_size, -1, dtype=np.int64)
         self.kv_pos = np.full(num_blocks * block_size, -1, dtype=np.int64)
         self.num_blocks = num_blocks
