@@ -4,10 +4,16 @@ and residency bookkeeping, and the adapter checks (fp32, CPU)."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # peft imports triton: its language module must load in interpreter mode, as the Triton
+    # kernel tests that run later in this process need (test_lora_triton.py, test_triton_kernels.py).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ziggurat import LLM, LoRARequest, SamplingParams
 from ziggurat.actors.scheduler.lora import AdapterSlots
