@@ -2,7 +2,8 @@
 
     python -m ziggurat.scripts.bench_routing                      # in-process, 4 replicas, every policy, seeds 0-2
     python -m ziggurat.scripts.bench_routing --policies kv-aware,round-robin --seeds 0 --restart
-    python -m ziggurat.scripts.bench_routing --ray --model DIR    # a Ray deployment per policy, over HTTP
+    python -m ziggurat.scripts.bench_routing --deploy --seeds 0   # a local Ray deployment per policy, over HTTP
+    python -m ziggurat.scripts.bench_routing --url http://host:8000 --api-key-env ZIGGURAT_KEY   # any deployment
 
 The workload (seeded): G groups of P prompts, each a group's S-token system
 prompt plus its own question, and C chats of T turns (each turn the whole
@@ -24,11 +25,30 @@ at that instant) holds the longest prefix of it, ties by fewest requests.
 Hit rate = sum of cached tokens / sum of prompt tokens, from the usage each
 client receives. Per-replica load = requests served. Moves = chat turns served
 by another replica than the turn before.
+
+Over HTTP (--url, --deploy): the same workload with real concurrency (at most
+`concurrency` streaming /v1/completions in flight, token-id prompts), usage
+from each stream's final chunk (`prompt_tokens_details.cached_tokens`), TTFT
+wall-clock from sending to the first token's chunk, per-replica load from the
+deployment's /metrics (ziggurat_request_success_total by replica, before and
+after). An HTTP client gets text, not the answer's token ids, so a chat's next
+turn carries a seeded stand-in for the answer (Workload.answers="seeded"): the
+previous turn's prompt blocks can hit, its answer's tokens cannot. A live
+deployment's caches cannot be probed at each request's instant, so the oracle
+is the simulation's on that same seeded workload and cache size ("% of the
+simulated oracle"); moves are not visible over HTTP (the response does not
+name its replica); --deploy reads the router's load overrides instead.
+--deploy starts, per policy, a local Ray deployment on CPU (cluster/deploy.py:
+`replicas` replicas of the tiny model, `num_blocks` KV blocks each, that
+routing_policy), runs every seed against it in turn (each seed's prompts are
+new random tokens, so an earlier seed's blocks only occupy the cache until
+evicted, oldest first), and shuts it down.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import dataclasses
 import heapq
@@ -58,6 +78,7 @@ class Workload:
     block_size: int = 16
     max_tokens: int = 16
     vocab: int = 1000
+    answers: str = "model"  # "seeded": a chat's history carries a seeded stand-in for each answer (over HTTP)
 
     def __post_init__(self) -> None:
         rng = random.Random(self.seed)
@@ -84,6 +105,14 @@ class Workload:
 
     def next_turn_position(self, queue_len: int) -> int:
         return min(queue_len, self.think.randint(2, 8))
+
+    def history_after(self, job, prompt: list[int], output: list[int]) -> list[int]:
+        """A chat's conversation after this turn: its prompt and the answer (the model's
+        tokens, or with answers="seeded" a stand-in fixed by the seed, chat and turn)."""
+        if self.answers == "seeded":
+            rng = random.Random(f"{self.seed}.{job[1]}.{job[2]}")
+            output = [rng.randrange(1, self.vocab) for _ in range(self.max_tokens)]
+        return prompt + list(output)
 
 
 @dataclass
@@ -290,7 +319,7 @@ def simulate(engines, workload: Workload, policy: str, cfg: SimConfig | None = N
         res.ttft.append(first_at.pop(rid) - t0)
         kind, k, i = job
         if kind == "chat":
-            history[k] = prompt + output
+            history[k] = workload.history_after(job, prompt, output)
             if i + 1 < workload.turns:
                 queue.insert(workload.next_turn_position(len(queue)), ("chat", k, i + 1))
         if queue:
@@ -355,6 +384,134 @@ def run_policies(model: str, policies, seeds, cfg: SimConfig | None = None, work
     return out
 
 
+# -- over HTTP: any deployment (--url), or a local Ray deployment per policy (--deploy) --------------------
+
+
+def replica_requests(metrics_text: str) -> dict[int, float]:
+    """Finished requests per replica, from a /metrics page (ziggurat_request_success_total)."""
+    out: dict[int, float] = collections.defaultdict(float)
+    for line in metrics_text.splitlines():
+        if line.startswith("ziggurat_request_success_total{"):
+            labels, value = line[line.index("{") + 1:].rsplit("}", 1)
+            lab = dict(kv.split("=", 1) for kv in labels.split(",") if "=" in kv)
+            out[int(lab["replica"].strip('"'))] += float(value)
+    return dict(out)
+
+
+async def _stream(http, url: str, body: dict) -> tuple[float | None, dict]:
+    """One streaming completion: (seconds to its first token's chunk, the usage of its last chunk)."""
+    t0, first, usage = time.perf_counter(), None, None
+    async with http.stream("POST", url + "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"stream error: {chunk['error']}")
+            if first is None and any(c.get("text") for c in chunk.get("choices", ())):
+                first = time.perf_counter() - t0
+            usage = chunk.get("usage") or usage
+    if usage is None:
+        raise RuntimeError("the stream carried no usage (stream_options.include_usage)")
+    return first, usage
+
+
+async def drive_http(url: str, workload: Workload, policy: str, concurrency: int = 4, api_key: str | None = None,
+                     model: str | None = None, transport=None) -> RunResult:
+    """The workload against a deployment at `url`, as simulate() runs it (the same queue: a
+    chat's next turn is queued a few requests after its answer ends; at most `concurrency`
+    in flight), with workload.answers "seeded". Per-replica load from /metrics (difference).
+    transport: an httpx transport (tests: the ASGI app in process)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    res = RunResult(policy, workload.seed)
+    queue = collections.deque(workload.first_jobs)
+    history: dict[int, list[int]] = {}
+    async with httpx.AsyncClient(headers=headers, timeout=300, transport=transport) as http:
+        if model is None:
+            r = await http.get(url + "/v1/models")
+            r.raise_for_status()
+            model = r.json()["data"][0]["id"]
+        before = replica_requests((await http.get(url + "/metrics")).text)
+        tasks: set = set()
+
+        async def one(job) -> None:
+            prompt = workload.prompt(job, history)
+            body = {"model": model, "prompt": prompt, "max_tokens": workload.max_tokens, "temperature": 0.0,
+                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            ttft, usage = await _stream(http, url, body)
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+            res.prompt_tokens += usage["prompt_tokens"]
+            res.cached_tokens += cached
+            res.kind_tokens[job[0]][0] += usage["prompt_tokens"]
+            res.kind_tokens[job[0]][1] += cached
+            res.ttft.append(ttft if ttft is not None else 0.0)
+            kind, k, i = job
+            if kind == "chat":
+                history[k] = workload.history_after(job, prompt, [])
+                if i + 1 < workload.turns:
+                    queue.insert(workload.next_turn_position(len(queue)), ("chat", k, i + 1))
+            if queue:
+                start(queue.popleft())
+
+        def start(job) -> None:
+            t = asyncio.ensure_future(one(job))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+
+        for _ in range(concurrency):
+            if queue:
+                start(queue.popleft())
+        while tasks:
+            done, _ = await asyncio.wait(set(tasks), return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                t.result()  # a failed request fails the run, naming why
+        await asyncio.sleep(0.5)  # the replicas' last finishes reach /metrics
+        after = replica_requests((await http.get(url + "/metrics")).text)
+    n = max([*before, *after], default=-1) + 1
+    res.per_replica = [int(after.get(r, 0) - before.get(r, 0)) for r in range(n)]
+    return res
+
+
+def deploy_and_run(model: str, policy: str, seeds, cfg: SimConfig, workload_kw: dict | None = None) -> list[RunResult]:
+    """A local Ray deployment on CPU with this routing policy (cfg.replicas replicas, cfg.num_blocks
+    KV blocks each), every seed's workload against it over HTTP, then shut down."""
+    import tempfile
+
+    import ray
+
+    from ziggurat.cluster.deploy import Deployment
+    from ziggurat.cluster.spec import DeploymentSpec
+
+    if not ray.is_initialized():
+        # A cluster of its own (address="local"), even where another was started with `ray start`.
+        ray.init(address="local", num_cpus=2 * cfg.replicas + 4, include_dashboard=False, logging_level="ERROR")
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        dep = Deployment(DeploymentSpec.from_flat(
+            model=model, served_model_name="bench", port=0, device="cpu", dtype="float32",
+            num_kv_blocks=cfg.num_blocks, replicas=cfg.replicas, routing_policy=policy, db=f"{tmp}/ledger.db"))
+        print(f"{policy}: deployment up in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        out = []
+        try:
+            for seed in seeds:
+                w = Workload(seed=seed, answers="seeded", **(workload_kw or {}))
+                t0 = time.perf_counter()
+                res = asyncio.run(drive_http(dep.url, w, policy, cfg.concurrency, model="bench"))
+                rs = ray.get(dep.router.routing_stats.remote())
+                res.load_moves = rs["load_overrides"] - sum(r.load_moves for r in out)  # this seed's
+                res.moves = None  # not visible over HTTP
+                print(f"{policy} seed {seed}: {time.perf_counter() - t0:.0f} s, hit rate {res.hit_rate:.3f}, "
+                      f"per replica {res.per_replica}", file=sys.stderr)
+                out.append(res)
+        finally:
+            dep.shutdown()
+    return out
+
+
 def report(results: list[RunResult], out=sys.stdout) -> dict:
     """Per policy: mean hit rate, % of the oracle's (same seeds), imbalance, moves, TTFT; one line each."""
     by = collections.defaultdict(list)
@@ -381,9 +538,18 @@ def report(results: list[RunResult], out=sys.stdout) -> dict:
         f = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
         print(f"{p:16} {row['hit_rate']:9.3f} {f(row['pct_oracle']):>9} {f(row['min_pct_oracle']):>7} "
               f"{row['group_hit_rate']:7.3f} {row['chat_hit_rate']:7.3f} {row['imbalance_max']:14.2f} "
-              f"{'/'.join(map(str, row['moves'])):>6} {row['ttft_p50_ms']:9.1f} {row['ttft_p99_ms']:9.1f}  "
+              f"{_moves(row):>6} {row['ttft_p50_ms']:9.1f} {row['ttft_p99_ms']:9.1f}  "
               f"{row['per_replica']}", file=out)
     return table
+
+
+def _moves(row: dict) -> str:
+    """Chat moves per run; over HTTP (not visible) the router's load overrides, as "(n)", or "-"."""
+    if all(m is not None for m in row["moves"]):
+        return "/".join(map(str, row["moves"]))
+    if any(m for m in row["load_moves"]):
+        return "/".join(f"({m})" for m in row["load_moves"])
+    return "-"
 
 
 def main(argv=None) -> int:
@@ -398,6 +564,12 @@ def main(argv=None) -> int:
     ap.add_argument("--real-model", action="store_true", help="run the model's forward pass too (slow on a CPU; "
                                                               "the figures depend only on the caches)")
     ap.add_argument("--json", default=None, help="write every run's figures here")
+    ap.add_argument("--url", default=None, help="run the workload against the deployment at this URL over HTTP "
+                                                "(give --replicas and --num-blocks as it has them: the oracle's)")
+    ap.add_argument("--api-key-env", default=None, help="with --url: the environment variable holding the API key")
+    ap.add_argument("--label", default="deployment", help="with --url: the row's name (its routing policy)")
+    ap.add_argument("--deploy", action="store_true", help="per policy, a local Ray deployment on CPU (the tiny "
+                                                          "model or --model), the workload over HTTP")
     args = ap.parse_args(argv)
     from ziggurat.cluster.spec import tiny_model_dir
 
@@ -408,6 +580,8 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     cfg = SimConfig(replicas=args.replicas, num_blocks=args.num_blocks, concurrency=args.concurrency)
     t0 = time.perf_counter()
+    if args.url or args.deploy:
+        return _main_http(args, model, [p for p in policies if p != "oracle"], seeds, cfg, t0)
     results = run_policies(model, policies, seeds, cfg, real_model=args.real_model)
     if args.restart:
         rcfg = dataclasses.replace(cfg, restart_at=0.5)
@@ -422,6 +596,38 @@ def main(argv=None) -> int:
             json.dump(table, f, indent=1)
     print(json.dumps({p: {k: v for k, v in row.items() if k not in ("runs", "per_replica")}
                       for p, row in table.items()}))
+    return 0
+
+
+def _main_http(args, model: str, policies: list[str], seeds: list[int], cfg: SimConfig, t0: float) -> int:
+    import os
+
+    results: list[RunResult] = []
+    if args.url:
+        key = None
+        if args.api_key_env:
+            key = os.environ.get(args.api_key_env)
+            if not key:
+                print(f"--api-key-env: {args.api_key_env} is not set", file=sys.stderr)
+                return 2
+        for seed in seeds:
+            w = Workload(seed=seed, answers="seeded")
+            results.append(asyncio.run(drive_http(args.url.rstrip("/"), w, args.label, cfg.concurrency, key)))
+            results[-1].moves = None
+        where = args.url
+    else:
+        for p in policies:
+            results += deploy_and_run(model, p, seeds, cfg)
+        where = f"a local Ray deployment per policy ({cfg.replicas} replicas of {model}, CPU)"
+    results += run_policies(model, ["oracle"], seeds, cfg, workload_kw={"answers": "seeded"})
+    print(f"over HTTP against {where}: {cfg.replicas} replicas x {cfg.num_blocks} KV blocks, concurrency "
+          f"{cfg.concurrency}, seeds {seeds}, {Workload().num_requests} requests a run; TTFT wall-clock; "
+          f"oracle and % of oracle: the simulation's on the same seeded workload; moves: the router's load "
+          f"overrides (--deploy) or - ({time.perf_counter() - t0:.0f} s)")
+    table = report(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(table, f, indent=1)
     return 0
 
 

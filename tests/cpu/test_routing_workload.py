@@ -62,3 +62,57 @@ def test_a_router_restart_mid_run_keeps_the_hit_rate_within_5_points(runs):
         r = runs["restart", s]
         assert r.restarted and r.snapshots == 4  # rebuilt from every replica's snapshot
         assert abs(r.hit_rate - runs["kv-aware", s].hit_rate) <= 0.05, (s, r.hit_rate)
+
+
+def test_the_http_driver_runs_the_workload_and_reads_usage_and_per_replica_load(llama_dir):
+    """scripts/bench_routing.py's --url path (drive_http) on a small workload against two
+    in-process replicas behind the HTTP app: every request answered, cached tokens from
+    the streams' usage, per-replica load from /metrics, and the hit rate within reach of
+    the simulated oracle on the same seeded workload."""
+    import asyncio
+
+    import httpx
+
+    from ziggurat.actors.ingress.gatekeeper import Gatekeeper
+    from ziggurat.actors.ingress.local_engine import LocalEngineClient
+    from ziggurat.actors.ingress.server import IngressConfig, OpenAIServer
+    from ziggurat.actors.scheduler.engine import EngineCore
+    from ziggurat.config import EngineConfig
+    from ziggurat.scripts.bench_routing import drive_http, replica_requests
+
+    kw = dict(groups=4, per_group=3, chats=2, turns=3, system_tokens=160)
+    w = Workload(seed=3, answers="seeded", **kw)
+    cfg = EngineConfig(model=str(llama_dir), device="cpu", dtype="float32", num_kv_blocks=96, block_size=16)
+    engines = [EngineCore(cfg), EngineCore(cfg)]
+    client = LocalEngineClient(engines)
+    server = OpenAIServer(IngressConfig(served_model_name="tiny"), client, Gatekeeper(None), client.info)
+    client.start()
+
+    async def main():
+        client.bind(asyncio.get_running_loop())
+        return await drive_http("http://t", w, "kv-aware", 2, transport=httpx.ASGITransport(app=server.asgi))
+
+    try:
+        res = asyncio.run(main())
+    finally:
+        client.stop()
+        for e in engines:
+            e.shutdown()
+    assert sum(res.per_replica) == w.num_requests == len(res.ttft) == 18 and len(res.per_replica) == 2
+    assert min(res.per_replica) > 0
+    assert res.kind_tokens["group"][0] + res.kind_tokens["chat"][0] == res.prompt_tokens
+    sim = SimConfig(replicas=2, num_blocks=96, concurrency=2)
+    oracle = simulate(make_engines(llama_dir, sim), Workload(seed=3, answers="seeded", **kw), "oracle", sim)
+    assert oracle.prompt_tokens == res.prompt_tokens  # the same prompts, in whatever order
+    assert res.hit_rate > 0.4 and 0.85 <= res.hit_rate / oracle.hit_rate <= 1.1, (res.hit_rate, oracle.hit_rate)
+    text = 'ziggurat_request_success_total{model_name="m",replica="1",finished_reason="length"} 7\n' \
+           'ziggurat_request_success_total{model_name="m",replica="1",finished_reason="stop"} 2\n# x\n'
+    assert replica_requests(text) == {1: 9.0}
+
+
+def test_seeded_answers_fix_a_chats_history_by_seed_chat_and_turn():
+    w = Workload(seed=0, answers="seeded")
+    a = w.history_after(("chat", 2, 1), [5, 6], [9, 9, 9])
+    assert a[:2] == [5, 6] and len(a) == 2 + w.max_tokens and a == w.history_after(("chat", 2, 1), [5, 6], [])
+    assert a != w.history_after(("chat", 2, 2), [5, 6], [])
+    assert Workload(seed=0).history_after(("chat", 2, 1), [5, 6], [9]) == [5, 6, 9]  # the model's answer
