@@ -147,20 +147,23 @@ def test_mixed_batch_equals_each_alone(adapters):
     """4 adapters and the base in one batch: each request gets exactly the tokens it gets alone,
     also with fewer slots than adapters (the scheduler holds requests back until a slot frees)."""
     path, loras = adapters
-    prompts = prompts_for(10, seed=1)
-    which = [loras[i % 4] if i % 5 != 4 else None for i in range(10)]
+    prompts = prompts_for(7, seed=1)
+    which = [loras[0], loras[1], None, loras[2], loras[3], loras[0], None]
+    alone = None
     for max_loras in (4, 2):
         llm = LLM(path, device="cpu", enable_lora=True, max_loras=max_loras, max_cpu_loras=max_loras + 1,
                   num_kv_blocks=256)
         try:
-            alone = [tokens(llm.generate([p], GREEDY, lora_request=lr, use_tqdm=False))[0]
-                     for p, lr in zip(prompts, which)]
-            mixed = tokens(llm.generate(prompts, GREEDY, lora_request=which, use_tqdm=False))
-            assert mixed == alone
-            base = tokens(llm.generate(prompts, GREEDY, use_tqdm=False))
-            assert sum(a != b for a, b, lr in zip(alone, base, which) if lr is not None) >= 6
-            assert [a == b for a, b, lr in zip(alone, base, which) if lr is None] == [True, True]
-            # The scheduler's mirror holds what the worker holds, slot for slot.
+            if alone is None:
+                alone = [tokens(llm.generate([p], GREEDY, lora_request=lr, use_tqdm=False))[0]
+                         for p, lr in zip(prompts, which)]
+                base = tokens(llm.generate(prompts, GREEDY, use_tqdm=False))
+                assert sum(a != b for a, b, lr in zip(alone, base, which) if lr is not None) >= 4
+                assert [a == b for a, b, lr in zip(alone, base, which) if lr is None] == [True, True]
+            assert tokens(llm.generate(prompts, GREEDY, lora_request=which, use_tqdm=False)) == alone
+            # The scheduler's mirror holds what the worker holds, slot for slot (once the workers
+            # have freed the finished requests' rows: that goes with the next step).
+            llm.generate([[1]], SamplingParams(max_tokens=1), use_tqdm=False)
             worker = llm.engine.executor.worker.runner.loras.table
             mirror = llm.engine.scheduler.loras.table
             assert (mirror.slot_key, list(mirror.cpu), mirror.refs) == (worker.slot_key, list(worker.cpu),
@@ -194,9 +197,9 @@ def test_tensor_parallel_2_equals_tp1(model_factory, tmp_path, kv_heads):
     path = model_factory("llama", num_kv_heads=kv_heads)
     loras = [LoRARequest(f"t{i}", i + 1, str(make_adapter(path, tmp_path / f"t{i}", rank=8 * (i + 1), seed=10 + i,
                                                           scale=0.3))) for i in range(2)]
-    prompts = prompts_for(5, seed=kv_heads)
-    which = [loras[0], None, loras[1], loras[0], loras[1]]
-    p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
+    prompts = prompts_for(4, seed=kv_heads)
+    which = [loras[0], None, loras[1], loras[0]]
+    p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
     outs = {}
     for tp in (1, 2):
         llm = LLM(path, device="cpu", tensor_parallel_size=tp, enable_lora=True, max_loras=2, num_kv_blocks=128)
@@ -327,8 +330,8 @@ def test_decode_through_graph_inputs_equals_eager(adapters):
     """Decode steps through DecodeGraphs' static buffers (the LoRA tiles among them; on a CPU the
     graph is never captured and the same buffers run eagerly) give the eager path's tokens."""
     path, loras = adapters
-    prompts = prompts_for(6, seed=7)
-    which = [loras[0], None, loras[1], loras[2], loras[0], None]
+    prompts = prompts_for(4, seed=7)
+    which = [loras[0], None, loras[1], loras[0]]
     got = []
     for graphs in (False, True):
         llm = LLM(path, device="cpu", enable_lora=True, max_loras=3, num_kv_blocks=128)
