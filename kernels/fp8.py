@@ -23,6 +23,7 @@ model computes the same function on every device, up to summation order.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -68,7 +69,12 @@ def _scaled_mm_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
     """torch._scaled_mm: K and N multiples of 16; on CUDA, FP8 tensor cores (sm_89+)."""
     if x.shape[1] % 16 or w.shape[0] % 16 or x.stride(1) != 1 or not w.is_contiguous():
         return False
-    return not x.is_cuda or torch.cuda.get_device_capability(x.device) >= (8, 9)
+    return not x.is_cuda or _fp8_tensor_cores(x.device.index)
+
+
+@functools.cache
+def _fp8_tensor_cores(device_index) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
 
 
 def _scaled_mm(x, w, w_scale, b, x_scale):

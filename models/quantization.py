@@ -299,6 +299,10 @@ def finish_loading(model: torch.nn.Module, spec: FP8Spec | None) -> None:
     if spec.source == "load":
         for _, layer in linear_layers(model):
             _quantize_layer(layer, model.cfg.dtype)
+        dev = next(model.parameters()).device
+        if dev.type == "cuda":  # the 16-bit weights are gone: the KV budget must not count them as peak
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
         return
     for _, layer in linear_layers(model):
         if getattr(layer, "input_scale", None) is not None and layer.input_scale.numel() > 1:
