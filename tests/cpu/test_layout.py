@@ -85,6 +85,8 @@ RAY_FREE = [
     "ziggurat.models.lora",
     "ziggurat.models.lora_maker",
     "ziggurat.kernels.lora",
+    "ziggurat.kernels.fp8",
+    "ziggurat.models.quantization",
     "ziggurat.actors.scheduler.lora",
     "ziggurat.actors.ingress.adapters",
 ]
