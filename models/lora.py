@@ -151,39 +151,33 @@ def read_adapter_config_cached(path: str | Path) -> AdapterConfig:
     return _config_at(str(path), mtime)
 
 
-def read_adapter(path: str | Path, num_layers: int) -> tuple[AdapterConfig, dict[tuple[int, str], tuple]]:
-    """The adapter's config and its tensors: (layer, module) -> (A [r, in], B [out, r]), float32."""
+def _open(f: Path):
     from safetensors import safe_open
 
-    cfg = read_adapter_config(path)
-    f = cfg.path / WEIGHTS_FILE
-    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     try:
-        handle = safe_open(str(f), framework="pt", device="cpu")
+        return safe_open(str(f), framework="pt", device="cpu")
     except Exception as e:
         raise LoRAError(f"{f}: not a readable safetensors file ({e})") from None
-    with handle:
-        for name in handle.keys():
-            m = _TENSOR.search(name)
-            if m is None or m.group(2) not in MODULES:
-                raise LoRAError(f"{f}: tensor '{name}' is not a lora_A/lora_B weight of a supported module "
-                                f"({', '.join(MODULES)})")
-            layer = int(m.group(1))
-            if layer >= num_layers:
-                raise LoRAError(f"{f}: tensor '{name}' is for layer {layer}; the model has {num_layers}")
-            pairs.setdefault((layer, m.group(2)), {})[m.group(3)] = handle.get_tensor(name).float()
-    out = {}
-    for (layer, module), ab in sorted(pairs.items()):
+
+
+def _pairs(f: Path, handle, num_layers: int) -> dict[tuple[int, str], dict[str, str]]:
+    """(layer, module) -> {"A": tensor name, "B": tensor name}, every name checked."""
+    pairs: dict[tuple[int, str], dict[str, str]] = {}
+    for name in handle.keys():
+        m = _TENSOR.search(name)
+        if m is None or m.group(2) not in MODULES:
+            raise LoRAError(f"{f}: tensor '{name}' is not a lora_A/lora_B weight of a supported module "
+                            f"({', '.join(MODULES)})")
+        layer = int(m.group(1))
+        if layer >= num_layers:
+            raise LoRAError(f"{f}: tensor '{name}' is for layer {layer}; the model has {num_layers}")
+        pairs.setdefault((layer, m.group(2)), {})[m.group(3)] = name
+    for (layer, module), ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise LoRAError(f"{f}: layer {layer} {module} has lora_{''.join(ab)} without its pair")
-        a, b = ab["A"], ab["B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != cfg.rank or b.shape[1] != cfg.rank:
-            raise LoRAError(f"{f}: layer {layer} {module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} "
-                            f"do not have rank r={cfg.rank}")
-        out[(layer, module)] = (a, b)
-    if not out:
+    if not pairs:
         raise LoRAError(f"{f}: holds no LoRA weights")
-    return cfg, out
+    return pairs
 
 
 def module_shapes(cfg) -> dict[str, tuple[int, int]]:
@@ -196,38 +190,28 @@ def module_shapes(cfg) -> dict[str, tuple[int, int]]:
 def check_adapter(path: str | Path, model_cfg) -> AdapterConfig:
     """The adapter's config, and its tensors' names and shapes against the model (the safetensors
     header only, no weights read): LoRAError naming the file and the tensor if it does not fit."""
-    from safetensors import safe_open
-
     cfg = read_adapter_config(path)
     f = cfg.path / WEIGHTS_FILE
     shapes = module_shapes(model_cfg)
-    seen: dict[tuple[int, str], set] = {}
-    try:
-        handle = safe_open(str(f), framework="pt", device="cpu")
-    except Exception as e:
-        raise LoRAError(f"{f}: not a readable safetensors file ({e})") from None
-    with handle:
-        for name in handle.keys():
-            m = _TENSOR.search(name)
-            if m is None or m.group(2) not in MODULES:
-                raise LoRAError(f"{f}: tensor '{name}' is not a lora_A/lora_B weight of a supported module "
-                                f"({', '.join(MODULES)})")
-            layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
-            if layer >= model_cfg.num_layers:
-                raise LoRAError(f"{f}: tensor '{name}' is for layer {layer}; the model has {model_cfg.num_layers}")
+    with _open(f) as handle:
+        for (_, module), ab in sorted(_pairs(f, handle, model_cfg.num_layers).items()):
             out, inp = shapes[module]
-            want = [cfg.rank, inp] if ab == "A" else [out, cfg.rank]
-            got = list(handle.get_slice(name).get_shape())
-            if got != want:
-                raise LoRAError(f"{f}: tensor '{name}' has shape {got}, the model needs {want} (r={cfg.rank}): "
-                                "an adapter for another base model?")
-            seen.setdefault((layer, module), set()).add(ab)
-    half = next((k for k, v in seen.items() if v != {"A", "B"}), None)
-    if half is not None:
-        raise LoRAError(f"{f}: layer {half[0]} {half[1]} has lora_{''.join(seen[half])} without its pair")
-    if not seen:
-        raise LoRAError(f"{f}: holds no LoRA weights")
+            for side, want in (("A", [cfg.rank, inp]), ("B", [out, cfg.rank])):
+                got = list(handle.get_slice(ab[side]).get_shape())
+                if got != want:
+                    raise LoRAError(f"{f}: tensor '{ab[side]}' has shape {got}, the model needs {want} "
+                                    f"(r={cfg.rank}): an adapter for another base model?")
     return cfg
+
+
+def read_adapter(path: str | Path, model_cfg) -> tuple[AdapterConfig, dict[tuple[int, str], tuple]]:
+    """The adapter checked against the model, and its tensors: (layer, module) -> (A [r, in], B [out, r]),
+    float32."""
+    cfg = check_adapter(path, model_cfg)
+    f = cfg.path / WEIGHTS_FILE
+    with _open(f) as handle:
+        return cfg, {key: (handle.get_tensor(ab["A"]).float(), handle.get_tensor(ab["B"]).float())
+                     for key, ab in sorted(_pairs(f, handle, model_cfg.num_layers).items())}
 
 
 class LayerSlots:
@@ -345,7 +329,7 @@ class LoRAManager:
 
     def __init__(self, model, limits: LoRALimits, device: torch.device, dtype: torch.dtype):
         self.limits, self.device, self.dtype = limits, device, dtype
-        self.num_layers = len(model.layers)
+        self.model_cfg = model.cfg
         self.layers: dict[tuple[int, str], LayerSlots] = {}  # (layer index, peft module) -> its fused layer's slots
         self._all: list[LayerSlots] = []
         for i, layer, subs in model.lora_targets():
@@ -378,7 +362,7 @@ class LoRAManager:
         self.table.release(slot)
 
     def _read(self, lora: LoRARequest) -> dict:
-        cfg, tensors = read_adapter(lora.lora_path, self.num_layers)
+        cfg, tensors = read_adapter(lora.lora_path, self.model_cfg)
         if cfg.rank > self.limits.max_rank:
             raise LoRAError(f"{cfg.path / CONFIG_FILE}: r: rank {cfg.rank} exceeds max_lora_rank "
                             f"({self.limits.max_rank})")

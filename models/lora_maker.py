@@ -16,19 +16,10 @@ from pathlib import Path
 
 import torch
 
-from ziggurat.models.lora import CONFIG_FILE, MODULES, WEIGHTS_FILE
+from ziggurat.models.config import ModelConfig
+from ziggurat.models.lora import CONFIG_FILE, MODULES, WEIGHTS_FILE, module_shapes
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def module_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
-    """PEFT module -> (out, in) for an HF config.json dict."""
-    h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    d = cfg.get("head_dim") or h // heads
-    kv = cfg.get("num_key_value_heads", heads)
-    i = cfg["intermediate_size"]
-    return {"q_proj": (heads * d, h), "k_proj": (kv * d, h), "v_proj": (kv * d, h), "o_proj": (h, heads * d),
-            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
 
 
 def make_adapter(model_dir: str | Path, out: str | Path, rank: int = 8, seed: int = 0, alpha: float | None = None,
@@ -36,11 +27,11 @@ def make_adapter(model_dir: str | Path, out: str | Path, rank: int = 8, seed: in
                  dtype: torch.dtype = torch.float32) -> Path:
     from safetensors.torch import save_file
 
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    cfg = ModelConfig.from_dir(model_dir)
     shapes = module_shapes(cfg)
     g = torch.Generator().manual_seed(seed)
     tensors = {}
-    for layer in range(cfg["num_hidden_layers"]):
+    for layer in range(cfg.num_layers):
         for m in targets:
             o, i = shapes[m]
             prefix = f"base_model.model.model.layers.{layer}.{'self_attn' if m in _ATTN else 'mlp'}.{m}"

@@ -19,7 +19,7 @@ from ziggurat import LLM, LoRARequest, SamplingParams
 from ziggurat.actors.scheduler.lora import AdapterSlots
 from ziggurat.actors.scheduler.request import Request
 from ziggurat.models.config import ModelConfig
-from ziggurat.models.lora import LoRAError, LoRALimits, SlotTable, read_adapter, read_adapter_config
+from ziggurat.models.lora import LoRAError, LoRALimits, SlotTable, check_adapter, read_adapter_config
 from ziggurat.models.lora_maker import make_adapter
 from ziggurat.models.runner import ModelRunner
 from ziggurat.models.step import NewRequestData, StepInput
@@ -292,7 +292,7 @@ def test_bad_tensors_are_refused_naming_the_file(model_factory, tmp_path):
     save_file({"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 1024)},
               str(ad / "adapter_model.safetensors"))
     with pytest.raises(LoRAError, match="adapter_model.safetensors: tensor 'base_model.model.model.embed_tokens"):
-        read_adapter(ad, 2)
+        check_adapter(ad, ModelConfig.from_dir(path))
     (ad / "adapter_model.safetensors").unlink()
     with pytest.raises(LoRAError, match="adapter_model.safetensors: missing"):
         read_adapter_config(ad)
