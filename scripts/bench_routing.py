@@ -410,7 +410,7 @@ async def _stream(http, url: str, body: dict) -> tuple[float | None, dict]:
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise RuntimeError(f"stream error: {chunk['error']}")
-            if first is None and any(c.get("text") for c in chunk.get("choices", ())):
+            if first is None and chunk.get("choices"):  # the first chunk with text (or the end)
                 first = time.perf_counter() - t0
             usage = chunk.get("usage") or usage
     if usage is None:
@@ -476,7 +476,8 @@ async def drive_http(url: str, workload: Workload, policy: str, concurrency: int
     return res
 
 
-def deploy_and_run(model: str, policy: str, seeds, cfg: SimConfig, workload_kw: dict | None = None) -> list[RunResult]:
+def deploy_and_run(model: str, policy: str, seeds, cfg: SimConfig, workload_kw: dict | None = None,
+                   router_settings: dict | None = None) -> list[RunResult]:
     """A local Ray deployment on CPU with this routing policy (cfg.replicas replicas, cfg.num_blocks
     KV blocks each), every seed's workload against it over HTTP, then shut down."""
     import tempfile
@@ -493,7 +494,8 @@ def deploy_and_run(model: str, policy: str, seeds, cfg: SimConfig, workload_kw: 
         t0 = time.perf_counter()
         dep = Deployment(DeploymentSpec.from_flat(
             model=model, served_model_name="bench", port=0, device="cpu", dtype="float32",
-            num_kv_blocks=cfg.num_blocks, replicas=cfg.replicas, routing_policy=policy, db=f"{tmp}/ledger.db"))
+            num_kv_blocks=cfg.num_blocks, replicas=cfg.replicas, db=f"{tmp}/ledger.db",
+            **{**(router_settings or {}), "routing_policy": policy}))
         print(f"{policy}: deployment up in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         out = []
         try:
@@ -570,7 +572,13 @@ def main(argv=None) -> int:
     ap.add_argument("--label", default="deployment", help="with --url: the row's name (its routing policy)")
     ap.add_argument("--deploy", action="store_true", help="per policy, a local Ray deployment on CPU (the tiny "
                                                           "model or --model), the workload over HTTP")
+    ap.add_argument("--router", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a RouterConfig setting (e.g. routing_balance_s=0.1) for the simulation and --deploy")
     args = ap.parse_args(argv)
+    try:
+        router_settings = _router_settings(args.router)
+    except ValueError as e:
+        ap.error(str(e))
     from ziggurat.cluster.spec import tiny_model_dir
 
     model = args.model or str(tiny_model_dir())
@@ -581,11 +589,12 @@ def main(argv=None) -> int:
     cfg = SimConfig(replicas=args.replicas, num_blocks=args.num_blocks, concurrency=args.concurrency)
     t0 = time.perf_counter()
     if args.url or args.deploy:
-        return _main_http(args, model, [p for p in policies if p != "oracle"], seeds, cfg, t0)
-    results = run_policies(model, policies, seeds, cfg, real_model=args.real_model)
+        return _main_http(args, model, [p for p in policies if p != "oracle"], seeds, cfg, t0, router_settings)
+    rc = RouterConfig(**router_settings)
+    results = run_policies(model, policies, seeds, cfg, router_config=rc, real_model=args.real_model)
     if args.restart:
         rcfg = dataclasses.replace(cfg, restart_at=0.5)
-        for r in run_policies(model, ["kv-aware"], seeds, rcfg, real_model=args.real_model):
+        for r in run_policies(model, ["kv-aware"], seeds, rcfg, router_config=rc, real_model=args.real_model):
             r.policy = "kv-aware+restart"
             results.append(r)
     print(f"{cfg.replicas} replicas x {cfg.num_blocks} KV blocks, concurrency {cfg.concurrency}, seeds {seeds}, "
@@ -599,7 +608,25 @@ def main(argv=None) -> int:
     return 0
 
 
-def _main_http(args, model: str, policies: list[str], seeds: list[int], cfg: SimConfig, t0: float) -> int:
+def _router_settings(items: list[str]) -> dict:
+    """--router FIELD=VALUE pairs as RouterConfig keywords (checked by RouterConfig itself)."""
+    fields = {f.name: f.type for f in dataclasses.fields(RouterConfig)}
+    out = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        if not eq or name not in fields or name == "routing_policy":
+            raise ValueError(f"--router: expected FIELD=VALUE with FIELD one of "
+                             f"{', '.join(f for f in fields if f != 'routing_policy')}, got {item!r}")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--router: {name} must be a number, got {value!r}") from None
+    RouterConfig(**out)  # bad values are refused here, naming the field
+    return out
+
+
+def _main_http(args, model: str, policies: list[str], seeds: list[int], cfg: SimConfig, t0: float,
+               router_settings: dict) -> int:
     import os
 
     results: list[RunResult] = []
@@ -617,7 +644,7 @@ def _main_http(args, model: str, policies: list[str], seeds: list[int], cfg: Sim
         where = args.url
     else:
         for p in policies:
-            results += deploy_and_run(model, p, seeds, cfg)
+            results += deploy_and_run(model, p, seeds, cfg, router_settings=router_settings)
         where = f"a local Ray deployment per policy ({cfg.replicas} replicas of {model}, CPU)"
     results += run_policies(model, ["oracle"], seeds, cfg, workload_kw={"answers": "seeded"})
     print(f"over HTTP against {where}: {cfg.replicas} replicas x {cfg.num_blocks} KV blocks, concurrency "
