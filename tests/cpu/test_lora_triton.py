@@ -42,19 +42,26 @@ def case(t, k, sub_sizes, rank, slots, seed, dtype=torch.float32, none_share=0.2
 
 @pytest.mark.parametrize("rank", [8, 16, 64])
 @pytest.mark.parametrize("sub_sizes", [(64,), (96, 32), (64, 32, 32)])
-@pytest.mark.parametrize("t", [1, 7, 40])
-def test_kernel_matches_reference(rank, sub_sizes, t):
-    x, y, a, b, slots = case(t, 48, sub_sizes, rank, slots=4, seed=rank + t + len(sub_sizes),
+@pytest.mark.parametrize("t,k,splits", [(1, 48, 1), (7, 200, 3), (40, 48, 1), (40, 300, 2)])
+def test_kernel_matches_reference(rank, sub_sizes, t, k, splits):
+    """Ranks 8/16/64 (adapters of lower rank zero-padded), fused sub-modules, several adapters and
+    tokens without one; the shrink's input in one part or split (a width no block divides)."""
+    x, y, a, b, slots = case(t, k, sub_sizes, rank, slots=4, seed=rank + t + len(sub_sizes),
                              ranks=[rank, max(1, rank // 2), rank, 1])
     batch = L.lora_batch(slots, 4, torch.device(DEV))
     ref, out = y.clone(), y.clone()
     L.add_lora_ref(ref, x, a, b, sub_sizes, batch)
-    assert LT.add_lora(out, x, a, b, sub_sizes, batch)
+    assert LT.add_lora(out, x, a, b, sub_sizes, batch, splits=splits)
     none = torch.from_numpy(slots < 0).to(DEV)
     assert torch.equal(out[none], y[none])  # tokens without an adapter untouched
     assert (out - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
     if (slots >= 0).any():
         assert not torch.allclose(ref, y)
+
+
+def test_split_heuristic():
+    assert LT.split_k(n_tiles=40, k=4096) == 8 and LT.split_k(40, 14336) == 8 and LT.split_k(40, 64) == 1
+    assert LT.split_k(n_tiles=1100, k=4096) == 1  # a prefill's tiles fill the GPU
 
 
 def test_graph_shaped_batch_with_padding_tiles_and_rows():
