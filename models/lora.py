@@ -206,11 +206,11 @@ def check_adapter(path: str | Path, model_cfg) -> AdapterConfig:
 
 def read_adapter(path: str | Path, model_cfg) -> tuple[AdapterConfig, dict[tuple[int, str], tuple]]:
     """The adapter checked against the model, and its tensors: (layer, module) -> (A [r, in], B [out, r]),
-    float32."""
+    in the file's dtype."""
     cfg = check_adapter(path, model_cfg)
     f = cfg.path / WEIGHTS_FILE
     with _open(f) as handle:
-        return cfg, {key: (handle.get_tensor(ab["A"]).float(), handle.get_tensor(ab["B"]).float())
+        return cfg, {key: (handle.get_tensor(ab["A"]), handle.get_tensor(ab["B"]))
                      for key, ab in sorted(_pairs(f, handle, model_cfg.num_layers).items())}
 
 
@@ -243,7 +243,7 @@ class LayerSlots:
         if a.shape[1] != full_in or b.shape[0] != full_out:
             raise LoRAError(f"{where}: {module}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit the "
                             f"model's {module} ({full_out} x {full_in})")
-        b = b * scaling
+        b = b.float() * scaling  # folded in at full precision, rounded once to the model's dtype
         if self.row_parallel:
             return i, a[:, L.tp_rank * L.in_local : (L.tp_rank + 1) * L.in_local], 0, b
         offset, local, start, _ = L._slice_for(self.subs[i][1])
