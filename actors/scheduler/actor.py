@@ -177,14 +177,7 @@ class SchedulerActor:
                     self._kv_cv.wait(0.1)
                 batch = list(self._kvq)
                 self._kvq.clear()
-            if answers:
-                done, answers = ray.wait(answers, num_returns=len(answers), timeout=0)
-                for ref in done:
-                    try:
-                        if ray.get(ref):
-                            self.loop.request_kv_snapshot()
-                    except Exception:  # that router is restarting: it asks again once it is back
-                        pass
+            answers = self._router_answers(answers)
             if not batch:
                 continue
             for r in self.routers:
@@ -192,7 +185,6 @@ class SchedulerActor:
                     answers.append(r.kv_events.remote(batch))
                 except Exception as e:
                     log.warning("KV events not sent to a router: %s", type(e).__name__)
-            answers = answers[-4 * len(self.routers):]  # answers to old passes no longer matter
 
     def _watch_gpus(self) -> None:
         """Every 2 s: the workers' GPU problems (they end this replica's health) and telemetry."""
@@ -236,10 +228,11 @@ class SchedulerActor:
                 except Exception as e:  # an ingress gone for good: its streams are aborted on re-registration
                     log.warning("tokens for ingress %s not delivered: %s", ingress_id, type(e).__name__)
 
-    def _report_answers(self, refs: list) -> list:
-        """The routers' answers to earlier reports, read without waiting: one that does not
-        mirror this replica's cache (new, restarted; an idle replica sends no KV events
-        that would show it a gap) gets a snapshot. Returns the unanswered ones (bounded)."""
+    def _router_answers(self, refs: list) -> list:
+        """The routers' answers to earlier reports or KV events, read without waiting: one
+        that does not mirror this replica's cache (new, restarted; an idle replica sends no
+        KV events that would show it a gap) gets a snapshot. Returns the unanswered ones
+        (bounded: answers to old passes no longer matter)."""
         if not refs:
             return refs
         done, refs = ray.wait(refs, num_returns=len(refs), timeout=0)
@@ -269,7 +262,7 @@ class SchedulerActor:
             now = time.monotonic()
             if now - last_report > 0.2:
                 stats = self.loop.stats()
-                reports = self._report_answers(reports)
+                reports = self._router_answers(reports)
                 reports += [r.report.remote(stats) for r in self.routers]
                 metrics.update(stats, self.loop.metrics)
                 last_report = now
