@@ -351,3 +351,43 @@ def test_quantize_weight_rounds_per_channel():
     assert torch.equal(s, torch.tensor([2.0 / 448, 1e-12, 1000.0 / 448]))
     assert q.float()[0].tolist() == [224.0, -448.0, 112.0] and q.float()[1].tolist() == [0.0, 0.0, 0.0]
     assert q.float()[2, 0] == 448.0 and not torch.isnan(q.float()).any()
+
+
+def _tp_rank_quantizes(rank, port, path16, path8, q):
+    """One rank of a real 2-way gloo group: quantize-at-load must equal its slice of the written checkpoint."""
+    try:
+        distributed.init_tensor_parallel(rank, 2, f"tcp://127.0.0.1:{port}", "gloo")
+        cfg16 = ModelConfig.from_dir(path16, quantization="fp8")
+        a = model_class(cfg16)(cfg16)
+        loader.load_weights(a, path16)
+        cfg8 = ModelConfig.from_dir(path8)
+        b = model_class(cfg8)(cfg8)
+        loader.load_weights(b, path8)
+        pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+        same = all(torch.equal(pa[n].view(torch.uint8), pb[n].view(torch.uint8)) if pa[n].dtype == FP8
+                   else torch.equal(pa[n], pb[n]) for n in pb)
+        q.put((rank, pa.keys() == pb.keys() and same, pa["layers.0.mlp.down_proj.weight"].dtype == FP8))
+    except Exception as e:  # reported, not hung on
+        q.put((rank, repr(e), False))
+    finally:
+        distributed.destroy_tensor_parallel()
+
+
+def test_quantize_at_load_under_tp2_equals_the_written_checkpoint(models):
+    """Row-parallel shards all-reduce their rows' absmax, so a TP=2 rank quantizes to its
+    slice of the TP=1 values (down_proj's scales come from the whole row, not the shard's half)."""
+    import multiprocessing as mp
+
+    from conftest import free_port
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_tp_rank_quantizes, args=(r, port, models["float32", None], models["float32", "fp8"], q))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted(q.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    assert got == [(0, True, True), (1, True, True)]
