@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32,
+       torch.float8_e4m3fn: tl.float8e4nv}  # an FP8 KV cache (--kv-cache-dtype fp8)
 
 
 @triton.jit

@@ -222,3 +222,21 @@ def test_engine_greedy_fp8_triton_path_equals_reference_path(model_factory, monk
         llm.shutdown()
     assert len(got["torch"]) == 128 and len(set(got["torch"])) > 3  # not a degenerate repetition
     assert got["triton"] == got["torch"]
+
+
+def test_kv_copy_kernel_moves_fp8_caches_byte_for_byte():
+    """Prefill/decode hand-offs copy FP8 caches as they are (the scales travel with the checkpoint)."""
+    from ziggurat.kernels.kv_copy_triton import copy_blocks
+    from ziggurat.models.kv_blocks import gather_blocks, scatter_blocks
+
+    g = torch.Generator().manual_seed(3)
+    mk = lambda: [(torch.randn(10, 16, 4, 128, generator=g).to(FP8),  # noqa: E731
+                   torch.randn(10, 16, 4, 128, generator=g).to(FP8)) for _ in range(2)]
+    src, dst = mk(), mk()
+    # The reference (torch indexing) has no fp8 kernels: it moves the same bytes as uint8.
+    as_bytes = lambda caches: [(k.view(torch.uint8), v.view(torch.uint8)) for k, v in caches]  # noqa: E731
+    ref = [(k.clone(), v.clone()) for k, v in as_bytes(dst)]
+    copy_blocks(src, dst, [3, 7, 0], [5, 1, 9], 2, 0, 2)
+    scatter_blocks(ref, gather_blocks(as_bytes(src), [3, 7, 0], 2, 2), [5, 1, 9], 0)
+    for (a, b), (c, d) in zip(as_bytes(dst), ref):
+        assert torch.equal(a, c) and torch.equal(b, d)
