@@ -212,7 +212,7 @@ class ModelConfig:
             dtype=parse_dtype(dtype if dtype is not None else cfg_dtype, "dtype" if dtype is not None else f"{where}: torch_dtype"),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
-            quantization=fp8.resolve(fp8.parse_config(raw.get("quantization_config"), where), quantization, where),
+            quantization=fp8.resolve(fp8.parse_config(raw.get("quantization_config"), where), quantization),
             kv_cache_dtype=fp8.kv_cache_torch_dtype(kv_cache_dtype),
         )
 

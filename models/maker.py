@@ -34,6 +34,8 @@ from typing import Any, Iterable
 
 import torch
 
+from ziggurat.config import QUANTIZATION_METHODS
+
 __all__ = ["ARCHITECTURES", "PRESETS", "make_model", "main"]
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -439,7 +441,7 @@ def _save_group(path: pathlib.Path, specs, dtype, seed, device, stream: bool) ->
 # --------------------------------------------------------------------------
 # FP8 (compressed-tensors) checkpoints
 
-QUANTIZE = ("fp8",)
+QUANTIZE = QUANTIZATION_METHODS  # what --quantize writes: the methods the engine reads
 _FP8_WEIGHT = re.compile(r"\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 
 

@@ -38,7 +38,6 @@ from pathlib import Path
 
 import torch
 
-from ziggurat.config import KV_CACHE_DTYPES, QUANTIZATION_METHODS
 from ziggurat.kernels.fp8 import FP8, FP8_MAX, MIN_SCALE
 from ziggurat.models.config import ModelConfigError
 
@@ -151,22 +150,16 @@ def _expect(d: dict, key: str, allowed: tuple, where: Path, at: str) -> None:
         raise QuantizationError(f"{where}: {at}.{key} must be one of {list(allowed)}, got {d.get(key)!r}")
 
 
-def resolve(checkpoint: FP8Spec | None, quantization: str | None, where: Path) -> FP8Spec | None:
-    """The checkpoint's own scheme, or quantize-at-load when asked of a 16-bit checkpoint."""
-    if quantization is None:
-        return checkpoint
-    if quantization not in QUANTIZATION_METHODS:  # EngineConfig validated it; ModelConfig may be built alone
-        raise QuantizationError(f"quantization: must be one of {list(QUANTIZATION_METHODS)}, got {quantization!r}")
-    return checkpoint or FP8Spec("load")
+def resolve(checkpoint: FP8Spec | None, quantization: str | None) -> FP8Spec | None:
+    """The checkpoint's own scheme, or quantize-at-load when asked of a 16-bit checkpoint.
+    quantization: EngineConfig's, validated there (None or one of config.QUANTIZATION_METHODS)."""
+    return checkpoint if quantization is None else checkpoint or FP8Spec("load")
 
 
 def kv_cache_torch_dtype(kv_cache_dtype: str | None) -> torch.dtype | None:
-    """'fp8' -> float8_e4m3fn; 'auto'/None -> None (the model's dtype)."""
-    if kv_cache_dtype in (None, "auto"):
-        return None
-    if kv_cache_dtype != "fp8":
-        raise QuantizationError(f"kv_cache_dtype: must be one of {list(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
-    return FP8
+    """EngineConfig's kv_cache_dtype (validated there): 'fp8' -> float8_e4m3fn, 'auto'/None -> None
+    (the model's dtype)."""
+    return FP8 if kv_cache_dtype == "fp8" else None
 
 
 # -- quantization -------------------------------------------------------------------
@@ -206,7 +199,7 @@ def linear_layers(model: torch.nn.Module):
             yield name, mod
 
 
-def _checkpoint_modules(model, name: str, layer) -> list[str]:
+def _checkpoint_modules(name: str) -> list[str]:
     """The checkpoint module names fused into one of our layers (for `ignore`)."""
     parts = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
     leaf = name.rsplit(".", 1)[-1]
@@ -224,7 +217,7 @@ def prepare_model(model: torch.nn.Module, spec: FP8Spec | None, kv_cache_dtype: 
     if spec is None or spec.source != "checkpoint":
         return
     for name, layer in linear_layers(model):
-        modules = _checkpoint_modules(model, name, layer)
+        modules = _checkpoint_modules(name)
         ignored = [spec.ignored(m) for m in modules]
         if all(ignored):
             continue
