@@ -33,6 +33,7 @@ import json
 import math
 import re
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -342,13 +343,46 @@ class LoRAManager:
         self.host: dict[str, dict] = {}  # adapter key -> {id(LayerSlots): parts} for the keys the table keeps
         self.loads = 0  # slot fills (a host-to-device copy)
         self.disk_reads = 0
+        # Prefetch: adapters the scheduler will admit once read (disk, shard, dtype, pinning) on a
+        # background thread, so no step waits for a disk read. Outside the table: the read it
+        # saves is the one acquire() would do (the table, and the scheduler's mirror, say "read").
+        self._pool = None
+        self._reading: dict[str, Future] = {}  # key -> its read in flight or done
+        self._announced: set[str] = set()  # keys whose read was reported done (staged_since)
+
+    def prefetch(self, lora: LoRARequest) -> None:
+        """Start reading `lora` into host memory (idempotent; nothing if it is resident)."""
+        key = lora.key
+        if key in self._reading or key in self.table.resident():
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-read")
+        # Bounded: reads for requests that went away are dropped, oldest first (a request for
+        # a dropped one still runs: acquire reads it in the step).
+        done = [k for k, f in self._reading.items() if f.done()]
+        while done and len(self._reading) >= max(1, self.limits.max_cpu_loras):
+            old = done.pop(0)
+            del self._reading[old]
+            self._announced.discard(old)
+        self._reading[key] = self._pool.submit(self._read, lora)
+
+    def staged_since(self) -> list[str]:
+        """Keys whose prefetch finished (read or failed: acquire re-raises) since the last call."""
+        done = [k for k, f in self._reading.items() if f.done() and k not in self._announced]
+        self._announced.update(done)
+        return done
 
     def acquire(self, lora: LoRARequest) -> int:
         """The slot holding `lora` for one more live request (filled now if it is not in one)."""
         key = lora.key
         s, fill, read = self.table.plan(key)
         if fill:  # read (which may fail, naming the file) before the table changes
-            parts = self._read(lora) if read else self.host[key]
+            if read:
+                fut = self._reading.pop(key, None)
+                self._announced.discard(key)
+                parts = fut.result() if fut is not None else self._read(lora)
+            else:
+                parts = self.host[key]
             for ls in self._all:
                 ls.write(s, parts.get(id(ls), []))
             self.loads += 1

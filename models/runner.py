@@ -71,9 +71,12 @@ class _InFlight:
     resolved: bool = False
     logits: torch.Tensor | None = None  # deferred sampling: the logits awaiting their grammar masks
 
+    lora_staged: list | None = None  # rank 0: adapter prefetches done by this step's launch
+
     @staticmethod
-    def empty() -> "_InFlight":
-        return _InFlight([], np.zeros(0, dtype=np.int32), None, None, None, output=StepOutput(), resolved=True)
+    def empty(lora_staged: list | None = None) -> "_InFlight":
+        return _InFlight([], np.zeros(0, dtype=np.int32), None, None, None, output=StepOutput(lora_staged=lora_staged),
+                         resolved=True)
 
 
 @dataclass
@@ -423,20 +426,24 @@ class ModelRunner:
         launches its forward only; sample_deferred() then masks and samples it,
         so the host fills the masks while the GPU runs the forward."""
         self._stepped = True
+        if step.lora_prefetch and self.loras is not None:
+            for lr in step.lora_prefetch:
+                self.loras.prefetch(lr)
         self._update_states(step)
+        staged = self.loras.staged_since() if self.loras is not None and self.tp.rank == 0 else None
         if step.is_empty:
-            return _InFlight.empty()
+            return _InFlight.empty(staged)
         hs = self._prepare(step)
         self._advance(step)
         hidden = self._forward(hs)
         reqs = hs.sample_reqs
         if not reqs:
-            return _InFlight.empty()
+            return _InFlight.empty(staged)
         logits = self.model.compute_logits(hidden)
         if self.tp.rank == 0 and self._num_biased:
             self._add_logit_bias(logits, reqs)
         # tokens (set when sampled, before any later step is prepared) feed later steps' inputs.
-        handle = _InFlight(reqs, hs.sample_rows, None, None, None)
+        handle = _InFlight(reqs, hs.sample_rows, None, None, None, lora_staged=staged)
         for i, r in enumerate(reqs):
             r.pending.append((handle, i))
         if step.defers_sampling:
@@ -494,6 +501,7 @@ class ModelRunner:
                 r.pending.pop(0)
         if self.tp.rank == 0:
             h.output = self._step_output(h.rows, token_ids, h.sampled, h.logprobs_k)
+            h.output.lora_staged = h.lora_staged
         h.reqs = []
         h.tokens = h.sampled = None  # free the device tensors
         h.resolved = True

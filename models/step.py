@@ -69,6 +69,9 @@ class StepInput:
     # The previous step's deferred masks, when they travel with the next step (the
     # pipelined worker actor samples that step before launching this one).
     prev_masks: "GrammarMasks | None" = None
+    # LoRA: adapters to read into host memory ahead of the requests that wait for them
+    # (LoRARequest each); the workers say when in StepOutput.lora_staged.
+    lora_prefetch: list | None = None
 
     @property
     def defers_sampling(self) -> bool:
@@ -89,13 +92,13 @@ class StepInput:
     def __reduce__(self):
         return _step_input, (self.new_requests, self.cached_requests, _ints(self.rows).tobytes(),
                              _ints(self.num_tokens).tobytes(), self.finished_rows, self.step_id, self.inject_fault,
-                             self.grammar_rows, self.grammar_bitmask, self.prev_masks)
+                             self.grammar_rows, self.grammar_bitmask, self.prev_masks, self.lora_prefetch)
 
 
 def _step_input(new, cached, rows: bytes, num_tokens: bytes, finished, step_id, fault=False, grammar_rows=None,
-                grammar_bitmask=None, prev_masks=None) -> StepInput:
+                grammar_bitmask=None, prev_masks=None, lora_prefetch=None) -> StepInput:
     return StepInput(new, cached, np.frombuffer(rows, dtype=np.int32), np.frombuffer(num_tokens, dtype=np.int32),
-                     finished, step_id, fault, grammar_rows, grammar_bitmask, prev_masks)
+                     finished, step_id, fault, grammar_rows, grammar_bitmask, prev_masks, lora_prefetch)
 
 
 @dataclass
@@ -128,16 +131,20 @@ class StepOutput:
     token_ids: np.ndarray = field(default_factory=_ints)
     # Per entry, or None when no request of the step asked for logprobs.
     logprobs: list[Logprobs | None] | None = None
+    # LoRA: adapter keys whose prefetch (StepInput.lora_prefetch) finished since the last output.
+    lora_staged: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __reduce__(self):
-        return _step_output, (_ints(self.rows).tobytes(), _ints(self.token_ids).tobytes(), self.logprobs)
+        return _step_output, (_ints(self.rows).tobytes(), _ints(self.token_ids).tobytes(), self.logprobs,
+                              self.lora_staged)
 
 
-def _step_output(rows: bytes, token_ids: bytes, logprobs) -> StepOutput:
-    return StepOutput(np.frombuffer(rows, dtype=np.int32), np.frombuffer(token_ids, dtype=np.int32), logprobs)
+def _step_output(rows: bytes, token_ids: bytes, logprobs, lora_staged=None) -> StepOutput:
+    return StepOutput(np.frombuffer(rows, dtype=np.int32), np.frombuffer(token_ids, dtype=np.int32), logprobs,
+                      lora_staged)
 
 
 # -- KV transfer between replicas (prefill -> decode): models/kv_transfer.py ------------------

@@ -288,9 +288,12 @@ class EngineCore:
             self._start_pulls()
         t1 = time.perf_counter()
         self.seconds["schedule"] += t1 - t0
-        if step.is_empty:
-            self.scheduler.step_dropped(step)
-            return None
+        loras = self.scheduler.loras
+        if step.is_empty and not step.lora_prefetch:
+            if loras is None or not loras.prefetching:
+                self.scheduler.step_dropped(step)
+                return None
+            time.sleep(0.001)  # nothing runs: an empty step only asks whether the adapter reads are done
         if self._fault_file is not None and os.path.exists(self._fault_file):
             os.remove(self._fault_file)  # one shot: the replica's next incarnation runs clean
             step.inject_fault = True

@@ -290,6 +290,8 @@ class Scheduler:
         if new_rows:
             step.rows = np.concatenate([step.rows, np.asarray(new_rows, dtype=np.int32)])
             step.num_tokens = np.concatenate([step.num_tokens, np.asarray(new_n, dtype=np.int32)])
+        if self.loras is not None and self.loras.outbox:
+            step.lora_prefetch = self.loras.take_outbox()
         if self._sampling_grammar:
             reqs, self._sampling_grammar = self._sampling_grammar, []
             step.grammar_rows = np.fromiter((r.row for r in reqs), dtype=np.int32, count=len(reqs))
@@ -457,6 +459,8 @@ class Scheduler:
         rs = self.running
         ups = StepUpdates()
         self.rows.done = step.step_id + 1  # steps are applied in order
+        if out.lora_staged and self.loras is not None:
+            self.loras.staged_done(out.lora_staged)
         if not len(out.rows):
             return ups
         idx = rs.row_pos[out.rows]  # -1: the row's request is gone (its row not reused yet: RowPool)

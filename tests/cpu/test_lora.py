@@ -244,8 +244,12 @@ def test_adapter_slots_cap_admission():
     ra, rb, rc, ra2 = (Request(f"r{i}", [1, 2], SamplingParams(lora_request=lr)) for i, lr in enumerate((a, b, c, a)))
     base = Request("base", [1], SamplingParams())
     for r in (ra, rb):
+        assert not slots.fits(r)  # cold: its read is asked for first, and it waits
+        assert not slots.fits(r) and slots.prefetching  # asked once
+        slots.staged_done([r.sampling_params.lora_request.key])
         assert slots.fits(r)
         slots.take(r)
+    assert [lr.key for lr in slots.take_outbox()] == [a.key, b.key] and not slots.prefetching
     assert not slots.fits(rc)  # a third adapter
     assert slots.fits(ra2) and slots.fits(base)  # one already running; no adapter
     waiting = deque([rc, base, ra2])
@@ -253,8 +257,62 @@ def test_adapter_slots_cap_admission():
     waiting = deque([rc])
     assert not slots.first_fitting(waiting)
     slots.release(ra)
+    assert not slots.fits(rc)  # room now, but c is read ahead first
+    slots.staged_done([c.key])
     assert slots.fits(rc) and slots.active == 1
     assert slots.resident() == ["a", "b"]
+    # With no room to read ahead (prefetch_cap reads asked for), a request is admitted and
+    # its adapter read in its step, as without prefetch: nothing waits forever.
+    full = AdapterSlots(max_loras=2, max_cpu_loras=1)
+    rd, re_ = (Request(f"q{n}", [1], SamplingParams(lora_request=LoRARequest(n, 9 + i, f"/x/{n}")))
+               for i, n in enumerate("de"))
+    assert not full.fits(rd) and full.fits(re_)
+
+
+def test_a_cold_adapter_is_read_while_the_others_decode(adapters, monkeypatch):
+    """Its read (made slow here) runs on the workers' reader thread: no step waits for it, the
+    streams decoding meanwhile get a token every step, and its request then gives the tokens it
+    gives alone."""
+    import time
+
+    from ziggurat.models import lora as lora_mod
+
+    path, loras = adapters
+    real = lora_mod.read_adapter
+
+    def slow_read(*a, **kw):
+        time.sleep(0.6)
+        return real(*a, **kw)
+
+    llm = LLM(path, device="cpu", enable_lora=True, max_loras=2, max_cpu_loras=2, num_kv_blocks=256)
+    try:
+        prompts = prompts_for(4, seed=5)
+        want = tokens(llm.generate([prompts[0]], GREEDY, lora_request=loras[1], use_tqdm=False))[0]
+        llm.engine.executor.worker.runner.loras.host.clear()  # forget it: the next use reads the disk again
+        llm.engine.executor.worker.runner.loras.table.cpu.clear()
+        llm.engine.scheduler.loras.table.cpu.clear()
+        llm.generate([[1]], SamplingParams(max_tokens=1), use_tqdm=False)  # free the slot (rows go a step late)
+        llm.engine.executor.worker.runner.loras.table.slot_key[:] = [None, None]
+        llm.engine.scheduler.loras.table.slot_key[:] = [None, None]
+        monkeypatch.setattr(lora_mod, "read_adapter", slow_read)
+        e = llm.engine
+        for i, p in enumerate(prompts[1:]):
+            e.add_request(p, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), request_id=f"base{i}")
+        for _ in range(3):
+            e.step()
+        e.add_request(prompts[0], GREEDY.clone(lora_request=loras[1]), request_id="cold")
+        got, longest, steps = [], 0.0, 0
+        while e.has_unfinished():
+            t = time.perf_counter()
+            ups = e.step()
+            longest = max(longest, time.perf_counter() - t)
+            steps += 1
+            got += [tok for rid, tok in zip(ups.request_ids, ups.token_ids) if rid == "cold"]
+        assert got == want
+        assert longest < 0.3, longest  # the 0.6 s read stalled no step
+        assert e.executor.worker.runner.loras.disk_reads == 2  # the first use and this one
+    finally:
+        llm.shutdown()
 
 
 # -- adapter checks ------------------------------------------------------------------------------
