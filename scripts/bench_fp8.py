@@ -36,7 +36,8 @@ import sys
 import tempfile
 import time
 
-from ziggurat.scripts.bench_gpu import prompts_of, run_engine
+from ziggurat.scripts.bench_gpu import median_seconds, prompts_of, run_engine
+from ziggurat.scripts.check_logits import prefill_logits
 from ziggurat.scripts.report import emit
 
 CONFIGS = {
@@ -45,25 +46,6 @@ CONFIGS = {
     "fp8-kv8": ({"quantization": "fp8", "kv_cache_dtype": "fp8"}, {}),
     "fp8-dequant": ({"quantization": "fp8"}, {"ZIGGURAT_FP8_GEMM": "dequant"}),
 }
-
-
-def _sync():
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _timed(fn, reps: int) -> float:
-    fn()
-    _sync()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        _sync()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def roofline(tiny: bool) -> dict:
@@ -79,11 +61,11 @@ def roofline(tiny: bool) -> dict:
     y = torch.randn_like(x)
     x8, y8 = x.to(torch.float8_e4m3fn), y.to(torch.float8_e4m3fn)
     sa, sb = torch.ones(m, 1, device=dev), torch.ones(1, m, device=dev)
-    out = {"bandwidth_gb_s": 2 * n / _timed(lambda: b.copy_(a), 10) / 1e9,
-           "bf16_matmul_tflop_s": 2 * m**3 / _timed(lambda: x @ y, 10) / 1e12}
+    out = {"bandwidth_gb_s": 2 * n / median_seconds(lambda: b.copy_(a), 10) / 1e9,
+           "bf16_matmul_tflop_s": 2 * m**3 / median_seconds(lambda: x @ y, 10) / 1e12}
     mm8 = lambda: torch._scaled_mm(x8, y8.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)  # noqa: E731
     try:
-        out["fp8_matmul_tflop_s"] = 2 * m**3 / _timed(mm8, 10) / 1e12
+        out["fp8_matmul_tflop_s"] = 2 * m**3 / median_seconds(mm8, 10) / 1e12
     except RuntimeError as e:  # no FP8 tensor cores
         out["fp8_matmul_error"] = str(e).splitlines()[0]
     return out
@@ -100,23 +82,6 @@ def decode_bytes(runner) -> int:
         seen.add(id(p))
         total += p.numel() * p.element_size()
     return total
-
-
-def prefill_logits(runner, ids: list[int]):
-    """Every position's logits of one prompt, prefilled into blocks 0.. (nothing else may run on the engine)."""
-    import torch
-
-    from ziggurat.kernels.attention import AttentionMetadata
-
-    dev, bs, n = runner.device, runner.block_size, len(ids)
-    pos = torch.arange(n, device=dev)
-    meta = AttentionMetadata(
-        slot_mapping=pos.clone(), query_start_loc=torch.tensor([0, n], device=dev),
-        seq_lens=torch.tensor([n], device=dev),
-        block_tables=torch.arange((n + bs - 1) // bs, dtype=torch.int32, device=dev).unsqueeze(0),
-        query_start_loc_cpu=[0, n], seq_lens_cpu=[n], max_query_len=n, max_seq_len=n)
-    with torch.inference_mode():
-        return runner.model.compute_logits(runner.model(torch.tensor(ids, device=dev), pos, meta)).float().cpu()
 
 
 def logits_vs(ref: list, got: list) -> dict:
@@ -166,7 +131,7 @@ def gemv_sweep(cfg, tiny: bool) -> dict:
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
 
         def rate(c):
-            secs = _timed(lambda: FT.fp8_gemv(x, wq, ws, config=c), 20)
+            secs = median_seconds(lambda: FT.fp8_gemv(x, wq, ws, config=c), 20)
             return n * k / secs / 1e9  # weight bytes (fp8) per second
 
         res = {"default": rate(None), "default_config": list(FT.CONFIGS.get((n, k), FT.DEFAULT_CONFIG))}

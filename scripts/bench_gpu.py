@@ -35,6 +35,19 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def median_seconds(fn, reps: int) -> float:
+    """fn's median wall time over `reps` synchronized calls, after one warm-up call."""
+    fn()
+    _sync()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        _sync()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
 def roofline(smoke: bool) -> dict:
     import torch
 
@@ -46,19 +59,8 @@ def roofline(smoke: bool) -> dict:
     x = torch.randn(m, m, device=dev, dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
     y = torch.randn_like(x)
 
-    def timed(fn, reps):
-        fn()
-        _sync()
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            _sync()
-            ts.append(time.perf_counter() - t)
-        return statistics.median(ts)
-
-    copy_s = timed(lambda: b.copy_(a), 10)
-    mm_s = timed(lambda: x @ y, 10)
+    copy_s = median_seconds(lambda: b.copy_(a), 10)
+    mm_s = median_seconds(lambda: x @ y, 10)
     return {"bandwidth_gb_s": 2 * n / copy_s / 1e9, "matmul_tflop_s": 2 * m**3 / mm_s / 1e12}
 
 

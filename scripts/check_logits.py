@@ -23,6 +23,23 @@ import tempfile
 from ziggurat.scripts.report import emit
 
 
+def prefill_logits(runner, ids: list[int]):
+    """Every position's logits of one prompt, prefilled into blocks 0.. (nothing else may run on the engine)."""
+    import torch
+
+    from ziggurat.kernels.attention import AttentionMetadata
+
+    dev, bs, n = runner.device, runner.block_size, len(ids)
+    pos = torch.arange(n, device=dev)
+    meta = AttentionMetadata(
+        slot_mapping=pos.clone(), query_start_loc=torch.tensor([0, n], device=dev),
+        seq_lens=torch.tensor([n], device=dev),
+        block_tables=torch.arange((n + bs - 1) // bs, dtype=torch.int32, device=dev).unsqueeze(0),
+        query_start_loc_cpu=[0, n], seq_lens_cpu=[n], max_query_len=n, max_seq_len=n)
+    with torch.inference_mode():
+        return runner.model.compute_logits(runner.model(torch.tensor(ids, device=dev), pos, meta)).float().cpu()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model")
@@ -56,20 +73,14 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         for p in prompts:  # a fresh prefill into blocks 0.. (nothing else runs on this engine)
             n = len(p)
-            pos = torch.arange(n, device=dev)
-            meta = AttentionMetadata(
-                slot_mapping=pos.clone(), query_start_loc=torch.tensor([0, n], device=dev),
-                seq_lens=torch.tensor([n], device=dev),
-                block_tables=torch.arange((n + bs - 1) // bs, dtype=torch.int32, device=dev).unsqueeze(0),
-                query_start_loc_cpu=[0, n], seq_lens_cpu=[n], max_query_len=n, max_seq_len=n)
-            hidden = runner.model(torch.tensor(p, device=dev), pos, meta)
-            full = runner.model.compute_logits(hidden).float().cpu()
+            full = prefill_logits(runner, p)
             # The last token again as a one-row decode step (GEMV and split-K
             # decode kernels) over the KV the prefill just wrote.
             one = torch.tensor([n - 1], device=dev)
             dmeta = AttentionMetadata(
                 slot_mapping=one.clone(), query_start_loc=torch.tensor([0, 1], device=dev),
-                seq_lens=torch.tensor([n], device=dev), block_tables=meta.block_tables,
+                seq_lens=torch.tensor([n], device=dev),
+                block_tables=torch.arange((n + bs - 1) // bs, dtype=torch.int32, device=dev).unsqueeze(0),
                 query_start_loc_cpu=[0, 1], seq_lens_cpu=[n], max_query_len=1, max_seq_len=n)
             h1 = runner.model(torch.tensor(p[-1:], device=dev), one, dmeta)
             ours.append((full, runner.model.compute_logits(h1).float().cpu()[0]))
