@@ -76,15 +76,11 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return 0
         bs, extra = self.block_size, tuple(extra_keys)
-        parent, parent_hash, n = None, ROOT_HASH, 0
+        hashes, h = [], ROOT_HASH
         for i in range(max(0, (len(token_ids) - 1) // bs)):
-            blk = tuple(token_ids[i * bs:(i + 1) * bs])
-            h = self._hash_fn(parent_hash, blk, extra)
-            b = self.pool.get_cached_block(h, parent_hash, blk, extra, parent)
-            if b is None:
-                break
-            parent, parent_hash, n = b, h, n + bs
-        return n
+            h = self._hash_fn(h, tuple(token_ids[i * bs:(i + 1) * bs]), extra)
+            hashes.append(h)
+        return len(self._cached_prefix(hashes, token_ids, extra)) * bs
 
     def get_block_ids(self, request_id: str) -> list[int]:
         st = self._reqs.get(request_id)
@@ -98,20 +94,24 @@ class KVCacheManager:
         st = self._state(request_id, extra_keys)
         bs = self.block_size
         self._update_hashes(st, token_ids, len(token_ids) // bs)
-        # At least one token must be left to compute (the model must produce logits).
-        max_hits = max(0, (len(token_ids) - 1) // bs)
+        hits = self._cached_prefix(st.hashes, token_ids, st.extra_keys)
+        st.hits = [(b, b.seq) for b in hits]
+        return [b.block_id for b in hits], len(hits) * bs
+
+    def _cached_prefix(self, hashes: list[bytes], token_ids: Sequence[int], extra_keys: tuple) -> list[Block]:
+        """The cached blocks holding the prompt's leading full blocks (`hashes`: their chained
+        hashes), leaving at least one token to compute (the model must produce logits)."""
+        bs = self.block_size
         hits: list[Block] = []
         parent, parent_hash = None, ROOT_HASH
-        for i in range(max_hits):
-            h = st.hashes[i]
-            b = self.pool.get_cached_block(h, parent_hash, token_ids[i * bs:(i + 1) * bs],
-                                           st.extra_keys, parent)
+        for i in range(min(len(hashes), max(0, (len(token_ids) - 1) // bs))):
+            h = hashes[i]
+            b = self.pool.get_cached_block(h, parent_hash, token_ids[i * bs:(i + 1) * bs], extra_keys, parent)
             if b is None:
                 break
             hits.append(b)
             parent, parent_hash = b, h
-        st.hits = [(b, b.seq) for b in hits]
-        return [b.block_id for b in hits], len(hits) * bs
+        return hits
 
     def allocate_slots(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int,
                        num_new_tokens: int, new_computed_block_ids: Sequence[int] = (),
