@@ -191,17 +191,14 @@ class SchedulerLoop:
             return
         kv, s = self.engine.kv, self.engine.scheduler
         load = (s.num_waiting + self.num_pending, s.num_running)
-        if self._kv_snapshot:
+        stored, removed, overflowed = ([], [], False) if self._kv_snapshot else kv.take_events()
+        if self._kv_snapshot or overflowed:  # asked for, or events were dropped: a snapshot says it all
             self._kv_snapshot = False
             msg = KVEvents(self.replica, self.incarnation, self._kv_seq, kv.cached_hashes(), [], True)
+        elif stored or removed or load != self._kv_load:
+            msg = KVEvents(self.replica, self.incarnation, self._kv_seq, stored, removed)
         else:
-            stored, removed, overflowed = kv.take_events()
-            if overflowed:  # some were dropped: a snapshot says it all
-                msg = KVEvents(self.replica, self.incarnation, self._kv_seq, kv.cached_hashes(), [], True)
-            elif stored or removed or load != self._kv_load:
-                msg = KVEvents(self.replica, self.incarnation, self._kv_seq, stored, removed)
-            else:
-                return
+            return
         msg.num_waiting, msg.num_running, msg.kv_usage = load[0], load[1], kv.usage
         self._kv_load = load
         self._kv_seq += 1
