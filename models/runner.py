@@ -409,7 +409,7 @@ class ModelRunner:
         if fb is not None:
             ids.index_copy_(0, *fb)
         lora = self.loras.batch(hs.lora_slots, self.staging) if hs.lora_slots is not None else None
-        hidden = self.model(ids, pos, meta, lora) if lora is not None else self.model(ids, pos, meta)
+        hidden = self.model(ids, pos, meta, lora)
         return hidden if len(hs.sample_idx) == len(hs.ids) else hidden[sample_idx]
 
     def execute(self, step: StepInput) -> StepOutput | None:
@@ -456,7 +456,7 @@ class ModelRunner:
     def sample_deferred(self, handle: _InFlight, masks) -> None:
         """Mask (masks: models/step.py::GrammarMasks, rank 0) and sample a step launched with
         deferred sampling; every rank calls it (the sampled ids are broadcast)."""
-        logits = getattr(handle, "logits", None)
+        logits = handle.logits
         if logits is None:
             raise RuntimeError("sample_deferred: the step was not launched with deferred sampling, or was sampled")
         handle.logits = None
