@@ -62,8 +62,10 @@ class EngineCore:
         self.scheduler.vocab_size = self.model_config.vocab_size
         if config.enable_lora:  # the per-batch adapter cap and the mirror of the workers' slots
             from ziggurat.actors.scheduler.lora import AdapterSlots
+            from ziggurat.models.lora import LoRALimits
 
-            self.scheduler.loras = AdapterSlots(config.max_loras, config.max_cpu_loras or config.max_loras)
+            lim = LoRALimits.of(config)
+            self.scheduler.loras = AdapterSlots(lim.max_loras, lim.max_cpu_loras)
         self._grammars = None  # GrammarCompiler, made with the first structured-output request
         self._ids = itertools.count()
         self._inflight = None  # (StepInput, executor handle) submitted, outputs not yet applied

@@ -481,7 +481,7 @@ class SchedulerLoop:
             # list() copies the deque in one C call: safe against the loop thread appending.
             num_waiting_tokens=self.pending_tokens + sum(r.num_tokens - r.num_computed_tokens
                                                          for r in list(s.waiting)),
-            adapters=list(_resident_adapters(self.engine)),
+            adapters=self.engine.resident_adapters(),
             kv_usage=kv.usage,
             num_free_blocks=kv.num_free_blocks,
             num_blocks=kv.num_blocks,
@@ -512,10 +512,3 @@ class SchedulerLoop:
             kv_transfer_bytes_hist=self.hist["bytes"].snapshot(),
             kv_transfer_blocks_hist=self.hist["blocks"].snapshot(),
         )
-
-
-def _resident_adapters(engine) -> tuple:
-    """The LoRA adapters the engine holds now (names), for the router: EngineCore's
-    resident_adapters() where the engine has multi-LoRA, else none."""
-    fn = getattr(engine, "resident_adapters", None)
-    return tuple(fn()) if fn is not None else ()
