@@ -6,8 +6,8 @@ round(x / scale) as e4m3 (clamped to +-448, so the cast never overflows).
 Reference: kernels/fp8.py::quantize_per_token_ref (same fp32 operations, so
 the same bytes).
 
-fp8_gemv: as kernels/gemv_triton.py (program p owns BLOCK_N output features,
-walks K in BLOCK_K chunks, fp32 accumulator, no split-K), but the weight
+fp8_gemv: kernels/gemv_triton.py's kernel (program p owns BLOCK_N output features,
+walks K in BLOCK_K chunks, fp32 accumulator, no split-K) with HAS_SCALE: the weight
 tile is read as fp8 (half the bytes of bf16: decode streams weights, so the
 step is twice as short at the copy rate) and widened in registers; the
 channel scale multiplies the finished dot product once per output, which
@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ziggurat.kernels.fp8 import FP8, FP8_MAX, MIN_SCALE
+from ziggurat.kernels.gemv_triton import _gemv_kernel
 
 
 @triton.jit
@@ -59,29 +60,6 @@ def quantize_per_token(x: torch.Tensor, x_scale: torch.Tensor | None = None, blo
     return q, s
 
 
-@triton.jit
-def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    m = tl.arange(0, BLOCK_M)
-    m_ok = m < M
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
-        w = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-    acc = acc * tl.load(s_ptr + n, mask=n_ok, other=0.0)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + m[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
-
-
 # (block_n, block_k, num_warps, num_stages) by weight shape (N, K). An fp8 tile of
 # BLOCK_K bytes per row is half a bf16 one, so the default reads twice the K of
 # gemv_triton's for the same bytes in flight; scripts/bench_fp8.py --gemv-sweep
@@ -104,8 +82,8 @@ def fp8_gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, b: torch.T
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     bn, bk, warps, stages = config or CONFIGS.get((n, k), DEFAULT_CONFIG)
     bk = min(bk, max(16, triton.next_power_of_2(k)))
-    _fp8_gemv_kernel[(triton.cdiv(n, bn),)](
+    _gemv_kernel[(triton.cdiv(n, bn),)](  # the bf16 GEMV's kernel, scaling each output channel
         x, w, w_scale, b if b is not None else w_scale, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
-        HAS_BIAS=b is not None, BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=bn, BLOCK_K=bk,
+        HAS_SCALE=True, HAS_BIAS=b is not None, BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=bn, BLOCK_K=bk,
         num_warps=warps, num_stages=stages)
     return out

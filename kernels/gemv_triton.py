@@ -17,8 +17,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                 HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    # HAS_SCALE: w is FP8 with a per-output-channel fp32 scale at s_ptr (kernels/fp8_triton.py)
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
@@ -32,6 +34,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, st
                     other=0.0)  # int64 offsets: N * K may pass 2^31 (a 405B model's LM head)
         x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if HAS_SCALE:
+        acc = acc * tl.load(s_ptr + n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + m[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -89,7 +93,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, config
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     bn, bk, warps, stages = config or (config_for(x.device, n, k) if x.is_cuda else None) or DEFAULT_CONFIG
     _gemv_kernel[(triton.cdiv(n, bn),)](
-        x, w, b if b is not None else w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
-        HAS_BIAS=b is not None, BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=bn, BLOCK_K=bk,
+        x, w, w, b if b is not None else w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
+        HAS_SCALE=False, HAS_BIAS=b is not None, BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=bn, BLOCK_K=bk,
         num_warps=warps, num_stages=stages)
     return out
