@@ -51,6 +51,10 @@ class EngineConfig:
     # ITL p99 by 25-60% but cost 16-28% of saturation throughput (BENCHMARKS.md).
     schedule_policy: str = _opt("fcfs", "fcfs or decode_first: how each step's token budget is spent")
     max_prefill_tokens: int = _opt(2048, "decode_first: prompt tokens per step at most while requests decode")
+    # decode_first by time: the prompt share is sized from the engine's own step timings so a step
+    # lasts about target_step_ms (actors/scheduler/step_cost.py); max_prefill_tokens until the fit is ready.
+    target_step_ms: float | None = _opt(None, "decode_first: size each step's prompt share so the step takes "
+                                              "about this many ms (fitted from measured steps)")
     enable_prefix_caching: bool = _opt(True, "reuse the KV of cached prompt prefixes")
     # Schedule step N+1 while step N runs (its sampled tokens count as pending).
     async_scheduling: bool = _opt(True, "schedule the next step while the current one runs")
@@ -85,6 +89,14 @@ class EngineConfig:
                 raise ConfigError(f"{name}: must be a positive integer, got {v!r}")
         if self.schedule_policy not in ("decode_first", "fcfs"):
             raise ConfigError(f"schedule_policy: must be decode_first or fcfs, got {self.schedule_policy!r}")
+        if self.target_step_ms is not None:
+            if isinstance(self.target_step_ms, bool) or not isinstance(self.target_step_ms, (int, float)) \
+                    or not 0 < self.target_step_ms < 60_000:
+                raise ConfigError(f"target_step_ms: must be a number of milliseconds in (0, 60000), got "
+                                  f"{self.target_step_ms!r}")
+            if self.schedule_policy != "decode_first":
+                raise ConfigError("target_step_ms: only the decode_first schedule_policy sizes steps by time "
+                                  f"(schedule_policy is {self.schedule_policy!r})")
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ConfigError(f"quantization: must be one of {list(QUANTIZATION_METHODS)}, got {self.quantization!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

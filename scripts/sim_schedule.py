@@ -122,6 +122,7 @@ def run(policy: str, args, model: StepTimeModel) -> dict:
     factory = sim_executor(clock, model)
     made = []
     eng = EngineCore(cfg, executor_factory=lambda c, n: made.append(factory(c, n)) or made[-1])
+    eng.clock = lambda: clock.now  # the engine times its steps (target_step_ms's fit) on the simulated clock
     rng = np.random.default_rng(args.seed)
     gaps = rng.exponential(1 / args.rate, args.num_prompts) if math.isfinite(args.rate) else np.zeros(args.num_prompts)
     arrivals = np.cumsum(gaps) - gaps[0]

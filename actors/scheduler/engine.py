@@ -56,7 +56,8 @@ class EngineCore:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
-                            config.schedule_policy, config.max_prefill_tokens), self.kv,
+                            config.schedule_policy, config.max_prefill_tokens,
+                            config.target_step_ms / 1e3 if config.target_step_ms else None), self.kv,
             tuple(self.model_config.eos_token_ids),
         )
         self.scheduler.vocab_size = self.model_config.vocab_size
@@ -79,6 +80,11 @@ class EngineCore:
         self._fault_file = config.extra.get("inject_fault_file")
         # Seconds spent in each part of step(), summed (the control-plane benchmark reports them).
         self.seconds = {"schedule": 0.0, "launch": 0.0, "wait": 0.0, "update": 0.0, "masks": 0.0}
+        # Step device times for the scheduler's step-time fit (decode_first by time): a step runs from
+        # its launch or the previous step's end, whichever is later, to the moment its output is back.
+        self.clock = time.perf_counter  # (scripts/sim_schedule.py runs the engine on a simulated clock)
+        self._launched: dict[int, float] = {}
+        self._last_done = 0.0
         self._kv_sources = None
         self._pulls: list = []  # (executor handle, request ids) of KV pulls in flight
         self._ready_pulls: list = []  # hand-offs that needed no transfer
@@ -249,6 +255,8 @@ class EngineCore:
             sec["wait"] += time.perf_counter() - t
         except BaseException as e:
             raise self._failed(e) from e
+        if self.scheduler.step_cost is not None:
+            self._timed(step.step_id)
         t = time.perf_counter()
         updates = self.scheduler.update_from_output(step, out)
         sec["update"] += time.perf_counter() - t
@@ -260,6 +268,15 @@ class EngineCore:
             except BaseException as e:
                 raise self._failed(e) from e
         return updates
+
+    def _timed(self, step_id: int) -> None:
+        done = self.clock()
+        launched = self._launched.pop(step_id, None)
+        if launched is not None:
+            self.scheduler.step_timed(step_id, done - max(launched, self._last_done))
+        self._last_done = done
+        if len(self._launched) > 8:  # steps dropped without a wait
+            self._launched = {k: v for k, v in self._launched.items() if k > step_id}
 
     def _failed(self, e: BaseException) -> StepFailed:
         """After a failed step: every request ended, the prefix cache forgotten."""
@@ -301,6 +318,8 @@ class EngineCore:
             step.inject_fault = True
         handle = self.executor.execute_async(step)
         self.seconds["launch"] += time.perf_counter() - t1
+        if self.scheduler.step_cost is not None:
+            self._launched[step.step_id] = self.clock()
         return step, handle
 
     def shutdown(self) -> None:

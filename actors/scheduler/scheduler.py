@@ -51,6 +51,7 @@ from ziggurat.actors.scheduler.kv_manager import KVCacheManager
 from ziggurat.actors.scheduler.messages import StepUpdates
 from ziggurat.actors.scheduler.request import Request, RequestStatus
 from ziggurat.actors.scheduler.running import RunningSet, RowPool
+from ziggurat.actors.scheduler.step_cost import StepCostModel
 from ziggurat.models.step import CachedRequestData, GrammarMasks, NewRequestData, StepInput, StepOutput
 
 
@@ -61,6 +62,12 @@ class SchedulerConfig:
     max_model_len: int
     policy: str = "fcfs"  # or "decode_first" (EngineConfig.schedule_policy)
     max_prefill_tokens: int = 2048  # decode_first: prompt tokens per step while requests decode
+    target_step_s: float | None = None  # decode_first: size that share by time instead (EngineConfig.target_step_ms)
+
+
+# decode_first with a target step time: the prompt share never drops below this many tokens,
+# so prompts keep being admitted when the decodes alone fill the target.
+MIN_PREFILL_SHARE = 256
 
 
 class Scheduler:
@@ -77,6 +84,11 @@ class Scheduler:
         self.rows = RowPool()
         self.loras = None  # AdapterSlots (actors/scheduler/lora.py) when the engine serves LoRA adapters
         self.num_preemptions = 0
+        # decode_first by time: the step-time fit, fed by the engine (step_timed) with each step's
+        # shape as scheduled: step id -> (prompt tokens, decode rows, decode context).
+        self.step_cost = StepCostModel() if config.policy == "decode_first" and config.target_step_s else None
+        self._shapes: dict[int, tuple[int, int, int]] = {}
+        self._decode_shape = (0, 0)
         # Prefill/decode (see the module docstring).
         self.sending: dict[str, Request] = {}  # prefill side: KV held for the decode replica
         self.remote_waiting: deque[Request] = deque()  # decode side: waiting for room
@@ -251,6 +263,7 @@ class Scheduler:
         step = StepInput(finished_rows=self._forget, step_id=self.rows.scheduled)
         self.rows.scheduled += 1
         self._forget = []
+        self._decode_shape = (0, 0)
         if self.remote_waiting:
             self._admit_remote()
         budget, preempted = self._schedule_running(step, self.config.max_num_batched_tokens)
@@ -299,7 +312,18 @@ class Scheduler:
                 self._due = (step.step_id, reqs, step.grammar_rows)
             else:
                 step.grammar_bitmask = self._fill_masks(reqs)
+        if self.step_cost is not None and len(step.rows):
+            d, ctx = self._decode_shape
+            if len(self._shapes) > 64:  # steps the engine dropped or never timed
+                self._shapes.clear()
+            self._shapes[step.step_id] = (int(step.num_tokens.sum()) - d, d, ctx)
         return step
+
+    def step_timed(self, step_id: int, seconds: float) -> None:
+        """The engine measured step `step_id`'s device time: feed the step-time fit."""
+        shape = self._shapes.pop(step_id, None)
+        if shape is not None and self.step_cost is not None:
+            self.step_cost.observe(*shape, seconds)
 
     def masks_for(self, step: StepInput) -> GrammarMasks | None:
         """Deferred sampling: the grammar masks of `step` (the last one scheduled), filled now
@@ -345,7 +369,7 @@ class Scheduler:
         want[ends] = 0
         if self.num_grammar and not self.defer_masks:  # a grammar's next mask needs its pending token: wait for it
             want[(p > 0) & rs.grammar[:m]] = 0
-        n, admit_budget = self._split_budget(want, budget)
+        n, admit_budget = self._split_budget(want, budget, c)
         total = c + n
         slow = np.flatnonzero((n > 0) & ((total > rs.kv_cap[:m]) | (np.minimum(total, k) >= rs.kv_cache_lim[:m])))
         new_blocks: dict[int, list[int]] = {}
@@ -386,7 +410,7 @@ class Scheduler:
                 step.cached_requests.append(CachedRequestData(int(rs.row[i]), list(blocks), int(c[i])))
         return admit_budget, preempted
 
-    def _split_budget(self, want: np.ndarray, budget: int) -> tuple[np.ndarray, int]:
+    def _split_budget(self, want: np.ndarray, budget: int, computed: np.ndarray) -> tuple[np.ndarray, int]:
         """Tokens each running request runs this step (it wants `want`), and the budget
         left for admitting waiting requests.
 
@@ -398,14 +422,26 @@ class Scheduler:
         max_prefill_tokens prompt tokens (running chunks in admission order, then
         admissions), so a step lasts about the time of its decodes plus that many prompt
         tokens (on `nvidia-h200`, 8B bf16: ~28 us per prompt token in a large chunk, so 2,048
-        tokens add ~57 ms). With nothing decoding, prompts get the whole budget."""
+        tokens add ~57 ms). With nothing decoding, prompts get the whole budget.
+
+        decode_first with target_step_s: the share is what the step-time fit (StepCostModel,
+        from the engine's timings of earlier steps) says fits beside this step's decodes and
+        their context within the target, at least MIN_PREFILL_SHARE; max_prefill_tokens until
+        the fit is ready."""
         if self.config.policy == "fcfs":
             n = np.minimum(want, np.maximum(budget - (np.cumsum(want) - want), 0))
             return n, budget - int(n.sum())
         dec = (want == 1).astype(want.dtype)
         n = np.minimum(dec, np.maximum(budget - (np.cumsum(dec) - dec), 0))
         left = budget - int(n.sum())
-        cap = min(left, self.config.max_prefill_tokens) if n.any() else left
+        share = self.config.max_prefill_tokens
+        if self.step_cost is not None:
+            rows, ctx = int(n.sum()), int(computed[n > 0].sum())
+            self._decode_shape = (rows, ctx)
+            fit = self.step_cost.prompt_tokens_within(self.config.target_step_s, rows, ctx)
+            if fit is not None:
+                share = max(MIN_PREFILL_SHARE, fit)
+        cap = min(left, share) if n.any() else left
         big = np.where(want > 1, want, 0)
         nb = np.minimum(big, np.maximum(cap - (np.cumsum(big) - big), 0))
         return n + nb, cap - int(nb.sum())
