@@ -101,15 +101,23 @@ def rms_norm(x, weight, eps: float, residual=None):
 
 
 @triton.jit
+def silu_mul(g, u):
+    """silu(g) * u in g's dtype, rounded as torch's silu then multiply round: silu in fp32,
+    rounded, the product in fp32, rounded. The one definition: the decode GEMV's gated
+    prologue (kernels/gemv_triton.py) calls it too, so both give the same bits."""
+    gf = g.to(tl.float32)
+    act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+    return (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype)
+
+
+@triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, I, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = i < I
     g = tl.load(x_ptr + row * stride_x + i, mask=ok, other=0.0)
     u = tl.load(x_ptr + row * stride_x + I + i, mask=ok, other=0.0)
-    gf = g.to(tl.float32)
-    act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # rounded as torch's silu rounds
-    tl.store(out_ptr + row * stride_o + i, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=ok)
+    tl.store(out_ptr + row * stride_o + i, silu_mul(g, u), mask=ok)
 
 
 def silu_and_mul(x):

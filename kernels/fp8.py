@@ -29,6 +29,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ziggurat.kernels.activation import silu_and_mul
 from ziggurat.kernels.backend import use_triton
 
 FP8 = torch.float8_e4m3fn
@@ -46,8 +47,9 @@ def gemm_mode() -> str:
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, b: torch.Tensor | None = None,
-               x_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] (16/32-bit), w [N, K] fp8, w_scale [N] fp32, x_scale: static [1] or None (per token)."""
+               x_scale: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+    """x [..., K] (16/32-bit), w [N, K] fp8, w_scale [N] fp32, x_scale: static [1] or None (per token).
+    gated: x is [..., 2K] and the input is silu_and_mul(x) (the fp8 GEMV's prologue, else computed first)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     mode = gemm_mode()
@@ -55,12 +57,12 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, b: torch
     if use_triton(x2):
         from ziggurat.kernels import fp8_triton
 
-        if not w8a8:
-            y = fp8_triton.fp8_gemv(x2, w, w_scale, b) if x2.shape[0] <= fp8_triton.MAX_M else None
-        else:
-            y = _scaled_mm(x2, w, w_scale, b, x_scale) if _scaled_mm_fits(x2, w) else None
-        if y is not None:
-            return y.reshape(*shape[:-1], w.shape[0])
+        if not w8a8 and x2.shape[0] <= fp8_triton.MAX_M:
+            return fp8_triton.fp8_gemv(x2, w, w_scale, b, gated=gated).reshape(*shape[:-1], w.shape[0])
+    if gated:  # the fp8 GEMV's prologue applies the activation; every other path takes it first
+        x2 = silu_and_mul(x2)
+    if use_triton(x2) and w8a8 and _scaled_mm_fits(x2, w):
+        return _scaled_mm(x2, w, w_scale, b, x_scale).reshape(*shape[:-1], w.shape[0])
     y = fp8_linear_ref(x2, w, w_scale, b, x_scale, w8a8)
     return y.reshape(*shape[:-1], w.shape[0])
 

@@ -70,13 +70,14 @@ MAX_M = 8
 
 
 def fp8_gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, b: torch.Tensor | None = None,
-             config=None) -> torch.Tensor:
-    """x [M, K] (M <= 8, rows contiguous), w [N, K] fp8 contiguous, w_scale [N] fp32 -> [M, N] in x's dtype."""
-    m, k = x.shape
-    n = w.shape[0]
-    if m > MAX_M or w.shape[1] != k or not w.is_contiguous() or x.stride(1) != 1 or w.dtype != FP8:
+             config=None, gated: bool = False) -> torch.Tensor:
+    """x [M, K] (M <= 8, rows contiguous), w [N, K] fp8 contiguous, w_scale [N] fp32 -> [M, N] in x's dtype.
+    gated: x is [M, 2K] (gate columns, then up) and the product is silu_and_mul(x) w^T (gemv_triton's GATED)."""
+    m, kx = x.shape
+    n, k = w.shape
+    if m > MAX_M or kx != (2 * k if gated else k) or not w.is_contiguous() or x.stride(1) != 1 or w.dtype != FP8:
         raise ValueError(f"fp8_gemv: x {tuple(x.shape)} and w {tuple(w.shape)} {w.dtype} do not fit "
-                         f"(M <= {MAX_M}, contiguous K, fp8 weights)")
+                         f"(M <= {MAX_M}, contiguous K, fp8 weights{', x twice as wide as w: gated' if gated else ''})")
     if w_scale.shape != (n,) or w_scale.dtype != torch.float32:
         raise ValueError(f"fp8_gemv: w_scale must be float32 [{n}], got {w_scale.dtype} {tuple(w_scale.shape)}")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -85,5 +86,5 @@ def fp8_gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, b: torch.T
     _gemv_kernel[(triton.cdiv(n, bn),)](  # the bf16 GEMV's kernel, scaling each output channel
         x, w, w_scale, b if b is not None else w_scale, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
         HAS_SCALE=True, HAS_BIAS=b is not None, BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=warps, num_stages=stages)
+        GATED=gated, num_warps=warps, num_stages=stages)
     return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ziggurat.kernels.activation import silu_and_mul
 from ziggurat.kernels.matmul import linear
 from ziggurat.topology.distributed import all_reduce, shard_range, tp
 
@@ -144,8 +145,11 @@ class RowParallelLinear(nn.Module):
         src.expect_shape((self.out_features,))
         param.data.copy_(src.read())
 
-    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
-        y = linear(x, self.weight, None, self.weight_scale, self.input_scale)
+    def forward(self, x: torch.Tensor, lora=None, gated: bool = False) -> torch.Tensor:
+        """gated: x is a merged gate_up output [T, 2 * in] and the input is silu_and_mul(x) (kernels/matmul.py)."""
+        if gated and lora is not None and self.lora is not None:
+            x, gated = silu_and_mul(x), False  # the adapter's delta reads the activation itself
+        y = linear(x, self.weight, None, self.weight_scale, self.input_scale, gated)
         if lora is not None and self.lora is not None:
             self.lora.apply(y, x, lora)  # x_r A_r^T B^T: summed over ranks with the base output
         y = all_reduce(y)

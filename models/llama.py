@@ -16,7 +16,6 @@ import re
 import torch
 from torch import nn
 
-from ziggurat.kernels.activation import silu_and_mul
 from ziggurat.kernels.attention import AttentionMetadata
 from ziggurat.models.attention import PagedAttention
 from ziggurat.models.config import ModelConfig
@@ -57,7 +56,9 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, cfg.dtype)
 
     def forward(self, x, lora=None):
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x, lora)), lora)
+        # silu(gate) * up is the down projection's to apply: at decode it is the GEMV's
+        # prologue (one launch fewer per layer), else silu_and_mul first (kernels/matmul.py).
+        return self.down_proj(self.gate_up_proj(x, lora), lora, gated=True)
 
 
 class DecoderLayer(nn.Module):
