@@ -8,7 +8,23 @@ Decode (every sequence has one query) is flash-decoding: each sequence's
 context is cut into NUM_SPLITS equal runs of whole tiles; program (seq, kv_head, split) reads each KV
 page of its split once and serves all G = Hq / Hkv query heads of that KV
 head at once (GQA-aware: one read of K/V per KV head, not per query head),
-keeping a running max / sum / accumulator; a second kernel merges the splits.
+keeping a running max / sum / accumulator. The splits are then merged, by
+one of two epilogues (ZIGGURAT_DECODE_MERGE, or paged_decode's `merge`):
+
+    fused (default)  one kernel. Each program writes its partial (acc, m, l), then
+                     draws a ticket from its (seq, kv_head) counter (an atomic add,
+                     acq_rel); the program that draws the last ticket merges all the
+                     splits of its G heads and sets the counter back to 0. With one
+                     split the program writes the output itself (no partial, no ticket).
+    kernel           the split kernel writes partials, a second kernel merges them
+                     (one program per (seq, q head)): one more launch per layer.
+
+    partials  acc[B, Hq, S, D] fp32    ml[B, Hq, S, 2] fp32 (running max, sum)
+    tickets   int32[B * Hkv] (a slice of one buffer per device, zero between calls)
+
+Both merge with the same code (_merge_splits) in split order 0, 1, ..., so the
+result does not depend on which program merges, nor on the epilogue: bitwise
+equal under the interpreter.
 
 Prefill / chunked prefill / prefix hits is one FlashAttention-style kernel:
 program (query tile, seq, q head) walks the sequence's pages up to the
@@ -27,6 +43,7 @@ dequantizing costs no per-element multiply.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -49,7 +66,7 @@ def _online_softmax(s, v, m_i, l_i, acc, PREC: tl.constexpr):
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr,
-    acc_ptr, ml_ptr, ks_ptr, vs_ptr,
+    acc_ptr, ml_ptr, out_ptr, tickets_ptr, ks_ptr, vs_ptr,
     scale, window,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -57,10 +74,14 @@ def _decode_split_kernel(
     stride_tb,
     stride_at, stride_ah, stride_as,
     stride_mt, stride_mh, stride_ms,
+    stride_ot, stride_oh,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr,
     PREC: tl.constexpr, KV_SCALED: tl.constexpr,
+    EPILOGUE: tl.constexpr, G_MERGE: tl.constexpr, S_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
 ):
+    """EPILOGUE: "partials" (a second kernel merges), "ticket" (the last split merges) or
+    "direct" (NUM_SPLITS == 1: the output itself). See the module docstring."""
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -105,10 +126,66 @@ def _decode_split_kernel(
     if KV_SCALED:
         acc = acc * tl.load(vs_ptr)
     heads = kvh * G + g
-    tl.store(acc_ptr + seq * stride_at + heads[:, None] * stride_ah + split * stride_as + d[None, :], acc,
-             mask=g_ok[:, None] & d_ok[None, :])
-    tl.store(ml_ptr + seq * stride_mt + heads * stride_mh + split * stride_ms, m_i, mask=g_ok)
-    tl.store(ml_ptr + seq * stride_mt + heads * stride_mh + split * stride_ms + 1, l_i, mask=g_ok)
+    if EPILOGUE == "direct":  # one split: its partial is the output (what the merge of one split gives)
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+    else:
+        tl.store(acc_ptr + seq * stride_at + heads[:, None] * stride_ah + split * stride_as + d[None, :], acc,
+                 mask=g_ok[:, None] & d_ok[None, :])
+        tl.store(ml_ptr + seq * stride_mt + heads * stride_mh + split * stride_ms, m_i, mask=g_ok)
+        tl.store(ml_ptr + seq * stride_mt + heads * stride_mh + split * stride_ms + 1, l_i, mask=g_ok)
+    if EPILOGUE == "ticket":
+        # Every thread's partial is written before one thread takes the ticket (the barrier);
+        # the add releases them at GPU scope and the last ticket's acquire makes every
+        # split's partial visible to the program that draws it. Every program draws a
+        # ticket (none returns early), so the count always reaches NUM_SPLITS.
+        tl.debug_barrier()
+        counter = tickets_ptr + seq * tl.num_programs(1) + kvh
+        ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if ticket == NUM_SPLITS - 1:
+            tl.store(counter, 0)  # nobody else touches it in this call; the next call starts at 0
+            live = tl.cdiv(seq_len - first, tl.maximum(split_len, 1))  # splits that saw a key
+            _merge_splits(acc_ptr, ml_ptr, out_ptr, seq, kvh * G, live,
+                          stride_at, stride_ah, stride_as, stride_mt, stride_mh, stride_ms, stride_ot, stride_oh,
+                          NH=G, NH_PAD=G_MERGE, S_PAD=S_PAD, SB=SPLIT_BLOCK, D=D, D_PAD=D_PAD)
+
+
+@triton.jit
+def _merge_splits(acc_ptr, ml_ptr, out_ptr, seq, h0, live,
+                  stride_at, stride_ah, stride_as, stride_mt, stride_mh, stride_ms, stride_ot, stride_oh,
+                  NH: tl.constexpr, NH_PAD: tl.constexpr, S_PAD: tl.constexpr, SB: tl.constexpr,
+                  D: tl.constexpr, D_PAD: tl.constexpr):
+    """out[seq, h0 : h0 + NH] from the partials of splits [0, live): the global max first,
+    then SB splits at a time in split order (so the sums do not depend on who merges).
+    Splits past `live` saw no key (m = -inf, l = 0, acc = 0): leaving them out changes no bit.
+    Loads bypass L1 (.cg): other programs wrote these partials during this kernel."""
+    h = tl.arange(0, NH_PAD)
+    h_ok = h < NH
+    heads = h0 + h
+    d = tl.arange(0, D_PAD)
+    d_ok = d < D
+    ml = ml_ptr + seq * stride_mt + heads[:, None] * stride_mh  # [NH_PAD, 1]
+    s = tl.arange(0, S_PAD)
+    m_all = tl.load(ml + s[None, :] * stride_ms, mask=h_ok[:, None] & (s < live)[None, :], other=float("-inf"),
+                    cache_modifier=".cg")
+    m_max = tl.max(m_all, 1)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # nothing seen (padding): every weight is 0
+    denom = tl.zeros([NH_PAD], tl.float32)
+    out = tl.zeros([NH_PAD, D_PAD], tl.float32)
+    for s0 in range(0, live, SB):
+        sb = s0 + tl.arange(0, SB)
+        ok = h_ok[:, None] & (sb < live)[None, :]  # [NH_PAD, SB]
+        m = tl.load(ml + sb[None, :] * stride_ms, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(ml + sb[None, :] * stride_ms + 1, mask=ok, other=0.0, cache_modifier=".cg")
+        w = tl.where(m > float("-inf"), tl.exp(m - m_max[:, None]), 0.0)
+        denom += tl.sum(w * l, 1)
+        acc = tl.load(acc_ptr + seq * stride_at + heads[:, None, None] * stride_ah + sb[None, :, None] * stride_as
+                      + d[None, None, :], mask=ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")
+        out += tl.sum(acc * w[:, :, None], 1)
+    out = out / tl.where(denom == 0.0, 1.0, denom)[:, None]  # an empty (padding) sequence gives 0, not NaN
+    tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=h_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -117,24 +194,12 @@ def _decode_merge_kernel(
     stride_at, stride_ah, stride_as,
     stride_mt, stride_mh, stride_ms,
     stride_ot, stride_oh,
-    NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    h = tl.program_id(1)
-    s = tl.arange(0, S_PAD)
-    d = tl.arange(0, D_PAD)
-    s_ok = s < NUM_SPLITS
-    base = ml_ptr + seq * stride_mt + h * stride_mh + s * stride_ms
-    m = tl.load(base, mask=s_ok, other=float("-inf"))
-    l = tl.load(base + 1, mask=s_ok, other=0.0)
-    m_max = tl.max(m, 0)
-    w = tl.where(s_ok & (m > float("-inf")), tl.exp(m - m_max), 0.0)
-    denom = tl.sum(w * l, 0)
-    denom = tl.where(denom == 0.0, 1.0, denom)  # an empty (padding) sequence gives 0, not NaN
-    acc = tl.load(acc_ptr + seq * stride_at + h * stride_ah + s[:, None] * stride_as + d[None, :],
-                  mask=s_ok[:, None] & (d < D)[None, :], other=0.0)
-    out = tl.sum(acc * w[:, None], 0) / denom
-    tl.store(out_ptr + seq * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+    """The two-kernel path's merge: program (seq, q head) over all NUM_SPLITS partials."""
+    _merge_splits(acc_ptr, ml_ptr, out_ptr, tl.program_id(0), tl.program_id(1), NUM_SPLITS,
+                  stride_at, stride_ah, stride_as, stride_mt, stride_mh, stride_ms, stride_ot, stride_oh,
+                  NH=1, NH_PAD=1, S_PAD=S_PAD, SB=SPLIT_BLOCK, D=D, D_PAD=D_PAD)
 
 
 def _precision(q) -> str:
@@ -170,10 +235,49 @@ def num_decode_splits(batch: int, num_kv_heads: int, max_seq_len: int, device) -
     return max(1, min(by_len, by_grid, 64))
 
 
+DECODE_MERGES = ("fused", "kernel")
+SPLIT_BLOCK = 16  # splits the merge folds per step: [G, 16, D] fp32 partials in registers at once
+MIN_TICKETS = 1 << 14  # counters allocated at first use (64 KiB): 2,048 sequences of 8 KV heads
+
+
+def decode_merge() -> str:
+    """ZIGGURAT_DECODE_MERGE: `fused` (default: the last split merges, one launch) or
+    `kernel` (a second kernel merges: the A/B of the fusion)."""
+    mode = os.environ.get("ZIGGURAT_DECODE_MERGE", "fused")
+    if mode not in DECODE_MERGES:
+        raise ValueError(f"ZIGGURAT_DECODE_MERGE: must be one of {list(DECODE_MERGES)}, got {mode!r}")
+    return mode
+
+
+# One ticket buffer per device, shared by every layer and every call: calls on a
+# device run one after another on its stream (a decode forward is one stream), and
+# each call leaves its counters at 0. A CUDA graph records the buffer's address, so
+# it never moves while a graph may replay: it grows only outside a capture (a capture
+# that needs more falls back to the two-kernel merge), and a grown-out buffer is kept
+# alive in _RETIRED, where graphs captured before may still address it.
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []
+
+
+def _tickets(device: torch.device, n: int) -> torch.Tensor | None:
+    """A zeroed int32 buffer of at least n counters on `device`; None while a CUDA graph
+    is being captured and the buffer would have to grow."""
+    buf = _TICKETS.get(device)
+    if buf is not None and buf.numel() >= n:
+        return buf
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    if buf is not None:
+        _RETIRED.append(buf)
+    buf = _TICKETS[device] = torch.zeros(max(n, MIN_TICKETS), dtype=torch.int32, device=device)
+    return buf
+
+
 def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len: int, scale: float,
                  sliding_window: int | None = None, num_splits: int | None = None, pages_per_tile: int | None = None,
-                 k_scale=None, v_scale=None):
+                 k_scale=None, v_scale=None, merge: str | None = None):
     """q: [B, Hq, D] (one query per sequence) -> [B, Hq, D]. k_scale / v_scale: an FP8 cache's 0-d scales.
+    merge: "fused" or "kernel" (None: decode_merge(), the environment's).
 
     max_seq_len only bounds the number of splits; under a CUDA graph pass the
     largest length the graph will see (the grid is fixed at capture)."""
@@ -186,31 +290,50 @@ def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len: int, 
         max_seq_len = min(max_seq_len, sliding_window + bs * pages)
     if num_splits is None:
         num_splits = num_decode_splits(b, hkv, max_seq_len, q.device)
-    acc = torch.empty(b, hq, num_splits, d, dtype=torch.float32, device=q.device)
-    ml = torch.empty(b, hq, num_splits, 2, dtype=torch.float32, device=q.device)
+    merge = merge or decode_merge()
+    if merge not in DECODE_MERGES:
+        raise ValueError(f"paged_decode: merge must be one of {list(DECODE_MERGES)}, got {merge!r}")
+    tickets = None
+    if merge == "kernel":
+        epilogue = "partials"
+    elif num_splits == 1:
+        epilogue = "direct"
+    else:
+        tickets = _tickets(q.device, b * hkv)
+        epilogue = "partials" if tickets is None else "ticket"
     out = torch.empty_like(q)
+    if epilogue == "direct":
+        acc = ml = out  # unused
+    else:
+        acc = torch.empty(b, hq, num_splits, d, dtype=torch.float32, device=q.device)
+        ml = torch.empty(b, hq, num_splits, 2, dtype=torch.float32, device=q.device)
     d_pad = triton.next_power_of_2(d)
+    s_pad = max(2, triton.next_power_of_2(num_splits))
+    split_block = min(s_pad, SPLIT_BLOCK)
     ks, vs, scaled = _kv_scales(k_cache, k_scale, v_scale)
     _decode_split_kernel[(b, hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, acc, ml, ks, vs,
-        scale, sliding_window or 0,
+        q, k_cache, v_cache, block_tables, seq_lens, acc, ml, out, tickets if tickets is not None else seq_lens,
+        ks, vs, scale, sliding_window or 0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         acc.stride(0), acc.stride(1), acc.stride(2),
         ml.stride(0), ml.stride(1), ml.stride(2),
+        out.stride(0), out.stride(1),
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, D_PAD=d_pad,
         BLOCK_SIZE=bs, PAGES=pages, NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None,
         PREC=_precision(q), KV_SCALED=scaled,
+        EPILOGUE=epilogue, G_MERGE=triton.next_power_of_2(g), S_PAD=s_pad, SPLIT_BLOCK=split_block,
     )
-    _decode_merge_kernel[(b, hq)](
-        acc, ml, out,
-        acc.stride(0), acc.stride(1), acc.stride(2),
-        ml.stride(0), ml.stride(1), ml.stride(2),
-        out.stride(0), out.stride(1),
-        NUM_SPLITS=num_splits, S_PAD=max(2, triton.next_power_of_2(num_splits)), D=d, D_PAD=d_pad,
-    )
+    if epilogue == "partials":
+        _decode_merge_kernel[(b, hq)](
+            acc, ml, out,
+            acc.stride(0), acc.stride(1), acc.stride(2),
+            ml.stride(0), ml.stride(1), ml.stride(2),
+            out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, S_PAD=s_pad, SPLIT_BLOCK=split_block, D=d, D_PAD=d_pad,
+        )
     return out
 
 

@@ -58,6 +58,60 @@ def test_decode_padding_rows_give_zeros_and_leave_others_alone():
     assert rel_err(out[keep], ref[keep]) < 1e-5
 
 
+@pytest.mark.parametrize("hkv,g,window", [(1, 1, None), (1, 4, 40), (2, 3, None)])
+def test_decode_fused_merge_equals_the_two_kernel_merge(monkeypatch, hkv, g, window):
+    """The merge folded into the split kernel (the last ticket's program merges, or one
+    split writes the output) gives the two-kernel path's bits: 1 to 8 splits, GQA groups,
+    a sliding window, a padding row (seq_len 0: zeros). Tiles of 16 keys, so the splits
+    differ; the merge folds 2 splits a step, so its loop runs more than once."""
+    monkeypatch.setattr(AT, "SPLIT_BLOCK", 2)
+    q, kc, vc, meta = paged_setup([0, 17, 90], [1] * 3, hkv, g, 16, 16, seed=10 * hkv + g)
+    ref = attention.paged_attention_ref(q, kc, vc, meta, 0.25, window)
+    for splits in (1, 2, 3, 5, 8):
+        def run(merge):
+            return AT.paged_decode(q, kc, vc, meta.block_tables, meta.seq_lens, meta.max_seq_len, 0.25, window,
+                                   num_splits=splits, pages_per_tile=1, merge=merge)
+
+        fused = run("fused")
+        assert torch.equal(fused, run("kernel")), splits
+        assert torch.equal(fused[0], torch.zeros_like(fused[0]))
+        assert rel_err(fused[1:], ref[1:]) < 1e-5
+
+
+def test_decode_fused_merge_twice_on_the_same_buffers(monkeypatch):
+    """The last ticket sets its counter back to 0, so a second call on the same buffers
+    (a CUDA graph's replay) merges again and gives the same output; a batch that needs more
+    counters grows the buffer and keeps the old one alive (a captured graph may address it)."""
+    monkeypatch.setattr(AT, "_TICKETS", {})
+    monkeypatch.setattr(AT, "_RETIRED", [])
+    monkeypatch.setattr(AT, "MIN_TICKETS", 4)
+    q, kc, vc, meta = paged_setup([50, 130, 3], [1] * 3, 2, 4, 16, 16, seed=4)
+
+    def run(rows):
+        return AT.paged_decode(q[:rows], kc, vc, meta.block_tables[:rows], meta.seq_lens[:rows], 130, 0.25,
+                               num_splits=4, pages_per_tile=1, merge="fused")
+
+    first = run(2)  # 2 sequences x 2 KV heads: 4 counters
+    small = AT._TICKETS[q.device]
+    assert small.numel() == 4 and not small.any()
+    assert torch.equal(run(2), first) and AT._TICKETS[q.device] is small and not small.any()
+    third = run(3)  # 6 counters: a new buffer, the old one retired, not freed
+    assert AT._TICKETS[q.device].numel() == 6 and AT._RETIRED == [small] and not AT._TICKETS[q.device].any()
+    assert torch.equal(third[:2], first)
+    ref = attention.paged_attention_ref(q, kc, vc, meta, 0.25)
+    assert rel_err(third, ref) < 1e-5
+
+
+def test_decode_merge_setting(monkeypatch):
+    monkeypatch.setenv("ZIGGURAT_DECODE_MERGE", "kernel")
+    assert AT.decode_merge() == "kernel"
+    monkeypatch.setenv("ZIGGURAT_DECODE_MERGE", "two")
+    with pytest.raises(ValueError, match="ZIGGURAT_DECODE_MERGE"):
+        AT.decode_merge()
+    monkeypatch.delenv("ZIGGURAT_DECODE_MERGE")
+    assert AT.decode_merge() == "fused"
+
+
 @pytest.mark.parametrize("bs", [16, 32])
 @pytest.mark.parametrize("hkv,g", [(1, 1), (2, 4)])
 @pytest.mark.parametrize("window", [None, 24])
@@ -244,6 +298,57 @@ def test_gemv(m, n, k, config):
     assert rel_err(gemv(x, w, b, config=config), x @ w.T + b) < 1e-5
     with pytest.raises(ValueError, match="gemv"):
         gemv(torch.randn(9, k, device=DEV), w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("n,k,config", [(37, 300, (8, 128, 4, 1)), (5, 40, None)])
+def test_gated_gemv_equals_silu_and_mul_then_gemv(monkeypatch, dtype, m, n, k, config):
+    """The down projection's fused prologue: silu(gate) * up as the GEMV's vector gives
+    silu_and_mul then the GEMV bit for bit (same config, K not a multiple of BLOCK_K), for
+    bf16 and FP8 weights; matmul.linear(gated=True) takes it at M <= 2 and equals the two ops."""
+    from ziggurat.kernels import fp8_triton, matmul
+    from ziggurat.kernels.activation import silu_and_mul_ref
+    from ziggurat.kernels.fp8 import fp8_linear
+    from ziggurat.kernels.gemv_triton import gemv
+
+    g = torch.Generator().manual_seed(n * m)
+    x = (torch.randn(m, 2 * k, generator=g) * 3).to(DEV, dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(DEV, dtype)
+    b = torch.randn(n, generator=g).to(DEV, dtype)
+    fused = gemv(x, w, b, config, gated=True)
+    assert torch.equal(fused, gemv(ET.silu_and_mul(x), w, b, config))
+    exact = torch.nn.functional.linear(silu_and_mul_ref(x).float(), w.float(), b.float())
+    assert rel_err(fused, exact) < (1e-5 if dtype == torch.float32 else 2e-2)
+    w8 = torch.randn(n, k, generator=g).to(DEV, torch.float8_e4m3fn)
+    s = (torch.rand(n, generator=g) + 0.5).to(DEV)
+    assert torch.equal(fp8_triton.fp8_gemv(x, w8, s, b, config, gated=True),
+                       fp8_triton.fp8_gemv(ET.silu_and_mul(x), w8, s, b, config))
+    with pytest.raises(ValueError, match="gated"):
+        gemv(x[:, :k], w, gated=True)
+    if dtype == torch.bfloat16 and config is None:  # the dispatch (fp32 never takes the GEMV there)
+        monkeypatch.setenv("ZIGGURAT_KERNELS", "triton")
+        assert torch.equal(matmul.linear(x, w, b, gated=True), matmul.linear(ET.silu_and_mul(x), w, b))
+        assert torch.equal(matmul.linear(x, w8, None, s, gated=True), fp8_linear(ET.silu_and_mul(x), w8, s))
+
+
+def test_gated_linear_off_the_gemv_path_is_silu_and_mul_then_matmul(monkeypatch):
+    """Rows past GEMV_MAX_M (prefill), the torch reference and FP8's W8A8 path take the
+    activation first: the same numbers as the two ops."""
+    from ziggurat.kernels import matmul
+    from ziggurat.kernels.activation import silu_and_mul
+    from ziggurat.kernels.fp8 import fp8_linear
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(5, 64, generator=g) * 3).to(DEV, torch.bfloat16)
+    w = (torch.randn(48, 32, generator=g) / 6).to(DEV, torch.bfloat16)
+    w8, s = w.float().to(torch.float8_e4m3fn), torch.ones(48, device=DEV)
+    for kernels in ("triton", "torch"):
+        monkeypatch.setenv("ZIGGURAT_KERNELS", kernels)
+        for rows in (5, 2):
+            xr = x[:rows]
+            assert torch.equal(matmul.linear(xr, w, gated=True), matmul.linear(silu_and_mul(xr), w))
+            assert torch.equal(fp8_linear(xr, w8, s, gated=True), fp8_linear(silu_and_mul(xr), w8, s))
 
 
 @pytest.mark.parametrize("hq,hk,d", [(4, 2, 32), (3, 1, 16), (8, 8, 64)])
