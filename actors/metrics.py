@@ -175,7 +175,13 @@ COLD_START = _g("cold_start_waiting_requests", "Requests waiting for a replica t
 ROUTES = _c("routes", "Routing decisions, by kind: whole (one replica), pair (prefill/decode), none (no replica), "
                       "fallback (round robin: the router did not answer).")
 USAGE_RECORDS = _g("usage_records_pending", "The ingress's own usage records (failures) not yet in the ledger.")
-INGRESS = (HTTP_REQUESTS, INFLIGHT, UNREACHABLE, COLD_START, ROUTES, USAGE_RECORDS)
+# A step's tokens from the scheduler's publish to this ingress putting them on their streams: the Ray call
+# and the ingress's event loop (both clocks are wall clocks: on another host, add the clocks' offset).
+TOKEN_DELIVERY = Metric("ziggurat_token_delivery_seconds", "histogram",
+                        "A step's tokens, from the scheduler publishing them to this ingress dispatching them "
+                        "to their streams.", None,
+                        (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+INGRESS = (HTTP_REQUESTS, INFLIGHT, UNREACHABLE, COLD_START, ROUTES, USAGE_RECORDS, TOKEN_DELIVERY)
 
 ALL = REPLICA + GPU + TENANT + (REQUEST_SUCCESS,) + REQUEST_HISTOGRAMS + HISTOGRAMS + INGRESS
 

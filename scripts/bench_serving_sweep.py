@@ -85,15 +85,23 @@ def main(argv=None) -> int:
                                   random_input_len=args.input_len, random_output_len=args.output_len,
                                   vocab_size=min(vocab, 10000), warmup_requests=2 if not rows else 0,
                                   seed=1000 + len(rows))  # fresh prompts per rate, the same for every policy
-                before = ray.get(dep.schedulers[0].stats.remote())
+                before, text0 = ray.get(dep.schedulers[0].stats.remote()), scrape(dep.url)
                 m = asyncio.run(run_benchmark(cfg))
-                after = ray.get(dep.schedulers[0].stats.remote())
+                after, text1 = ray.get(dep.schedulers[0].stats.remote()), scrape(dep.url)
                 print(f"\n== [{name}] request rate {rate} ==\n" + format_table(m), flush=True)
                 m.pop("config", None)
                 m["scheduler"] = sched = step_phases(before, after)
                 print("replica 0, per step: " + ", ".join(f"{k} {v:.0f} us" for k, v in sched["phase_us"].items())
                       + f"; loop iteration {sched['loop_iteration_us']:.0f} us over {sched['steps']} steps",
                       flush=True)
+                # Where the client's ITL comes from: the replica's gaps between token steps (the
+                # schedule), and each step's tokens from publish to the ingress (the delivery).
+                m["server_step_gap_s"] = gaps = histogram_quantiles(text0, text1, "ziggurat_inter_token_latency_seconds")
+                m["token_delivery_s"] = lag = histogram_quantiles(text0, text1, "ziggurat_token_delivery_seconds")
+                for label, h in (("replica step gap", gaps), ("token delivery", lag)):
+                    if h:
+                        print(f"{label} p50 / p90 / p99: " + " / ".join(f"{1e3 * h[k]:.1f}" for k in ("p50", "p90", "p99"))
+                              + f" ms ({h['count']} steps)", flush=True)
                 rows.append(dict(rate=rate, policy=name, **m))
         finally:
             dep.shutdown()
@@ -117,17 +125,63 @@ def main(argv=None) -> int:
     return 0
 
 
+def policy_settings(spec: str) -> dict:
+    """'default' | 'fcfs' | 'decode_first[:N][@MS]' -> engine settings (N: max_prefill_tokens; MS:
+    target_step_ms, the prompt share sized by time)."""
+    if spec == "default":
+        return {}
+    head, at, ms = spec.partition("@")
+    name, _, n = head.partition(":")
+    if name not in ("fcfs", "decode_first") or (at and name != "decode_first"):
+        raise SystemExit(f"policy {spec!r}: default, fcfs, or decode_first[:MAX_PREFILL_TOKENS][@TARGET_STEP_MS]")
+    kw: dict = {"schedule_policy": name}
+    try:
+        if n:
+            kw["max_prefill_tokens"] = int(n)
+        if at:
+            kw["target_step_ms"] = float(ms)
+    except ValueError:
+        raise SystemExit(f"policy {spec!r}: N must be an integer and MS a number") from None
+    return kw
+
+
 def _policy(spec: str) -> tuple[str, dict]:
-    """'fcfs' / 'decode_first[:N]' / 'default' -> (name, engine settings)."""
-    name, _, n = spec.partition(":")
-    if name == "default":
-        return spec, {}
-    if name not in ("fcfs", "decode_first"):
-        raise SystemExit(f"--policies: unknown policy {spec!r} (default, fcfs, decode_first[:N])")
-    kw = {"schedule_policy": name}
-    if n:
-        kw["max_prefill_tokens"] = int(n)
-    return spec, kw
+    return spec, policy_settings(spec)
+
+
+def scrape(url: str) -> str:
+    """The deployment's /metrics text."""
+    import urllib.request
+
+    with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=30) as r:
+        return r.read().decode()
+
+
+def histogram_quantiles(before: str, after: str, name: str, qs=(0.5, 0.9, 0.99)) -> dict | None:
+    """Quantiles (seconds) of a Prometheus histogram's observations between two scrapes, summed over
+    its series, by linear interpolation inside the bucket (a bucket's width bounds the error)."""
+    import re
+
+    def buckets(text):
+        out: dict[float, float] = {}
+        for le, v in re.findall(rf'^{name}_bucket{{[^}}]*le="([^"]+)"}} ([0-9.e+-]+)$', text, re.M):
+            b = float("inf") if le == "+Inf" else float(le)
+            out[b] = out.get(b, 0.0) + float(v)
+        return out
+
+    b0, b1 = buckets(before), buckets(after)
+    edges = sorted(b1)
+    cum = [b1[e] - b0.get(e, 0.0) for e in edges]
+    total = cum[-1] if cum else 0
+    if total <= 0:
+        return None
+    res = {"count": int(total)}
+    for q in qs:
+        k = next(i for i, c in enumerate(cum) if c >= q * total)
+        lo, prev = (edges[k - 1], cum[k - 1]) if k else (0.0, 0.0)
+        hi = edges[k] if edges[k] != float("inf") else lo
+        res[f"p{round(q * 100)}"] = lo + (hi - lo) * (q * total - prev) / max(cum[k] - prev, 1e-12)
+    return res
 
 
 def step_phases(before, after) -> dict:

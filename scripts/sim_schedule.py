@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ziggurat.scripts.bench_serving_sweep import policy_settings
 from ziggurat.scripts.report import emit
 
 # The end-to-end measurement the model is checked against (nvidia-h200, 2026-12-01, 256 x 1024/128):
@@ -95,20 +96,6 @@ def sim_executor(clock: Clock, model: StepTimeModel):
     return SimExecutor
 
 
-def parse_policy(spec: str) -> dict:
-    """'fcfs' | 'decode_first[:N]' | 'decode_first@MS' -> engine settings."""
-    name, at, ms = spec.partition("@")
-    name, _, n = name.partition(":")
-    if name not in ("fcfs", "decode_first"):
-        raise SystemExit(f"policy {spec!r}: fcfs, decode_first[:N] or decode_first@MS")
-    kw: dict = {"schedule_policy": name}
-    if n:
-        kw["max_prefill_tokens"] = int(n)
-    if at:
-        kw["target_step_ms"] = float(ms)
-    return kw
-
-
 def run(policy: str, args, model: StepTimeModel) -> dict:
     from ziggurat import SamplingParams
     from ziggurat.actors.scheduler.engine import EngineCore
@@ -118,7 +105,7 @@ def run(policy: str, args, model: StepTimeModel) -> dict:
     clock = Clock()
     cfg = EngineConfig(model=str(tiny_model_dir()), device="cpu", num_kv_blocks=args.num_kv_blocks,
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                       max_model_len=args.input_len + args.output_len + 16, **parse_policy(policy))
+                       max_model_len=args.input_len + args.output_len + 16, **policy_settings(policy))
     factory = sim_executor(clock, model)
     made = []
     eng = EngineCore(cfg, executor_factory=lambda c, n: made.append(factory(c, n)) or made[-1])

@@ -28,6 +28,7 @@ import asyncio
 import logging
 import time
 
+from ziggurat.actors.metrics import TOKEN_DELIVERY, Histogram
 from ziggurat.actors.ingress.protocol import APIError, bad
 from ziggurat.actors.router.messages import Route
 from ziggurat.actors.scheduler.messages import (
@@ -81,6 +82,7 @@ class EngineClient:
         self.cold_start_timeout_s = 0.0  # >0: a deployment that autoscales from zero (ray_client.py sets it)
         self.cold_waiting = 0  # requests waiting for a replica to start
         self.routes: dict[str, int] = {}  # kind -> count (metrics ROUTES)
+        self.delivery = Histogram(TOKEN_DELIVERY.buckets)  # publish -> dispatch of each TokenBatch (seconds)
 
     # -- the transport: a subclass's ---------------------------------------------------------
 
@@ -172,7 +174,10 @@ class EngineClient:
                 self._drain(replica)
 
     def _dispatch(self, batches: list[TokenBatch]) -> None:
+        now = time.time()
         for batch in batches:
+            if batch.sent_at:
+                self.delivery.observe(max(0.0, now - batch.sent_at))
             self._apply(batch)
 
     def _apply(self, batch: TokenBatch) -> None:

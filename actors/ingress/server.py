@@ -362,6 +362,9 @@ class OpenAIServer:
                     (metrics.INFLIGHT, {}, len(self.client.queues)),
                     (metrics.COLD_START, {}, self.client.cold_waiting),
                     (metrics.USAGE_RECORDS, {}, len(self.records.pending))]
+        delivery = self.client.delivery.series.get("")
+        if delivery is not None:
+            samples.append((metrics.TOKEN_DELIVERY, {}, delivery))
         samples += [(metrics.ROUTES, {"kind": k}, v) for k, v in sorted(self.client.routes.items())]
         samples += [(metrics.HTTP_REQUESTS, {"status": str(k)}, v) for k, v in sorted(self.http_requests.items())]
         return PlainTextResponse(metrics.render_prometheus(samples), media_type="text/plain; version=0.0.4")

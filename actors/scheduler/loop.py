@@ -431,7 +431,7 @@ class SchedulerLoop:
             self.metrics.observe(metrics.ITL, now - self._last_token_step)
         self._last_token_step = now
         with self.wakeup:  # epochs and numbering change under this lock (register_ingress)
-            batches: list[tuple[str, TokenBatch]] = self.streams.split(updates)
+            batches: list[tuple[str, TokenBatch]] = self.streams.split(updates, now)
             for rid, (reason, _) in updates.finished.items():
                 self.streams.drop(rid)
                 i = ids.index(rid)

@@ -133,6 +133,7 @@ class TokenBatch:
     seq: int  # per (replica, ingress epoch), from 0: the ingress applies batches in this order
     updates: StepUpdates = field(default_factory=StepUpdates)  # iterate for RequestUpdates
     source: str = ""  # the scheduler incarnation that numbered it (a rebuilt replica numbers afresh)
+    sent_at: float = 0.0  # wall clock when the scheduler published it (the ingress's delivery histogram)
 
 
 # -- Scheduler -> Scheduler (prefill -> decode) ---------------------------------------------

@@ -42,8 +42,9 @@ class IngressStreams:
     def drop(self, request_id: str) -> None:
         self.routes.pop(request_id, None)
 
-    def split(self, updates: StepUpdates) -> list[tuple[str, TokenBatch]]:
-        """The step's columns split by ingress, each numbered next in its sequence."""
+    def split(self, updates: StepUpdates, sent_at: float = 0.0) -> list[tuple[str, TokenBatch]]:
+        """The step's columns split by ingress, each numbered next in its sequence (sent_at: the
+        wall clock of publishing, for the ingress's delivery histogram)."""
         ids, routes = updates.request_ids, self.routes
         groups: dict[str, list[int]] = {}
         for i, rid in enumerate(ids):
@@ -57,6 +58,6 @@ class IngressStreams:
         for ingress, idx in groups.items():
             part = updates if len(idx) == len(ids) else updates.take(idx)
             batches.append((ingress, TokenBatch(self.replica, self.epochs.get(ingress, ""), self.seq[ingress], part,
-                                                self.incarnation)))
+                                                self.incarnation, sent_at)))
             self.seq[ingress] += 1
         return batches

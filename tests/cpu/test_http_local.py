@@ -150,6 +150,9 @@ def test_metrics_use_the_registry_names(app):
     assert value('ziggurat_tenant_requests_total{model_name="tiny",replica="0",tenant="default"}') >= 1
     assert value('ziggurat_tenant_completion_tokens_total{model_name="tiny",replica="0",tenant="default"}') >= 2
     assert value('ziggurat_routes_total{kind="whole"}') >= 1
+    # Token delivery (scheduler publish -> this ingress's dispatch): at least this request's two steps.
+    assert value("ziggurat_token_delivery_seconds_count{}") >= 2
+    assert value('ziggurat_token_delivery_seconds_bucket{le="2.5"}') == value("ziggurat_token_delivery_seconds_count{}")
 
 
 def test_health_and_models(app):

@@ -37,3 +37,26 @@ def test_bench_step_prep_smoke(llama_dir, capsys):
     assert main(["--model", str(llama_dir), "--requests", "16"]) == 0
     res = last_json(capsys.readouterr().out)
     assert res["prepare_us"] > 0 and res["sampling_batch_us"] > 0
+
+
+def test_serving_sweep_policies_and_histogram_quantiles():
+    import pytest
+
+    from ziggurat.scripts.bench_serving_sweep import histogram_quantiles, policy_settings
+
+    assert policy_settings("default") == {}
+    assert policy_settings("decode_first:1024@60") == {"schedule_policy": "decode_first", "max_prefill_tokens": 1024,
+                                                      "target_step_ms": 60.0}
+    for bad in ("lifo", "fcfs@60", "decode_first:x", "decode_first@fast"):
+        with pytest.raises(SystemExit, match="policy"):
+            policy_settings(bad)
+
+    def text(counts):  # cumulative buckets 0.01 / 0.1 / +Inf of two series
+        return "\n".join(f'h_bucket{{replica="{r}",le="{le}"}} {c}' for r in "01"
+                         for le, c in zip(("0.01", "0.1", "+Inf"), counts)) + "\n"
+
+    q = histogram_quantiles(text((10, 10, 10)), text((10, 60, 110)), "h")  # per series: 50 in (0.01, 0.1], 50 above
+    assert q["count"] == 200
+    assert q["p50"] == pytest.approx(0.1)  # half the new observations at or below 0.1
+    assert q["p90"] == pytest.approx(0.1)  # above the last finite bucket: its edge, not a guess
+    assert histogram_quantiles(text((1, 1, 1)), text((1, 1, 1)), "h") is None  # nothing new
