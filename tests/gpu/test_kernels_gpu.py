@@ -6,6 +6,8 @@ and fp32, block sizes, GQA ratios, contexts up to 32k. Skipped without CUDA.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -40,6 +42,72 @@ def test_decode(dtype, bs, hkv, g):
     ref = attention.paged_attention_ref(q, kc, vc, meta, 128**-0.5)
     out = AT.paged_decode(q, kc, vc, meta.block_tables, meta.seq_lens, meta.max_seq_len, 128**-0.5)
     check(out, ref, dtype)
+
+
+def _decode(q, kc, vc, meta, merge, **kw):
+    return AT.paged_decode(q, kc, vc, meta.block_tables, meta.seq_lens, meta.max_seq_len, 128**-0.5, merge=merge, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("hkv,g,window", [(8, 4, None), (2, 8, None), (8, 4, 4096)])
+@pytest.mark.parametrize("num_splits", [None, 1, 7, 33, 64])
+def test_decode_fused_merge(dtype, hkv, g, window, num_splits):
+    """The merge folded into the split kernel, at the 8B's shape: equals the two-kernel
+    merge (same arithmetic; the compiled reductions may round apart by an ulp), the
+    reference, zeros for a padding row; the same bits on every one of 20 calls (a partial
+    read before it was visible would change some), and the counters left at 0."""
+    seq_lens = [0, 1, 15, 300, 4097, 32768, 1000]
+    q, kc, vc, meta = setup(seq_lens, [1] * len(seq_lens), hkv, g, 128, 16, dtype, seed=g)
+    kw = {"num_splits": num_splits, "sliding_window": window}
+    fused = _decode(q, kc, vc, meta, "fused", **kw)
+    two = _decode(q, kc, vc, meta, "kernel", **kw)
+    assert torch.equal(fused[0], torch.zeros_like(fused[0]))
+    ref = attention.paged_attention_ref(q, kc, vc, meta, 128**-0.5, window)
+    check(fused[1:], ref[1:], dtype)
+    gap = ((fused.float() - two.float()).norm() / two.float().norm()).item()
+    assert gap < (4e-3 if dtype == torch.bfloat16 else 1e-6), gap
+    for _ in range(20):
+        assert torch.equal(_decode(q, kc, vc, meta, "fused", **kw), fused)
+    tickets = AT._TICKETS.get(q.device)  # (none yet when every call so far had one split)
+    assert tickets is None or not tickets.any()
+
+
+def test_decode_fused_merge_under_a_cuda_graph(monkeypatch):
+    """Captured once for 32k contexts and replayed at other lengths (counters reset between
+    replays); a capture that would need a larger counter buffer takes the two-kernel merge
+    instead of allocating inside the graph."""
+    seq_lens = [700, 32768, 5, 4097]
+    q, kc, vc, meta = setup(seq_lens, [1] * 4, 8, 4, 128, 16, torch.bfloat16, seed=1)
+    lens = meta.seq_lens.clone()
+
+    def forward():
+        return AT.paged_decode(q, kc, vc, meta.block_tables, lens, 32768, 128**-0.5)
+
+    def replay_at(graph, out, new_lens):  # (the tables span 32k for every row: block 0 past a row's own)
+        lens.copy_(torch.tensor(new_lens, device="cuda", dtype=lens.dtype))
+        graph.replay()
+        now = dataclasses.replace(meta, seq_lens=lens.clone(), seq_lens_cpu=new_lens, max_seq_len=max(new_lens))
+        ref = attention.paged_attention_ref(q, kc, vc, now, 128**-0.5)
+        live = torch.tensor(new_lens, device="cuda") > 0
+        check(out[live], ref[live], torch.bfloat16)
+        assert not out[~live].any()
+
+    forward()  # compiles outside the capture (and sizes the counters)
+    before = AT._TICKETS[q.device]
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = forward()
+    for new_lens in ([700, 32768, 5, 4097], [1, 3000, 17, 9000], [32768, 1, 2, 0]):
+        replay_at(g, out, new_lens)
+    assert AT._TICKETS[q.device] is before and not before.any()
+
+    monkeypatch.setattr(AT, "_TICKETS", {q.device: torch.zeros(2, dtype=torch.int32, device="cuda")})
+    AT.paged_decode(q, kc, vc, meta.block_tables, lens, 32768, 128**-0.5, merge="kernel")  # compile the fallback
+    g2 = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g2):
+        out2 = forward()  # 4 x 8 counters needed, 2 held: the two-kernel merge
+    assert AT._TICKETS[q.device].numel() == 2
+    replay_at(g2, out2, [1, 3000, 17, 9000])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -122,6 +190,29 @@ def test_gemv(m, n, k):
     check(gemv_triton.gemv(x, w), torch.nn.functional.linear(x, w), torch.bfloat16)
     check(gemv_triton.gemv(x, w, b), torch.nn.functional.linear(x, w, b), torch.bfloat16)
     check(matmul.linear(x, w), torch.nn.functional.linear(x, w), torch.bfloat16)
+
+
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("n,k", [(4096, 14336), (4096, 4096), (37, 300)])
+def test_gated_gemv(m, n, k):
+    """The down GEMV with silu_and_mul as its prologue, at the 8B's down shape: the same
+    bits as silu_and_mul then the GEMV on the same config, for bf16 and FP8 weights; the
+    dispatch (matmul.linear gated) equals the two ops whichever path this GPU takes."""
+    from ziggurat.kernels import fp8_triton, gemv_triton, matmul
+
+    x = (torch.randn(m, 2 * k, device="cuda") * 3).to(torch.bfloat16)
+    w = (torch.randn(n, k, device="cuda") / k**0.5).to(torch.bfloat16)
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    config = gemv_triton.config_for(x.device, n, k) or gemv_triton.DEFAULT_CONFIG
+    act = ET.silu_and_mul(x)
+    fused = gemv_triton.gemv(x, w, b, config, gated=True)
+    assert torch.equal(fused, gemv_triton.gemv(act, w, b, config))
+    check(fused, torch.nn.functional.linear(act.float(), w.float(), b.float()), torch.bfloat16)
+    assert torch.equal(matmul.linear(x, w, b, gated=True), matmul.linear(act, w, b))
+    w8 = w.float().to(torch.float8_e4m3fn)
+    s = torch.rand(n, device="cuda") + 0.5
+    assert torch.equal(fp8_triton.fp8_gemv(x, w8, s, b, gated=True), fp8_triton.fp8_gemv(act, w8, s, b))
+    assert torch.equal(matmul.linear(x, w8, None, s, gated=True), matmul.linear(act, w8, None, s))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
