@@ -236,7 +236,9 @@ def num_decode_splits(batch: int, num_kv_heads: int, max_seq_len: int, device) -
 
 
 DECODE_MERGES = ("fused", "kernel")
-SPLIT_BLOCK = 16  # splits the merge folds per step: [G, 16, D] fp32 partials in registers at once
+# fp32 partial elements the merge holds in registers per step (64 a thread at 4 warps): it folds
+# MERGE_TILE // (G * D) splits a step, 16 at the 8B's G = 4, D = 128 (one step up to 16 live splits).
+MERGE_TILE = 8192
 MIN_TICKETS = 1 << 14  # counters allocated at first use (64 KiB): 2,048 sequences of 8 KV heads
 
 
@@ -309,7 +311,8 @@ def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len: int, 
         ml = torch.empty(b, hq, num_splits, 2, dtype=torch.float32, device=q.device)
     d_pad = triton.next_power_of_2(d)
     s_pad = max(2, triton.next_power_of_2(num_splits))
-    split_block = min(s_pad, SPLIT_BLOCK)
+    g_merge = triton.next_power_of_2(g)
+    split_block = min(s_pad, max(2, MERGE_TILE // (g_merge * d_pad)))  # the same for both merges: the same sums
     ks, vs, scaled = _kv_scales(k_cache, k_scale, v_scale)
     _decode_split_kernel[(b, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, acc, ml, out, tickets if tickets is not None else seq_lens,
@@ -324,7 +327,7 @@ def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len: int, 
         G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, D_PAD=d_pad,
         BLOCK_SIZE=bs, PAGES=pages, NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None,
         PREC=_precision(q), KV_SCALED=scaled,
-        EPILOGUE=epilogue, G_MERGE=triton.next_power_of_2(g), S_PAD=s_pad, SPLIT_BLOCK=split_block,
+        EPILOGUE=epilogue, G_MERGE=g_merge, S_PAD=s_pad, SPLIT_BLOCK=split_block,
     )
     if epilogue == "partials":
         _decode_merge_kernel[(b, hq)](

@@ -64,7 +64,7 @@ def test_decode_fused_merge_equals_the_two_kernel_merge(monkeypatch, hkv, g, win
     split writes the output) gives the two-kernel path's bits: 1 to 8 splits, GQA groups,
     a sliding window, a padding row (seq_len 0: zeros). Tiles of 16 keys, so the splits
     differ; the merge folds 2 splits a step, so its loop runs more than once."""
-    monkeypatch.setattr(AT, "SPLIT_BLOCK", 2)
+    monkeypatch.setattr(AT, "MERGE_TILE", 32)  # 32 // (G * D) splits a step: at most 2 here
     q, kc, vc, meta = paged_setup([0, 17, 90], [1] * 3, hkv, g, 16, 16, seed=10 * hkv + g)
     ref = attention.paged_attention_ref(q, kc, vc, meta, 0.25, window)
     for splits in (1, 2, 3, 5, 8):
