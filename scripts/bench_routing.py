@@ -217,6 +217,7 @@ class SimConfig:
     prefill_tokens_per_s: float = 20000.0
     row_s: float = 0.0001
     lag_s: float = 0.002  # KV events and reports reach the router this much later
+    submit_lag_s: float = 0.0  # a routed request reaches its replica this much later (the ingress's submit call)
     report_s: float = 0.2
     restart_at: float | None = None  # fraction of the requests after which the router restarts (empty)
 
@@ -267,7 +268,6 @@ def simulate(engines, workload: Workload, policy: str, cfg: SimConfig | None = N
         lp.register_ingress("ing", "sim")
         lp.publish_kv_events(lambda ev, r=r: kv_out[r].append(ev), interval_s=0.0)
         loops.append(lp)
-    inbox: dict[int, list] = collections.defaultdict(list)
     stepping = [False] * len(engines)
     last_report = [-1.0] * len(engines)
     queue = collections.deque(workload.first_jobs)
@@ -303,10 +303,7 @@ def simulate(engines, workload: Workload, policy: str, cfg: SimConfig | None = N
         live[rid] = (job, r, t, prompt)
         active[r] += 1
         sp = SamplingParams(max_tokens=workload.max_tokens, temperature=0.0, ignore_eos=True)
-        inbox[r].append(SubmitRequest(rid, prompt, sp, "ing"))
-        if not stepping[r]:
-            stepping[r] = True
-            at(t, "step", r)
+        at(t + cfg.submit_lag_s, "arrive", r, SubmitRequest(rid, prompt, sp, "ing"))
 
     def finished(rid: str, t: float, prompt_tokens: int, cached: int, output: list[int]) -> None:
         job, r, t0, prompt = live.pop(rid)
@@ -340,17 +337,22 @@ def simulate(engines, workload: Workload, policy: str, cfg: SimConfig | None = N
             elif router[0].report(msg):
                 loops[msg.replica].request_kv_snapshot()
             continue
+        if kind == "arrive":  # the scheduler actor's submit: in the loop's inbox (and its queue counts) at once
+            assert loops[r].submit(payload).ok
+            if not stepping[r]:
+                stepping[r] = True
+                at(t, "step", r)
+            continue
         if kind == "step":
             lp, ex = loops[r], engines[r].executor
-            for req in inbox.pop(r, []):
-                assert lp.submit(req).ok
             ex.tokens = ex.rows = 0
             lp.run_once(idle_timeout=0.0)
             dt = cfg.step_s + ex.tokens / cfg.prefill_tokens_per_s + ex.rows * cfg.row_s
             at(t + dt, "step_end", r, (outs.pop(r, []), kv_out.pop(r, [])))
             continue
         batches, kvs = payload  # step_end: its tokens reach the clients, its events the router
-        for ev in kvs:
+        for ev in kvs:  # published as the step ends (loop.py): with what arrived during the step queued
+            ev.num_waiting += loops[r].num_pending
             at(t + cfg.lag_s, "router", r, ("kv", ev))
         if t - last_report[r] >= cfg.report_s:
             last_report[r] = t
@@ -362,7 +364,7 @@ def simulate(engines, workload: Workload, policy: str, cfg: SimConfig | None = N
                     first_at[u.request_id] = t
                 if u.finish_reason is not None:
                     finished(u.request_id, t, u.num_prompt_tokens, u.num_cached_tokens, tokens.pop(u.request_id))
-        if engines[r].has_unfinished() or inbox.get(r):
+        if engines[r].has_unfinished() or loops[r].num_pending:
             at(t, "step", r)
         else:
             stepping[r] = False

@@ -17,10 +17,12 @@ One setting (RouterConfig.routing_policy) picks how:
     least-load       fewest queued + running requests, weighted by KV usage
     round-robin      in turn
 
-Load is each replica's last ReplicaStats plus what *this* router sent it since
-that report, so several router actors (each fed the same events and reports)
-never count each other's picks twice, and the index is the same in all of
-them. A restarted router rebuilds its index from the replicas' snapshots: it
+Load is each replica's last ReplicaStats (or KV events) plus what *this*
+router sent it that the message cannot count yet (picks made less than
+routing_pending_s before it arrived), so several router actors (each fed the
+same events and reports) never count each other's picks twice, and the index
+is the same in all of them. A new prefix is placed by traffic share
+(scoring.py, "Placement"). A restarted router rebuilds its index from the replicas' snapshots: it
 asks for one on the first KV message it cannot place in sequence, and on the
 first report of a replica whose cache it does not mirror (an idle replica
 sends reports but no KV events).
@@ -34,6 +36,7 @@ whole: by a mixed replica, else a decode one, else a prefill one.
 
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass, field
 
@@ -45,6 +48,7 @@ from ziggurat.actors.scheduler.messages import KVEvents, ReplicaStats
 __all__ = ["Decision", "Route", "Router", "RouterConfig"]
 
 TRAFFIC_DECAY = 1.0 - 1.0 / 64  # per request routed: traffic shares cover about the last 64
+MAX_PENDING = 4096  # picks a replica's messages have not counted yet, kept at most (a silent replica's)
 
 
 @dataclass
@@ -60,7 +64,9 @@ class _Replica:
     num_receiving: int = 0
     num_sending: int = 0
     reported: bool = False  # a report (or KV events with the queue) came since this router started
-    # What this router sent it since that report.
+    # What this router sent it that its messages may not count yet: (when, prompt tokens to
+    # compute) per pick, oldest first (see settle); picks_since is their number.
+    pending: collections.deque = field(default_factory=lambda: collections.deque(maxlen=MAX_PENDING))
     picks_since: int = 0
     adapters_since: set = field(default_factory=set)
     routed: int = 0
@@ -70,6 +76,21 @@ class _Replica:
     # stale for requests that end sooner than that).
     queued: float = 0.0
     queued_at: float = 0.0
+
+    def picked(self, now: float, tokens: int) -> None:
+        self.pending.append((now, tokens))
+        self.picks_since = len(self.pending)
+
+    def settle(self, now: float, window: float, rate: float) -> float:
+        """A message from the replica arrived now: it counts the picks made more than `window`
+        before (their submit call reached the replica before the message left), not the later
+        ones, which stay counted on top of it. Returns those's prompt tokens still queued,
+        drained at `rate` since their pick (as the queued_tokens bucket drains them)."""
+        p = self.pending
+        while p and p[0][0] <= now - window:
+            p.popleft()
+        self.picks_since = len(p)
+        return sum(max(0.0, tokens - rate * (now - t)) for t, tokens in p)
 
     def queued_tokens(self, now: float, rate: float) -> float:
         self.queued = max(0.0, self.queued - rate * (now - self.queued_at))
@@ -122,7 +143,8 @@ class Router:
         self.clock = clock
         self._rr = 0
         self.last: Decision | None = None
-        self.counters = {"picks": 0, "hit_blocks": 0, "load_overrides": 0, "adapter_cold": 0}
+        self.counters = {"picks": 0, "hit_blocks": 0, "load_overrides": 0, "adapter_cold": 0,
+                         "placements_steered": 0}
 
     @property
     def roles(self) -> list[str]:
@@ -139,7 +161,7 @@ class Router:
         if by_role["prefill"] and by_role["decode"] and num_prompt_tokens >= self.pd_min_prompt_tokens:
             p = self._pick(prefix_hashes, num_prompt_tokens, adapter, by_role["prefill"])
             d = min(by_role["decode"], key=lambda i: (self.replicas[i].load, self.replicas[i].kv_usage, i))
-            self.replicas[d].picks_since += 1
+            self.replicas[d].picked(self.clock(), 0)
             self.replicas[d].routed += 1
             return Route(p, d)
         pool = by_role["mixed"] or by_role["decode"] or by_role["prefill"]
@@ -184,10 +206,32 @@ class Router:
                                     cold_adapter=adapter is not None and not r.resident(adapter))
         n = len(self.replicas)
         self._rr += 1
-        choice = min(live, key=lambda i: (round(costs[i], 9), self.replicas[i].requests, (i - self._rr) % n))
+        key = lambda i: (round(costs[i], 9), self.replicas[i].requests, (i - self._rr) % n)  # noqa: E731
+        choice = free = min(live, key=key)
+        eligible = self._placement(matches, num_tokens, adapter, live, total)
+        if len(eligible) < len(live):
+            choice = min(eligible, key=key)
+            if costs[choice] - costs[free] > self.config.routing_placement_slack_s:
+                choice = free  # the light replicas' queues cost this request too much: load wins
+            self.counters["placements_steered"] += choice != free
         if adapter is not None and not self.replicas[choice].resident(adapter):
             self.counters["adapter_cold"] += 1
         return choice, matches, costs
+
+    def _placement(self, matches: dict, num_tokens: int, adapter, live: list[int], total: float) -> list[int]:
+        """The replicas a new prefix (no replica holds half the prompt) should go to: it
+        settles where it lands and its followers go there, so only replicas at most
+        routing_placement_share x the even share of recent traffic (never none: one is at
+        or below the mean), and of those, with an adapter, where it is resident (a cold
+        load is the cost's to weigh). Any other request, or none such: every live replica."""
+        share = self.config.routing_placement_share
+        best = max(matches.values(), default=0)
+        if not share or 2 * best * self.block_size >= num_tokens:
+            return live
+        cap = share * total / len(live) + 1e-9
+        light = [i for i in live if self.replicas[i].traffic <= cap
+                 and (adapter is None or self.replicas[i].resident(adapter))]
+        return light or live
 
     def _affinity(self, hashes, live):
         matches = leading_matches(hashes, live, self.affinity.mask)
@@ -202,10 +246,11 @@ class Router:
             x.traffic *= TRAFFIC_DECAY
         r = self.replicas[i]
         r.traffic += 1.0
-        r.picks_since += 1
         r.routed += 1
-        r.queued_tokens(self.clock(), self.config.routing_prefill_tokens_per_s)
-        r.queued += max(num_tokens - hit_blocks * self.block_size, 1)
+        now, tokens = self.clock(), max(num_tokens - hit_blocks * self.block_size, 1)
+        r.picked(now, tokens)
+        r.queued_tokens(now, self.config.routing_prefill_tokens_per_s)
+        r.queued += tokens
         if adapter is not None:
             r.adapters_since.add(adapter)
         if self.config.routing_policy == "prefix-affinity":
@@ -222,11 +267,12 @@ class Router:
         r.num_waiting = stats.num_waiting
         r.num_running, r.kv_usage = stats.num_running, stats.kv_usage
         r.waiting_tokens = stats.num_waiting_tokens
-        r.queued, r.queued_at = float(stats.num_waiting_tokens), self.clock()
+        now = self.clock()
+        unseen = r.settle(now, self.config.routing_pending_s, self.config.routing_prefill_tokens_per_s)
+        r.queued, r.queued_at = stats.num_waiting_tokens + unseen, now
         r.adapters = frozenset(stats.adapters)
         r.num_receiving, r.num_sending = stats.num_receiving, stats.num_sending
         r.role = stats.role or r.role
-        r.picks_since = 0
         r.adapters_since = set()
         r.healthy = r.reported = True
         return self.kv.wants_snapshot(stats.replica)
@@ -237,13 +283,16 @@ class Router:
             self.recent.evicted(ev.replica, ev.removed)
         r = self.replicas[ev.replica]
         r.num_waiting, r.num_running, r.kv_usage = ev.num_waiting, ev.num_running, ev.kv_usage
-        r.picks_since = 0  # they are in the replica's counts now (or about to be)
-        if not ev.num_waiting:
-            r.queued = 0.0  # nothing waits there: no prefill is queued
+        now = self.clock()
+        unseen = r.settle(now, self.config.routing_pending_s, self.config.routing_prefill_tokens_per_s)
+        if not ev.num_waiting:  # nothing waited there as it left: only the picks it cannot count are queued
+            r.queued, r.queued_at = unseen, now
         return self.kv.apply(ev)
 
     def mark_unhealthy(self, replica: int) -> None:
         self.replicas[replica].healthy = self.replicas[replica].reported = False
+        self.replicas[replica].pending.clear()
+        self.replicas[replica].picks_since = 0
         self.affinity.forget(replica)
         self.recent.forget(replica)
 

@@ -24,6 +24,24 @@ replica from up to 1.9x the least busy's requests to at most 1.34x, at
 
     uncached_r = prompt tokens - the leading prompt blocks replica r caches (x block size)
 
+Placement (policy.Router._placement). A request no replica holds half of is a
+new prefix: where it lands, its followers go. It goes to the cheapest replica
+whose share of the last ~64 requests is at most routing_placement_share x the
+even share (one always is), unless that costs it more than
+routing_placement_slack_s over the cheapest replica anywhere (then load wins).
+The cost alone placed new prefixes by this instant's queues, which drain within
+a step and say little about the traffic a new home attracts: over HTTP on
+this CPU (40 ms steps) homes piled onto whichever replica happened to be idle
+when a miss came (2.0x the least busy's requests). By share, a miss is placed
+by router-side counts, the same however late the replicas' messages are.
+
+Load (policy._Replica). A replica's report or KV events count only the
+requests routed there at least routing_pending_s before they arrive (the
+submit call and the message's own trip); this router's later picks stay
+counted on top. Resetting them on every message (KV events come every 10 ms)
+made a replica just sent a request look idle again on a message that left
+before the request reached it, so it took the next one too (herding).
+
 A cache hit saves exactly its tokens' prefill; a queue costs its tokens'
 prefill: both are measured in the same unit, so a hit is worth keeping only
 while it saves more than the extra queue costs. Two consequences:
@@ -66,8 +84,16 @@ class RouterConfig:
     routing_kv_full_s: float = _opt(0.05, "router cost: seconds added at full KV usage (scaled from kv_high)")
     routing_balance_s: float = _opt(0.05, "router cost: seconds added, at a full miss, per unit of a replica's share "
                                           "of recent requests (new prefixes go where traffic is light)")
+    routing_placement_share: float = _opt(1.0, "router (kv-aware): a new prefix (no replica holds half the "
+                                               "prompt) goes only to replicas whose share of the last ~64 requests "
+                                               "is at most this multiple of the even share; 0: any replica")
+    routing_placement_slack_s: float = _opt(0.05, "router (kv-aware): ... unless that costs the request more than "
+                                                  "this many seconds over the cheapest replica (load wins)")
     routing_recent_ttl_s: float = _opt(2.0, "router: a prefix just routed counts as cached there for this long "
                                             "(until its KV events arrive); 0: only KV events")
+    routing_pending_s: float = _opt(0.05, "router: a replica's report or KV events count only the requests "
+                                          "routed there this long before they arrive (the submit call and the "
+                                          "message's own trip); later ones are counted on top")
     routing_affinity_slack: float = _opt(8.0, "prefix-affinity policy: extra load tolerated to keep a prefix hit")
 
     def __post_init__(self) -> None:
@@ -76,10 +102,13 @@ class RouterConfig:
         if not self.routing_prefill_tokens_per_s > 0:
             raise ValueError(f"routing_prefill_tokens_per_s: must be positive, got {self.routing_prefill_tokens_per_s}")
         for name in ("routing_running_s", "routing_adapter_load_s", "routing_kv_full_s", "routing_balance_s",
-                     "routing_recent_ttl_s",
+                     "routing_recent_ttl_s", "routing_pending_s", "routing_placement_slack_s",
                      "routing_affinity_slack"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be non-negative, got {getattr(self, name)}")
+        if self.routing_placement_share and self.routing_placement_share < 1:
+            raise ValueError(f"routing_placement_share: must be 0 (off) or at least 1, got "
+                             f"{self.routing_placement_share}")
         if not 0 <= self.routing_kv_high < 1:
             raise ValueError(f"routing_kv_high: must be in [0, 1), got {self.routing_kv_high}")
 

@@ -34,9 +34,10 @@ def route(router: Router, tokens: list[int], adapter=None) -> int:
     return router.route(prompt_block_hashes(tokens, BS), len(tokens), adapter).replica
 
 
-def kv_router(n=4, **cfg) -> Router:
-    """A kv-aware router on a clock that stands still (queues do not drain between calls)."""
-    return Router(n, config=RouterConfig(routing_recent_ttl_s=0.0, **cfg), block_size=BS, clock=lambda: 0.0)
+def kv_router(n=4, clock=lambda: 0.0, **cfg) -> Router:
+    """A kv-aware router on a clock that stands still unless given one (queues do not drain
+    between calls, and replicas' messages never count its picks: they may have left first)."""
+    return Router(n, config=RouterConfig(routing_recent_ttl_s=0.0, **cfg), block_size=BS, clock=clock)
 
 
 def test_a_long_hit_wins_until_the_queue_costs_more_than_it_saves():
@@ -77,8 +78,99 @@ def test_a_short_shared_prefix_does_not_strand_every_chat_on_one_replica():
     assert max(picks.count(i) for i in range(4)) <= 3 and len(set(picks)) >= 3
 
 
+def _herd(pending_s: float) -> list[int]:
+    """Replica 0 holds a 4-block prefix (a 3 ms saving); each request adds 400 new tokens.
+    Between picks, KV events arrive from both replicas that left before the last pick
+    reached them (nothing queued): over HTTP, the submit call and the message's trip."""
+    now = [0.0]
+    r = kv_router(2, clock=lambda: now[0], routing_balance_s=0.0, routing_placement_share=0.0,
+                  routing_pending_s=pending_s)
+    shared = prompt(30, 4 * BS)
+    holds(r, 0, shared)
+    holds(r, 1, [])
+    picks, seq = [], 1
+    for k in range(6):
+        picks.append(route(r, prompt(40 + k, 4 * BS + 400, shared)))
+        now[0] += 0.005
+        for i in (0, 1):
+            r.kv_events(KVEvents(i, "e", seq, [], [], num_waiting=0, num_running=0))
+        seq += 1
+    return picks
+
+
+def test_a_message_that_left_before_the_picks_reached_the_replica_does_not_erase_them():
+    """The herding seen over HTTP: every KV event reset the router's count of its own picks,
+    so a replica that had just been sent a request looked idle again on a message that
+    left before the request arrived, and took the next one too."""
+    assert _herd(pending_s=0.0) == [0] * 6  # the old accounting: every request onto the small saving
+    picks = _herd(pending_s=RouterConfig().routing_pending_s)
+    assert picks.count(0) == picks.count(1) == 3, picks  # picks still unseen count: spread by load
+
+
+def test_the_replicas_count_replaces_the_picks_it_can_have_seen():
+    now = [0.0]
+    r = kv_router(2, clock=lambda: now[0])
+    holds(r, 0, [])
+    holds(r, 1, [])
+    for k in range(3):
+        route(r, prompt(60 + k, 600))
+        now[0] += 0.01
+    # A report arriving now counts the picks made more than routing_pending_s ago, not the rest.
+    window = RouterConfig().routing_pending_s
+    r.report(stats(0, waiting=1))
+    r.report(stats(1, waiting=1))
+    assert sum(x.picks_since for x in r.replicas) == 3  # made 10-30 ms ago: the reports may predate them
+    assert sum(x.requests for x in r.replicas) == 2 + 3
+    now[0] += window
+    r.kv_events(KVEvents(0, "e", 1, [], [], num_waiting=2, num_running=0))
+    r.kv_events(KVEvents(1, "e", 1, [], [], num_waiting=1, num_running=0))
+    assert [x.picks_since for x in r.replicas] == [0, 0] and sum(x.requests for x in r.replicas) == 3
+
+
+def test_a_new_prefix_settles_on_a_replica_below_its_share_unless_its_queue_costs_more():
+    """Where a new prefix lands, its followers go: placed by this instant's queues, homes pile
+    onto whichever replica happens to be idle when a miss comes. Placement goes to the
+    replicas at or below the even share of recent traffic, unless that costs the request
+    more than routing_placement_slack_s of queue."""
+    now = [0.0]
+    r = kv_router(2, clock=lambda: now[0])
+    home = prompt(70, 600)
+    holds(r, 0, home)
+    holds(r, 1, [])
+    for k in range(12):  # replica 0's prefix is popular: its share of recent requests rises
+        assert route(r, home + prompt(80 + k, 32)) == 0
+        now[0] += 1.0
+        r.report(stats(0))
+    r.report(stats(0))  # idle right now
+    r.report(stats(1, waiting=1, running=1, waiting_tokens=300))  # a short queue (15 ms)
+    assert route(r, prompt(90, 640)) == 1 and r.counters["placements_steered"] == 1
+    free = kv_router(2, clock=lambda: now[0], routing_placement_share=0.0)
+    holds(free, 0, home)
+    holds(free, 1, [])
+    for k in range(12):
+        assert route(free, home + prompt(80 + k, 32)) == 0
+        now[0] += 1.0
+        free.report(stats(0))
+    free.report(stats(1, waiting=1, running=1, waiting_tokens=300))
+    assert route(free, prompt(90, 640)) == 0  # by this instant's queue alone
+    # A hit is not a placement: it stays on its home however the shares stand.
+    assert route(r, home + prompt(91, 32)) == 0
+    now[0] += 1.0
+    r.report(stats(0))
+    r.report(stats(1, waiting=4, running=2, waiting_tokens=3000))  # 150 ms of queue: load wins
+    assert route(r, prompt(92, 640)) == 0
+
+
+def test_placement_settings_are_checked_naming_the_field():
+    with pytest.raises(ValueError, match="routing_placement_share"):
+        RouterConfig(routing_placement_share=0.5)
+    with pytest.raises(ValueError, match="routing_pending_s"):
+        RouterConfig(routing_pending_s=-1.0)
+
+
 def test_routers_fed_the_same_events_agree_and_do_not_count_each_other():
-    a, b = kv_router(2), kv_router(2)
+    now = [0.0]
+    a, b = kv_router(2, clock=lambda: now[0]), kv_router(2, clock=lambda: now[0])
     p = prompt(3, 320)
     for rt in (a, b):
         holds(rt, 0, p)
@@ -88,7 +180,9 @@ def test_routers_fed_the_same_events_agree_and_do_not_count_each_other():
     for k in range(6):
         route(a, prompt(50 + k, 600))
     assert a.replicas[0].queued + a.replicas[1].queued > 6 * 600 and b.replicas[0].queued == 20  # b: its one pick
-    # The replica's own count (on the next KV events) replaces each router's own picks.
+    # The replica's own count (on KV events arriving after the picks could reach it)
+    # replaces each router's own picks.
+    now[0] = RouterConfig().routing_pending_s + 0.001
     for rt in (a, b):
         rt.kv_events(KVEvents(0, "e", 1, [], [], num_waiting=3, num_running=2))
     assert a.replicas[0].requests == b.replicas[0].requests == 5
