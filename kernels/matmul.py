@@ -5,15 +5,17 @@ Skinny inputs (a decode step of one or two sequences) go to the Triton GEMV
 where it beats cuBLAS on that GPU (its table, from scripts/bench_gemv.py
 --sweep; BENCHMARKS.md): on an H100 5-10% faster at M <= 2 for every
 Llama-3.1-8B layer; on an H200 for o, down and the LM head only. Every other shape, and
-every non-CUDA tensor, is torch's (cuBLAS) matmul. ZIGGURAT_GEMV=cublas
-turns the Triton GEMV off (A/B runs). FP8 weights (with their scales: models/quantization.py)
-go to kernels/fp8.py.
+every non-CUDA tensor, is torch's (cuBLAS) matmul. FP8 weights (with their
+scales: models/quantization.py) go to kernels/fp8.py.
 
 gated=True takes the merged gate_up output [..., 2K] and computes
-silu_and_mul(x) W^T: where the Triton GEMV runs, the activation is the GEMV's
-prologue (one launch instead of two: gemv_triton's GATED); everywhere else it
-is kernels/activation.py's silu_and_mul, then the matmul. Both give the same
-numbers (the same rounding steps).
+silu_and_mul(x) W^T: where the Triton GEMV (bf16 or FP8) runs, the activation
+is the GEMV's prologue (one launch instead of two: gemv_triton's GATED);
+everywhere else it is kernels/activation.py's silu_and_mul, then the matmul.
+Both give the same numbers (the same rounding steps).
+
+ZIGGURAT_GEMV (A/B runs): `triton` (default) as above; `unfused`: the same
+GEMVs, with silu_and_mul as its own kernel; `cublas`: no Triton GEMV.
 """
 
 from __future__ import annotations
@@ -28,12 +30,22 @@ from ziggurat.kernels.backend import use_triton
 
 GEMV_MAX_M = 2  # beyond this cuBLAS's tensor-core kernels win (bench_gemv: M=4 is 10-25% slower in Triton)
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
+GEMV_MODES = ("triton", "unfused", "cublas")
+
+
+def gemv_mode() -> str:
+    mode = os.environ.get("ZIGGURAT_GEMV", "triton")
+    if mode not in GEMV_MODES:
+        raise ValueError(f"ZIGGURAT_GEMV: must be one of {list(GEMV_MODES)}, got {mode!r}")
+    return mode
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
            x_scale: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
     """w_scale / x_scale: an FP8 weight's per-channel scale and static input scale (else None).
     gated: x is [..., 2K] (gate columns, then up) and y = silu_and_mul(x) W^T (+ b)."""
+    if gated and gemv_mode() == "unfused":
+        x, gated = silu_and_mul(x), False
     if w_scale is not None:
         from ziggurat.kernels.fp8 import fp8_linear
 
@@ -49,7 +61,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, w_sc
 def _gemv_config(x: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int, int] | None:
     """The Triton GEMV's launch config for x W^T, or None where torch's matmul runs it."""
     if not (x.dim() == 2 and x.shape[0] <= GEMV_MAX_M and x.dtype in _GEMV_DTYPES and w.is_contiguous()
-            and x.stride(1) == 1 and use_triton(x) and os.environ.get("ZIGGURAT_GEMV", "triton") != "cublas"):
+            and x.stride(1) == 1 and use_triton(x) and gemv_mode() != "cublas"):
         return None
     from ziggurat.kernels.gemv_triton import DEFAULT_CONFIG, config_for
 

@@ -328,8 +328,13 @@ def test_gated_gemv_equals_silu_and_mul_then_gemv(monkeypatch, dtype, m, n, k, c
         gemv(x[:, :k], w, gated=True)
     if dtype == torch.bfloat16 and config is None:  # the dispatch (fp32 never takes the GEMV there)
         monkeypatch.setenv("ZIGGURAT_KERNELS", "triton")
-        assert torch.equal(matmul.linear(x, w, b, gated=True), matmul.linear(ET.silu_and_mul(x), w, b))
-        assert torch.equal(matmul.linear(x, w8, None, s, gated=True), fp8_linear(ET.silu_and_mul(x), w8, s))
+        for mode in ("triton", "unfused", "cublas"):  # ZIGGURAT_GEMV's A/B: the same numbers
+            monkeypatch.setenv("ZIGGURAT_GEMV", mode)
+            assert torch.equal(matmul.linear(x, w, b, gated=True), matmul.linear(ET.silu_and_mul(x), w, b))
+            assert torch.equal(matmul.linear(x, w8, None, s, gated=True), fp8_linear(ET.silu_and_mul(x), w8, s))
+        monkeypatch.setenv("ZIGGURAT_GEMV", "cuBLAS")
+        with pytest.raises(ValueError, match="ZIGGURAT_GEMV"):
+            matmul.linear(x, w, b)
 
 
 def test_gated_linear_off_the_gemv_path_is_silu_and_mul_then_matmul(monkeypatch):
