@@ -52,6 +52,7 @@ class ParsedRequest:
     raw: dict = field(default_factory=dict)  # the body as sent (for request logs)
     grammar: GrammarSpec | None = None  # the structured-output constraint, as the request put it
     tools: ToolRequest | None = None  # chat: the tools offered and tool_choice
+    return_token_ids: bool = False  # completions (vLLM extra): token_ids, prompt_token_ids per choice
 
 
 # The request bodies' fields: JSON type and meaning. One table for the type check every
@@ -105,6 +106,8 @@ COMPLETION_FIELDS = {
     "logprobs": ("integer", "alternatives per token, 0-20"),
     "echo": ("boolean", "not supported"),
     "best_of": ("integer", "only equal to n"),
+    "return_token_ids": ("boolean", "vLLM extra: each choice carries its prompt_token_ids and token_ids (in a "
+                                    "stream: prompt_token_ids on a choice's first chunk, each chunk's new token_ids)"),
 }
 _PY = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list, "object": dict}
 
@@ -252,6 +255,7 @@ def parse_completion(body: dict, defaults: dict | None = None) -> ParsedRequest:
         cache_salt=_type(body, "cache_salt", str),
         raw=body,
         grammar=grammar_spec(body),
+        return_token_ids=bool(_type(body, "return_token_ids", bool, False)),
     )
 
 

@@ -618,6 +618,9 @@ class OpenAIServer:
                 choices.append({"index": s.index, "text": s.text,
                                 "logprobs": completion_logprobs(lps, 0) if lps is not None else None,
                                 "finish_reason": s.finish_reason, "stop_reason": s.stop_reason})
+                if req.return_token_ids:
+                    choices[-1].update(prompt_token_ids=list(outputs.prompts[s.prompt_index]),
+                                       token_ids=list(s.token_ids))
         obj = "chat.completion" if req.kind == "chat" else "text_completion"
         return dict(meta, object=obj, choices=choices, usage=self._usage(outputs))
 
@@ -638,6 +641,7 @@ class OpenAIServer:
             offsets = [0] * len(outputs.samples)  # text offsets, for completions' logprobs
             tools = [self._tool_stream(req) for _ in outputs.samples] if chat and req.tools is not None else None
             pending_lps: list[list] = [[] for _ in outputs.samples]  # logprobs ride with the chunk carrying their text
+            sent_ids = [None] * len(outputs.samples)  # return_token_ids: token ids sent per choice (None: no chunk yet)
             while not outputs.finished:
                 d = await asyncio.wait_for(self._next(ctx), self.config.request_timeout_s)
                 if d is None:
@@ -649,6 +653,7 @@ class OpenAIServer:
                         outputs = ctx.outputs
                         self._journal_open(ctx)
                         pending_lps = [[] for _ in outputs.samples]
+                        sent_ids = [None] * len(outputs.samples)
                         continue
                     self._raise_if_failed([s])
                 pending_lps[s.index] += d.logprobs
@@ -672,6 +677,11 @@ class OpenAIServer:
                     choice = {"index": s.index, "text": d.text,
                               "logprobs": completion_logprobs(lps, offsets[s.index]) if lps is not None else None}
                     offsets[s.index] += len(d.text)
+                    if req.return_token_ids:  # the tokens since this choice's last chunk; the prompt on its first
+                        if sent_ids[s.index] is None:
+                            choice["prompt_token_ids"] = list(outputs.prompts[s.prompt_index])
+                        choice["token_ids"] = s.token_ids[sent_ids[s.index] or 0:]
+                        sent_ids[s.index] = len(s.token_ids)
                 choice["finish_reason"] = "tool_calls" if chat and tools is not None and calls else s.finish_reason
                 if d.finished:
                     choice["stop_reason"] = s.stop_reason
