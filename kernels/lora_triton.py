@@ -40,16 +40,21 @@ Cost at Llama-3.1-8B's decode (T = 128 tokens, 8 adapters of 16 tokens each,
     down    14336   4096   8x1x16 = 128   8x32 = 256    3.7+3.7 | 1.0+2.1 MB          2.6 us
 
 A shrink program: one tile (16 tokens) x 512 input columns (896 for down) in
-4 (7) steps of [16 x 128] x [128 x 64]; an expand program: one tile's tmp
-(8-16 split partials, 8-32 KB from L2) and 1-7 blocks of 128 columns, each
-[16 x 16] x [16 x 128] with B's 4 KB and y's 4 KB in, 4 KB out. L2 traffic of
-the partials: ~4 MB a projection. So ~12 us of bytes a layer plus 8 launches
-at ~3 us: ~37 us a layer, ~1.2 ms a 32-layer step (was ~170 us a layer with
-17,920 expand programs for gate_up alone, 5.4 ms a step). With 32 adapters
-(4 tokens a tile, 32 tiles used) each program takes 4 tiles and B's bytes
-grow 4x (gate_up: 29 MB, ~7 us). The y round trip of gate_up (14.7 MB, 3.7
-us) is the floor of this design; folding the expand into the base matmul's
-epilogue would remove it.
+4 (7) steps of [16 x 128] x [128 x 16..64] (A's rows of all sub-modules, 48
+for qkv), its loads software-pipelined (cp.async). An expand program: per
+tile, the 8 (down: 16) split partials of every sub-module (8-24 KB from L2),
+then 1-7 blocks of 128 columns (qkv 2, o 1, gate_up 7, down 1), each
+[16 x 16] x [16 x 128] with 4 KB of B and 4 KB of y in, 4 KB out. The
+partials' L2 traffic is 2-5 MB a projection (~15 MB a layer, ~2 us at L2
+speed). So ~12.5 us of HBM bytes a layer plus 8 launches at ~3 us: ~36 us a
+layer, ~1.2 ms a 32-layer step (was ~170 us a layer, 5.4 ms a step, with
+40 x N/64 expand programs: 17,920 for gate_up alone). The step: ~8.25 +
+1.2 ms against 8.25 ms, ~0.88x. With 32 adapters (4 tokens a tile, 32 tiles
+used) each program takes 4 tiles and the adapters' bytes grow 4x: ~52 us a
+layer, ~1.7 ms a step. The y round trip of gate_up (14.7 MB, 3.7 us) is the
+floor of a separate op; folding the expand into the base matmul's epilogue
+would remove it. `python -m ziggurat.scripts.bench_lora_kernels --plan`
+prints these grids and estimates for any config.
 """
 
 from __future__ import annotations

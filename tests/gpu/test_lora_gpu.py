@@ -1,5 +1,6 @@
-"""LoRA on a GPU: the Triton kernels against the reference at Llama-3.1-8B shapes (bf16, fp32),
-and decode through captured CUDA graphs with adapters equal to eager. Skipped without CUDA.
+"""LoRA on a GPU: the Triton kernels against the reference at Llama-3.1-8B shapes (bf16, fp32; the
+default launch config and the others the benchmark sweeps), deterministic, and decode through
+captured CUDA graphs with adapters equal to eager. Skipped without CUDA.
 
     python -m pytest tests/gpu/test_lora_gpu.py -q
 """
@@ -43,6 +44,41 @@ def test_kernel_matches_reference_at_8b_shapes(dtype, layer, t, slots):
     assert LT.add_lora(out, x, a, b, subs, batch)
     err = ((out.float() - ref).norm() / (ref - y.float()).norm().clamp_min(1e-6)).item()
     assert err < (2e-2 if dtype == torch.bfloat16 else 1e-4), err
+    again = y.clone()
+    assert LT.add_lora(again, x, a, b, subs, batch)
+    assert torch.equal(again, out)  # deterministic: one writer per element, splits summed in a fixed order
+
+
+CONFIGS = [  # the knobs of LT.LoRAKernelConfig that scripts/bench_lora_kernels.py --configs sweeps
+    LT.LoRAKernelConfig(block_n=256, block_k=64),
+    LT.LoRAKernelConfig(programs=64, k_per_split=256, num_warps=8),
+    LT.LoRAKernelConfig(programs=1024, block_n=64, max_splits=4),
+    LT.LoRAKernelConfig(groups=2, splits=3),  # programs looping over many tiles, an uneven split
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "cfg")
+@pytest.mark.parametrize("layer", list(SHAPES))
+@pytest.mark.parametrize("t,slots,used", [(128, 32, 8), (128, 32, 32), (2048, 3, 3)])
+def test_configs_match_reference(config, layer, t, slots, used):
+    """Every config at the 8B's shapes (bf16), with a graph bucket's unused tiles (max_tiles for 32
+    slots) and tokens without an adapter."""
+    k, subs = SHAPES[layer]
+    rank = 16
+    g = torch.Generator(device="cuda").manual_seed(t + used)
+    a = (torch.randn(slots, len(subs) * rank, k, generator=g, device="cuda") * 0.05).bfloat16()
+    b = (torch.randn(slots, sum(subs), rank, generator=g, device="cuda") * 0.05).bfloat16()
+    x = torch.randn(t, k, generator=g, device="cuda").bfloat16()
+    y = torch.randn(t, sum(subs), generator=g, device="cuda").bfloat16()
+    token_slots = np.where(np.arange(t) % 9 == 8, -1, np.arange(t) % used)
+    batch = L.lora_batch(token_slots, slots, torch.device("cuda"))
+    ref, out = y.float().clone(), y.clone()
+    L.add_lora_ref(ref, x.float(), a.float(), b.float(), subs, batch)
+    assert LT.add_lora(out, x, a, b, subs, batch, config)
+    none = torch.from_numpy(token_slots < 0).cuda()
+    assert torch.equal(out[none], y[none])
+    err = ((out.float() - ref).norm() / (ref - y.float()).norm().clamp_min(1e-6)).item()
+    assert err < 2e-2, err
 
 
 def test_graphs_with_adapters_equal_eager(tmp_path):
