@@ -31,13 +31,16 @@ Over HTTP (--url, --deploy): the same workload with real concurrency (at most
 from each stream's final chunk (`prompt_tokens_details.cached_tokens`), TTFT
 wall-clock from sending to the first token's chunk, per-replica load from the
 deployment's /metrics (ziggurat_request_success_total by replica, before and
-after). An HTTP client gets text, not the answer's token ids, so a chat's next
-turn carries a seeded stand-in for the answer (Workload.answers="seeded"): the
-previous turn's prompt blocks can hit, its answer's tokens cannot. A live
-deployment's caches cannot be probed at each request's instant, so the oracle
-is the simulation's on that same seeded workload and cache size ("% of the
-simulated oracle"); moves are not visible over HTTP (the response does not
-name its replica); --deploy reads the router's load overrides instead.
+after). A chat's next turn carries the model's answer, as its ids come back
+with vLLM's `return_token_ids` (as an agent sends back what it got); for a
+deployment without it, --seeded-answers sends a stand-in fixed by the seed
+(Workload.answers="seeded": the previous turn's prompt blocks can hit, its
+answer's cannot). A live deployment's caches cannot be probed at each
+request's instant, so the oracle is the simulation's on the same workload
+(its answers are other tokens, of the same length: the same hits) and cache
+size ("% of the simulated oracle"); moves are not visible over HTTP (the
+response does not name its replica); --deploy reads the router's load
+overrides instead.
 --deploy starts, per policy, a local Ray deployment on CPU (cluster/deploy.py:
 `replicas` replicas of the tiny model, `num_blocks` KV blocks each, that
 routing_policy), runs every seed against it in turn (each seed's prompts are
@@ -400,9 +403,10 @@ def replica_requests(metrics_text: str) -> dict[int, float]:
     return dict(out)
 
 
-async def _stream(http, url: str, body: dict) -> tuple[float | None, dict]:
-    """One streaming completion: (seconds to its first token's chunk, the usage of its last chunk)."""
-    t0, first, usage = time.perf_counter(), None, None
+async def _stream(http, url: str, body: dict) -> tuple[float | None, dict, list[int] | None]:
+    """One streaming completion: (seconds to its first token's chunk, the usage of its last chunk,
+    the answer's token ids if the chunks carry them: return_token_ids)."""
+    t0, first, usage, ids = time.perf_counter(), None, None, None
     async with http.stream("POST", url + "/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
@@ -414,17 +418,21 @@ async def _stream(http, url: str, body: dict) -> tuple[float | None, dict]:
                 raise RuntimeError(f"stream error: {chunk['error']}")
             if first is None and chunk.get("choices"):  # the first chunk with text (or the end)
                 first = time.perf_counter() - t0
+            for c in chunk.get("choices") or ():
+                if "token_ids" in c:
+                    ids = (ids or []) + list(c["token_ids"])
             usage = chunk.get("usage") or usage
     if usage is None:
         raise RuntimeError("the stream carried no usage (stream_options.include_usage)")
-    return first, usage
+    return first, usage, ids
 
 
 async def drive_http(url: str, workload: Workload, policy: str, concurrency: int = 4, api_key: str | None = None,
                      model: str | None = None, transport=None) -> RunResult:
     """The workload against a deployment at `url`, as simulate() runs it (the same queue: a
     chat's next turn is queued a few requests after its answer ends; at most `concurrency`
-    in flight), with workload.answers "seeded". Per-replica load from /metrics (difference).
+    in flight); a chat's history carries the answer's ids (return_token_ids), or with
+    workload.answers "seeded" a stand-in. Per-replica load from /metrics (difference).
     transport: an httpx transport (tests: the ASGI app in process)."""
     import httpx
 
@@ -444,7 +452,12 @@ async def drive_http(url: str, workload: Workload, policy: str, concurrency: int
             prompt = workload.prompt(job, history)
             body = {"model": model, "prompt": prompt, "max_tokens": workload.max_tokens, "temperature": 0.0,
                     "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-            ttft, usage = await _stream(http, url, body)
+            if workload.answers == "model":
+                body["return_token_ids"] = True
+            ttft, usage, answer = await _stream(http, url, body)
+            if workload.answers == "model" and answer is None:
+                raise RuntimeError("the deployment returned no token_ids (return_token_ids): run with "
+                                   "--seeded-answers")
             cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
             res.prompt_tokens += usage["prompt_tokens"]
             res.cached_tokens += cached
@@ -453,7 +466,7 @@ async def drive_http(url: str, workload: Workload, policy: str, concurrency: int
             res.ttft.append(ttft if ttft is not None else 0.0)
             kind, k, i = job
             if kind == "chat":
-                history[k] = workload.history_after(job, prompt, [])
+                history[k] = workload.history_after(job, prompt, answer or [])
                 if i + 1 < workload.turns:
                     queue.insert(workload.next_turn_position(len(queue)), ("chat", k, i + 1))
             if queue:
@@ -502,7 +515,7 @@ def deploy_and_run(model: str, policy: str, seeds, cfg: SimConfig, workload_kw: 
         out = []
         try:
             for seed in seeds:
-                w = Workload(seed=seed, answers="seeded", **(workload_kw or {}))
+                w = Workload(seed=seed, **(workload_kw or {}))
                 t0 = time.perf_counter()
                 res = asyncio.run(drive_http(dep.url, w, policy, cfg.concurrency, model="bench"))
                 rs = ray.get(dep.router.routing_stats.remote())
@@ -574,6 +587,14 @@ def main(argv=None) -> int:
     ap.add_argument("--label", default="deployment", help="with --url: the row's name (its routing policy)")
     ap.add_argument("--deploy", action="store_true", help="per policy, a local Ray deployment on CPU (the tiny "
                                                           "model or --model), the workload over HTTP")
+    ap.add_argument("--seeded-answers", action="store_true", help="over HTTP: a chat's next turn carries a seeded "
+                                                                  "stand-in for the answer (a deployment without "
+                                                                  "return_token_ids)")
+    ap.add_argument("--step-s", type=float, default=SimConfig.step_s, help="simulation: a step's fixed seconds")
+    ap.add_argument("--submit-lag-s", type=float, default=SimConfig.submit_lag_s,
+                    help="simulation: seconds from the router's pick to the replica's inbox")
+    ap.add_argument("--lag-s", type=float, default=SimConfig.lag_s,
+                    help="simulation: seconds the replicas' KV events and reports take to the router")
     ap.add_argument("--router", action="append", default=[], metavar="FIELD=VALUE",
                     help="a RouterConfig setting (e.g. routing_balance_s=0.1) for the simulation and --deploy")
     args = ap.parse_args(argv)
@@ -588,7 +609,8 @@ def main(argv=None) -> int:
     if "oracle" not in policies:
         policies.append("oracle")
     seeds = [int(s) for s in args.seeds.split(",")]
-    cfg = SimConfig(replicas=args.replicas, num_blocks=args.num_blocks, concurrency=args.concurrency)
+    cfg = SimConfig(replicas=args.replicas, num_blocks=args.num_blocks, concurrency=args.concurrency,
+                    step_s=args.step_s, submit_lag_s=args.submit_lag_s, lag_s=args.lag_s)
     t0 = time.perf_counter()
     if args.url or args.deploy:
         return _main_http(args, model, [p for p in policies if p != "oracle"], seeds, cfg, t0, router_settings)
@@ -631,6 +653,7 @@ def _main_http(args, model: str, policies: list[str], seeds: list[int], cfg: Sim
                router_settings: dict) -> int:
     import os
 
+    answers = "seeded" if args.seeded_answers else "model"
     results: list[RunResult] = []
     if args.url:
         key = None
@@ -640,18 +663,18 @@ def _main_http(args, model: str, policies: list[str], seeds: list[int], cfg: Sim
                 print(f"--api-key-env: {args.api_key_env} is not set", file=sys.stderr)
                 return 2
         for seed in seeds:
-            w = Workload(seed=seed, answers="seeded")
+            w = Workload(seed=seed, answers=answers)
             results.append(asyncio.run(drive_http(args.url.rstrip("/"), w, args.label, cfg.concurrency, key)))
             results[-1].moves = None
         where = args.url
     else:
         for p in policies:
-            results += deploy_and_run(model, p, seeds, cfg, router_settings=router_settings)
+            results += deploy_and_run(model, p, seeds, cfg, {"answers": answers}, router_settings=router_settings)
         where = f"a local Ray deployment per policy ({cfg.replicas} replicas of {model}, CPU)"
-    results += run_policies(model, ["oracle"], seeds, cfg, workload_kw={"answers": "seeded"})
+    results += run_policies(model, ["oracle"], seeds, cfg, workload_kw={"answers": answers})
     print(f"over HTTP against {where}: {cfg.replicas} replicas x {cfg.num_blocks} KV blocks, concurrency "
           f"{cfg.concurrency}, seeds {seeds}, {Workload().num_requests} requests a run; TTFT wall-clock; "
-          f"oracle and % of oracle: the simulation's on the same seeded workload; moves: the router's load "
+          f"chats' answers {answers}; oracle and % of oracle: the simulation's on the same workload; moves: the router's load "
           f"overrides (--deploy) or - ({time.perf_counter() - t0:.0f} s)")
     table = report(results)
     if args.json:

@@ -67,8 +67,8 @@ def test_a_router_restart_mid_run_keeps_the_hit_rate_within_5_points(runs):
 def test_the_http_driver_runs_the_workload_and_reads_usage_and_per_replica_load(llama_dir):
     """scripts/bench_routing.py's --url path (drive_http) on a small workload against two
     in-process replicas behind the HTTP app: every request answered, cached tokens from
-    the streams' usage, per-replica load from /metrics, and the hit rate within reach of
-    the simulated oracle on the same seeded workload."""
+    the streams' usage, per-replica load from /metrics, chats carrying the model's answers
+    (return_token_ids), and the hit rate within reach of the simulated oracle."""
     import asyncio
 
     import httpx
@@ -81,7 +81,7 @@ def test_the_http_driver_runs_the_workload_and_reads_usage_and_per_replica_load(
     from ziggurat.scripts.bench_routing import drive_http, replica_requests
 
     kw = dict(groups=4, per_group=3, chats=2, turns=3, system_tokens=160)
-    w = Workload(seed=3, answers="seeded", **kw)
+    w = Workload(seed=3, **kw)
     cfg = EngineConfig(model=str(llama_dir), device="cpu", dtype="float32", num_kv_blocks=96, block_size=16)
     engines = [EngineCore(cfg), EngineCore(cfg)]
     client = LocalEngineClient(engines)
@@ -102,7 +102,7 @@ def test_the_http_driver_runs_the_workload_and_reads_usage_and_per_replica_load(
     assert min(res.per_replica) > 0
     assert res.kind_tokens["group"][0] + res.kind_tokens["chat"][0] == res.prompt_tokens
     sim = SimConfig(replicas=2, num_blocks=96, concurrency=2)
-    oracle = simulate(make_engines(llama_dir, sim), Workload(seed=3, answers="seeded", **kw), "oracle", sim)
+    oracle = simulate(make_engines(llama_dir, sim), Workload(seed=3, **kw), "oracle", sim)
     assert oracle.prompt_tokens == res.prompt_tokens  # the same prompts, in whatever order
     assert res.hit_rate > 0.4 and 0.85 <= res.hit_rate / oracle.hit_rate <= 1.1, (res.hit_rate, oracle.hit_rate)
     text = 'ziggurat_request_success_total{model_name="m",replica="1",finished_reason="length"} 7\n' \
