@@ -7,10 +7,16 @@ loaded: seconds.
         [--configs default block_n=256 programs=512,k_per_split=256 ...]   # LoRAKernelConfig fields
         [--plan]                                                           # grids and bytes only, no GPU
 
+A first sweep on a GPU (each config's rows, then its layer and step sums):
+
+    python -m ziggurat.scripts.bench_lora_kernels --adapters 8 --configs default block_n=256 block_n=64 \
+        programs=128 programs=512 k_per_split=256 max_splits=8 num_warps=8 block_k=64 min_groups=16
+
 Per row: us per call of the LoRA op and of the base matmul, their ratio, the GB/s the LoRA op moves
 (its adapters' A and B, x, and y read and written) and the config's grids. The sum over the four
 projections times the layer count is what LoRA adds to a decode step. --plan prints, without a GPU,
-each projection's grids, HBM bytes and the time they take at 4 TB/s plus 3 us a launch.
+each projection's grids, HBM bytes and the time they take at 4 TB/s plus 3 us a launch, and
+the L2 bytes of the shrink's partials that the expand reads (which the configs trade).
 """
 
 from __future__ import annotations
@@ -70,13 +76,16 @@ def print_plan(args, configs) -> dict:
             for name, subs, k in PROJECTIONS:
                 p = plan(t, k, subs, r, n_tiles, cfg)
                 moved = hbm_bytes(t, min(n_ad, args.slots), subs, k, r)
+                # the expand's reads of the shrink's fp32 partials (L2): each program, each of its tiles
+                used = max(-(-t // 16), min(n_ad, args.slots, t))
+                partials = used * p.col_groups * p.splits * 16 * len(subs) * r * 4
                 us = moved / HBM_BYTES_PER_US + 2 * LAUNCH_US
                 total += us
                 res["rows"].append({"config": label, "adapters": n_ad, "proj": name, "grids": grids(p),
-                                    "mb": moved / 1e6, "est_us": us})
+                                    "mb": moved / 1e6, "partials_mb": partials / 1e6, "est_us": us})
                 print(f"  {label:24s} {n_ad:3d} adapters {name:8s} grids {grids(p):16s} "
                       f"programs {math.prod(p.shrink_grid):4d}+{math.prod(p.expand_grid):4d} "
-                      f"{moved / 1e6:6.1f} MB  ~{us:5.1f} us")
+                      f"{moved / 1e6:6.1f} MB (+{partials / 1e6:4.1f} MB L2)  ~{us:5.1f} us")
             print(f"  {label} {n_ad} adapters: ~{total:.0f} us a layer, ~{total * LAYERS / 1e3:.2f} ms a step")
     return res
 

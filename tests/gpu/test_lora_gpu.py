@@ -57,7 +57,7 @@ CONFIGS = [  # the knobs of LT.LoRAKernelConfig that scripts/bench_lora_kernels.
 ]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "cfg")
+@pytest.mark.parametrize("config", CONFIGS, ids=["wide_n", "few_programs", "many_programs", "looping"])
 @pytest.mark.parametrize("layer", list(SHAPES))
 @pytest.mark.parametrize("t,slots,used", [(128, 32, 8), (128, 32, 32), (2048, 3, 3)])
 def test_configs_match_reference(config, layer, t, slots, used):
