@@ -12,23 +12,25 @@ a few scalar loads per program, not thousands of programs that exit at once.
     shrink     grid (G, r_blocks, splits): one share of tiles x one block of A's rows (all
                sub-modules fused, <= 64) x one part of the input (split-K for decode, where
                G is small), in BLOCK_K steps -> tmp [splits, T, n_sub * r]
-    expand     grid (G, col_groups): one share of tiles x column blocks j, j + col_groups, ...
-               Per tile, tmp's splits are summed once (fixed order: deterministic) for every
-               sub-module, then each of the program's BLOCK_N-column blocks (one sub-module
-               each) reads its B rows and y, and writes y. Every (token, column) has one
-               writer: no atomics.
+    expand     grid (G, col_groups): one share of tiles x one run of blocks_per consecutive
+               BLOCK_N-column blocks. Per tile, tmp's splits are summed once (fixed order:
+               deterministic) for each sub-module the run's columns lie in, then each block
+               (one sub-module each) reads its B rows and y, and writes y. Every (token,
+               column) has one writer: no atomics.
 
 The split count and col_groups aim at `programs` programs a launch (about
 two per SM on an H200), with >= k_per_split input columns per shrink
-program; a prefill's many tiles (G = T / 16) need no split and give each
-program one tile and many column blocks. Choice by shape, on the host.
+program; a prefill's many tiles (G = T / 16) need few splits (2 at 2,048
+tokens, none from 4,096) and give each program one tile and many column
+blocks. Choice by shape, on the host.
 
 Why not one launch: the expand needs each tile's complete tmp; recomputing it
 per column program multiplies A's reads by col_groups, and reducing the
 splits inside the launch needs a grid barrier or a ticket counter (not
 worth its risk at these sizes). Why the splits are summed in the expand: a
 tile's partials are 16 x n_sub*r fp32 (1-3 KB a split at rank 16), read
-from L2 once per (program, tile), not once per column block as before.
+from L2 once per (program, tile, sub-module its columns reach), not once
+per column block as before.
 
 Cost at Llama-3.1-8B's decode (T = 128 tokens, 8 adapters of 16 tokens each,
 32 slots, rank 16, bf16; n_tiles = max_tiles = 40, 8 used; defaults):
@@ -42,11 +44,11 @@ Cost at Llama-3.1-8B's decode (T = 128 tokens, 8 adapters of 16 tokens each,
 A shrink program: one tile (16 tokens) x 512 input columns (896 for down) in
 4 (7) steps of [16 x 128] x [128 x 16..64] (A's rows of all sub-modules, 48
 for qkv), its loads software-pipelined (cp.async). An expand program: per
-tile, the 8 (down: 16) split partials of every sub-module (8-24 KB from L2),
-then 1-7 blocks of 128 columns (qkv 2, o 1, gate_up 7, down 1), each
-[16 x 16] x [16 x 128] with 4 KB of B and 4 KB of y in, 4 KB out. The
-partials' L2 traffic is 2-5 MB a projection (~15 MB a layer, ~2 us at L2
-speed). So ~12.5 us of HBM bytes a layer plus 8 launches at ~3 us: ~36 us a
+tile, the 8 (down: 16) split partials of the sub-module its columns lie in
+(rarely two; 8-16 KB from L2), then 1-7 blocks of 128 columns (qkv 2, o 1,
+gate_up 7, down 1), each [16 x 16] x [16 x 128] with 4 KB of B and 4 KB of
+y in, 4 KB out. The partials' L2 traffic is 1.6-4.2 MB a projection (~10 MB
+a layer, 1-2 us at L2 speed; the configs trade it against the programs). So ~12.5 us of HBM bytes a layer plus 8 launches at ~3 us: ~36 us a
 layer, ~1.2 ms a 32-layer step (was ~170 us a layer, 5.4 ms a step, with
 40 x N/64 expand programs: 17,920 for gate_up alone). The step: ~8.25 +
 1.2 ms against 8.25 ms, ~0.88x. With 32 adapters (4 tokens a tile, 32 tiles
@@ -102,6 +104,7 @@ class Plan:
     per_split: int  # input columns a split, a multiple of block_k
     block_n: int
     col_groups: int
+    blocks_per: int  # expand: consecutive column blocks a program
 
     @property
     def shrink_grid(self) -> tuple[int, int, int]:
@@ -141,8 +144,9 @@ def plan(num_tokens: int, k: int, sub_sizes: tuple[int, ...], rank: int, n_tiles
     per_split = triton.cdiv(triton.cdiv(k, splits), config.block_k) * config.block_k
     n_blocks = triton.cdiv(sum(sub_sizes), bn)
     col_groups = max(1, min(n_blocks, triton.cdiv(config.programs, groups)))
-    col_groups = triton.cdiv(n_blocks, triton.cdiv(n_blocks, col_groups))  # equal shares
-    return Plan(groups, r_blocks, block_r, triton.cdiv(k, per_split), per_split, bn, col_groups)
+    blocks_per = triton.cdiv(n_blocks, col_groups)
+    return Plan(groups, r_blocks, block_r, triton.cdiv(k, per_split), per_split, bn,
+                triton.cdiv(n_blocks, blocks_per), blocks_per)
 
 
 @triton.jit
@@ -198,13 +202,16 @@ def _sum_splits(tmp_ptr, tok, mmask, col0, RANK, stride_ts, stride_tm, BLOCK_R: 
 
 
 @triton.jit
-def _expand(tmp_ptr, b_ptr, y_ptr, tile_tokens_ptr, tile_slots_ptr, n_tiles, N, RANK, off1, off2, stride_ts,
-            stride_tm, stride_bs, stride_bn, stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _expand(tmp_ptr, b_ptr, y_ptr, tile_tokens_ptr, tile_slots_ptr, n_tiles, N, RANK, off1, off2, BLOCKS_PER,
+            stride_ts, stride_tm, stride_bs, stride_bn, stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_R: tl.constexpr, N_SUB: tl.constexpr, SPLITS: tl.constexpr, F32: tl.constexpr):
     groups = tl.num_programs(0)
-    col_group = tl.program_id(1)
-    col_groups = tl.num_programs(1)
-    n_blocks = tl.cdiv(N, BLOCK_N)
+    nb0 = tl.program_id(1) * BLOCKS_PER
+    nb1 = tl.minimum(nb0 + BLOCKS_PER, tl.cdiv(N, BLOCK_N))
+    # BLOCK_N divides every sub-module's width (the wrapper checks): one sub-module a block
+    first = (nb0 * BLOCK_N >= off1).to(tl.int32) + (nb0 * BLOCK_N >= off2).to(tl.int32)
+    last = ((nb1 - 1) * BLOCK_N >= off1).to(tl.int32) + ((nb1 - 1) * BLOCK_N >= off2).to(tl.int32)
+    dt = b_ptr.dtype.element_ty
     offs_m = tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     rmask = offs_r < RANK
@@ -215,23 +222,25 @@ def _expand(tmp_ptr, b_ptr, y_ptr, tile_tokens_ptr, tile_slots_ptr, n_tiles, N, 
             mmask = tok >= 0
             tok = tl.where(mmask, tok, 0)
             b_base = b_ptr + slot.to(tl.int64) * stride_bs
-            # each sub-module's tmp once per tile, in the dot's dtype
-            t0 = _sum_splits(tmp_ptr, tok, mmask, 0, RANK, stride_ts, stride_tm, BLOCK_R, SPLITS)
-            t0 = t0.to(b_ptr.dtype.element_ty)
+            # tmp of each sub-module first..last once per tile, in the dot's dtype
+            t0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=dt)
             t1 = t0
             t2 = t0
+            if first == 0:
+                t0 = _sum_splits(tmp_ptr, tok, mmask, 0, RANK, stride_ts, stride_tm, BLOCK_R, SPLITS).to(dt)
             if N_SUB > 1:
-                t1 = _sum_splits(tmp_ptr, tok, mmask, RANK, RANK, stride_ts, stride_tm, BLOCK_R, SPLITS)
-                t1 = t1.to(b_ptr.dtype.element_ty)
+                if (first <= 1) & (last >= 1):
+                    t1 = _sum_splits(tmp_ptr, tok, mmask, RANK, RANK, stride_ts, stride_tm, BLOCK_R, SPLITS).to(dt)
             if N_SUB > 2:
-                t2 = _sum_splits(tmp_ptr, tok, mmask, 2 * RANK, RANK, stride_ts, stride_tm, BLOCK_R, SPLITS)
-                t2 = t2.to(b_ptr.dtype.element_ty)
-            for nb in range(col_group, n_blocks, col_groups):
+                if last == 2:
+                    t2 = _sum_splits(tmp_ptr, tok, mmask, 2 * RANK, RANK, stride_ts, stride_tm, BLOCK_R,
+                                     SPLITS).to(dt)
+            for nb in range(nb0, nb1):
                 n0 = nb * BLOCK_N
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 nmask = offs_n < N
                 t = t0
-                if N_SUB > 1:  # BLOCK_N divides every sub-module's width (the wrapper checks): one sub a block
+                if N_SUB > 1:
                     sub = (n0 >= off1).to(tl.int32) + (n0 >= off2).to(tl.int32)
                     t = tl.where(sub == 0, t0, tl.where(sub == 1, t1, t2))
                 b = tl.load(b_base + offs_n[:, None] * stride_bn + offs_r[None, :],
@@ -269,7 +278,7 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
         F32=f32, num_warps=config.num_warps)
     offs = [sum(sub_sizes[: i + 1]) for i in range(len(sub_sizes) - 1)] + [n, n]
     _expand[p.expand_grid](
-        tmp, b, y, batch.tile_tokens, batch.tile_slots, n_tiles, n, rank, offs[0], offs[1], tmp.stride(0),
+        tmp, b, y, batch.tile_tokens, batch.tile_slots, n_tiles, n, rank, offs[0], offs[1], p.blocks_per, tmp.stride(0),
         tmp.stride(1), b.stride(0), b.stride(1), y.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=p.block_n,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), N_SUB=len(sub_sizes), SPLITS=p.splits, F32=f32,
         num_warps=config.num_warps)

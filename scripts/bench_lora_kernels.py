@@ -58,6 +58,18 @@ def hbm_bytes(tokens: int, adapters: int, subs: tuple[int, ...], k: int, rank: i
     return (adapters * (len(subs) * rank * k + n * rank) + tokens * k + 2 * tokens * n) * elem
 
 
+def sub_runs(subs: tuple[int, ...], p) -> int:
+    """Sum over the expand's column groups of the sub-modules each one's columns lie in."""
+    ends = [sum(subs[: i + 1]) for i in range(len(subs))]
+    n_blocks = -(-sum(subs) // p.block_n)
+    total = 0
+    for j in range(p.col_groups):
+        first, last = j * p.blocks_per, min((j + 1) * p.blocks_per, n_blocks) - 1
+        sub = lambda nb: sum(nb * p.block_n >= e for e in ends[:-1])  # noqa: E731
+        total += sub(last) - sub(first) + 1
+    return total
+
+
 def grids(p) -> str:
     return f"{'x'.join(map(str, p.shrink_grid))}+{'x'.join(map(str, p.expand_grid))}"
 
@@ -76,9 +88,10 @@ def print_plan(args, configs) -> dict:
             for name, subs, k in PROJECTIONS:
                 p = plan(t, k, subs, r, n_tiles, cfg)
                 moved = hbm_bytes(t, min(n_ad, args.slots), subs, k, r)
-                # the expand's reads of the shrink's fp32 partials (L2): each program, each of its tiles
+                # the expand's reads of the shrink's fp32 partials (L2): each program, each of its tiles,
+                # the sub-modules its columns lie in
                 used = max(-(-t // 16), min(n_ad, args.slots, t))
-                partials = used * p.col_groups * p.splits * 16 * len(subs) * r * 4
+                partials = used * p.splits * 16 * r * 4 * sub_runs(subs, p)
                 us = moved / HBM_BYTES_PER_US + 2 * LAUNCH_US
                 total += us
                 res["rows"].append({"config": label, "adapters": n_ad, "proj": name, "grids": grids(p),

@@ -149,7 +149,7 @@ for name, fn, consts in [
     sig = {a: PTRS.get(a, "*bf16") if a.endswith("_ptr") else "i32" for a in args}
     sig.update({c: "constexpr" for c in consts})
     # as the JIT specializes them at the 8B's shapes: pointers and widths/strides divisible by 16
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in args if a != "n_tiles"}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in args if a not in ("n_tiles", "BLOCKS_PER")}
     k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 4})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
