@@ -22,10 +22,10 @@ router sent it that the message cannot count yet (picks made less than
 routing_pending_s before it arrived), so several router actors (each fed the
 same events and reports) never count each other's picks twice, and the index
 is the same in all of them. A new prefix is placed by traffic share
-(scoring.py, "Placement"). A restarted router rebuilds its index from the replicas' snapshots: it
-asks for one on the first KV message it cannot place in sequence, and on the
-first report of a replica whose cache it does not mirror (an idle replica
-sends reports but no KV events).
+(scoring.py, "Placement"). A restarted router rebuilds its index from the
+replicas' snapshots: it asks for one on the first KV message it cannot place
+in sequence, and on the first report of a replica whose cache it does not
+mirror (an idle replica sends reports but no KV events).
 
 With prefill and decode pools, a prompt of at least `pd_min_prompt_tokens`
 gets a pair (`route`): the prefill replica by the policy above, the decode
@@ -84,8 +84,8 @@ class _Replica:
     def settle(self, now: float, window: float, rate: float) -> float:
         """A message from the replica arrived now: it counts the picks made more than `window`
         before (their submit call reached the replica before the message left), not the later
-        ones, which stay counted on top of it. Returns those's prompt tokens still queued,
-        drained at `rate` since their pick (as the queued_tokens bucket drains them)."""
+        ones, which stay counted on top of it. Returns the prompt tokens of those still
+        queued, drained at `rate` since their pick (as the queued_tokens bucket drains)."""
         p = self.pending
         while p and p[0][0] <= now - window:
             p.popleft()
