@@ -414,6 +414,30 @@ def test_decode_through_graph_inputs_equals_eager(adapters):
     assert got[0] == got[1]
 
 
+def test_base_only_decode_through_graph_inputs_skips_the_lora_ops(adapters, monkeypatch):
+    """A LoRA engine's decode steps with no adapter run the base forward (the base graphs' path):
+    no LoRA op runs, and the tokens are an engine without LoRA's."""
+    from ziggurat.models import lora as lora_module
+
+    path, _ = adapters
+    prompts = prompts_for(3, seed=9)
+    plain = LLM(path, device="cpu", num_kv_blocks=128)
+    try:
+        want = tokens(plain.generate(prompts, GREEDY, use_tqdm=False))
+    finally:
+        plain.shutdown()
+    llm = LLM(path, device="cpu", enable_lora=True, max_loras=2, num_kv_blocks=128)
+    try:
+        llm.engine.executor.worker.runner.capture_decode_graphs(8, capture=False)
+        calls = []
+        real = lora_module.add_lora
+        monkeypatch.setattr(lora_module, "add_lora", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        got = tokens(llm.generate(prompts, GREEDY, use_tqdm=False))
+    finally:
+        llm.shutdown()
+    assert got == want and not calls
+
+
 def test_a_failed_read_changes_no_slot(adapters, tmp_path):
     """A worker that cannot read an adapter (files gone since it was checked) fails that step
     naming the file, and its slot table is as before: nothing points at weights never written."""

@@ -102,3 +102,24 @@ def test_graphs_with_adapters_equal_eager(tmp_path):
         finally:
             llm.shutdown()
     assert got[0] == got[1]
+
+
+def test_base_only_steps_replay_graphs_without_the_lora_ops(tmp_path):
+    """A LoRA engine's steps with no adapter replay the base graphs (captured without the LoRA ops),
+    and give the tokens an engine without LoRA gives."""
+    from ziggurat import LLM, SamplingParams
+    from ziggurat.models.maker import make_model
+
+    path = make_model(tmp_path / "m", arch="llama", preset="tiny", dtype="float32")
+    prompts = [list(range(3, 3 + n)) for n in (5, 17, 40)]
+    p = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    got = []
+    for lora in (True, False):
+        llm = LLM(str(path), enable_lora=lora, max_loras=2, gpu_memory_utilization=0.3)
+        try:
+            graphs = llm.engine.executor.worker.runner.graphs
+            assert bool(graphs.base_graphs) == lora and set(graphs.base_graphs) <= set(graphs.graphs)
+            got.append([o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)])
+        finally:
+            llm.shutdown()
+    assert got[0] == got[1]
