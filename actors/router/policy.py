@@ -68,7 +68,9 @@ class _Replica:
     # compute) per pick, oldest first (see settle); picks_since is their number.
     pending: collections.deque = field(default_factory=lambda: collections.deque(maxlen=MAX_PENDING))
     picks_since: int = 0
-    adapters_since: set = field(default_factory=set)
+    # Adapters this router sent here -> when it last did: a report counts them (resident or
+    # loading) only if they were sent at least routing_pending_s before it arrived, as with picks.
+    adapters_since: dict = field(default_factory=dict)
     routed: int = 0
     traffic: float = 0.0  # requests routed here, decayed per request routed anywhere (TRAFFIC_DECAY)
     # Prompt tokens queued there, as a leaky bucket: the report's, plus what this router
@@ -252,7 +254,7 @@ class Router:
         r.queued_tokens(now, self.config.routing_prefill_tokens_per_s)
         r.queued += tokens
         if adapter is not None:
-            r.adapters_since.add(adapter)
+            r.adapters_since[adapter] = now
         if self.config.routing_policy == "prefix-affinity":
             self.affinity.observe(hashes, i)
         else:
@@ -273,7 +275,8 @@ class Router:
         r.adapters = frozenset(stats.adapters)
         r.num_receiving, r.num_sending = stats.num_receiving, stats.num_sending
         r.role = stats.role or r.role
-        r.adapters_since = set()
+        cutoff = now - self.config.routing_pending_s
+        r.adapters_since = {a: t for a, t in r.adapters_since.items() if t > cutoff}
         r.healthy = r.reported = True
         return self.kv.wants_snapshot(stats.replica)
 
@@ -303,6 +306,6 @@ class Router:
         (cluster/supervisor.py's autoscaling reads it, one call a decision)."""
         rate = self.config.routing_prefill_tokens_per_s
         return [ReplicaLoad(i, r.role, r.healthy, r.num_waiting + r.picks_since, r.num_running,
-                            int(r.queued_tokens(self.clock(), rate)), r.kv_usage, sorted(r.adapters | r.adapters_since),
+                            int(r.queued_tokens(self.clock(), rate)), r.kv_usage, sorted(r.adapters | set(r.adapters_since)),
                             self.kv.num_blocks(i), r.routed, r.num_receiving, r.num_sending, r.reported)
                 for i, r in enumerate(self.replicas)]

@@ -202,12 +202,27 @@ def test_lora_resident_replica_preferred_cold_load_counted_residency_spreads_und
         holds(r, i, [])
     r.report(stats(1, adapters=["fr"]))
     assert route(r, prompt(1, 100), "fr") == 1 and r.counters["adapter_cold"] == 0
-    assert route(r, prompt(2, 100), None) != 1 or True  # the base model goes anywhere
     r.report(stats(1, waiting=6, running=8, waiting_tokens=3000, adapters=["fr"]))  # its home is swamped
     other = route(r, prompt(3, 100), "fr")
     assert other != 1 and r.counters["adapter_cold"] == 1  # loaded cold elsewhere: counted
     assert route(r, prompt(4, 100), "fr") == other  # now resident there too (routed since the report)
     assert "fr" in r.load_signal()[other].adapters
+
+
+def test_an_adapter_just_sent_stays_resident_through_a_report_that_left_before_it():
+    """A cold load the router just caused counts as resident there until a report could have seen
+    it (routing_pending_s), as picks do; a later report without the adapter ends it."""
+    now = [0.0]
+    r = kv_router(2, clock=lambda: now[0])
+    for i in range(2):
+        holds(r, i, [])
+    first = route(r, prompt(1, 100), "de")
+    now[0] += 0.01
+    r.report(stats(first))  # sent before the request reached the replica: no "de" in it yet
+    assert r.replicas[first].resident("de") and "de" in r.load_signal()[first].adapters
+    now[0] += RouterConfig().routing_pending_s
+    r.report(stats(first))  # this one would have seen it: the replica no longer holds it
+    assert not r.replicas[first].resident("de") and "de" not in r.load_signal()[first].adapters
 
 
 def test_prefill_replica_by_kv_score_decode_by_load():
