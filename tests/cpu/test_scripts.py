@@ -60,3 +60,27 @@ def test_serving_sweep_policies_and_histogram_quantiles():
     assert q["p50"] == pytest.approx(0.1)  # half the new observations at or below 0.1
     assert q["p90"] == pytest.approx(0.1)  # above the last finite bucket: its edge, not a guess
     assert histogram_quantiles(text((1, 1, 1)), text((1, 1, 1)), "h") is None  # nothing new
+
+
+def test_every_kernel_variant_compiles_for_hopper(tmp_path):
+    """scripts/compile_check.py: the Triton kernels' launches at the 8B's shapes (bf16 and FP8 weights,
+    16-bit and FP8 KV caches) compile for sm_90 with Triton's own ptxas, on this CPU."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    import pytest
+
+    triton = pytest.importorskip("triton")
+    if not (pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("Triton's CUDA backend tools are not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    out = tmp_path / "compile.json"
+    run = subprocess.run([sys.executable, "-m", "ziggurat.scripts.compile_check", "--json", str(out)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["failed"] == 0 and len(res["variants"]) >= 14
+    assert all(v["regs"] > 0 for v in res["variants"])
