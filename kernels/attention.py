@@ -83,20 +83,18 @@ def paged_attention(
                                   sliding_window, k_scale=k_scale, v_scale=v_scale)
         # An FP8 cache holds rounded keys: fresh prompts read it too, so every row sees the same numbers.
         use_sdpa = k is not None and k_cache.dtype != torch.float8_e4m3fn and sliding_window is None and os.environ.get("ZIGGURAT_FRESH_PREFILL") == "sdpa"
-        fresh, skip = _fresh_prompts(meta, q) if use_sdpa else ((), None)
-        rows = _single_query_rows(meta, q, skip)
-        if rows is not None:
-            skip = rows.skip
+        plan = _mixed_plan(meta, q, k_cache.shape[1], use_sdpa)
         out = torch.empty_like(q)
-        if len(fresh) + (rows.count if rows is not None else 0) < meta.num_seqs:
+        if plan.work.shape[0]:
             T.paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                            meta.max_query_len, scale, sliding_window, skip=skip, out=out, k_scale=k_scale,
+                            meta.max_query_len, scale, sliding_window, work=plan.work, out=out, k_scale=k_scale,
                             v_scale=v_scale)
-        if rows is not None:
-            out.index_copy_(0, rows.tokens, T.paged_decode(
-                q.index_select(0, rows.tokens), k_cache, v_cache, rows.block_tables, rows.seq_lens, rows.max_seq_len,
-                scale, sliding_window, k_scale=k_scale, v_scale=v_scale))
-        for qs, qe in fresh:
+        single = plan.single
+        if single is not None:
+            out.index_copy_(0, single.tokens, T.paged_decode(
+                q.index_select(0, single.tokens), k_cache, v_cache, single.block_tables, single.seq_lens,
+                single.max_seq_len, scale, sliding_window, k_scale=k_scale, v_scale=v_scale))
+        for qs, qe in plan.fresh:
             out[qs:qe] = _sdpa_causal(q[qs:qe], k[qs:qe], v[qs:qe], scale)
         return out
     return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale)
@@ -105,61 +103,56 @@ def paged_attention(
 @dataclass
 class SingleQueryRows:
     """A mixed step's sequences with one query (decodes, a prompt's last one-token chunk): they go
-    through the decode kernel, the rest through the prefill kernel (which skips them)."""
+    through the decode kernel, the rest through the prefill kernel (which leaves them out)."""
 
     count: int
     tokens: torch.Tensor  # [n] int64: their query rows in the token batch
     block_tables: torch.Tensor  # [n, max_blocks]: theirs, gathered once a step
     seq_lens: torch.Tensor  # [n]
     max_seq_len: int
-    skip: torch.Tensor  # [B] int32: 1 for the sequences the prefill kernel leaves (these and any fresh prompts)
 
 
-# Below this many one-query sequences a mixed step keeps them in the prefill kernel (its grid has
-# a program per (query tile, sequence, query head): a one-query sequence reads its whole context
-# once per query head, G times what the decode kernel reads, and without a split over the
-# context). ZIGGURAT_MIXED_DECODE=prefill keeps every row in the prefill kernel (the A/B).
+@dataclass
+class MixedPlan:
+    """How a step that is not decode-only splits its sequences between the kernels, planned by
+    its first attention layer and shared by the rest (meta.cache)."""
+
+    work: torch.Tensor  # the prefill kernel's (sequence, query tile) items (attention_triton.prefill_work)
+    single: SingleQueryRows | None  # one-query sequences, through the decode kernel
+    fresh: list  # [(start, end)] token ranges of fresh prompts through SDPA (opt-in)
+
+
+# Below this many one-query sequences a mixed step keeps them in the prefill kernel: a one-query
+# sequence there reads its whole context once per query head, G times what the decode kernel
+# reads, with no split over the context, in query tiles of BLOCK_M rows of which one is live.
+# ZIGGURAT_MIXED_DECODE=prefill keeps every row in the prefill kernel (the A/B).
 MIXED_DECODE_MIN_ROWS = 1
 
 
-def _single_query_rows(meta: AttentionMetadata, q: torch.Tensor, skip: torch.Tensor | None):
-    """SingleQueryRows of a mixed step (None: fewer than MIXED_DECODE_MIN_ROWS, or disabled),
-    planned once a step and shared by every layer."""
-    if "single" in meta.cache:
-        return meta.cache["single"]
-    plan = None
+def _mixed_plan(meta: AttentionMetadata, q: torch.Tensor, block_size: int, use_sdpa: bool) -> MixedPlan:
+    from ziggurat.kernels import attention_triton as T
+
+    plan = meta.cache.get("mixed")
+    if plan is not None:
+        return plan
+    qsl, lens, dev = meta.query_start_loc_cpu, meta.seq_lens_cpu, q.device
+    fresh = [b for b in range(meta.num_seqs) if qsl[b + 1] - qsl[b] == lens[b] >= SDPA_MIN_LEN] \
+        if use_sdpa and q.dtype in SDPA_DTYPES else []
+    single = None
+    seqs = []
     if os.environ.get("ZIGGURAT_MIXED_DECODE", "decode") != "prefill":
-        qsl = meta.query_start_loc_cpu
         seqs = [b for b in range(meta.num_seqs) if qsl[b + 1] - qsl[b] == 1]
-        if len(seqs) >= MIXED_DECODE_MIN_ROWS:
-            dev = q.device
-            idx = torch.tensor(seqs, dtype=torch.int64).to(dev, non_blocking=True)
-            flags = torch.zeros(meta.num_seqs, dtype=torch.int32)
-            flags[seqs] = 1
-            flags = flags.to(dev, non_blocking=True)
-            if skip is not None:
-                flags = flags | skip
-            plan = SingleQueryRows(
-                count=len(seqs), tokens=torch.tensor([qsl[b] for b in seqs], dtype=torch.int64).to(dev, non_blocking=True),
-                block_tables=meta.block_tables.index_select(0, idx), seq_lens=meta.seq_lens.index_select(0, idx),
-                max_seq_len=max(meta.seq_lens_cpu[b] for b in seqs), skip=flags)
-    meta.cache["single"] = plan
-    return plan
-
-
-def _fresh_prompts(meta: AttentionMetadata, q: torch.Tensor):
-    """([(start, end)] of long prompts with no cached context, int32 [B] skip flags or None), once per step."""
-    plan = meta.cache.get("fresh")
-    if plan is None:
-        qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
-        idx = [b for b in range(meta.num_seqs)
-               if qsl[b + 1] - qsl[b] == lens[b] >= SDPA_MIN_LEN] if q.dtype in SDPA_DTYPES else []
-        skip = None
-        if idx:
-            flags = torch.zeros(meta.num_seqs, dtype=torch.int32)
-            flags[idx] = 1
-            skip = flags.to(q.device, non_blocking=True)
-        plan = meta.cache["fresh"] = ([(qsl[b], qsl[b + 1]) for b in idx], skip)
+        if len(seqs) < MIXED_DECODE_MIN_ROWS:
+            seqs = []
+    if seqs:
+        idx = torch.tensor(seqs, dtype=torch.int64).to(dev, non_blocking=True)
+        single = SingleQueryRows(
+            count=len(seqs), tokens=torch.tensor([qsl[b] for b in seqs], dtype=torch.int64).to(dev, non_blocking=True),
+            block_tables=meta.block_tables.index_select(0, idx), seq_lens=meta.seq_lens.index_select(0, idx),
+            max_seq_len=max(lens[b] for b in seqs))
+    work = T.prefill_work(qsl, T.prefill_block_m(q, block_size), fresh + seqs)
+    plan = meta.cache["mixed"] = MixedPlan(torch.from_numpy(work).to(dev, non_blocking=True), single,
+                                           [(qsl[b], qsl[b + 1]) for b in fresh])
     return plan
 
 

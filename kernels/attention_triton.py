@@ -27,9 +27,15 @@ result does not depend on which program merges, nor on the epilogue: bitwise
 equal under the interpreter.
 
 Prefill / chunked prefill / prefix hits is one FlashAttention-style kernel:
-program (query tile, seq, q head) walks the sequence's pages up to the
-causal limit of its tile. The new tokens' KV is already in the cache (the
-attention layer stores before attending), so every key comes from pages.
+program (q head, work item) walks the sequence's pages up to the causal limit
+of its query tile. The work items are the (seq, query tile) pairs that have
+queries (prefill_work, built on the host once a step), so a batch of one long
+prompt and many short rows launches no empty programs, and sequences another
+kernel takes (a mixed step's decodes, SDPA's fresh prompts) are simply left
+out. The q heads vary fastest, so the G heads of one KV head run side by side
+and read its pages from memory once. The new tokens' KV is already in the
+cache (the attention layer stores before attending), so every key comes from
+pages.
 
 Both gather pages through the block table inside the kernel; nothing is
 copied into a dense context first.
@@ -45,6 +51,7 @@ from __future__ import annotations
 import functools
 import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -342,7 +349,7 @@ def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len: int, 
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, skip_ptr, ks_ptr, vs_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, work_ptr, ks_ptr, vs_ptr,
     scale, window,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -351,16 +358,18 @@ def _prefill_kernel(
     stride_tb,
     G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGES: tl.constexpr, USE_WINDOW: tl.constexpr,
-    PREC: tl.constexpr, HAS_SKIP: tl.constexpr, KV_SCALED: tl.constexpr,
+    PREC: tl.constexpr, KV_SCALED: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    seq = tl.program_id(1)
-    h = tl.program_id(2)
+    # One program per (query head, work item); an item is a (sequence, query tile) that has
+    # queries (prefill_work), so no program is launched for nothing. The heads vary fastest:
+    # the G heads of a KV head run side by side and read its pages once from memory.
+    h = tl.program_id(0)
+    item = tl.program_id(1)
+    seq = tl.load(work_ptr + 2 * item)
+    tile = tl.load(work_ptr + 2 * item + 1)
     kvh = h // G
     q_start = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
-    if HAS_SKIP:  # sequences another kernel handles
-        q_len = tl.where(tl.load(skip_ptr + seq) != 0, 0, q_len)
     if tile * BLOCK_M < q_len:
         seq_len = tl.load(seq_lens_ptr + seq)
         ctx0 = seq_len - q_len  # position of the first query
@@ -404,26 +413,48 @@ def _prefill_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & d_ok[None, :])
 
 
+def prefill_block_m(q, block_size: int, block_m: int | None = None) -> int:
+    """The prefill kernel's query tile on q's device (its config table), or block_m if given."""
+    return block_m or _prefill_config(q, block_size)["block_m"]
+
+
+def prefill_work(query_start_loc_cpu, block_m: int, skip_seqs=()) -> np.ndarray:
+    """int32 [n, 2]: (sequence, query tile) for every tile of BLOCK_M queries the prefill kernel
+    runs, sequences in skip_seqs left out (another kernel takes them)."""
+    q_lens = np.diff(np.asarray(query_start_loc_cpu, dtype=np.int64))
+    tiles = -(-q_lens // block_m)
+    if len(skip_seqs):
+        tiles[np.asarray(list(skip_seqs), dtype=np.int64)] = 0
+    seqs = np.repeat(np.arange(len(q_lens), dtype=np.int64), tiles)
+    first = np.repeat(np.cumsum(tiles) - tiles, tiles)
+    return np.stack([seqs, np.arange(len(seqs), dtype=np.int64) - first], axis=1).astype(np.int32)
+
+
 def paged_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len: int, scale: float,
                   sliding_window: int | None = None, block_m: int | None = None, pages_per_tile: int | None = None,
-                  num_warps: int | None = None, num_stages: int | None = None, skip=None, out=None,
+                  num_warps: int | None = None, num_stages: int | None = None, work=None, out=None,
                   k_scale=None, v_scale=None):
     """q: [T, Hq, D] flattened over sequences (query_start_loc [B+1]) -> [T, Hq, D].
-    skip: optional int32 [B]; nonzero rows are left untouched in `out`.
-    k_scale / v_scale: an FP8 cache's 0-d scales."""
+    work: prefill_work's [n, 2] for this block_m on q's device (a step's plan, shared by its layers);
+    None: every sequence, the list made here from query_start_loc (a device-to-host copy). Rows of
+    sequences not in the work list are left untouched in `out`. k_scale / v_scale: an FP8 cache's
+    0-d scales. max_query_len: unused (the work list sizes the grid); kept for the callers' symmetry."""
     _check_caches(q, k_cache, v_cache)
     t, hq, d = q.shape
     _, bs, hkv, _ = k_cache.shape
     cfg = _prefill_config(q, bs)
-    block_m = block_m or cfg["block_m"]
+    block_m = prefill_block_m(q, bs, block_m)
     pages = pages_per_tile or cfg["pages"]
     launch = {"num_warps": num_warps or cfg["num_warps"], "num_stages": num_stages or cfg["num_stages"]}
     out = torch.empty_like(q) if out is None else out
-    b = seq_lens.shape[0]
-    grid = (triton.cdiv(max_query_len, block_m), b, hq)
+    if work is None:
+        work = torch.from_numpy(prefill_work(query_start_loc.tolist(), block_m)).to(q.device)
+    if work.shape[0] == 0:
+        return out
+    grid = (hq, work.shape[0])
     ks, vs, scaled = _kv_scales(k_cache, k_scale, v_scale)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, skip if skip is not None else seq_lens,
+        q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, work,
         ks, vs, scale, sliding_window or 0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -432,7 +463,7 @@ def paged_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, 
         block_tables.stride(0),
         G=hq // hkv, D=d, D_PAD=triton.next_power_of_2(d),
         BLOCK_M=block_m, BLOCK_SIZE=bs, PAGES=pages, USE_WINDOW=sliding_window is not None,
-        PREC=_precision(q), HAS_SKIP=skip is not None, KV_SCALED=scaled, **launch,
+        PREC=_precision(q), KV_SCALED=scaled, **launch,
     )
     return out
 

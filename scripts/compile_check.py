@@ -36,12 +36,11 @@ def variants():
 
     f32 = {p: "*fp32" for p in ("acc_ptr", "ml_ptr", "ks_ptr", "vs_ptr", "s_ptr")}
     ints = {"tables_ptr": "*i32", "seq_lens_ptr": "*i32", "tickets_ptr": "*i32", "qsl_ptr": "*i64",
-            "skip_ptr": "*i32", "slots_ptr": "*i64", "pos_ptr": "*i64"}
+            "work_ptr": "*i32", "slots_ptr": "*i64", "pos_ptr": "*i64"}
     fp8_cache = {"k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv", "kc_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv"}
     decode = dict(G=4, G_PAD=16, D=128, D_PAD=128, BLOCK_SIZE=16, PAGES=4, NUM_SPLITS=8, USE_WINDOW=False,
                   PREC="tf32", EPILOGUE="ticket", G_MERGE=4, S_PAD=8, SPLIT_BLOCK=8)  # paged_decode's, 8 splits
-    prefill = dict(G=4, D=128, D_PAD=128, BLOCK_M=64, BLOCK_SIZE=16, PAGES=4, USE_WINDOW=False, PREC="tf32",
-                   HAS_SKIP=True)
+    prefill = dict(G=4, D=128, D_PAD=128, BLOCK_M=64, BLOCK_SIZE=16, PAGES=4, USE_WINDOW=False, PREC="tf32")
     gemv = dict(HAS_BIAS=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=1024)
     out = [
         ("decode, bf16 cache, fused merge", AT._decode_split_kernel, dict(decode, KV_SCALED=False), {**f32, **ints}, 4),

@@ -61,3 +61,10 @@ def test_mixed_step_with_fresh_prompts_through_sdpa(monkeypatch):
     ref = attention.paged_attention_ref(q, kc, vc, meta, 0.25)
     out = attention.paged_attention(q, kc, vc, meta, 0.25, None, k, v)
     assert rel_err(out, ref) < 1e-5
+
+
+def test_prefill_work_lists_only_tiles_with_queries():
+    # q lens 40, 1, 0 (an empty row), 130 at BLOCK_M 64; sequence 1 left to another kernel.
+    work = AT.prefill_work([0, 40, 41, 41, 171], 64, skip_seqs=[1])
+    assert work.tolist() == [[0, 0], [3, 0], [3, 1], [3, 2]]
+    assert AT.prefill_work([0, 1, 2], 64, skip_seqs=[0, 1]).shape == (0, 2)

@@ -129,8 +129,8 @@ def test_fresh_prompts_through_sdpa_mix_with_paged_kernel(monkeypatch):
     seq_lens, q_lens = [4096, 8192, 700, 100, 2000], [4096, 1024, 1, 100, 2000]
     q, kc, vc, meta = setup(seq_lens, q_lens, 8, 4, 128, 16, torch.bfloat16, seed=3)
     k, v = step_kv(kc, vc, meta)
-    plan = attention._fresh_prompts(meta, q)
-    assert [e - s for s, e in plan[0]] == [4096, 2000]
+    plan = attention._mixed_plan(meta, q, kc.shape[1], use_sdpa=True)
+    assert [e - s for s, e in plan.fresh] == [4096, 2000] and plan.single.count == 1  # the decode row
     out = attention.paged_attention(q, kc, vc, meta, 128**-0.5, None, k, v)
     check(out, attention.paged_attention_ref(q, kc, vc, meta, 128**-0.5), torch.bfloat16)
 
