@@ -159,6 +159,14 @@ def _dot(p, q, F32: tl.constexpr):
 
 
 @triton.jit
+def _tile_tokens(tile_tokens_ptr, tile, offs_m, BLOCK_M: tl.constexpr):
+    """A tile's token indices (padding -1 read as token 0) and which of them are real."""
+    tok = tl.load(tile_tokens_ptr + tile * BLOCK_M + offs_m)
+    mmask = tok >= 0
+    return tl.where(mmask, tok, 0), mmask
+
+
+@triton.jit
 def _shrink(x_ptr, a_ptr, tmp_ptr, tile_tokens_ptr, tile_slots_ptr, n_tiles, K, R, K_PER_SPLIT, stride_xm,
             stride_as, stride_ar, stride_ts, stride_tm, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
             BLOCK_K: tl.constexpr, F32: tl.constexpr):
@@ -171,9 +179,7 @@ def _shrink(x_ptr, a_ptr, tmp_ptr, tile_tokens_ptr, tile_slots_ptr, n_tiles, K, 
     for tile in range(tl.program_id(0), n_tiles, groups):
         slot = tl.load(tile_slots_ptr + tile)
         if slot >= 0:
-            tok = tl.load(tile_tokens_ptr + tile * BLOCK_M + offs_m)
-            mmask = tok >= 0
-            tok = tl.where(mmask, tok, 0)
+            tok, mmask = _tile_tokens(tile_tokens_ptr, tile, offs_m, BLOCK_M)
             a_base = a_ptr + slot.to(tl.int64) * stride_as
             acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
@@ -218,9 +224,7 @@ def _expand(tmp_ptr, b_ptr, y_ptr, tile_tokens_ptr, tile_slots_ptr, n_tiles, N, 
     for tile in range(tl.program_id(0), n_tiles, groups):
         slot = tl.load(tile_slots_ptr + tile)
         if slot >= 0:
-            tok = tl.load(tile_tokens_ptr + tile * BLOCK_M + offs_m)
-            mmask = tok >= 0
-            tok = tl.where(mmask, tok, 0)
+            tok, mmask = _tile_tokens(tile_tokens_ptr, tile, offs_m, BLOCK_M)
             b_base = b_ptr + slot.to(tl.int64) * stride_bs
             # tmp of each sub-module first..last once per tile, in the dot's dtype
             t0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=dt)
