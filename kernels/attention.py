@@ -12,14 +12,13 @@ position seq_lens[b] - q_len_b + i and sees keys at positions <= its own
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass, field
 
 import torch
 
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ziggurat.kernels.backend import use_triton
+from ziggurat.kernels.backend import env_choice, use_triton
 
 
 @dataclass
@@ -82,7 +81,8 @@ def paged_attention(
             return T.paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale,
                                   sliding_window, k_scale=k_scale, v_scale=v_scale)
         # An FP8 cache holds rounded keys: fresh prompts read it too, so every row sees the same numbers.
-        use_sdpa = k is not None and k_cache.dtype != torch.float8_e4m3fn and sliding_window is None and os.environ.get("ZIGGURAT_FRESH_PREFILL") == "sdpa"
+        use_sdpa = (k is not None and k_cache.dtype != torch.float8_e4m3fn and sliding_window is None
+                    and env_choice("ZIGGURAT_FRESH_PREFILL", ("paged", "sdpa")) == "sdpa")
         plan = _mixed_plan(meta, q, k_cache.shape[1], use_sdpa)
         out = torch.empty_like(q)
         if plan.work.shape[0]:
@@ -140,7 +140,7 @@ def _mixed_plan(meta: AttentionMetadata, q: torch.Tensor, block_size: int, use_s
         if use_sdpa and q.dtype in SDPA_DTYPES else []
     single = None
     seqs = []
-    if os.environ.get("ZIGGURAT_MIXED_DECODE", "decode") != "prefill":
+    if env_choice("ZIGGURAT_MIXED_DECODE", ("decode", "prefill")) == "decode":
         seqs = [b for b in range(meta.num_seqs) if qsl[b + 1] - qsl[b] == 1]
         if len(seqs) < MIXED_DECODE_MIN_ROWS:
             seqs = []

@@ -49,12 +49,13 @@ dequantizing costs no per-element multiply.
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from ziggurat.kernels.backend import env_choice
 
 
 @triton.jit
@@ -252,10 +253,7 @@ MIN_TICKETS = 1 << 14  # counters allocated at first use (64 KiB): 2,048 sequenc
 def decode_merge() -> str:
     """ZIGGURAT_DECODE_MERGE: `fused` (default: the last split merges, one launch) or
     `kernel` (a second kernel merges: the A/B of the fusion)."""
-    mode = os.environ.get("ZIGGURAT_DECODE_MERGE", "fused")
-    if mode not in DECODE_MERGES:
-        raise ValueError(f"ZIGGURAT_DECODE_MERGE: must be one of {list(DECODE_MERGES)}, got {mode!r}")
-    return mode
+    return env_choice("ZIGGURAT_DECODE_MERGE", DECODE_MERGES)
 
 
 # One ticket buffer per device, shared by every layer and every call: calls on a

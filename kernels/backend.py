@@ -27,8 +27,18 @@ def _triton_available() -> bool:
     return True
 
 
+def env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """A kernel switch read from the environment: one of `choices`, the first when unset; any
+    other value is a ValueError naming the variable. The one reader of every ZIGGURAT_* kernel
+    switch (ZIGGURAT_KERNELS, _GEMV, _FP8_GEMM, _DECODE_MERGE, _MIXED_DECODE, _FRESH_PREFILL)."""
+    mode = os.environ.get(name, choices[0])
+    if mode not in choices:
+        raise ValueError(f"{name}: must be one of {list(choices)}, got {mode!r}")
+    return mode
+
+
 def use_triton(t: torch.Tensor) -> bool:
-    mode = os.environ.get("ZIGGURAT_KERNELS", "auto")
+    mode = env_choice("ZIGGURAT_KERNELS", ("auto", "torch", "triton"))
     if mode == "torch":
         return False
     if mode == "triton":

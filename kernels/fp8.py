@@ -24,13 +24,12 @@ model computes the same function on every device, up to summation order.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 
 from ziggurat.kernels.activation import silu_and_mul
-from ziggurat.kernels.backend import use_triton
+from ziggurat.kernels.backend import env_choice, use_triton
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3fn value
@@ -40,10 +39,7 @@ GEMM_MODES = ("auto", "scaled_mm", "dequant")
 
 
 def gemm_mode() -> str:
-    mode = os.environ.get("ZIGGURAT_FP8_GEMM", "auto")
-    if mode not in GEMM_MODES:
-        raise ValueError(f"ZIGGURAT_FP8_GEMM: must be one of {list(GEMM_MODES)}, got {mode!r}")
-    return mode
+    return env_choice("ZIGGURAT_FP8_GEMM", GEMM_MODES)
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, b: torch.Tensor | None = None,

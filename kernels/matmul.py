@@ -20,13 +20,12 @@ GEMVs, with silu_and_mul as its own kernel; `cublas`: no Triton GEMV.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
 
 from ziggurat.kernels.activation import silu_and_mul
-from ziggurat.kernels.backend import use_triton
+from ziggurat.kernels.backend import env_choice, use_triton
 
 GEMV_MAX_M = 2  # beyond this cuBLAS's tensor-core kernels win (bench_gemv: M=4 is 10-25% slower in Triton)
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
@@ -34,10 +33,7 @@ GEMV_MODES = ("triton", "unfused", "cublas")
 
 
 def gemv_mode() -> str:
-    mode = os.environ.get("ZIGGURAT_GEMV", "triton")
-    if mode not in GEMV_MODES:
-        raise ValueError(f"ZIGGURAT_GEMV: must be one of {list(GEMV_MODES)}, got {mode!r}")
-    return mode
+    return env_choice("ZIGGURAT_GEMV", GEMV_MODES)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
