@@ -1,10 +1,28 @@
-"""Random paged-attention inputs shared by the CPU (interpreter) and GPU kernel tests."""
+"""Random paged-attention inputs shared by the CPU (interpreter) and GPU kernel tests, and the
+Triton setup of the kernel test modules."""
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 from ziggurat.kernels.attention import AttentionMetadata
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def interpreted_triton():
+    """Triton for a kernel test module, called before anything imports it: its interpreter on a
+    machine without CUDA (patched: kernels/interpret.py); the module is skipped without Triton."""
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+    triton = pytest.importorskip("triton")
+    from ziggurat.kernels.interpret import patch_interpreter
+
+    patch_interpreter()
+    return triton
 
 
 def paged_case(seq_lens, q_lens, hkv, g, d, bs, seed, dtype=torch.float32, device="cpu"):

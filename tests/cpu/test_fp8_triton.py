@@ -24,27 +24,20 @@ Bounds, and why:
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-triton = pytest.importorskip("triton")
+from kernel_cases import DEV, interpreted_triton, paged_case
 
-from kernel_cases import paged_case  # noqa: E402
+triton = interpreted_triton()
+
 from ziggurat.kernels import attention, fp8, kv_cache  # noqa: E402
 from ziggurat.kernels.fp8 import FP8, fp8_linear, fp8_linear_ref, quantize_per_token_ref  # noqa: E402
-from ziggurat.kernels.interpret import patch_interpreter  # noqa: E402
-
-patch_interpreter()
 from ziggurat.kernels import attention_triton as AT  # noqa: E402
 from ziggurat.kernels import elementwise_triton as ET  # noqa: E402
 from ziggurat.kernels import fp8_triton as FT  # noqa: E402
 from ziggurat.models.quantization import quantize_weight  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def rel_err(out, ref) -> float:

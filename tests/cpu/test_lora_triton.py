@@ -9,17 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-triton = pytest.importorskip("triton")
+from kernel_cases import DEV, interpreted_triton
 
-from ziggurat.kernels.interpret import patch_interpreter  # noqa: E402
+triton = interpreted_triton()
 
-patch_interpreter()
 from ziggurat.kernels import lora as L  # noqa: E402
 from ziggurat.kernels import lora_triton as LT  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def case(t, k, sub_sizes, rank, slots, seed, dtype=torch.float32, none_share=0.25, ranks=None):

@@ -5,23 +5,16 @@ prefill kernel. Through Triton's interpreter on a CPU."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-triton = pytest.importorskip("triton")
+from kernel_cases import DEV, interpreted_triton, paged_case, step_kv
 
-from kernel_cases import paged_case, step_kv  # noqa: E402
-from ziggurat.kernels.interpret import patch_interpreter  # noqa: E402
+triton = interpreted_triton()
 
-patch_interpreter()
 from ziggurat.kernels import attention  # noqa: E402
 from ziggurat.kernels import attention_triton as AT  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def rel_err(out, ref) -> float:

@@ -3,24 +3,17 @@ interpreter (small shapes; tests/gpu/ covers large shapes on a GPU)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-triton = pytest.importorskip("triton")
+from kernel_cases import DEV, interpreted_triton, paged_case, step_kv
+
+triton = interpreted_triton()
 
 from ziggurat.kernels import attention, kv_cache, norm, rotary  # noqa: E402
-from kernel_cases import paged_case, step_kv  # noqa: E402
-from ziggurat.kernels.interpret import patch_interpreter  # noqa: E402
-
-patch_interpreter()
 from ziggurat.kernels import attention_triton as AT  # noqa: E402
 from ziggurat.kernels import elementwise_triton as ET  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def paged_setup(seq_lens, q_lens, hkv, g, d, bs, seed, dtype=torch.float32):
